@@ -1,0 +1,75 @@
+using System.CommandLine;
+using AnyPrecML.Models;
+using AnyPrecML.Reference;
+using AnyPrecML.Tokenization;
+using Microsoft.ML.Tokenizers;
+
+namespace AnyPrecML.Cli;
+
+/// <summary>Options shared by several commands, and the loading they imply.</summary>
+internal static class CommonOptions
+{
+    public static Option<string> Model() => new("--model", "-m")
+    {
+        Description = "A llama2.c .bin file or a Hugging Face model directory.",
+        Required = true,
+    };
+
+    public static Option<string?> Tokenizer() => new("--tokenizer")
+    {
+        Description = "tokenizer.model to use (default: the one beside the model).",
+    };
+
+    public static Option<bool> Json() => new("--json")
+    {
+        Description = "Print one JSON object instead of text.",
+    };
+
+    /// <summary>A loaded model ready to run: checkpoint, engine and tokenizer.</summary>
+    public sealed class LoadedModel(LlamaCheckpoint checkpoint, IInferenceEngine engine, LlamaTokenizer tokenizer) : IDisposable
+    {
+        public LlamaCheckpoint Checkpoint { get; } = checkpoint;
+        public IInferenceEngine Engine { get; } = engine;
+        public LlamaTokenizer Tokenizer { get; } = tokenizer;
+        public void Dispose() { Engine.Dispose(); Checkpoint.Dispose(); }
+    }
+
+    public static LoadedModel Load(string modelPath, string? tokenizerPath)
+    {
+        var checkpoint = LlamaCheckpoint.Open(modelPath);
+        try
+        {
+            var tokenizer = LlamaTokenizerLoader.Load(checkpoint, tokenizerPath);
+            return new LoadedModel(checkpoint, ReferenceEngine.FromCheckpoint(checkpoint), tokenizer);
+        }
+        catch
+        {
+            checkpoint.Dispose();
+            throw;
+        }
+    }
+}
+
+/// <summary>Progress on standard error: a redrawn bar on a terminal, a line per tenth when redirected.</summary>
+internal sealed class ConsoleProgress<T>(TextWriter writer, string label, Func<T, (long Done, long Total)> measure) : IProgress<T>
+{
+    private long _lastTenth = -1;
+    private readonly bool _terminal = ReferenceEquals(writer, Console.Error) && !Console.IsErrorRedirected;
+
+    public void Report(T value)
+    {
+        var (done, total) = measure(value);
+        if (total <= 0) return;
+        if (_terminal)
+        {
+            int width = 30, filled = (int)(width * done / total);
+            writer.Write($"\r{label} [{new string('#', filled)}{new string('.', width - filled)}] {done}/{total}");
+            if (done == total) writer.WriteLine();
+            return;
+        }
+        long tenth = 10 * done / total;
+        if (tenth == _lastTenth) return;
+        _lastTenth = tenth;
+        writer.WriteLine($"{label}: {done}/{total}");
+    }
+}

@@ -1,0 +1,1 @@
+return AnyPrecML.Cli.AnyPrecCli.Run(args);

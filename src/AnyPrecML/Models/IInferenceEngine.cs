@@ -1,0 +1,39 @@
+namespace AnyPrecML.Models;
+
+/// <summary>
+/// The one seam every engine implements (the reference engine, the any-precision ONNX engine):
+/// generation, perplexity, ML.NET and the CLI call only this.
+/// </summary>
+public interface IInferenceEngine : IDisposable
+{
+    /// <summary>The model's configuration.</summary>
+    LlamaConfig Config { get; }
+
+    /// <summary>A new, empty KV cache for up to <paramref name="capacity"/> positions (default: the model's context).</summary>
+    KvCache CreateCache(int capacity = 0);
+
+    /// <summary>
+    /// Runs <paramref name="tokens"/> at positions cache.Length.. (prefill when several, decode when one),
+    /// appends their keys and values to <paramref name="cache"/>, and writes logits to <paramref name="logits"/>:
+    /// for every token ([tokens.Length, vocab]) or, when it holds one row, for the last token only.
+    /// </summary>
+    void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits);
+}
+
+/// <summary>An engine's key/value cache: the positions already processed for one sequence.</summary>
+public abstract class KvCache
+{
+    /// <summary>Positions the cache can hold.</summary>
+    public abstract int Capacity { get; }
+    /// <summary>Positions already in the cache (the next token's position).</summary>
+    public int Length { get; protected set; }
+    /// <summary>Empties the cache for reuse.</summary>
+    public virtual void Reset() => Length = 0;
+    /// <summary>Truncates the cache to its first <paramref name="length"/> positions (to roll back rejected speculative tokens).</summary>
+    public virtual void Truncate(int length)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(length, Length);
+        Length = length;
+    }
+}

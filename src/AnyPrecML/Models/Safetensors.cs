@@ -1,0 +1,268 @@
+using System.Buffers.Binary;
+using System.Text;
+using System.Text.Json;
+
+namespace AnyPrecML.Models;
+
+/// <summary>
+/// Reads the safetensors format: an 8-byte little-endian header length, a JSON header naming each
+/// tensor's dtype, shape and [begin, end) data offsets, then the data. Every number in the header is
+/// checked against the file before anything is allocated or read, so a lying header is an error, not
+/// a crash or a huge allocation.
+/// </summary>
+public static class SafetensorsReader
+{
+    /// <summary>The largest header accepted (the format's own limit is 100 MB).</summary>
+    public const long MaxHeaderBytes = 100_000_000;
+
+    /// <summary>Maps <paramref name="path"/> and returns its tensors (views into the mapping) and metadata.</summary>
+    internal static (MappedFile File, List<TensorView> Tensors, Dictionary<string, string> Metadata) Open(string path)
+    {
+        var file = new MappedFile(path);
+        try
+        {
+            var (tensors, metadata) = Parse(file);
+            return (file, tensors, metadata);
+        }
+        catch
+        {
+            file.Dispose();
+            throw;
+        }
+    }
+
+    private static (List<TensorView>, Dictionary<string, string>) Parse(MappedFile file)
+    {
+        string p = file.Path;
+        if (file.Length < 8) throw new ModelFormatException($"{p}: truncated safetensors file ({file.Length} bytes, the header length alone takes 8).");
+        ulong headerLen = BinaryPrimitives.ReadUInt64LittleEndian(file.Slice(0, 8, "header length"));
+        if (headerLen < 2 || headerLen > MaxHeaderBytes || (long)headerLen > file.Length - 8)
+            throw new ModelFormatException($"{p}: safetensors header length {headerLen} is invalid for a file of {file.Length} bytes.");
+        long dataStart = 8 + (long)headerLen;
+        long dataLength = file.Length - dataStart;
+
+        JsonDocument doc;
+        try { doc = JsonDocument.Parse(file.Slice(8, (long)headerLen, "header").ToArray()); }
+        catch (JsonException e) { throw new ModelFormatException($"{p}: safetensors header is not valid JSON: {e.Message}", e); }
+
+        using (doc)
+        {
+            if (doc.RootElement.ValueKind != JsonValueKind.Object) throw new ModelFormatException($"{p}: safetensors header is not a JSON object.");
+            var tensors = new List<TensorView>();
+            var metadata = new Dictionary<string, string>();
+            var ranges = new List<(long Begin, long End, string Name)>();
+            foreach (var prop in doc.RootElement.EnumerateObject())
+            {
+                if (prop.Name == "__metadata__")
+                {
+                    if (prop.Value.ValueKind != JsonValueKind.Object) throw new ModelFormatException($"{p}: __metadata__ is not an object.");
+                    foreach (var m in prop.Value.EnumerateObject())
+                        metadata[m.Name] = m.Value.ValueKind == JsonValueKind.String ? m.Value.GetString()! : m.Value.GetRawText();
+                    continue;
+                }
+                string name = prop.Name;
+                var v = prop.Value;
+                if (v.ValueKind != JsonValueKind.Object
+                    || !v.TryGetProperty("dtype", out var dt) || dt.ValueKind != JsonValueKind.String
+                    || !v.TryGetProperty("shape", out var sh) || sh.ValueKind != JsonValueKind.Array
+                    || !v.TryGetProperty("data_offsets", out var off) || off.ValueKind != JsonValueKind.Array || off.GetArrayLength() != 2)
+                    throw new ModelFormatException($"{p}: tensor '{name}' needs dtype, shape and two data_offsets.");
+                DType dtype = DTypes.Parse(dt.GetString()!) ?? throw new ModelFormatException($"{p}: tensor '{name}' has unknown dtype '{dt.GetString()}'.");
+                var shape = new long[sh.GetArrayLength()];
+                int i = 0;
+                foreach (var d in sh.EnumerateArray())
+                {
+                    if (!d.TryGetInt64(out shape[i]) || shape[i] < 0) throw new ModelFormatException($"{p}: tensor '{name}' has an invalid dimension {d.GetRawText()}.");
+                    i++;
+                }
+                if (!off[0].TryGetInt64(out long begin) || !off[1].TryGetInt64(out long end) || begin < 0 || end < begin || end > dataLength)
+                    throw new ModelFormatException($"{p}: tensor '{name}' has data_offsets [{off[0].GetRawText()}, {off[1].GetRawText()}] outside the {dataLength} data bytes.");
+                long count = TensorView.CheckedElementCount(shape) ?? throw new ModelFormatException($"{p}: tensor '{name}' has a shape whose size overflows.");
+                if (count > long.MaxValue / 8 || count * dtype.Size() != end - begin)
+                    throw new ModelFormatException($"{p}: tensor '{name}' is {dtype.Name()}[{string.Join(", ", shape)}] but its data_offsets span {end - begin} bytes.");
+                ranges.Add((begin, end, name));
+                tensors.Add(new TensorView(name, dtype, shape, file, dataStart + begin));
+            }
+            ranges.Sort((a, b) => a.Begin.CompareTo(b.Begin));
+            for (int k = 1; k < ranges.Count; k++)
+                if (ranges[k].Begin < ranges[k - 1].End)
+                    throw new ModelFormatException($"{p}: tensors '{ranges[k - 1].Name}' and '{ranges[k].Name}' overlap.");
+            return (tensors, metadata);
+        }
+    }
+}
+
+/// <summary>A tensor to be written: its header entry and a callback that writes exactly its bytes.</summary>
+public sealed record TensorToWrite(string Name, DType DType, long[] Shape, Action<Stream> WriteData)
+{
+    /// <summary>Bytes the data takes.</summary>
+    public long ByteLength => (TensorView.CheckedElementCount(Shape) ?? throw new ArgumentException($"tensor '{Name}' has an invalid shape")) * DType.Size();
+
+    /// <summary>An fp32 array written as <paramref name="dtype"/> (F32, F16 or BF16, rounding to nearest even).</summary>
+    public static TensorToWrite FromFloats(string name, float[] data, long[] shape, DType dtype = DType.F32) =>
+        new(name, dtype, shape, s => TensorEncoding.WriteFloats(s, data, dtype));
+}
+
+/// <summary>Writes safetensors files. The file appears under its name only once complete.</summary>
+public static class SafetensorsWriter
+{
+    /// <summary>Writes <paramref name="tensors"/> in order to <paramref name="path"/> (through a temporary file and a rename).</summary>
+    public static void Write(string path, IReadOnlyList<TensorToWrite> tensors, IReadOnlyDictionary<string, string>? metadata = null)
+    {
+        using var header = new MemoryStream();
+        using (var w = new Utf8JsonWriter(header))
+        {
+            w.WriteStartObject();
+            if (metadata is { Count: > 0 })
+            {
+                w.WriteStartObject("__metadata__");
+                foreach (var (k, v) in metadata) w.WriteString(k, v);
+                w.WriteEndObject();
+            }
+            long offset = 0;
+            foreach (var t in tensors)
+            {
+                w.WriteStartObject(t.Name);
+                w.WriteString("dtype", t.DType.Name());
+                w.WriteStartArray("shape");
+                foreach (long d in t.Shape) w.WriteNumberValue(d);
+                w.WriteEndArray();
+                w.WriteStartArray("data_offsets");
+                w.WriteNumberValue(offset);
+                offset += t.ByteLength;
+                w.WriteNumberValue(offset);
+                w.WriteEndArray();
+                w.WriteEndObject();
+            }
+            w.WriteEndObject();
+        }
+        // The data section starts 8-byte aligned (the format pads the header with spaces).
+        while (header.Length % 8 != 0) header.WriteByte((byte)' ');
+
+        AtomicFile.Write(path, stream =>
+        {
+            Span<byte> len = stackalloc byte[8];
+            BinaryPrimitives.WriteUInt64LittleEndian(len, (ulong)header.Length);
+            stream.Write(len);
+            header.Position = 0;
+            header.CopyTo(stream);
+            foreach (var t in tensors)
+            {
+                long before = stream.Position;
+                t.WriteData(stream);
+                if (stream.Position - before != t.ByteLength)
+                    throw new InvalidOperationException($"tensor '{t.Name}' wrote {stream.Position - before} bytes, its header says {t.ByteLength}.");
+            }
+        });
+    }
+}
+
+/// <summary>Conversions of fp32 data to stored encodings.</summary>
+public static class TensorEncoding
+{
+    /// <summary>Writes <paramref name="data"/> to <paramref name="stream"/> as little-endian F32, F16 or BF16.</summary>
+    public static void WriteFloats(Stream stream, ReadOnlySpan<float> data, DType dtype)
+    {
+        const int Chunk = 16384;
+        var buffer = new byte[Chunk * 4];
+        for (int start = 0; start < data.Length; start += Chunk)
+        {
+            var part = data.Slice(start, Math.Min(Chunk, data.Length - start));
+            int n;
+            switch (dtype)
+            {
+                case DType.F32:
+                    for (int i = 0; i < part.Length; i++) BinaryPrimitives.WriteSingleLittleEndian(buffer.AsSpan(4 * i), part[i]);
+                    n = 4 * part.Length;
+                    break;
+                case DType.F16:
+                    for (int i = 0; i < part.Length; i++) BinaryPrimitives.WriteHalfLittleEndian(buffer.AsSpan(2 * i), (Half)part[i]);
+                    n = 2 * part.Length;
+                    break;
+                case DType.BF16:
+                    for (int i = 0; i < part.Length; i++) BinaryPrimitives.WriteUInt16LittleEndian(buffer.AsSpan(2 * i), ToBFloat16(part[i]));
+                    n = 2 * part.Length;
+                    break;
+                default:
+                    throw new ArgumentException($"cannot write floats as {dtype.Name()}", nameof(dtype));
+            }
+            stream.Write(buffer, 0, n);
+        }
+    }
+
+    /// <summary>fp32 to bf16 bits, rounding to nearest even (NaN stays NaN).</summary>
+    public static ushort ToBFloat16(float f)
+    {
+        uint bits = BitConverter.SingleToUInt32Bits(f);
+        if (float.IsNaN(f)) return (ushort)((bits >> 16) | 0x40);
+        uint rounding = 0x7FFF + ((bits >> 16) & 1);
+        return (ushort)((bits + rounding) >> 16);
+    }
+}
+
+/// <summary>Writes files and directories so that they appear under their final name only when complete.</summary>
+public static class AtomicFile
+{
+    /// <summary>Writes through <paramref name="write"/> to a temporary file beside <paramref name="path"/>, flushes, then renames it over <paramref name="path"/>.</summary>
+    public static void Write(string path, Action<Stream> write)
+    {
+        string full = Path.GetFullPath(path);
+        string tmp = full + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
+        try
+        {
+            using (var fs = new FileStream(tmp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1 << 20))
+            {
+                write(fs);
+                fs.Flush(flushToDisk: true);
+            }
+            File.Move(tmp, full, overwrite: true);
+        }
+        catch
+        {
+            TryDelete(tmp);
+            throw;
+        }
+    }
+
+    /// <summary>Writes text the same way.</summary>
+    public static void WriteText(string path, string text) => Write(path, s => { var b = Encoding.UTF8.GetBytes(text); s.Write(b); });
+
+    /// <summary>
+    /// Builds a directory through <paramref name="fill"/> in a temporary sibling, then moves it to
+    /// <paramref name="directory"/>. An existing directory is replaced only when <paramref name="overwrite"/> is set,
+    /// and only after the new one is complete.
+    /// </summary>
+    public static void WriteDirectory(string directory, bool overwrite, Action<string> fill)
+    {
+        string full = Path.GetFullPath(directory.TrimEnd(Path.DirectorySeparatorChar, Path.AltDirectorySeparatorChar));
+        if (File.Exists(full)) throw new IOException($"{full} is a file; a directory is to be written there.");
+        if (Directory.Exists(full) && !overwrite && Directory.EnumerateFileSystemEntries(full).Any())
+            throw new IOException($"{full} exists and is not empty; pass overwrite to replace it.");
+        string parent = Path.GetDirectoryName(full) ?? ".";
+        Directory.CreateDirectory(parent);
+        string tmp = Path.Combine(parent, "." + Path.GetFileName(full) + ".tmp-" + Guid.NewGuid().ToString("N")[..8]);
+        Directory.CreateDirectory(tmp);
+        try
+        {
+            fill(tmp);
+            if (Directory.Exists(full))
+            {
+                string old = tmp + ".old";
+                Directory.Move(full, old);
+                Directory.Move(tmp, full);
+                Directory.Delete(old, recursive: true);
+            }
+            else Directory.Move(tmp, full);
+        }
+        catch
+        {
+            try { if (Directory.Exists(tmp)) Directory.Delete(tmp, recursive: true); } catch (IOException) { }
+            throw;
+        }
+    }
+
+    private static void TryDelete(string path)
+    {
+        try { File.Delete(path); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+    }
+}

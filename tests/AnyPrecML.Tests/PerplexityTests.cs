@@ -1,0 +1,63 @@
+using AnyPrecML.Evaluation;
+using AnyPrecML.Models;
+using AnyPrecML.Reference;
+using AnyPrecML.Tokenization;
+
+namespace AnyPrecML.Tests;
+
+[TestClass]
+public sealed class PerplexityTests
+{
+    [TestMethod]
+    public void Stories260KOnTinyStoriesIsAbout5Point3()
+    {
+        using var cp = LlamaCheckpoint.Open(TestData.Stories260K);
+        var engine = ReferenceEngine.FromCheckpoint(cp);
+        var tok = LlamaTokenizerLoader.Load(cp);
+        // One story per line, each starting with BOS as in training; windows of the model's 512.
+        var r = PerplexityEvaluator.Evaluate(engine, tok, File.ReadAllText(TestData.TinyStories), bosPerLine: true);
+        Assert.AreEqual(1.66, r.Nll, 0.06, $"nll {r.Nll:F4}, perplexity {r.Perplexity:F3}");
+        Assert.AreEqual(5.3, r.Perplexity, 0.3);
+        Assert.IsGreaterThan(15000, r.Tokens);
+    }
+
+    [TestMethod]
+    public void WindowedNllEqualsADirectSumOverWindows()
+    {
+        var engine = new ReferenceEngine(TestData.RandomWeights(TestData.TinyConfig(), seed: 21));
+        var rng = new Random(4);
+        var tokens = Enumerable.Range(0, 45).Select(_ => rng.Next(37)).ToArray();
+        var r = PerplexityEvaluator.Evaluate(engine, tokens, contextLength: 16);
+
+        // Windows [0,16), [16,32), [32,45): each scores all its tokens after the first.
+        double total = 0; long count = 0;
+        foreach (var (start, len) in new[] { (0, 16), (16, 16), (32, 13) })
+        {
+            var w = tokens[start..(start + len)];
+            var logits = Float64Llama.Logits(engine.Weights, w);
+            for (int t = 0; t + 1 < len; t++)
+            {
+                double max = double.NegativeInfinity, sum = 0;
+                for (int v = 0; v < 37; v++) max = Math.Max(max, logits[t, v]);
+                for (int v = 0; v < 37; v++) sum += Math.Exp(logits[t, v] - max);
+                total += Math.Log(sum) + max - logits[t, w[t + 1]];
+                count++;
+            }
+        }
+        Assert.AreEqual(count, r.Tokens);
+        Assert.AreEqual(3, r.Windows);
+        Assert.AreEqual(total / count, r.Nll, 1e-4);
+    }
+
+    [TestMethod]
+    public void EmptyOrTooShortTextIsAClearError()
+    {
+        using var cp = LlamaCheckpoint.Open(TestData.Stories260K);
+        var engine = ReferenceEngine.FromCheckpoint(cp);
+        var tok = LlamaTokenizerLoader.Load(cp);
+        StringAssert.Contains(Assert.ThrowsExactly<ArgumentException>(() => PerplexityEvaluator.Evaluate(engine, tok, "")).Message, "empty");
+        StringAssert.Contains(Assert.ThrowsExactly<ArgumentException>(() => PerplexityEvaluator.Evaluate(engine, tok, "  \n ")).Message, "empty");
+        Assert.ThrowsExactly<ArgumentException>(() => PerplexityEvaluator.Evaluate(engine, [1], 16));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => PerplexityEvaluator.Evaluate(engine, [1, 2, 3], 100000));
+    }
+}
