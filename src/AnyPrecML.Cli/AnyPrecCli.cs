@@ -14,6 +14,8 @@ public static class AnyPrecCli
         ConvertCommand.Create(),
         GenerateCommand.Create(),
         PerplexityCommand.Create(),
+        QuantizeCommand.Create(),
+        EvalCommand.Create(),
     };
 
     /// <summary>Parses and runs <paramref name="args"/>, writing to the given writers (the console when null); returns the exit code.</summary>

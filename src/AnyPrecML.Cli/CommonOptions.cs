@@ -1,5 +1,6 @@
 using System.CommandLine;
 using AnyPrecML.Models;
+using AnyPrecML.Quantization;
 using AnyPrecML.Reference;
 using AnyPrecML.Tokenization;
 using Microsoft.ML.Tokenizers;
@@ -20,6 +21,11 @@ internal static class CommonOptions
         Description = "tokenizer.model to use (default: the one beside the model).",
     };
 
+    public static Option<int?> Bits() => new("--bits", "-b")
+    {
+        Description = "Bit-width to run an any-precision model at (seed..parent; default: the parent width).",
+    };
+
     public static Option<bool> Json() => new("--json")
     {
         Description = "Print one JSON object instead of text.",
@@ -34,8 +40,28 @@ internal static class CommonOptions
         public void Dispose() { Engine.Dispose(); Checkpoint.Dispose(); }
     }
 
-    public static LoadedModel Load(string modelPath, string? tokenizerPath)
+    /// <summary>
+    /// Loads a llama2.c file or HF directory into the reference engine, or an any-precision directory at
+    /// <paramref name="bits"/> (default: its parent width) dequantized into the reference engine.
+    /// </summary>
+    public static LoadedModel Load(string modelPath, string? tokenizerPath, int? bits = null)
     {
+        if (Directory.Exists(modelPath) && LlamaCheckpoint.IsAnyPrecision(modelPath))
+        {
+            var ap = AnyPrecisionModel.Open(modelPath);
+            try
+            {
+                var tokenizer = LlamaTokenizerLoader.Load(ap.Checkpoint, tokenizerPath);
+                var engine = new ReferenceEngine(ap.ToWeights(ap.CheckBits(bits ?? ap.ParentBits)));
+                return new LoadedModel(ap.Checkpoint, engine, tokenizer);
+            }
+            catch
+            {
+                ap.Dispose();
+                throw;
+            }
+        }
+        if (bits is not null) throw new ArgumentException($"--bits applies to any-precision models; '{modelPath}' is not one.");
         var checkpoint = LlamaCheckpoint.Open(modelPath);
         try
         {

@@ -89,19 +89,34 @@ public sealed class LlamaCheckpoint : IDisposable
     public static LlamaCheckpoint Open(string path)
     {
         ArgumentException.ThrowIfNullOrWhiteSpace(path);
-        if (Directory.Exists(path)) return OpenHuggingFace(path);
+        if (Directory.Exists(path))
+        {
+            if (IsAnyPrecision(path))
+                throw new ModelFormatException($"{path}: this is an any-precision model (config.json has an 'anyprecision' section); open it with AnyPrecisionModel.Open.");
+            return OpenHuggingFace(path, blockLinears: true);
+        }
         if (File.Exists(path)) return OpenLlama2c(path);
         throw new FileNotFoundException($"No model at '{path}': expected a llama2.c .bin file or a Hugging Face model directory.", path);
     }
 
-    private LlamaCheckpoint Validated()
+    /// <summary>True when <paramref name="directory"/>'s config.json has an "anyprecision" section.</summary>
+    public static bool IsAnyPrecision(string directory)
+    {
+        string cfg = Path.Combine(directory, "config.json");
+        if (!File.Exists(cfg)) return false;
+        try { return JsonNode.Parse(File.ReadAllText(cfg)) is JsonObject o && o["anyprecision"] is JsonObject; }
+        catch (JsonException) { return false; }
+    }
+
+    private LlamaCheckpoint Validated(bool blockLinears = true)
     {
         var c = Config;
         this[LlamaTensorNames.Embedding].Expect(c.VocabSize, c.Dim);
         this[LlamaTensorNames.FinalNorm].Expect(c.Dim);
         HeadTensor.Expect(c.VocabSize, c.Dim);
+        var parts = new[] { "input_layernorm", "post_attention_layernorm" }.Concat(blockLinears ? LlamaTensorNames.BlockLinears : []);
         for (int l = 0; l < c.Layers; l++)
-            foreach (var part in LlamaTensorNames.BlockLinears.Append("input_layernorm").Append("post_attention_layernorm"))
+            foreach (var part in parts)
                 this[LlamaTensorNames.Layer(l, part)].Expect(LlamaTensorNames.ShapeOf(c, part));
         return this;
     }
@@ -276,7 +291,8 @@ public sealed class LlamaCheckpoint : IDisposable
         }.Validated(configPath);
     }
 
-    private static LlamaCheckpoint OpenHuggingFace(string dir)
+    /// <summary>Opens a Hugging Face directory; with <paramref name="blockLinears"/> false the block linear weights need not be there (any-precision models store them as bitplanes).</summary>
+    internal static LlamaCheckpoint OpenHuggingFace(string dir, bool blockLinears)
     {
         var config = ReadHuggingFaceConfig(Path.Combine(dir, "config.json"));
         var files = new List<MappedFile>();
@@ -317,7 +333,7 @@ public sealed class LlamaCheckpoint : IDisposable
             if (!config.TiedEmbeddings && !tensors.Any(t => t.Name == LlamaTensorNames.Head))
                 throw new ModelFormatException($"{dir}: lm_head.weight is missing and tie_word_embeddings is false.");
             string tok = Path.Combine(dir, "tokenizer.model");
-            return new LlamaCheckpoint(dir, CheckpointFormat.HuggingFace, config, files, tensors, File.Exists(tok) ? tok : null).Validated();
+            return new LlamaCheckpoint(dir, CheckpointFormat.HuggingFace, config, files, tensors, File.Exists(tok) ? tok : null).Validated(blockLinears);
         }
         catch
         {

@@ -22,6 +22,12 @@ public sealed class ReferenceEngine : IInferenceEngine
     /// <inheritdoc/>
     public LlamaConfig Config => _w.Config;
 
+    /// <summary>
+    /// Receives the input of every block linear layer as it runs (calibration: activation statistics
+    /// for the Hessian sensitivity, activations kept for the Fisher backward pass). Null: no calls.
+    /// </summary>
+    public ILinearInputObserver? Observer { get; set; }
+
     /// <summary>The weights the engine runs.</summary>
     public LlamaWeights Weights => _w;
 
@@ -65,6 +71,7 @@ public sealed class ReferenceEngine : IInferenceEngine
         {
             var b = _w.Blocks[l];
             RmsNorm(x, b.AttentionNorm, xb, n, dim, c.RmsNormEps);
+            Observe(l, xb, n, dim, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj");
             MatMul(xb, b.Wq, q, n, dim, c.QDim);
             MatMul(xb, b.Wk, k, n, dim, c.KvDim);
             MatMul(xb, b.Wv, v, n, dim, c.KvDim);
@@ -73,13 +80,16 @@ public sealed class ReferenceEngine : IInferenceEngine
             k.CopyTo(kv.Keys[l], pos0 * c.KvDim);
             v.CopyTo(kv.Values[l], pos0 * c.KvDim);
             Attention(q, kv.Keys[l], kv.Values[l], att, n, pos0, c);
+            Observe(l, att, n, c.QDim, "self_attn.o_proj");
             MatMul(att, b.Wo, proj, n, c.QDim, dim);
             TensorPrimitives.Add(x, proj, x);
 
             RmsNorm(x, b.FfnNorm, xb, n, dim, c.RmsNormEps);
+            Observe(l, xb, n, dim, "mlp.gate_proj", "mlp.up_proj");
             MatMul(xb, b.Gate, gate, n, dim, c.HiddenDim);
             MatMul(xb, b.Up, up, n, dim, c.HiddenDim);
             SwiGlu(gate, up);
+            Observe(l, gate, n, c.HiddenDim, "mlp.down_proj");
             MatMul(gate, b.Down, proj, n, c.HiddenDim, dim);
             TensorPrimitives.Add(x, proj, x);
         }
@@ -88,6 +98,12 @@ public sealed class ReferenceEngine : IInferenceEngine
         RmsNorm(x, _w.FinalNorm, xb, n, dim, c.RmsNormEps);
         if (allLogits) MatMul(xb, _w.Head, logits, n, dim, vocab);
         else MatMul(xb.AsSpan((n - 1) * dim, dim), _w.Head, logits, 1, dim, vocab);
+    }
+
+    private void Observe(int layer, float[] input, int n, int cols, params string[] parts)
+    {
+        if (Observer is null) return;
+        foreach (var part in parts) Observer.Observe(layer, part, input.AsSpan(0, n * cols), n, cols);
     }
 
     /// <summary>Nothing to release: the weights are managed arrays.</summary>
@@ -206,6 +222,13 @@ public sealed class ReferenceEngine : IInferenceEngine
         TensorPrimitives.Multiply(gate, sig, gate);
         TensorPrimitives.Multiply(gate, up, gate);
     }
+}
+
+/// <summary>Receives the inputs of block linear layers from <see cref="ReferenceEngine.Observer"/>.</summary>
+public interface ILinearInputObserver
+{
+    /// <summary>Layer <paramref name="layer"/>'s linear <paramref name="part"/> is about to multiply <paramref name="input"/> ([tokens, cols], row-major).</summary>
+    void Observe(int layer, string part, ReadOnlySpan<float> input, int tokens, int cols);
 }
 
 /// <summary>The reference engine's KV cache: per layer, [capacity, kvDim] keys and values in fp32.</summary>

@@ -1,0 +1,117 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using AnyPrecML.Models;
+using AnyPrecML.Reference;
+
+namespace AnyPrecML.Quantization;
+
+/// <summary>
+/// An any-precision model on disk (docs/FORMAT.md), opened once: its planes and tables stay in the
+/// memory-mapped safetensors file and are shared by every bit-width served. Nothing is decoded at
+/// open; <see cref="ToWeights"/> dequantizes one width when asked.
+/// </summary>
+public sealed class AnyPrecisionModel : IDisposable
+{
+    private readonly BitplaneMatrix[,] _linears;
+
+    private AnyPrecisionModel(LlamaCheckpoint checkpoint, int seedBits, int parentBits, string sensitivity, JsonObject? calibration, BitplaneMatrix[,] linears)
+    {
+        Checkpoint = checkpoint; SeedBits = seedBits; ParentBits = parentBits; SensitivityKind = sensitivity; Calibration = calibration; _linears = linears;
+    }
+
+    /// <summary>The unquantized tensors (embedding, norms, head), the configuration and the tokenizer path.</summary>
+    public LlamaCheckpoint Checkpoint { get; }
+    /// <summary>The model's configuration.</summary>
+    public LlamaConfig Config => Checkpoint.Config;
+    /// <summary>Narrowest width served.</summary>
+    public int SeedBits { get; }
+    /// <summary>Parent width n.</summary>
+    public int ParentBits { get; }
+    /// <summary>Every width served: seed..n.</summary>
+    public IReadOnlyList<int> SupportedBits => Enumerable.Range(SeedBits, ParentBits - SeedBits + 1).ToArray();
+    /// <summary>The sensitivity the model was quantized with ("uniform", "hessian", "fisher").</summary>
+    public string SensitivityKind { get; }
+    /// <summary>What the calibration was (source, samples, tokens, sha256), as recorded; null for uniform.</summary>
+    public JsonObject? Calibration { get; }
+
+    /// <summary>The linear <paramref name="part"/> of block <paramref name="layer"/>.</summary>
+    public BitplaneMatrix Linear(int layer, string part)
+    {
+        int i = Array.IndexOf(LlamaTensorNames.BlockLinears, part);
+        if (i < 0) throw new ArgumentException($"unknown linear layer '{part}'.", nameof(part));
+        return _linears[layer, i];
+    }
+
+    /// <summary>Throws <see cref="ArgumentOutOfRangeException"/> unless <paramref name="bits"/> is in seed..n.</summary>
+    public int CheckBits(int bits) => bits >= SeedBits && bits <= ParentBits ? bits
+        : throw new ArgumentOutOfRangeException(nameof(bits), bits, $"this model serves {SeedBits}..{ParentBits} bits.");
+
+    /// <summary>fp32 weights of the b-bit model (every linear dequantized through its b-bit table) for the reference engine.</summary>
+    public LlamaWeights ToWeights(int bits)
+    {
+        CheckBits(bits);
+        return LlamaWeights.FromCheckpoint(Checkpoint, (l, part) => Linear(l, part).Dequantize(bits));
+    }
+
+    /// <summary>&lt;prefix&gt; of a quantized linear's tensors: model.layers.{l}.{part}.</summary>
+    public static string LinearName(int layer, string part) => $"model.layers.{layer}.{part}";
+
+    /// <summary>Opens an any-precision directory; throws <see cref="ModelFormatException"/> naming what is wrong.</summary>
+    public static AnyPrecisionModel Open(string directory)
+    {
+        if (!Directory.Exists(directory)) throw new DirectoryNotFoundException($"No any-precision model directory at '{directory}'.");
+        string cfgPath = Path.Combine(directory, "config.json");
+        JsonObject section;
+        try
+        {
+            section = (JsonNode.Parse(File.ReadAllText(cfgPath)) as JsonObject)?["anyprecision"] as JsonObject
+                ?? throw new ModelFormatException($"{cfgPath}: no 'anyprecision' section; this is not an any-precision model (quantize it with `anyprec quantize`).");
+        }
+        catch (JsonException e) { throw new ModelFormatException($"{cfgPath}: not valid JSON: {e.Message}", e); }
+        catch (FileNotFoundException e) { throw new ModelFormatException($"{cfgPath}: config.json is missing.", e); }
+
+        int Int(string key)
+        {
+            try { return section[key]?.GetValue<int>() ?? throw new ModelFormatException($"{cfgPath}: anyprecision.{key} is missing."); }
+            catch (Exception e) when (e is FormatException or InvalidOperationException) { throw new ModelFormatException($"{cfgPath}: anyprecision.{key} is not an integer.", e); }
+        }
+        int version = Int("format_version");
+        if (version != AnyPrecisionQuantizer.FormatVersion) throw new ModelFormatException($"{cfgPath}: any-precision format version {version} is not supported (this build reads {AnyPrecisionQuantizer.FormatVersion}).");
+        int seed = Int("seed_bits"), parent = Int("parent_bits");
+        if (seed < 1 || seed > parent || parent > 8) throw new ModelFormatException($"{cfgPath}: seed_bits {seed} and parent_bits {parent} must satisfy 1 ≤ seed ≤ parent ≤ 8.");
+        string sensitivity = section["sensitivity"]?.GetValue<string>() ?? "unknown";
+
+        var cp = LlamaCheckpoint.OpenHuggingFace(directory, blockLinears: false);
+        try
+        {
+            var c = cp.Config;
+            var linears = new BitplaneMatrix[c.Layers, LlamaTensorNames.BlockLinears.Length];
+            for (int l = 0; l < c.Layers; l++)
+                for (int i = 0; i < LlamaTensorNames.BlockLinears.Length; i++)
+                {
+                    string part = LlamaTensorNames.BlockLinears[i], name = LinearName(l, part);
+                    var shape = LlamaTensorNames.ShapeOf(c, part);
+                    var tables = Enumerable.Range(seed, parent - seed + 1).Select(b => cp[$"{name}.centroids.{b}"]).ToArray();
+                    linears[l, i] = BitplaneMatrix.FromTensors(name, (int)shape[0], (int)shape[1], seed, parent, cp[name + ".bitplanes"], tables);
+                }
+            return new AnyPrecisionModel(cp, seed, parent, sensitivity, section["calibration"] as JsonObject, linears);
+        }
+        catch
+        {
+            cp.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Bytes of one linear layer's tensors in this format with planes for <paramref name="parentBits"/> and tables for seed..parent.</summary>
+    public static long LayerBytes(long rows, long cols, int seedBits, int parentBits)
+    {
+        long planes = parentBits * rows * ((cols + 31) / 32) * 4;
+        long tables = 0;
+        for (int b = seedBits; b <= parentBits; b++) tables += rows * (1L << b) * 2;
+        return planes + tables;
+    }
+
+    /// <summary>Unmaps the file.</summary>
+    public void Dispose() => Checkpoint.Dispose();
+}

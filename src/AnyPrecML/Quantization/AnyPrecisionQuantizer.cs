@@ -1,0 +1,152 @@
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using AnyPrecML.Models;
+
+namespace AnyPrecML.Quantization;
+
+/// <summary>Settings of any-precision quantization.</summary>
+public sealed record QuantizerOptions
+{
+    /// <summary>Width of the seed k-means (2^seed centroids per row), 1..8; the paper uses 3.</summary>
+    public int SeedBits { get; init; } = 3;
+    /// <summary>Parent width n reached by upscaling, seed..8.</summary>
+    public int ParentBits { get; init; } = 8;
+    /// <summary>Seed of the k-means++ starts: the same inputs and seed give byte-identical files.</summary>
+    public ulong RandomSeed { get; init; } = 0;
+    /// <summary>Threads for rows of a layer (0: all cores).</summary>
+    public int MaxDegreeOfParallelism { get; init; } = 0;
+
+    /// <summary>Throws <see cref="ArgumentOutOfRangeException"/> unless 1 ≤ seed ≤ parent ≤ 8.</summary>
+    public QuantizerOptions Validated()
+    {
+        if (SeedBits is < 1 or > 8) throw new ArgumentOutOfRangeException(nameof(SeedBits), SeedBits, "seed bits must be in 1..8.");
+        if (ParentBits < SeedBits || ParentBits > 8) throw new ArgumentOutOfRangeException(nameof(ParentBits), ParentBits, $"parent bits must be in {SeedBits}..8.");
+        return this;
+    }
+}
+
+/// <summary>Progress of quantization: linear layers done of the total, and the one just finished.</summary>
+public readonly record struct QuantizeProgress(int Done, int Total, string Layer);
+
+/// <summary>
+/// Quantizes a checkpoint into an any-precision model directory (docs/FORMAT.md). Layers stream
+/// from the mapped source one at a time, so memory is bounded by a layer, not the model; rows of a
+/// layer run in parallel, each with its own seed derived from (layer, row), so the output does not
+/// depend on thread scheduling.
+/// </summary>
+public static class AnyPrecisionQuantizer
+{
+    /// <summary>Format version written to config.json.</summary>
+    public const int FormatVersion = 1;
+
+    /// <summary>Quantizes every block linear of <paramref name="source"/> and writes the model to <paramref name="outputDirectory"/>.</summary>
+    public static void Quantize(LlamaCheckpoint source, string outputDirectory, ISensitivitySource sensitivity, QuantizerOptions options,
+        JsonObject? calibrationSummary = null, IProgress<QuantizeProgress>? progress = null, bool overwrite = false, CancellationToken cancellationToken = default)
+    {
+        options.Validated();
+        var c = source.Config;
+        var layers = new List<(int Layer, string Part)>();
+        for (int l = 0; l < c.Layers; l++) foreach (var part in LlamaTensorNames.BlockLinears) layers.Add((l, part));
+
+        // One quantized layer is held at a time: computed when its planes are written, dropped after its last table.
+        (int Layer, string Part, BitplaneMatrix Matrix)? current = null;
+        BitplaneMatrix Get(int l, string part)
+        {
+            if (current is { } cur && cur.Layer == l && cur.Part == part) return cur.Matrix;
+            cancellationToken.ThrowIfCancellationRequested();
+            var m = QuantizeLayer(source, l, part, sensitivity, options);
+            current = (l, part, m);
+            progress?.Report(new QuantizeProgress(layers.IndexOf((l, part)) + 1, layers.Count, m.Name));
+            return m;
+        }
+
+        var tensors = new List<TensorToWrite>();
+        void Copy(string name)
+        {
+            var t = source[name];
+            tensors.Add(new TensorToWrite(name, t.DType, [.. t.Shape], s => s.Write(source[name].Bytes)));
+        }
+        Copy(LlamaTensorNames.Embedding);
+        for (int l = 0; l < c.Layers; l++)
+        {
+            Copy(LlamaTensorNames.Layer(l, "input_layernorm"));
+            Copy(LlamaTensorNames.Layer(l, "post_attention_layernorm"));
+            foreach (var part in LlamaTensorNames.BlockLinears)
+            {
+                int layer = l;
+                var shape = LlamaTensorNames.ShapeOf(c, part);
+                long rows = shape[0], words = (shape[1] + 31) / 32;
+                string name = AnyPrecisionModel.LinearName(l, part);
+                tensors.Add(new TensorToWrite(name + ".bitplanes", DType.U32, [options.ParentBits, rows, words],
+                    s => s.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(Get(layer, part).AllPlanes))));
+                for (int b = options.SeedBits; b <= options.ParentBits; b++)
+                {
+                    int bits = b;
+                    tensors.Add(new TensorToWrite($"{name}.centroids.{b}", DType.F16, [rows, 1L << b],
+                        s => s.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(Get(layer, part).Table(bits)))));
+                }
+            }
+        }
+        Copy(LlamaTensorNames.FinalNorm);
+        if (!c.TiedEmbeddings) Copy(LlamaTensorNames.Head);
+
+        var stored = source[LlamaTensorNames.Embedding].DType;
+        var config = HuggingFaceExport.ConfigJson(c with { RopeLayout = RopeLayout.HalfSplit }, stored);
+        config["anyprecision"] = new JsonObject
+        {
+            ["format_version"] = FormatVersion,
+            ["seed_bits"] = options.SeedBits,
+            ["parent_bits"] = options.ParentBits,
+            ["random_seed"] = options.RandomSeed.ToString(),
+            ["sensitivity"] = sensitivity.Kind,
+            ["calibration"] = calibrationSummary?.DeepClone(),
+            ["quantized"] = new JsonArray([.. layers.Select(x => (JsonNode)AnyPrecisionModel.LinearName(x.Layer, x.Part))]),
+            ["bitplane_layout"] = "plane p = bit (n-1-p) of the parent code; U32 [n, rows, ceil(cols/32)], element j at word j/32, bit j%32",
+            ["centroid_layout"] = "F16 [rows, 2^b] per b in seed..n, named <layer>.centroids.<b>",
+        };
+
+        var sw = Stopwatch.StartNew();
+        AtomicFile.WriteDirectory(outputDirectory, overwrite, dir =>
+        {
+            SafetensorsWriter.Write(Path.Combine(dir, "model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "anyprecision" });
+            AtomicFile.WriteText(Path.Combine(dir, "config.json"), config.ToJsonString(new() { WriteIndented = true }));
+            if (source.TokenizerPath is not null) File.Copy(source.TokenizerPath, Path.Combine(dir, "tokenizer.model"));
+        });
+    }
+
+    /// <summary>
+    /// The source weight of a block linear in Hugging Face row order: llama2.c q/k rows are permuted
+    /// from interleaved to half-split RoPE pairing, so the quantized model is an ordinary HF layout.
+    /// </summary>
+    public static float[] SourceWeight(LlamaCheckpoint source, int layer, string part)
+    {
+        var c = source.Config;
+        var w = source[LlamaTensorNames.Layer(layer, part)].ToFloatArray();
+        int heads = part switch { "self_attn.q_proj" => c.Heads, "self_attn.k_proj" => c.KvHeads, _ => 0 };
+        return heads > 0 && c.RopeLayout == RopeLayout.Interleaved ? HuggingFaceExport.InterleavedToHalfSplit(w, heads, c.HeadDim, c.Dim) : w;
+    }
+
+    /// <summary>Quantizes one linear layer of <paramref name="source"/> into planes and tables.</summary>
+    public static BitplaneMatrix QuantizeLayer(LlamaCheckpoint source, int layer, string part, ISensitivitySource sensitivity, QuantizerOptions options)
+    {
+        var shape = LlamaTensorNames.ShapeOf(source.Config, part);
+        int rows = (int)shape[0], cols = (int)shape[1];
+        var w = SourceWeight(source, layer, part);
+        var s = SensitivityInHfOrder(source.Config, part, sensitivity.For(layer, part, rows, cols));
+        ulong layerSeed = SplitMix64.Derive(options.RandomSeed, (ulong)(layer * LlamaTensorNames.BlockLinears.Length + Array.IndexOf(LlamaTensorNames.BlockLinears, part)));
+        var results = new RowQuantization[rows];
+        Parallel.For(0, rows, new ParallelOptions { MaxDegreeOfParallelism = options.MaxDegreeOfParallelism > 0 ? options.MaxDegreeOfParallelism : -1 }, r =>
+            results[r] = RowQuantizer.Quantize(w.AsSpan(r * cols, cols), s.Row(r), options.SeedBits, options.ParentBits, SplitMix64.Derive(layerSeed, (ulong)r)));
+        return BitplaneMatrix.FromRows(AnyPrecisionModel.LinearName(layer, part), results, cols);
+    }
+
+    /// <summary>Per-weight sensitivities follow the q/k row permutation; per-column ones need nothing.</summary>
+    internal static LayerSensitivity SensitivityInHfOrder(LlamaConfig c, string part, LayerSensitivity s)
+    {
+        int heads = part switch { "self_attn.q_proj" => c.Heads, "self_attn.k_proj" => c.KvHeads, _ => 0 };
+        if (s.PerColumn || heads == 0 || c.RopeLayout != RopeLayout.Interleaved) return s;
+        var all = new float[(long)s.Rows * s.Cols];
+        for (int r = 0; r < s.Rows; r++) s.Row(r).CopyTo(all.AsSpan(r * s.Cols, s.Cols));
+        return LayerSensitivity.Weights(HuggingFaceExport.InterleavedToHalfSplit(all, heads, c.HeadDim, s.Cols), s.Rows, s.Cols);
+    }
+}

@@ -1,0 +1,142 @@
+using System.Runtime.InteropServices;
+using AnyPrecML.Models;
+
+namespace AnyPrecML.Quantization;
+
+/// <summary>
+/// One any-precision linear weight [rows, cols]: n bitplanes and a centroid table per width.
+/// Plane p holds bit (n-1-p) of every parent code, most significant first, packed per row into
+/// 32-bit words (element j in word j/32, bit j%32). The b-bit code of an element is the top b bits
+/// of its parent code, so a b-bit consumer reads planes 0..b-1 and the b-bit table [rows, 2^b] only.
+/// The planes and tables are views: of arrays after quantization, of the mapped file after loading.
+/// </summary>
+public sealed class BitplaneMatrix
+{
+    private readonly Storage _storage;
+
+    private BitplaneMatrix(string name, int rows, int cols, int seedBits, int parentBits, Storage storage)
+    {
+        Name = name; Rows = rows; Cols = cols; SeedBits = seedBits; ParentBits = parentBits; _storage = storage;
+        WordsPerRow = (cols + 31) / 32;
+    }
+
+    /// <summary>Layer name (model.layers.0.self_attn.q_proj).</summary>
+    public string Name { get; }
+    /// <summary>Output rows.</summary>
+    public int Rows { get; }
+    /// <summary>Input columns.</summary>
+    public int Cols { get; }
+    /// <summary>Narrowest width served.</summary>
+    public int SeedBits { get; }
+    /// <summary>Parent width n: planes stored.</summary>
+    public int ParentBits { get; }
+    /// <summary>32-bit words per row in each plane: ceil(cols / 32).</summary>
+    public int WordsPerRow { get; }
+
+    /// <summary>Plane <paramref name="p"/> (bit n-1-p of each code): [rows, WordsPerRow].</summary>
+    public ReadOnlySpan<uint> Plane(int p)
+    {
+        if ((uint)p >= (uint)ParentBits) throw new ArgumentOutOfRangeException(nameof(p), p, $"plane must be in 0..{ParentBits - 1}.");
+        return _storage.Planes.Slice(p * Rows * WordsPerRow, Rows * WordsPerRow);
+    }
+
+    /// <summary>The b-bit centroid table [rows, 2^b] in fp16.</summary>
+    public ReadOnlySpan<Half> Table(int bits) => _storage.Table(CheckBits(bits));
+
+    /// <summary>Throws <see cref="ArgumentOutOfRangeException"/> unless <paramref name="bits"/> is in seed..parent.</summary>
+    public int CheckBits(int bits) => bits >= SeedBits && bits <= ParentBits ? bits
+        : throw new ArgumentOutOfRangeException(nameof(bits), bits, $"{Name} serves {SeedBits}..{ParentBits} bits.");
+
+    /// <summary>The b-bit codes of row <paramref name="row"/>, read from planes 0..b-1.</summary>
+    public void RowCodes(int row, int bits, Span<byte> codes)
+    {
+        CheckBits(bits);
+        codes = codes[..Cols];
+        codes.Clear();
+        for (int p = 0; p < bits; p++)
+        {
+            var words = Plane(p).Slice(row * WordsPerRow, WordsPerRow);
+            for (int j = 0; j < Cols; j++) codes[j] = (byte)((codes[j] << 1) | (int)((words[j >> 5] >> (j & 31)) & 1u));
+        }
+    }
+
+    /// <summary>The b-bit weight [rows, cols] in fp32: each element's centroid in its row's b-bit table.</summary>
+    public float[] Dequantize(int bits)
+    {
+        var w = new float[(long)Rows * Cols];
+        var table = Table(bits);
+        int k = 1 << bits;
+        var codes = new byte[Cols];
+        for (int r = 0; r < Rows; r++)
+        {
+            RowCodes(r, bits, codes);
+            var t = table.Slice(r * k, k);
+            var dst = w.AsSpan(r * Cols, Cols);
+            for (int j = 0; j < Cols; j++) dst[j] = (float)t[codes[j]];
+        }
+        return w;
+    }
+
+    /// <summary>Bytes a b-bit consumer reads: b planes and the b-bit table.</summary>
+    public long BytesRead(int bits) => (long)CheckBits(bits) * Rows * WordsPerRow * 4 + (long)Rows * (1 << bits) * 2;
+
+    /// <summary>Packs quantized rows into planes and fp16 tables.</summary>
+    public static BitplaneMatrix FromRows(string name, IReadOnlyList<RowQuantization> rows, int cols)
+    {
+        if (rows.Count == 0) throw new ArgumentException("no rows.", nameof(rows));
+        int seed = rows[0].SeedBits, parent = rows[0].ParentBits, words = (cols + 31) / 32, n = rows.Count;
+        var planes = new uint[(long)parent * n * words];
+        var tables = new Half[parent - seed + 1][];
+        for (int b = seed; b <= parent; b++) tables[b - seed] = new Half[(long)n * (1 << b)];
+        for (int r = 0; r < n; r++)
+        {
+            var q = rows[r];
+            if (q.Codes.Length != cols || q.SeedBits != seed || q.ParentBits != parent) throw new ArgumentException($"row {r} does not match the others.");
+            for (int j = 0; j < cols; j++)
+            {
+                int code = q.Codes[j];
+                for (int p = 0; p < parent; p++)
+                    planes[((long)p * n + r) * words + (j >> 5)] |= (uint)((code >> (parent - 1 - p)) & 1) << (j & 31);
+            }
+            for (int b = seed; b <= parent; b++)
+                for (int c = 0; c < 1 << b; c++) tables[b - seed][r * (1 << b) + c] = (Half)q.Table(b)[c];
+        }
+        return new BitplaneMatrix(name, n, cols, seed, parent, new ArrayStorage(planes, tables, seed));
+    }
+
+    /// <summary>Views of a loaded model's tensors (no copy); shapes and dtypes are checked.</summary>
+    internal static BitplaneMatrix FromTensors(string name, int rows, int cols, int seedBits, int parentBits, TensorView planes, TensorView[] tables)
+    {
+        int words = (cols + 31) / 32;
+        if (planes.DType != DType.U32) throw new ModelFormatException($"{planes.FilePath}: '{planes.Name}' is {planes.DType.Name()}, bitplanes are U32.");
+        planes.Expect(parentBits, rows, words);
+        for (int b = seedBits; b <= parentBits; b++)
+        {
+            var t = tables[b - seedBits];
+            if (t.DType != DType.F16) throw new ModelFormatException($"{t.FilePath}: '{t.Name}' is {t.DType.Name()}, centroid tables are F16.");
+            t.Expect(rows, 1L << b);
+        }
+        return new BitplaneMatrix(name, rows, cols, seedBits, parentBits, new MappedStorage(planes, tables, seedBits));
+    }
+
+    private abstract class Storage
+    {
+        public abstract ReadOnlySpan<uint> Planes { get; }
+        public abstract ReadOnlySpan<Half> Table(int bits);
+    }
+
+    private sealed class ArrayStorage(uint[] planes, Half[][] tables, int seed) : Storage
+    {
+        public override ReadOnlySpan<uint> Planes => planes;
+        public override ReadOnlySpan<Half> Table(int bits) => tables[bits - seed];
+    }
+
+    private sealed class MappedStorage(TensorView planes, TensorView[] tables, int seed) : Storage
+    {
+        public override ReadOnlySpan<uint> Planes => MemoryMarshal.Cast<byte, uint>(planes.Bytes);
+        public override ReadOnlySpan<Half> Table(int bits) => MemoryMarshal.Cast<byte, Half>(tables[bits - seed].Bytes);
+    }
+
+    /// <summary>The planes as stored (for writing).</summary>
+    internal ReadOnlySpan<uint> AllPlanes => _storage.Planes;
+}

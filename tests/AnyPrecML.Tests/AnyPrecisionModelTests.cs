@@ -1,0 +1,155 @@
+using System.Text.Json.Nodes;
+using AnyPrecML.Evaluation;
+using AnyPrecML.Models;
+using AnyPrecML.Quantization;
+using AnyPrecML.Reference;
+using AnyPrecML.Tokenization;
+
+namespace AnyPrecML.Tests;
+
+[TestClass]
+public sealed class AnyPrecisionModelTests
+{
+    private static TestData.TempDir _dir = null!;
+    private static string Uniform => _dir["uniform"];
+    private static string Hessian => _dir["hessian"];
+
+    [ClassInitialize]
+    public static void QuantizeOnce(TestContext _)
+    {
+        _dir = TestData.NewTempDir();
+        using var source = LlamaCheckpoint.Open(TestData.Stories260K);
+        AnyPrecisionQuantizer.Quantize(source, Uniform, new UniformSensitivity(), new QuantizerOptions());
+        var tok = LlamaTokenizerLoader.Load(source);
+        var calibration = CalibrationSet.FromText(tok, string.Join('\n', File.ReadLines(TestData.TinyStories).Take(6)), 100, 512, 512, "first 6 stories");
+        var (sens, summary) = SensitivitySources.Create("hessian", ReferenceEngine.FromCheckpoint(source), calibration);
+        AnyPrecisionQuantizer.Quantize(source, Hessian, sens, new QuantizerOptions(), summary);
+    }
+
+    [ClassCleanup]
+    public static void Cleanup() => _dir.Dispose();
+
+    [TestMethod]
+    public void LoadedPlanesAndTablesEqualTheQuantizedLayers()
+    {
+        using var ap = AnyPrecisionModel.Open(Uniform);
+        using var source = LlamaCheckpoint.Open(TestData.Stories260K);
+        Assert.AreEqual(3, ap.SeedBits);
+        Assert.AreEqual(8, ap.ParentBits);
+        CollectionAssert.AreEqual(new[] { 3, 4, 5, 6, 7, 8 }, ap.SupportedBits.ToArray());
+        Assert.AreEqual("uniform", ap.SensitivityKind);
+        var fresh = AnyPrecisionQuantizer.QuantizeLayer(source, 2, "mlp.down_proj", new UniformSensitivity(), new QuantizerOptions());
+        var loaded = ap.Linear(2, "mlp.down_proj");
+        Assert.AreEqual((64, 172, 6), (loaded.Rows, loaded.Cols, loaded.WordsPerRow));
+        for (int b = 3; b <= 8; b++) CollectionAssert.AreEqual(fresh.Dequantize(b), loaded.Dequantize(b), $"b={b}");
+    }
+
+    [TestMethod]
+    public void QuantizationIsByteIdenticalForTheSameInputsAndSeedWhateverTheThreads()
+    {
+        using var dir = TestData.NewTempDir();
+        using var source = LlamaCheckpoint.Open(TestData.Stories260K);
+        AnyPrecisionQuantizer.Quantize(source, dir["one-thread"], new UniformSensitivity(), new QuantizerOptions { MaxDegreeOfParallelism = 1 });
+        CollectionAssert.AreEqual(File.ReadAllBytes(Path.Combine(Uniform, "model.safetensors")), File.ReadAllBytes(dir["one-thread/model.safetensors"]));
+        CollectionAssert.AreEqual(File.ReadAllBytes(Path.Combine(Uniform, "config.json")), File.ReadAllBytes(dir["one-thread/config.json"]));
+        AnyPrecisionQuantizer.Quantize(source, dir["other-seed"], new UniformSensitivity(), new QuantizerOptions { RandomSeed = 99 });
+        CollectionAssert.AreNotEqual(File.ReadAllBytes(Path.Combine(Uniform, "model.safetensors")), File.ReadAllBytes(dir["other-seed/model.safetensors"]));
+    }
+
+    [TestMethod]
+    public void FileSizeIsWhatTheFormatSays()
+    {
+        using var source = LlamaCheckpoint.Open(TestData.Stories260K);
+        var c = source.Config;
+        long linears = 0;
+        foreach (var part in LlamaTensorNames.BlockLinears)
+        {
+            var s = LlamaTensorNames.ShapeOf(c, part);
+            linears += c.Layers * AnyPrecisionModel.LayerBytes(s[0], s[1], 3, 8);
+        }
+        long floats = ((long)c.VocabSize * c.Dim + c.Dim + 2L * c.Layers * c.Dim) * 4;
+        string path = Path.Combine(Uniform, "model.safetensors");
+        long header = 8 + (long)System.Buffers.Binary.BinaryPrimitives.ReadUInt64LittleEndian(File.ReadAllBytes(path).AsSpan(0, 8));
+        Assert.AreEqual(new FileInfo(path).Length, header + linears + floats);
+    }
+
+    [TestMethod]
+    public void HessianModelRecordsItsCalibrationAndKeepsQuality()
+    {
+        using var ap = AnyPrecisionModel.Open(Hessian);
+        Assert.AreEqual("hessian", ap.SensitivityKind);
+        Assert.AreEqual("first 6 stories", ap.Calibration!["source"]!.GetValue<string>());
+        Assert.IsGreaterThan(1000, ap.Calibration!["tokens"]!.GetValue<long>());
+
+        using var source = LlamaCheckpoint.Open(TestData.Stories260K);
+        var tok = LlamaTokenizerLoader.Load(source);
+        // Held-apart stories (the calibration used the first six), windows of 256 to keep the test short.
+        var tokens = PerplexityEvaluator.Tokenize(tok, string.Join('\n', File.ReadLines(TestData.TinyStories).Skip(6).Take(4)), bosPerLine: true);
+        var report = QualityEvaluator.Evaluate(ap, source, tokens, 256, baselineSensitivity: null);
+        var at = report.Rows.ToDictionary(r => r.Bits, r => r.AnyPrecision);
+        Assert.AreEqual(report.Fp32, at[8], report.Fp32 * 0.005, "8-bit within 0.5% of fp32");
+        for (int b = 4; b <= 8; b++) Assert.IsLessThanOrEqualTo(at[b - 1] * 1.002, at[b], $"perplexity at {b} bits should not exceed {b - 1} bits");
+        Assert.IsGreaterThan(report.Fp32, at[3]);
+    }
+
+    [TestMethod]
+    public void AnyPrecisionTracksIndependentAndBeatsRtnAtThreeBits()
+    {
+        using var ap = AnyPrecisionModel.Open(Uniform);
+        using var source = LlamaCheckpoint.Open(TestData.Stories260K);
+        var tok = LlamaTokenizerLoader.Load(source);
+        var tokens = PerplexityEvaluator.Tokenize(tok, string.Join('\n', File.ReadLines(TestData.TinyStories).Skip(6).Take(3)), bosPerLine: true);
+        var report = QualityEvaluator.Evaluate(ap, source, tokens, 256, new UniformSensitivity());
+        foreach (var row in report.Rows)
+            Assert.IsLessThan(row.Independent!.Value * 1.03, row.AnyPrecision, $"b={row.Bits}: any-precision {row.AnyPrecision:F3} vs independent {row.Independent:F3}");
+        Assert.IsGreaterThan(report.Rows[0].AnyPrecision * 1.1, report.Rows[0].Rtn!.Value, "RTN should be clearly worse at 3 bits");
+    }
+
+    [TestMethod]
+    public void BitsOutsideSeedToParentAreRejected()
+    {
+        using var ap = AnyPrecisionModel.Open(Uniform);
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => ap.ToWeights(2));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => ap.ToWeights(9));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => ap.Linear(0, "self_attn.q_proj").Dequantize(2));
+        var e = Assert.ThrowsExactly<ModelFormatException>(() => LlamaCheckpoint.Open(Uniform));
+        StringAssert.Contains(e.Message, "AnyPrecisionModel.Open");
+    }
+
+    /// <summary>Rewrites the quantized model with one tensor changed, through the reader and writer.</summary>
+    private static void Tamper(string from, string to, string tensor, Func<TensorView, TensorToWrite> replace, Action<JsonObject>? editConfig = null)
+    {
+        Directory.CreateDirectory(to);
+        var (file, tensors, meta) = SafetensorsReader.Open(Path.Combine(from, "model.safetensors"));
+        using (file)
+        {
+            var list = tensors.Select(t => t.Name == tensor ? replace(t) : new TensorToWrite(t.Name, t.DType, [.. t.Shape], s => s.Write(t.Bytes))).ToList();
+            SafetensorsWriter.Write(Path.Combine(to, "model.safetensors"), list, meta);
+        }
+        var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(from, "config.json")))!.AsObject();
+        editConfig?.Invoke(cfg);
+        File.WriteAllText(Path.Combine(to, "config.json"), cfg.ToJsonString());
+    }
+
+    [TestMethod]
+    public void CorruptOrInconsistentFilesAreRejectedClearly()
+    {
+        using var dir = TestData.NewTempDir();
+        string planes = "model.layers.1.mlp.up_proj.bitplanes", table = "model.layers.0.self_attn.k_proj.centroids.5";
+        Tamper(Uniform, dir["short-planes"], planes, t => new TensorToWrite(t.Name, DType.U32, [8, 100, 2], s => s.Write(new byte[8 * 100 * 2 * 4])));
+        StringAssert.Contains(Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["short-planes"])).Message, planes);
+        Tamper(Uniform, dir["wrong-table"], table, t => new TensorToWrite(t.Name, DType.F16, [32, 16], s => s.Write(new byte[32 * 16 * 2])));
+        StringAssert.Contains(Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["wrong-table"])).Message, "expected [32, 32]");
+        Tamper(Uniform, dir["f32-table"], table, t => new TensorToWrite(t.Name, DType.F32, [32, 16], s => s.Write(new byte[32 * 32 * 2])));
+        StringAssert.Contains(Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["f32-table"])).Message, "F16");
+        Tamper(Uniform, dir["bad-bits"], "", t => null!, c => c["anyprecision"]!["parent_bits"] = 9);
+        StringAssert.Contains(Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["bad-bits"])).Message, "parent_bits 9");
+        Tamper(Uniform, dir["seed-above"], "", t => null!, c => c["anyprecision"]!["seed_bits"] = 2);
+        StringAssert.Contains(Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["seed-above"])).Message, "centroids.2");
+        var bytes = File.ReadAllBytes(Path.Combine(Uniform, "model.safetensors"));
+        Directory.CreateDirectory(dir["truncated"]);
+        File.Copy(Path.Combine(Uniform, "config.json"), dir["truncated/config.json"]);
+        File.WriteAllBytes(dir["truncated/model.safetensors"], bytes[..(bytes.Length / 2)]);
+        Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["truncated"]));
+    }
+}
