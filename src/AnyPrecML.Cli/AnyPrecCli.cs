@@ -16,6 +16,8 @@ public static class AnyPrecCli
         PerplexityCommand.Create(),
         QuantizeCommand.Create(),
         EvalCommand.Create(),
+        SynthCommand.Create(),
+        BenchCommand.Create(),
     };
 
     /// <summary>Parses and runs <paramref name="args"/>, writing to the given writers (the console when null); returns the exit code.</summary>

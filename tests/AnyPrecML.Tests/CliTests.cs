@@ -3,16 +3,22 @@ using AnyPrecML.Cli;
 
 namespace AnyPrecML.Tests;
 
-[TestClass]
-public sealed class CliTests
+/// <summary>Runs the CLI in-process and captures what it prints.</summary>
+internal static class Cli
 {
-    private static (int Code, string Out, string Err) Run(params string[] args)
+    public static (int Code, string Out, string Err) Run(params string[] args)
     {
         var o = new StringWriter();
         var e = new StringWriter();
         int code = AnyPrecCli.Run(args, o, e);
         return (code, o.ToString(), e.ToString());
     }
+}
+
+[TestClass]
+public sealed class CliTests
+{
+    private static (int Code, string Out, string Err) Run(params string[] args) => Cli.Run(args);
 
     [TestMethod]
     public void GenerateJsonHasTextTokensAndSpeed()

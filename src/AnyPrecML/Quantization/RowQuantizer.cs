@@ -37,14 +37,7 @@ public sealed class RowQuantizer
         if (values.Length != weights.Length) throw new ArgumentException($"{values.Length} values but {weights.Length} weights.");
         if (values.Length == 0) throw new ArgumentException("the row is empty.", nameof(values));
         _n = values.Length;
-        _x = values.ToArray();
-        _order = new int[_n];
-        for (int i = 0; i < _n; i++)
-        {
-            if (!float.IsFinite(_x[i])) throw new ArgumentException($"value {i} of the row is {_x[i]}; weights must be finite.", nameof(values));
-            _order[i] = i;
-        }
-        Array.Sort(_x, _order);
+        (_x, _order) = SortWithIndex(values);
         _w = new double[_n + 1]; _wx = new double[_n + 1]; _wxx = new double[_n + 1]; _sx = new double[_n + 1]; _sxx = new double[_n + 1];
         for (int i = 0; i < _n; i++)
         {
@@ -203,18 +196,21 @@ public sealed class RowQuantizer
     {
         var rng = new SplitMix64(seed);
         var centres = new List<double>(k);
+        var mass = new double[_n];
         var d2 = new double[_n];
-        double total = _w[_n];
-        bool weighted = total > 0;
+        bool weighted = _w[_n] > 0;
         // First centre: a draw from the weight distribution (uniform over elements if all weights are zero).
-        centres.Add(_x[Draw(rng.NextDouble() * (weighted ? total : _n), i => weighted ? _w[i + 1] - _w[i] : 1)]);
-        for (int i = 0; i < _n; i++) { double d = _x[i] - centres[0]; d2[i] = d * d; }
+        for (int i = 0; i < _n; i++) mass[i] = weighted ? _w[i + 1] - _w[i] : 1;
+        double first = _x[Draw(mass, rng.NextDouble() * (weighted ? _w[_n] : _n))];
+        centres.Add(first);
+        for (int i = 0; i < _n; i++) { double d = _x[i] - first; d2[i] = d * d; }
+        var p = new double[_n];
         while (centres.Count < k)
         {
             double sum = 0;
-            for (int i = 0; i < _n; i++) sum += (weighted ? _w[i + 1] - _w[i] : 1) * d2[i];
-            if (sum <= 0) { centres.Add(centres[^1]); continue; } // every value already a centre
-            double next = _x[Draw(rng.NextDouble() * sum, i => (weighted ? _w[i + 1] - _w[i] : 1) * d2[i])];
+            for (int i = 0; i < _n; i++) { p[i] = mass[i] * d2[i]; sum += p[i]; }
+            if (sum <= 0) { centres.Add(centres[^1]); continue; } // every value is already a centre
+            double next = _x[Draw(p, rng.NextDouble() * sum)];
             centres.Add(next);
             for (int i = 0; i < _n; i++) { double d = _x[i] - next; d2[i] = Math.Min(d2[i], d * d); }
         }
@@ -222,19 +218,60 @@ public sealed class RowQuantizer
         return [.. centres];
     }
 
-    private int Draw(double target, Func<int, double> mass)
+    /// <summary>The first index whose running sum of <paramref name="mass"/> exceeds <paramref name="target"/> (the last with mass if rounding overshoots).</summary>
+    private static int Draw(double[] mass, double target)
     {
         double acc = 0;
         int last = 0;
-        for (int i = 0; i < _n; i++)
+        for (int i = 0; i < mass.Length; i++)
         {
-            double m = mass(i);
-            if (m <= 0) continue;
+            if (mass[i] <= 0) continue;
             last = i;
-            acc += m;
+            acc += mass[i];
             if (target < acc) return i;
         }
         return last;
+    }
+
+    /// <summary>
+    /// Sorts a row by value with the permutation (LSD radix sort on order-preserving integer keys,
+    /// three 11-bit passes: several times faster than a comparison sort at row widths of thousands).
+    /// </summary>
+    private static (float[] Sorted, int[] Order) SortWithIndex(ReadOnlySpan<float> values)
+    {
+        int n = values.Length;
+        var keys = new uint[n];
+        var order = new int[n];
+        for (int i = 0; i < n; i++)
+        {
+            float v = values[i];
+            if (!float.IsFinite(v)) throw new ArgumentException($"value {i} of the row is {v}; weights must be finite.", nameof(values));
+            uint bits = BitConverter.SingleToUInt32Bits(v);
+            // Negative floats sort reversed: flip all their bits; positive ones: flip the sign bit.
+            keys[i] = (bits & 0x80000000) != 0 ? ~bits : bits | 0x80000000;
+            order[i] = i;
+        }
+        var keys2 = new uint[n];
+        var order2 = new int[n];
+        Span<int> count = stackalloc int[2048];
+        for (int shift = 0; shift < 32; shift += 11)
+        {
+            count.Clear();
+            foreach (uint k in keys) count[(int)((k >> shift) & 2047)]++;
+            int total = 0;
+            for (int b = 0; b < 2048; b++) { int c = count[b]; count[b] = total; total += c; }
+            for (int i = 0; i < n; i++)
+            {
+                int dst = count[(int)((keys[i] >> shift) & 2047)]++;
+                keys2[dst] = keys[i];
+                order2[dst] = order[i];
+            }
+            (keys, keys2) = (keys2, keys);
+            (order, order2) = (order2, order);
+        }
+        var sorted = new float[n];
+        for (int i = 0; i < n; i++) sorted[i] = values[order[i]];
+        return (sorted, order);
     }
 }
 
