@@ -10,8 +10,45 @@ internal static class BenchCommand
 {
     public static Command Create() => new("bench", "Benchmarks: quantization speed, k-means quality on a real row, format memory.")
     {
-        Quantize(), KMeans(), Memory(),
+        Quantize(), KMeans(), Memory(), Fisher(),
     };
+
+    private static Command Fisher()
+    {
+        var model = CommonOptions.Model();
+        var tokenizer = CommonOptions.Tokenizer();
+        var calibration = new Option<string>("--calibration") { Description = "Calibration text (one document per line).", Required = true };
+        var samples = QuantizeCommand.Samples();
+        var seqLen = QuantizeCommand.SeqLen();
+        var json = CommonOptions.Json();
+        var command = new Command("fisher", "Time and peak memory of the Fisher sensitivity (one backward pass per calibration sequence).")
+        {
+            model, tokenizer, calibration, samples, seqLen, json,
+        };
+        command.SetAction((r, ct) =>
+        {
+            using var source = LlamaCheckpoint.Open(r.GetValue(model)!);
+            var tok = Tokenization.LlamaTokenizerLoader.Load(source, r.GetValue(tokenizer));
+            var set = CalibrationSet.FromText(tok, File.ReadAllText(r.GetValue(calibration)!), r.GetValue(samples), r.GetValue(seqLen), source.Config.MaxSeqLen, r.GetValue(calibration)!);
+            var weights = Reference.LlamaWeights.FromCheckpoint(source);
+            long before = Environment.WorkingSet;
+            var sw = Stopwatch.StartNew();
+            var progress = new ConsoleProgress<(int Done, int Total)>(r.Err(), "fisher", p => (p.Done, p.Total));
+            var fisher = FisherSensitivity.Collect(weights, set, progress, ct);
+            double seconds = sw.Elapsed.TotalSeconds;
+            long peak = System.Diagnostics.Process.GetCurrentProcess().PeakWorkingSet64;
+            var result = new
+            {
+                sequences = set.Sequences.Count, tokens = set.Tokens, seconds = Math.Round(seconds, 2),
+                tokens_per_second = Math.Round(set.Tokens / seconds, 1), mean_loss = Math.Round(fisher.MeanLoss, 4),
+                working_set_before_mb = before >> 20, peak_working_set_mb = peak >> 20,
+            };
+            if (r.GetValue(json)) r.WriteJson(result);
+            else r.Out().WriteLine($"{result.sequences} sequences, {result.tokens} tokens: {seconds:F1} s ({result.tokens_per_second} tokens/s), mean loss {fisher.MeanLoss:F3}; working set {result.working_set_before_mb} MB with the weights loaded, peak {result.peak_working_set_mb} MB");
+            return Task.FromResult(0);
+        });
+        return command;
+    }
 
     private static Command Quantize()
     {

@@ -13,7 +13,7 @@ internal static class QuantizeCommand
 {
     public static Option<string> Sensitivity() => new("--sensitivity")
     {
-        Description = "Weights of the k-means: hessian (mean squared activations, needs --calibration) or uniform.",
+        Description = "Weights of the k-means: fisher (summed squared gradients), hessian (mean squared activations), both need --calibration; or uniform.",
         DefaultValueFactory = _ => "hessian",
     };
 

@@ -11,8 +11,9 @@ public static class SyntheticModel
     /// <summary>Known shapes by name.</summary>
     public static readonly IReadOnlyDictionary<string, LlamaConfig> Shapes = new Dictionary<string, LlamaConfig>
     {
-        ["stories15M"] = Shape(288, 768, 6, 6, 6, 32000, 256),
-        ["stories110M"] = Shape(768, 2048, 12, 12, 12, 32000, 1024),
+        // llama2.c's stories models share the classifier with the embedding.
+        ["stories15M"] = Shape(288, 768, 6, 6, 6, 32000, 256) with { TiedEmbeddings = true },
+        ["stories110M"] = Shape(768, 2048, 12, 12, 12, 32000, 1024) with { TiedEmbeddings = true },
         ["tinyllama-1.1b"] = Shape(2048, 5632, 22, 32, 4, 32000, 2048),
         ["llama2-7b"] = Shape(4096, 11008, 32, 32, 32, 32000, 4096),
     };

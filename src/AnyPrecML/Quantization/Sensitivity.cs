@@ -138,11 +138,12 @@ public sealed class HessianDiagonalSensitivity : ISensitivitySource, ILinearInpu
 public static class SensitivitySources
 {
     /// <summary>The kinds this build knows.</summary>
-    public static readonly string[] Kinds = ["hessian", "uniform"];
+    public static readonly string[] Kinds = ["fisher", "hessian", "uniform"];
 
     /// <summary>
     /// Creates the <paramref name="kind"/> source for <paramref name="engine"/>: "uniform" needs nothing,
-    /// "hessian" runs the calibration set. Returns the source and a summary of the calibration to record.
+    /// "hessian" runs the calibration set forward, "fisher" forward and backward. Returns the source
+    /// and a summary of the calibration to record.
     /// </summary>
     public static (ISensitivitySource Source, System.Text.Json.Nodes.JsonObject? Summary) Create(string kind, ReferenceEngine engine, CalibrationSet? calibration,
         IProgress<(int Done, int Total)>? progress = null, CancellationToken cancellationToken = default)
@@ -151,8 +152,8 @@ public static class SensitivitySources
         {
             case "uniform":
                 return (new UniformSensitivity(), null);
-            case "hessian":
-                if (calibration is null) throw new ArgumentException("the hessian sensitivity needs calibration text.", nameof(calibration));
+            case "hessian" or "fisher":
+                if (calibration is null) throw new ArgumentException($"the {kind} sensitivity needs calibration text.", nameof(calibration));
                 var summary = new System.Text.Json.Nodes.JsonObject
                 {
                     ["source"] = calibration.Source,
@@ -160,9 +161,60 @@ public static class SensitivitySources
                     ["seq_len"] = calibration.Sequences.Max(s => s.Length),
                     ["tokens"] = calibration.Tokens,
                 };
-                return (HessianDiagonalSensitivity.Collect(engine, calibration, progress, cancellationToken), summary);
+                ISensitivitySource source = kind == "hessian"
+                    ? HessianDiagonalSensitivity.Collect(engine, calibration, progress, cancellationToken)
+                    : FisherSensitivity.Collect(engine.Weights, calibration, progress, cancellationToken);
+                return (source, summary);
             default:
                 throw new ArgumentException($"unknown sensitivity '{kind}'; known: {string.Join(", ", Kinds)}.", nameof(kind));
         }
+    }
+}
+
+/// <summary>
+/// The diagonal Fisher information of each block linear weight (SqueezeLLM, Any-Precision LLM):
+/// the sum over calibration sequences of the squared gradient of that sequence's mean next-token
+/// cross-entropy, one backward pass per sequence (batch size 1, as the official code).
+/// Memory: one fp32 accumulator per quantized weight, plus one sequence's activations.
+/// </summary>
+public sealed class FisherSensitivity : ISensitivitySource
+{
+    private readonly Dictionary<(int, string), float[]> _sums;
+
+    private FisherSensitivity(Dictionary<(int, string), float[]> sums, double meanLoss) { _sums = sums; MeanLoss = meanLoss; }
+
+    /// <inheritdoc/>
+    public string Kind => "fisher";
+
+    /// <summary>Mean calibration loss (nats per token) seen while collecting.</summary>
+    public double MeanLoss { get; }
+
+    /// <summary>Runs one backward pass per calibration sequence over <paramref name="weights"/> and sums the squared gradients.</summary>
+    public static FisherSensitivity Collect(LlamaWeights weights, CalibrationSet calibration, IProgress<(int Done, int Total)>? progress = null, CancellationToken cancellationToken = default)
+    {
+        var sequences = calibration.Sequences.Where(s => s.Length >= 2).ToList();
+        if (sequences.Count == 0) throw new ArgumentException("the calibration set has no sequence of two or more tokens.", nameof(calibration));
+        var pass = new LlamaBackward<float>(weights);
+        var sums = new Dictionary<(int, string), float[]>();
+        double loss = 0;
+        for (int i = 0; i < sequences.Count; i++)
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            loss += pass.Gradients(sequences[i], (layer, part, grad) =>
+            {
+                if (!sums.TryGetValue((layer, part), out var acc)) sums[(layer, part)] = acc = new float[grad.Length];
+                System.Numerics.Tensors.TensorPrimitives.MultiplyAdd(grad, grad, acc, acc);
+            });
+            progress?.Report((i + 1, sequences.Count));
+        }
+        return new FisherSensitivity(sums, loss / sequences.Count);
+    }
+
+    /// <inheritdoc/>
+    public LayerSensitivity For(int layer, string part, int rows, int cols)
+    {
+        if (!_sums.TryGetValue((layer, part), out var s) || s.Length != (long)rows * cols)
+            throw new InvalidOperationException($"no Fisher information for layer {layer} {part} of {rows}×{cols}.");
+        return LayerSensitivity.Weights(s, rows, cols);
     }
 }
