@@ -85,9 +85,10 @@ public sealed class BitplaneMatrix
     {
         if (rows.Count == 0) throw new ArgumentException("no rows.", nameof(rows));
         int seed = rows[0].SeedBits, parent = rows[0].ParentBits, words = (cols + 31) / 32, n = rows.Count;
-        var planes = new uint[(long)parent * n * words];
+        // Pinned: the kernels read planes and tables through raw pointers, as they do from a mapped file.
+        var planes = GC.AllocateArray<uint>(checked((int)((long)parent * n * words)), pinned: true);
         var tables = new Half[parent - seed + 1][];
-        for (int b = seed; b <= parent; b++) tables[b - seed] = new Half[(long)n * (1 << b)];
+        for (int b = seed; b <= parent; b++) tables[b - seed] = GC.AllocateArray<Half>(n * (1 << b), pinned: true);
         for (int r = 0; r < n; r++)
         {
             var q = rows[r];
@@ -139,4 +140,10 @@ public sealed class BitplaneMatrix
 
     /// <summary>The planes as stored (for writing).</summary>
     internal ReadOnlySpan<uint> AllPlanes => _storage.Planes;
+
+    /// <summary>Address of plane 0, row 0 (pinned arrays or a mapped file: stable while the matrix lives).</summary>
+    internal unsafe uint* PlanesPointer => (uint*)System.Runtime.CompilerServices.Unsafe.AsPointer(ref MemoryMarshal.GetReference(_storage.Planes));
+
+    /// <summary>Address of the b-bit table (stable like <see cref="PlanesPointer"/>).</summary>
+    internal unsafe Half* TablePointer(int bits) => (Half*)System.Runtime.CompilerServices.Unsafe.AsPointer(ref MemoryMarshal.GetReference(Table(bits)));
 }

@@ -1,0 +1,82 @@
+using AnyPrecML.Quantization;
+
+namespace AnyPrecML.Kernels;
+
+/// <summary>
+/// Where bitplane products run: the CPU SIMD kernels, or ILGPU on a CUDA GPU. Chosen once per process
+/// by <see cref="Default"/>; free of ONNX Runtime and ML.NET types so every engine can use it.
+/// </summary>
+public abstract class BitplaneBackend
+{
+    private static readonly Lazy<BitplaneBackend> LazyDefault = new(() => (BitplaneBackend?)IlgpuBitplaneBackend.TryCreateCuda() ?? new CpuBitplaneBackend());
+
+    /// <summary>CUDA through ILGPU when a CUDA device is present, else the widest CPU path with one thread per core.</summary>
+    public static BitplaneBackend Default => LazyDefault.Value;
+
+    /// <summary>What runs the products, in words (for logs and benchmark tables).</summary>
+    public abstract string Name { get; }
+
+    /// <summary>y[t, r] = Σ_j W_b[r, j] · x[t, j]; x is [tokens, cols], y is [tokens, rows].</summary>
+    public abstract void Multiply(BitplaneMatrix weight, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y);
+
+    /// <summary>Throws unless the shapes fit.</summary>
+    protected static void Check(BitplaneMatrix weight, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
+    {
+        weight.CheckBits(bits);
+        ArgumentOutOfRangeException.ThrowIfLessThan(tokens, 1);
+        if (x.Length != (long)tokens * weight.Cols) throw new ArgumentException($"x holds {x.Length} floats; {tokens} tokens × {weight.Cols} columns expected.", nameof(x));
+        if (y.Length != (long)tokens * weight.Rows) throw new ArgumentException($"y holds {y.Length} floats; {tokens} tokens × {weight.Rows} rows expected.", nameof(y));
+    }
+}
+
+/// <summary>The CPU kernels (<see cref="BitplaneKernels"/>) over rows split among a <see cref="KernelThreadPool"/>.</summary>
+public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
+{
+    [ThreadStatic] private static RowsJob? t_job;
+    private readonly KernelThreadPool _pool;
+
+    /// <summary>A backend on <paramref name="path"/> (default: the widest supported) and <paramref name="pool"/> (default: the shared one).</summary>
+    public CpuBitplaneBackend(KernelPath? path = null, KernelThreadPool? pool = null)
+    {
+        Path = path ?? BitplaneKernels.Best;
+        if (!BitplaneKernels.IsSupported(Path)) throw new PlatformNotSupportedException($"the {Path} kernels need instructions this CPU lacks.");
+        _pool = pool ?? KernelThreadPool.Shared;
+    }
+
+    /// <summary>The instruction path used.</summary>
+    public KernelPath Path { get; }
+
+    /// <inheritdoc/>
+    public override string Name => $"CPU {Path}{(Path == KernelPath.Vector512 && BitplaneKernels.UsesGfni ? " + GFNI" : "")}, {_pool.Threads} threads";
+
+    /// <inheritdoc/>
+    public override void Multiply(BitplaneMatrix weight, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
+    {
+        Check(weight, bits, x, tokens, y);
+        var job = t_job ??= new RowsJob();
+        fixed (float* xp = x, yp = y)
+        {
+            job.Operand = new BitplaneOperand(weight, bits);
+            job.Path = Path; job.X = xp; job.Y = yp; job.Tokens = tokens;
+            _pool.Run(job, weight.Rows, Math.Max(4, weight.Rows / (_pool.Threads * 8)));
+            job.X = job.Y = null;
+        }
+    }
+
+    /// <summary>One call's arguments, reused by the calling thread (no allocation per call).</summary>
+    private sealed class RowsJob : IRangeJob
+    {
+        [ThreadStatic] private static float[]? t_scratch;
+        public BitplaneOperand Operand;
+        public KernelPath Path;
+        public float* X, Y;
+        public int Tokens;
+
+        public void Execute(int start, int end)
+        {
+            int need = BitplaneKernels.ScratchFloats(Operand.Cols);
+            if (t_scratch is null || t_scratch.Length < need) t_scratch = GC.AllocateArray<float>(need, pinned: true);
+            fixed (float* scratch = t_scratch) BitplaneKernels.Rows(Path, Operand, X, Tokens, Y, start, end, scratch);
+        }
+    }
+}
