@@ -8,9 +8,9 @@ namespace AnyPrecML.Cli;
 /// <summary>`anyprec bench`: measured figures for docs/BENCHMARKS.md and docs/QUALITY.md.</summary>
 internal static class BenchCommand
 {
-    public static Command Create() => new("bench", "Benchmarks: quantization speed, k-means quality on a real row, format memory.")
+    public static Command Create() => new("bench", "Benchmarks: quantization speed, k-means quality on a real row, format memory, Fisher, kernels.")
     {
-        Quantize(), KMeans(), Memory(), Fisher(),
+        Quantize(), KMeans(), Memory(), Fisher(), BenchKernelsCommand.Create(),
     };
 
     private static Command Fisher()

@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
 
@@ -8,101 +9,146 @@ public static unsafe partial class BitplaneKernels
     private static readonly Vector512<uint>[] Lanes512 = Enumerable.Range(0, 2)
         .Select(g => Vector512.Create(Enumerable.Range(0, 16).Select(i => 1u << (16 * g + i)).ToArray())).ToArray();
 
-    // vpermb index of the 8×8 byte transpose: destination byte 8k+s takes source byte 8s+k.
-    private static readonly Vector512<byte> ByteTranspose = Vector512.Create(Enumerable.Range(0, 64).Select(i => (byte)(8 * (i % 8) + i / 8)).ToArray());
-
-    // gf2p8affineqb operand whose byte i is 1 << i: with a qword of plane bytes as the matrix, it transposes the 8×8 bits.
+    // gf2p8affineqb operand whose byte i is 1 << i: with a qword of eight plane bytes as the matrix,
+    // it transposes the 8×8 bits, giving eight codes (plane 0 the most significant bit).
     private static readonly Vector512<byte> BitIdentity = Vector512.Create(0x8040201008040201UL).AsByte();
 
+    /// <summary>Elements per block of the GFNI decoder: 16 plane words.</summary>
+    internal const int GfniBlock = 512;
+
+    /// <summary>
+    /// The column order of a GFNI block: code byte (register o, byte 8q+i) after <see cref="TransposeBytes"/>
+    /// is element 8·ByteOrigin[8o+q]+i of the block. A dot product does not care about order, so x is
+    /// permuted once per call to match instead of putting the codes back in order.
+    /// </summary>
+    private static readonly byte[] ByteOrigin = ComputeByteOrigin();
+
+    /// <summary>True when the 512-bit path decodes with GFNI (and so reads x in <see cref="PermuteColumns"/> order).</summary>
+    internal static bool PermutesColumns(KernelPath path) => path == KernelPath.Vector512 && UsesGfni;
+
+    /// <summary>
+    /// Interleaves eight plane registers (64 bytes each, byte k = elements 8k..8k+7) so each qword holds the
+    /// same byte k of all eight: three unpack stages (bytes, words, dwords) within 128-bit lanes.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void TransposeBytes(Vector512<byte> s0, Vector512<byte> s1, Vector512<byte> s2, Vector512<byte> s3,
+        Vector512<byte> s4, Vector512<byte> s5, Vector512<byte> s6, Vector512<byte> s7, Vector512<byte>* c)
+    {
+        var a0 = Avx512BW.UnpackLow(s0, s1).AsUInt16(); var a1 = Avx512BW.UnpackHigh(s0, s1).AsUInt16();
+        var a2 = Avx512BW.UnpackLow(s2, s3).AsUInt16(); var a3 = Avx512BW.UnpackHigh(s2, s3).AsUInt16();
+        var a4 = Avx512BW.UnpackLow(s4, s5).AsUInt16(); var a5 = Avx512BW.UnpackHigh(s4, s5).AsUInt16();
+        var a6 = Avx512BW.UnpackLow(s6, s7).AsUInt16(); var a7 = Avx512BW.UnpackHigh(s6, s7).AsUInt16();
+        var b0 = Avx512BW.UnpackLow(a0, a2).AsUInt32(); var b1 = Avx512BW.UnpackHigh(a0, a2).AsUInt32();
+        var b2 = Avx512BW.UnpackLow(a1, a3).AsUInt32(); var b3 = Avx512BW.UnpackHigh(a1, a3).AsUInt32();
+        var b4 = Avx512BW.UnpackLow(a4, a6).AsUInt32(); var b5 = Avx512BW.UnpackHigh(a4, a6).AsUInt32();
+        var b6 = Avx512BW.UnpackLow(a5, a7).AsUInt32(); var b7 = Avx512BW.UnpackHigh(a5, a7).AsUInt32();
+        c[0] = Avx512F.UnpackLow(b0, b4).AsByte(); c[1] = Avx512F.UnpackHigh(b0, b4).AsByte();
+        c[2] = Avx512F.UnpackLow(b1, b5).AsByte(); c[3] = Avx512F.UnpackHigh(b1, b5).AsByte();
+        c[4] = Avx512F.UnpackLow(b2, b6).AsByte(); c[5] = Avx512F.UnpackHigh(b2, b6).AsByte();
+        c[6] = Avx512F.UnpackLow(b3, b7).AsByte(); c[7] = Avx512F.UnpackHigh(b3, b7).AsByte();
+    }
+
+    private static byte[] ComputeByteOrigin()
+    {
+        var origin = new byte[64];
+        if (!UsesGfni) return origin;
+        // Run the transpose on registers whose byte k holds k: each output qword then names its source byte.
+        var k = Vector512.Create(Enumerable.Range(0, 64).Select(i => (byte)i).ToArray());
+        var c = stackalloc Vector512<byte>[8];
+        TransposeBytes(k, k, k, k, k, k, k, k, c);
+        for (int o = 0; o < 8; o++)
+            for (int q = 0; q < 8; q++) origin[8 * o + q] = c[o].GetElement(8 * q);
+        return origin;
+    }
+
+    /// <summary>Copies one token's x into the kernel's column order: permuted inside whole GFNI blocks, as is after.</summary>
+    internal static void PermuteColumns(ReadOnlySpan<float> x, Span<float> dst, int cols)
+    {
+        int blocks = cols / 32 / 16;
+        for (int b = 0; b < blocks; b++)
+        {
+            int start = b * GfniBlock;
+            for (int g = 0; g < 64; g++)
+                x.Slice(start + 8 * ByteOrigin[g], 8).CopyTo(dst.Slice(start + 8 * g, 8));
+        }
+        x[(blocks * GfniBlock)..cols].CopyTo(dst[(blocks * GfniBlock)..cols]);
+    }
+
+    /// <summary>The row's table, filled through a pointer (the whole struct is the 256-entry table for b = 8).</summary>
+#pragma warning disable CS0649 // assigned through a pointer in Row512
     private struct Table512
     {
-        public Vector512<float> T0, T1, T2, T3;
-        public float* Ptr;
+        public Vector512<float> T0, T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14, T15;
     }
+#pragma warning restore CS0649
 
     private interface ILookup512
     {
         static abstract Vector512<float> Get(Vector512<int> code, ref Table512 t);
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Pick(Vector512<int> code, int bit, Vector512<float> ifSet, Vector512<float> ifClear) =>
+        Vector512.ConditionalSelect(Vector512.Equals(code & Vector512.Create(bit), Vector512.Create(bit)).AsSingle(), ifSet, ifClear);
+
     /// <summary>b ≤ 4: vpermps over the 16-entry table.</summary>
-    private struct Permute16x1 : ILookup512
+    private struct PermuteOne : ILookup512
     {
         public static Vector512<float> Get(Vector512<int> code, ref Table512 t) => Avx512F.PermuteVar16x32(t.T0, code);
     }
 
     /// <summary>b = 5: vpermt2ps over two registers.</summary>
-    private struct Permute16x2 : ILookup512
+    private struct Permute32 : ILookup512
     {
         public static Vector512<float> Get(Vector512<int> code, ref Table512 t) => Avx512F.PermuteVar16x32x2(t.T0, code, t.T1);
     }
 
     /// <summary>b = 6: two vpermt2ps, picked by bit 5.</summary>
-    private struct Permute16x4 : ILookup512
+    private struct Permute64 : ILookup512
+    {
+        public static Vector512<float> Get(Vector512<int> code, ref Table512 t) =>
+            Pick(code, 32, Avx512F.PermuteVar16x32x2(t.T2, code, t.T3), Avx512F.PermuteVar16x32x2(t.T0, code, t.T1));
+    }
+
+    /// <summary>b = 7: four vpermt2ps, picked by bits 5 and 6.</summary>
+    private struct Permute128 : ILookup512
+    {
+        public static Vector512<float> Get(Vector512<int> code, ref Table512 t) => Pick(code, 64,
+            Pick(code, 32, Avx512F.PermuteVar16x32x2(t.T6, code, t.T7), Avx512F.PermuteVar16x32x2(t.T4, code, t.T5)),
+            Pick(code, 32, Avx512F.PermuteVar16x32x2(t.T2, code, t.T3), Avx512F.PermuteVar16x32x2(t.T0, code, t.T1)));
+    }
+
+    /// <summary>
+    /// b = 8: two 8-lane gathers from the row's table (in L1). A tree of eight vpermt2ps needs sixteen table
+    /// registers and spilled (8.2 ms against 5.5 ms at 4096×4096); .NET exposes no 512-bit gather.
+    /// </summary>
+    private struct Gather256x2 : ILookup512
     {
         public static Vector512<float> Get(Vector512<int> code, ref Table512 t)
         {
-            var high = Vector512.Equals(code & Vector512.Create(32), Vector512.Create(32)).AsSingle();
-            return Vector512.ConditionalSelect(high, Avx512F.PermuteVar16x32x2(t.T2, code, t.T3), Avx512F.PermuteVar16x32x2(t.T0, code, t.T1));
-        }
-    }
-
-    /// <summary>b ≥ 7: two 8-lane gathers from the row's table (in L1); .NET exposes no 512-bit gather.</summary>
-    private struct Gather512 : ILookup512
-    {
-        public static Vector512<float> Get(Vector512<int> code, ref Table512 t) =>
-            Vector512.Create(Avx2.GatherVector256(t.Ptr, code.GetLower(), 4), Avx2.GatherVector256(t.Ptr, code.GetUpper(), 4));
-    }
-
-    // vpermt2q indices of the three stages of an 8×8 qword transpose (bit 3 picks the second source).
-    private static readonly Vector512<ulong> Interleave1Lo = Vector512.Create(0UL, 8, 1, 9, 2, 10, 3, 11), Interleave1Hi = Vector512.Create(4UL, 12, 5, 13, 6, 14, 7, 15);
-    private static readonly Vector512<ulong> Interleave2Lo = Vector512.Create(0UL, 1, 8, 9, 2, 3, 10, 11), Interleave2Hi = Vector512.Create(4UL, 5, 12, 13, 6, 7, 14, 15);
-    private static readonly Vector512<ulong> Interleave4Lo = Vector512.Create(0UL, 1, 2, 3, 8, 9, 10, 11), Interleave4Hi = Vector512.Create(4UL, 5, 6, 7, 12, 13, 14, 15);
-
-    /// <summary>
-    /// Transposes 8 registers of 8 qwords: out[g] = (in[0][g], in[1][g], ..., in[7][g]), in three
-    /// stages of vpermt2q that interleave qwords, pairs, then quads.
-    /// </summary>
-    private static void TransposeQwords(Vector512<ulong>* v)
-    {
-        var a = stackalloc Vector512<ulong>[8];
-        for (int i = 0; i < 8; i += 2)
-        {
-            a[i] = Avx512F.PermuteVar8x64x2(v[i], Interleave1Lo, v[i + 1]);     // (i,i+1) × qwords 0..3
-            a[i + 1] = Avx512F.PermuteVar8x64x2(v[i], Interleave1Hi, v[i + 1]); // (i,i+1) × qwords 4..7
-        }
-        // a[0]: P0,P1 q0..3   a[1]: P0,P1 q4..7   a[2]: P2,P3 q0..3 ...
-        var b = stackalloc Vector512<ulong>[8];
-        for (int h = 0; h < 2; h++)
-            for (int i = 0; i < 8; i += 4)
-            {
-                b[i + 2 * h] = Avx512F.PermuteVar8x64x2(a[i + h], Interleave2Lo, a[i + 2 + h]);     // P(i..i+3) × two qwords
-                b[i + 2 * h + 1] = Avx512F.PermuteVar8x64x2(a[i + h], Interleave2Hi, a[i + 2 + h]);
-            }
-        // b[0]: P0..3 q0,q1   b[1]: P0..3 q2,q3   b[2]: P0..3 q4,q5   b[3]: P0..3 q6,q7   b[4..7]: P4..7 likewise
-        for (int i = 0; i < 4; i++)
-        {
-            v[2 * i] = Avx512F.PermuteVar8x64x2(b[i], Interleave4Lo, b[i + 4]);     // q(2i) of P0..7
-            v[2 * i + 1] = Avx512F.PermuteVar8x64x2(b[i], Interleave4Hi, b[i + 4]); // q(2i+1) of P0..7
+            float* table = (float*)Unsafe.AsPointer(ref t);
+            return Vector512.Create(Avx2.GatherVector256(table, code.GetLower(), 4), Avx2.GatherVector256(table, code.GetUpper(), 4));
         }
     }
 
     private static float Dot512(in BitplaneOperand w, uint* planes, float* table, float* x) => w.Bits switch
     {
-        <= 4 => Row512<Permute16x1>(w, planes, table, x, null),
-        5 => Row512<Permute16x2>(w, planes, table, x, null),
-        6 => Row512<Permute16x4>(w, planes, table, x, null),
-        _ => Row512<Gather512>(w, planes, table, x, null),
+        <= 4 => Row512<PermuteOne>(w, planes, table, x, null),
+        5 => Row512<Permute32>(w, planes, table, x, null),
+        6 => Row512<Permute64>(w, planes, table, x, null),
+        7 => Row512<Permute128>(w, planes, table, x, null),
+        _ => Row512<Gather256x2>(w, planes, table, x, null),
     };
 
     private static void Decode512(in BitplaneOperand w, uint* planes, float* table, float* dst)
     {
         _ = w.Bits switch
         {
-            <= 4 => Row512<Permute16x1>(w, planes, table, null, dst),
-            5 => Row512<Permute16x2>(w, planes, table, null, dst),
-            6 => Row512<Permute16x4>(w, planes, table, null, dst),
-            _ => Row512<Gather512>(w, planes, table, null, dst),
+            <= 4 => Row512<PermuteOne>(w, planes, table, null, dst),
+            5 => Row512<Permute32>(w, planes, table, null, dst),
+            6 => Row512<Permute64>(w, planes, table, null, dst),
+            7 => Row512<Permute128>(w, planes, table, null, dst),
+            _ => Row512<Gather256x2>(w, planes, table, null, dst),
         };
     }
 
@@ -113,38 +159,45 @@ public static unsafe partial class BitplaneKernels
         return code;
     }
 
-    /// <summary>One row: with <paramref name="x"/>, the dot product; with <paramref name="dst"/>, the decoded weights.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<byte> PlaneBlock(uint* planes, long stride, int slot, int empty, int word) =>
+        slot < empty ? Vector512<byte>.Zero : Vector512.Load((byte*)(planes + (slot - empty) * stride + word));
+
+    /// <summary>
+    /// One row: with <paramref name="x"/>, the dot product; with <paramref name="dst"/>, the decoded weights.
+    /// Inside whole GFNI blocks both are in <see cref="PermuteColumns"/> order; the rest is in column order.
+    /// </summary>
+    [SkipLocalsInit]
     private static float Row512<TLookup>(in BitplaneOperand w, uint* planes, float* table, float* x, float* dst) where TLookup : struct, ILookup512
     {
         int k = 1 << w.Bits;
-        var t = new Table512
-        {
-            T0 = k >= 16 ? Vector512.Load(table) : Vector512.Create(Vector256.Load(table), Vector256<float>.Zero),
-            T1 = k >= 32 ? Vector512.Load(table + 16) : default,
-            T2 = k >= 64 ? Vector512.Load(table + 32) : default,
-            T3 = k >= 64 ? Vector512.Load(table + 48) : default,
-            Ptr = table,
-        };
+        Table512 t = default;
+        // The table padded to a multiple of 16 entries (b = 3 uses half of T0; the rest is never indexed).
+        var tv = (Vector512<float>*)Unsafe.AsPointer(ref t);
+        if (k < 16) tv[0] = Vector512.Create(Vector256.Load(table), Vector256<float>.Zero);
+        else for (int i = 0; i < k / 16; i++) tv[i] = Vector512.Load(table + 16 * i);
+
         var acc0 = Vector512<float>.Zero;
         var acc1 = Vector512<float>.Zero;
         int full = w.Cols >> 5, word = 0;
 
-        // Blocks of 16 words (512 elements): GFNI decodes 64 codes per step.
         if (UsesGfni)
         {
-            // Slot s (of 8) holds plane s - (8 - b); slots below 8 - b stay zero, so the transposed bits
-            // come out as the b-bit code directly (plane 0 the most significant).
+            // Slot s (of 8) holds plane s - (8 - b); slots below stay zero, so the transposed bits come out
+            // as the b-bit code directly.
             int empty = 8 - w.Bits;
-            var slots = stackalloc Vector512<ulong>[8];
+            long stride = w.PlaneStride;
+            var c = stackalloc Vector512<byte>[8];
             for (; word + 16 <= full; word += 16)
             {
-                for (int s = 0; s < 8; s++)
-                    slots[s] = s < empty ? Vector512<ulong>.Zero : Vector512.Load((ulong*)(planes + (s - empty) * w.PlaneStride + word));
-                TransposeQwords(slots); // slots[g]: the 8 plane qwords of elements 64g..64g+63
-                for (int g = 0; g < 8; g++)
+                TransposeBytes(PlaneBlock(planes, stride, 0, empty, word), PlaneBlock(planes, stride, 1, empty, word),
+                    PlaneBlock(planes, stride, 2, empty, word), PlaneBlock(planes, stride, 3, empty, word),
+                    PlaneBlock(planes, stride, 4, empty, word), PlaneBlock(planes, stride, 5, empty, word),
+                    PlaneBlock(planes, stride, 6, empty, word), PlaneBlock(planes, stride, 7, empty, word), c);
+                for (int o = 0; o < 8; o++)
                 {
-                    var codes = Gfni.V512.GaloisFieldAffineTransform(BitIdentity, Avx512Vbmi.PermuteVar64x8(slots[g].AsByte(), ByteTranspose), 0);
-                    int j = 32 * word + 64 * g;
+                    var codes = Gfni.V512.GaloisFieldAffineTransform(BitIdentity, c[o], 0);
+                    int j = 32 * word + 64 * o;
                     var q0 = TLookup.Get(Avx512F.ConvertToVector512Int32(codes.GetLower().GetLower()), ref t);
                     var q1 = TLookup.Get(Avx512F.ConvertToVector512Int32(codes.GetLower().GetUpper()), ref t);
                     var q2 = TLookup.Get(Avx512F.ConvertToVector512Int32(codes.GetUpper().GetLower()), ref t);

@@ -71,8 +71,9 @@ public static unsafe partial class BitplaneKernels
     internal static int ScratchFloats(int cols) => 256 + cols;
 
     /// <summary>
-    /// y[t, r] = Σ_j W_b[r, j] · x[t, j] for rows [rowStart, rowEnd) and tokens t &lt; m; x is [m, cols],
-    /// y is [m, rows], both row-major. <paramref name="scratch"/> holds <see cref="ScratchFloats"/> floats.
+    /// y[t, r] = Σ_j W_b[r, j] · x[t, j] for rows [rowStart, rowEnd) and tokens t &lt; m; x is [m, cols] in the
+    /// path's column order (<see cref="PermutesColumns"/>), y is [m, rows], both row-major.
+    /// <paramref name="scratch"/> holds <see cref="ScratchFloats"/> floats.
     /// </summary>
     internal static void Rows(KernelPath path, in BitplaneOperand w, float* x, int m, float* y, int rowStart, int rowEnd, float* scratch)
     {

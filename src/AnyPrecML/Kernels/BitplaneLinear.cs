@@ -54,6 +54,14 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
     {
         Check(weight, bits, x, tokens, y);
         var job = t_job ??= new RowsJob();
+        if (BitplaneKernels.PermutesColumns(Path))
+        {
+            // The GFNI decoder yields codes in a fixed order inside each block: permute x once to match.
+            if (job.Permuted.Length < x.Length) job.Permuted = GC.AllocateArray<float>(x.Length, pinned: true);
+            for (int t = 0; t < tokens; t++)
+                BitplaneKernels.PermuteColumns(x.Slice(t * weight.Cols, weight.Cols), job.Permuted.AsSpan(t * weight.Cols, weight.Cols), weight.Cols);
+            x = job.Permuted.AsSpan(0, x.Length);
+        }
         fixed (float* xp = x, yp = y)
         {
             job.Operand = new BitplaneOperand(weight, bits);
@@ -69,6 +77,7 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
         [ThreadStatic] private static float[]? t_scratch;
         public BitplaneOperand Operand;
         public KernelPath Path;
+        public float[] Permuted = [];
         public float* X, Y;
         public int Tokens;
 

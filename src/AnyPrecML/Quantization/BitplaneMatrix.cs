@@ -105,6 +105,31 @@ public sealed class BitplaneMatrix
         return new BitplaneMatrix(name, n, cols, seed, parent, new ArrayStorage(planes, tables, seed));
     }
 
+    /// <summary>
+    /// A matrix over existing planes [parent, rows, ceil(cols/32)] and fp16 tables (one per b in seed..parent,
+    /// [rows, 2^b]); the arrays are copied into pinned memory. For importing other formats and for benchmarks.
+    /// </summary>
+    public static BitplaneMatrix Create(string name, int rows, int cols, int seedBits, int parentBits, ReadOnlySpan<uint> planes, IReadOnlyList<Half[]> tables)
+    {
+        new QuantizerOptions { SeedBits = seedBits, ParentBits = parentBits }.Validated();
+        ArgumentOutOfRangeException.ThrowIfLessThan(rows, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(cols, 1);
+        int words = (cols + 31) / 32;
+        if (planes.Length != (long)parentBits * rows * words) throw new ArgumentException($"{planes.Length} plane words; {parentBits} × {rows} × {words} expected.", nameof(planes));
+        if (tables.Count != parentBits - seedBits + 1) throw new ArgumentException($"{tables.Count} tables; one per width {seedBits}..{parentBits} expected.", nameof(tables));
+        var pinnedPlanes = GC.AllocateArray<uint>(planes.Length, pinned: true);
+        planes.CopyTo(pinnedPlanes);
+        var pinnedTables = new Half[tables.Count][];
+        for (int b = seedBits; b <= parentBits; b++)
+        {
+            var t = tables[b - seedBits];
+            if (t.Length != rows << b) throw new ArgumentException($"the {b}-bit table has {t.Length} entries; {rows} × {1 << b} expected.", nameof(tables));
+            pinnedTables[b - seedBits] = GC.AllocateArray<Half>(t.Length, pinned: true);
+            t.CopyTo(pinnedTables[b - seedBits], 0);
+        }
+        return new BitplaneMatrix(name, rows, cols, seedBits, parentBits, new ArrayStorage(pinnedPlanes, pinnedTables, seedBits));
+    }
+
     /// <summary>Views of a loaded model's tensors (no copy); shapes and dtypes are checked.</summary>
     internal static BitplaneMatrix FromTensors(string name, int rows, int cols, int seedBits, int parentBits, TensorView planes, TensorView[] tables)
     {

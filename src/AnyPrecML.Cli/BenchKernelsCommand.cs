@@ -1,0 +1,137 @@
+using System.CommandLine;
+using System.Diagnostics;
+using AnyPrecML.Kernels;
+using AnyPrecML.Quantization;
+
+namespace AnyPrecML.Cli;
+
+/// <summary>`anyprec bench kernels`: bitplane products against dense fp32 and ONNX Runtime's MatMulNBits, side by side.</summary>
+internal static class BenchKernelsCommand
+{
+    private sealed record Result(string kernel, int rows, int cols, int m, int? bits, double ms, int? layers = null);
+
+    public static Command Create()
+    {
+        var quick = new Option<bool>("--quick") { Description = "Only 4096×4096 at M=1 (under a minute)." };
+        var threads = new Option<int>("--threads") { Description = "Threads for every kernel.", DefaultValueFactory = _ => 2 };
+        var layers = new Option<int>("--layers") { Description = "Layers of 4096×11008 in the beyond-cache working set (0: skip).", DefaultValueFactory = _ => 32 };
+        var json = CommonOptions.Json();
+        var command = new Command("kernels", "Median milliseconds per call of bitplane y = W_b·x at b = 3..8 next to dense fp32 and MatMulNBits 4-bit (accuracy 0 and 4).")
+        {
+            quick, threads, layers, json,
+        };
+        command.SetAction(r =>
+        {
+            int t = r.GetValue(threads);
+            using var pool = new KernelThreadPool(t);
+            var backend = new CpuBitplaneBackend(pool: pool);
+            var results = new List<Result>();
+            var err = r.Err();
+            err.WriteLine($"bitplane backend: {backend.Name}; ONNX Runtime {t} intra-op threads");
+            (int Rows, int Cols)[] shapes = r.GetValue(quick) ? [(4096, 4096)] : [(4096, 4096), (11008, 4096), (4096, 11008)];
+            int[] ms = r.GetValue(quick) ? [1] : [1, 8, 64];
+            foreach (var (rows, cols) in shapes)
+            {
+                var matrix = RandomMatrix(rows, cols, 3, 8, 1);
+                var dense = new DenseLinear(RandomFloats((long)rows * cols, 2), rows, cols, pool);
+                using var nbits0 = new MatMulNBitsLinear(rows, cols, 0, t);
+                using var nbits4 = new MatMulNBitsLinear(rows, cols, 4, t);
+                foreach (int m in ms)
+                {
+                    var x = RandomFloats((long)m * cols, 3);
+                    var y = new float[m * rows];
+                    for (int b = 3; b <= 8; b++) Add(results, err, new Result("bitplane", rows, cols, m, b, Median(new BitplaneBenchmarkLinear(matrix, b, backend), x, m, y)));
+                    Add(results, err, new Result("dense-fp32", rows, cols, m, null, Median(dense, x, m, y)));
+                    Add(results, err, new Result("matmulnbits4-acc0", rows, cols, m, 4, Median(nbits0, x, m, y)));
+                    Add(results, err, new Result("matmulnbits4-acc4", rows, cols, m, 4, Median(nbits4, x, m, y)));
+                }
+            }
+            int n = r.GetValue(layers);
+            if (n > 0 && !r.GetValue(quick)) BeyondCache(results, err, n, backend, pool, t);
+
+            if (r.GetValue(json)) r.WriteJson(new { backend = backend.Name, threads = t, results });
+            else
+            {
+                r.Out().WriteLine("| kernel | rows×cols | M | bits | ms |\n|---|---|---:|---:|---:|");
+                foreach (var x in results)
+                    r.Out().WriteLine($"| {x.kernel}{(x.layers is int l ? $" ×{l} layers" : "")} | {x.rows}×{x.cols} | {x.m} | {x.bits?.ToString() ?? "-"} | {x.ms:F3} |");
+            }
+            return 0;
+        });
+        return command;
+    }
+
+    /// <summary>A working set far beyond the last-level cache: every call runs all the layers once, as one decode step would.</summary>
+    private static void BeyondCache(List<Result> results, TextWriter err, int n, BitplaneBackend backend, KernelThreadPool pool, int threads)
+    {
+        const int Rows = 4096, Cols = 11008;
+        var x = RandomFloats(Cols, 5);
+        var y = new float[Rows];
+        var matrices = Enumerable.Range(0, n).Select(i => RandomMatrix(Rows, Cols, 3, 8, 10 + i)).ToArray();
+        for (int b = 3; b <= 8; b++)
+        {
+            var ls = matrices.Select(m => (IBenchmarkLinear)new BitplaneBenchmarkLinear(m, b, backend)).ToArray();
+            Add(results, err, new Result("bitplane", Rows, Cols, 1, b, Median(ls, x, 1, y), n));
+        }
+        matrices = null;
+        GC.Collect();
+        var nbits = Enumerable.Range(0, n).Select(i => (IBenchmarkLinear)new MatMulNBitsLinear(Rows, Cols, 4, threads, 20 + i)).ToArray();
+        Add(results, err, new Result("matmulnbits4-acc4", Rows, Cols, 1, 4, Median(nbits, x, 1, y), n));
+        foreach (var l in nbits) l.Dispose();
+        nbits = null;
+        GC.Collect();
+        var dense = Enumerable.Range(0, n).Select(i => (IBenchmarkLinear)new DenseLinear(RandomFloats((long)Rows * Cols, 30 + i), Rows, Cols, pool)).ToArray();
+        Add(results, err, new Result("dense-fp32", Rows, Cols, 1, null, Median(dense, x, 1, y), n));
+    }
+
+    private static void Add(List<Result> results, TextWriter err, Result r)
+    {
+        results.Add(r);
+        err.WriteLine($"  {r.kernel,-18} {r.rows}x{r.cols} M={r.m,-2} b={r.bits?.ToString() ?? "-"}{(r.layers is int l ? $" x{l} layers" : "")}: {r.ms:F3} ms");
+    }
+
+    private static double Median(IBenchmarkLinear linear, float[] x, int m, float[] y) => Median([linear], x, m, y);
+
+    /// <summary>Median wall time of one pass over <paramref name="linears"/>, after warm-up, over at least 5 passes or 0.5 s.</summary>
+    private static double Median(IBenchmarkLinear[] linears, float[] x, int m, float[] y)
+    {
+        void Pass() { foreach (var l in linears) l.Multiply(x, m, y); }
+        Pass(); Pass();
+        var times = new List<double>();
+        var total = Stopwatch.StartNew();
+        while (times.Count < 5 || (total.Elapsed.TotalSeconds < 0.5 && times.Count < 500))
+        {
+            long start = Stopwatch.GetTimestamp();
+            Pass();
+            times.Add(Stopwatch.GetElapsedTime(start).TotalMilliseconds);
+        }
+        times.Sort();
+        return times[times.Count / 2];
+    }
+
+    internal static float[] RandomFloats(long n, int seed)
+    {
+        var a = new float[n];
+        ulong s = (ulong)seed * 0x9E3779B97F4A7C15 | 1;
+        for (long i = 0; i < n; i++) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; a[i] = ((s >> 40) / (float)(1 << 24) - 0.5f) * 0.1f; }
+        return a;
+    }
+
+    /// <summary>Random planes and sorted random tables: speed does not depend on the values.</summary>
+    internal static BitplaneMatrix RandomMatrix(int rows, int cols, int seedBits, int parentBits, int seed)
+    {
+        int words = (cols + 31) / 32;
+        var planes = new uint[(long)parentBits * rows * words];
+        ulong s = (ulong)seed * 0x9E3779B97F4A7C15 | 1;
+        for (long i = 0; i < planes.Length; i++) { s ^= s << 13; s ^= s >> 7; s ^= s << 17; planes[i] = (uint)(s >> 32); }
+        if (cols % 32 != 0) // padding bits past cols stay zero, as the format requires
+            for (int p = 0; p < parentBits; p++) for (int r = 0; r < rows; r++) planes[((long)p * rows + r) * words + words - 1] &= (1u << (cols % 32)) - 1;
+        var tables = Enumerable.Range(seedBits, parentBits - seedBits + 1).Select(b =>
+        {
+            var t = new Half[rows << b];
+            for (int i = 0; i < t.Length; i++) t[i] = (Half)(((i & ((1 << b) - 1)) - (1 << (b - 1))) * 0.01f);
+            return t;
+        }).ToArray();
+        return BitplaneMatrix.Create("random", rows, cols, seedBits, parentBits, planes, tables);
+    }
+}
