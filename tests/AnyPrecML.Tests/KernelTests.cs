@@ -95,6 +95,29 @@ public sealed class KernelTests
     }
 
     [TestMethod]
+    [Timeout(60_000, CooperativeCancellation = true)]
+    public void PoolCompletesManyBackToBackCallsWithMoreThreadsThanCores()
+    {
+        // More workers than cores, calls back to back and spaced out: workers race between spinning,
+        // sleeping and the next call. Every item must run exactly once per call, and no call may hang.
+        using var pool = new KernelThreadPool(Environment.ProcessorCount + 2);
+        var job = new CountingJob(97);
+        for (int call = 0; call < 3000; call++)
+        {
+            if (call % 500 == 0) Thread.Sleep(2); // lets the workers fall asleep now and then
+            Array.Clear(job.Hits);
+            pool.Run(job, 97, 3);
+            foreach (int h in job.Hits) Assert.AreEqual(1, h, $"call {call}");
+        }
+    }
+
+    private sealed class CountingJob(int items) : IRangeJob
+    {
+        public readonly int[] Hits = new int[items];
+        public void Execute(int start, int end) { for (int i = start; i < end; i++) Interlocked.Increment(ref Hits[i]); }
+    }
+
+    [TestMethod]
     public void BadArgumentsAreRejected()
     {
         var m = RandomMatrix(4, 40, 3);
@@ -103,6 +126,48 @@ public sealed class KernelTests
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => backend.Multiply(m, 9, new float[40], 1, new float[4]));
         Assert.ThrowsExactly<ArgumentException>(() => backend.Multiply(m, 3, new float[39], 1, new float[4]));
         Assert.ThrowsExactly<ArgumentException>(() => backend.Multiply(m, 3, new float[80], 2, new float[4]));
+    }
+
+    [TestMethod]
+    public void Int8AccuracyStaysWithinItsStatedBound()
+    {
+        if (!BitplaneKernels.SupportsInt8)
+        {
+            Assert.AreEqual(KernelAccuracy.Float32, new CpuBitplaneBackend(accuracy: KernelAccuracy.Int8).Accuracy, "int8 must fall back to fp32 where it cannot run");
+            Assert.Inconclusive("this CPU lacks AVX-512 BW/VBMI/GFNI: the int8 kernels fall back to fp32 here");
+        }
+        var backend = new CpuBitplaneBackend(KernelPath.Vector512, accuracy: KernelAccuracy.Int8);
+        Assert.AreEqual(KernelAccuracy.Int8, backend.Accuracy);
+        foreach (var (rows, cols) in new[] { (33, 1040), (8, 2081), (5, 100) })
+        {
+            var m = RandomMatrix(rows, cols, rows + 2 * cols);
+            foreach (int tokens in new[] { 1, 3, 8 })
+            {
+                var x = RandomX(tokens * cols, 11 * tokens);
+                for (int bits = 3; bits <= 8; bits++)
+                {
+                    var y = new float[tokens * rows];
+                    backend.Multiply(m, bits, x, tokens, y);
+                    var w = m.Dequantize(bits);
+                    for (int t = 0; t < tokens; t++)
+                    {
+                        var xt = x.AsSpan(t * cols, cols);
+                        double sx = Math.Abs(System.Numerics.Tensors.TensorPrimitives.MaxMagnitude(xt)) / 127.0, sumAbsX = 0;
+                        foreach (float v in xt) sumAbsX += Math.Abs(v);
+                        for (int r = 0; r < rows; r++)
+                        {
+                            var row = w.AsSpan(r * cols, cols);
+                            double exact = 0, sumAbsW = 0;
+                            for (int j = 0; j < cols; j++) { exact += (double)row[j] * xt[j]; sumAbsW += Math.Abs(row[j]); }
+                            var table = m.Table(bits).Slice(r << bits, 1 << bits).ToArray().Select(h => (double)h).ToArray();
+                            double st = (table.Max() - table.Min()) / 127.0;
+                            double bound = 0.5 * sx * sumAbsW + 0.5 * st * sumAbsX + 1e-5 * (sumAbsW * sx * 127);
+                            Assert.IsLessThanOrEqualTo(bound, Math.Abs(y[t * rows + r] - exact), $"b={bits} M={tokens} row {r} of {rows}x{cols}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     [TestMethod]

@@ -35,25 +35,37 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
     [ThreadStatic] private static RowsJob? t_job;
     private readonly KernelThreadPool _pool;
 
-    /// <summary>A backend on <paramref name="path"/> (default: the widest supported) and <paramref name="pool"/> (default: the shared one).</summary>
-    public CpuBitplaneBackend(KernelPath? path = null, KernelThreadPool? pool = null)
+    /// <summary>
+    /// A backend on <paramref name="path"/> (default: the widest supported), <paramref name="pool"/> (default: the
+    /// shared one) and <paramref name="accuracy"/> (default fp32; int8 falls back to fp32 where it cannot run).
+    /// </summary>
+    public CpuBitplaneBackend(KernelPath? path = null, KernelThreadPool? pool = null, KernelAccuracy accuracy = KernelAccuracy.Float32)
     {
         Path = path ?? BitplaneKernels.Best;
         if (!BitplaneKernels.IsSupported(Path)) throw new PlatformNotSupportedException($"the {Path} kernels need instructions this CPU lacks.");
         _pool = pool ?? KernelThreadPool.Shared;
+        Accuracy = accuracy == KernelAccuracy.Int8 && Path == KernelPath.Vector512 && BitplaneKernels.SupportsInt8 ? KernelAccuracy.Int8 : KernelAccuracy.Float32;
     }
 
     /// <summary>The instruction path used.</summary>
     public KernelPath Path { get; }
 
+    /// <summary>The arithmetic in effect (int8 only where it can run).</summary>
+    public KernelAccuracy Accuracy { get; }
+
     /// <inheritdoc/>
-    public override string Name => $"CPU {Path}{(Path == KernelPath.Vector512 && BitplaneKernels.UsesGfni ? " + GFNI" : "")}, {_pool.Threads} threads";
+    public override string Name => $"CPU {Path}{(Path == KernelPath.Vector512 && BitplaneKernels.UsesGfni ? " + GFNI" : "")}{(Accuracy == KernelAccuracy.Int8 ? " int8" : "")}, {_pool.Threads} threads";
 
     /// <inheritdoc/>
     public override void Multiply(BitplaneMatrix weight, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
     {
         Check(weight, bits, x, tokens, y);
         var job = t_job ??= new RowsJob();
+        if (Accuracy == KernelAccuracy.Int8)
+        {
+            MultiplyInt8(job, weight, bits, x, tokens, y);
+            return;
+        }
         if (BitplaneKernels.PermutesColumns(Path))
         {
             // The GFNI decoder yields codes in a fixed order inside each block: permute x once to match.
@@ -71,9 +83,31 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
         }
     }
 
+    private void MultiplyInt8(RowsJob job, BitplaneMatrix weight, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
+    {
+        int cols = weight.Cols;
+        if (job.X8.Length < x.Length) job.X8 = GC.AllocateArray<sbyte>(x.Length, pinned: true);
+        if (job.XScale.Length < tokens) { job.XScale = GC.AllocateArray<float>(tokens, pinned: true); job.XSum = GC.AllocateArray<int>(tokens, pinned: true); }
+        for (int t = 0; t < tokens; t++)
+            (job.XScale[t], job.XSum[t]) = BitplaneKernels.QuantizeActivations(x.Slice(t * cols, cols), job.X8.AsSpan(t * cols, cols), cols);
+        job.Tables = BitplaneKernels.Int8TablesOf(weight, bits);
+        fixed (float* yp = y)
+        {
+            job.Operand = new BitplaneOperand(weight, bits);
+            job.Y = yp; job.Tokens = tokens; job.Int8 = true;
+            _pool.Run(job, weight.Rows, Math.Max(4, weight.Rows / (_pool.Threads * 8)));
+            job.Y = null; job.Int8 = false; job.Tables = null;
+        }
+    }
+
     /// <summary>One call's arguments, reused by the calling thread (no allocation per call).</summary>
     private sealed class RowsJob : IRangeJob
     {
+        public bool Int8;
+        public sbyte[] X8 = [];
+        public float[] XScale = [];
+        public int[] XSum = [];
+        public BitplaneKernels.Int8Tables? Tables;
         [ThreadStatic] private static float[]? t_scratch;
         public BitplaneOperand Operand;
         public KernelPath Path;
@@ -83,6 +117,14 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
 
         public void Execute(int start, int end)
         {
+            if (Int8)
+            {
+                fixed (sbyte* x8 = X8)
+                fixed (float* scale = XScale)
+                fixed (int* sum = XSum)
+                    BitplaneKernels.RowsInt8(Operand, Tables!, x8, scale, sum, Tokens, Y, start, end);
+                return;
+            }
             int need = BitplaneKernels.ScratchFloats(Operand.Cols);
             if (t_scratch is null || t_scratch.Length < need) t_scratch = GC.AllocateArray<float>(need, pinned: true);
             fixed (float* scratch = t_scratch) BitplaneKernels.Rows(Path, Operand, X, Tokens, Y, start, end, scratch);

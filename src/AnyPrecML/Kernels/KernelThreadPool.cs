@@ -10,18 +10,21 @@ public interface IRangeJob
 /// <summary>
 /// Dedicated threads for kernels: a call hands out chunks of its range to the workers and the calling
 /// thread through one atomic counter, and allocates nothing (the job is an object the caller reuses).
-/// A call made while another is running (another thread, a nested call) runs inline on its own thread.
+/// Workers spin briefly after a call before they sleep, so the back-to-back calls of a decode step do
+/// not pay a kernel wake-up each (as ONNX Runtime's spinning intra-op threads). A call made while
+/// another is running (another thread, a nested call) runs inline on its own thread.
 /// </summary>
 public sealed class KernelThreadPool : IDisposable
 {
     private static readonly Lazy<KernelThreadPool> LazyShared = new(() => new KernelThreadPool(Environment.ProcessorCount));
 
     private readonly Thread[] _workers;
-    private readonly SemaphoreSlim _start = new(0);
+    private readonly object _sleep = new();
     private readonly ManualResetEventSlim _done = new(false);
     private readonly object _gate = new();
     private IRangeJob? _job;
-    private int _items, _chunk, _next, _running;
+    private int _items, _chunk, _next, _running, _generation, _sleepers;
+    private static readonly long SpinTicks = System.Diagnostics.Stopwatch.Frequency / 5000; // 200 µs
     private volatile bool _disposed;
 
     /// <summary>One pool for the process, with one thread per core (the caller counts as one).</summary>
@@ -58,7 +61,8 @@ public sealed class KernelThreadPool : IDisposable
             _job = job; _items = items; _chunk = chunk; _next = 0;
             _running = _workers.Length + 1;
             _done.Reset();
-            _start.Release(_workers.Length);
+            Interlocked.Increment(ref _generation);
+            if (Volatile.Read(ref _sleepers) > 0) lock (_sleep) Monitor.PulseAll(_sleep);
             Work();
             if (Interlocked.Decrement(ref _running) != 0) _done.Wait();
             _job = null;
@@ -79,10 +83,26 @@ public sealed class KernelThreadPool : IDisposable
 
     private void WorkerLoop()
     {
+        int seen = 0;
         while (true)
         {
-            _start.Wait();
-            if (_disposed) return;
+            long deadline = System.Diagnostics.Stopwatch.GetTimestamp() + SpinTicks;
+            while (Volatile.Read(ref _generation) == seen && System.Diagnostics.Stopwatch.GetTimestamp() < deadline && !_disposed) Thread.SpinWait(30);
+            if (Volatile.Read(ref _generation) == seen)
+            {
+                // Announce the sleep before the last look at the generation, and the caller bumps the
+                // generation before it looks for sleepers: one of the two always sees the other. The
+                // generation is re-checked under the lock, so a wake-up can be neither lost nor stolen
+                // by a worker that is a call ahead (a counting semaphore allowed that).
+                Interlocked.Increment(ref _sleepers);
+                lock (_sleep)
+                {
+                    while (Volatile.Read(ref _generation) == seen && !_disposed) Monitor.Wait(_sleep);
+                }
+                Interlocked.Decrement(ref _sleepers);
+                if (_disposed) return;
+            }
+            seen = Volatile.Read(ref _generation);
             try { Work(); }
             finally { if (Interlocked.Decrement(ref _running) == 0) _done.Set(); }
         }
@@ -93,6 +113,7 @@ public sealed class KernelThreadPool : IDisposable
     {
         if (_disposed) return;
         _disposed = true;
-        if (_workers.Length > 0) _start.Release(_workers.Length);
+        lock (_sleep) Monitor.PulseAll(_sleep);
+        foreach (var w in _workers) w.Join(TimeSpan.FromSeconds(1));
     }
 }
