@@ -16,6 +16,7 @@ public static class AnyPrecCli
         PerplexityCommand.Create(),
         QuantizeCommand.Create(),
         EvalCommand.Create(),
+        ExportCommand.Create(),
         SynthCommand.Create(),
         BenchCommand.Create(),
     };

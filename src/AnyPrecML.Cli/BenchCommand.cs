@@ -8,9 +8,9 @@ namespace AnyPrecML.Cli;
 /// <summary>`anyprec bench`: measured figures for docs/BENCHMARKS.md and docs/QUALITY.md.</summary>
 internal static class BenchCommand
 {
-    public static Command Create() => new("bench", "Benchmarks: quantization speed, k-means quality on a real row, format memory, Fisher, kernels.")
+    public static Command Create() => new("bench", "Benchmarks: quantization speed, k-means quality on a real row, format memory, Fisher, kernels, the ONNX engine.")
     {
-        Quantize(), KMeans(), Memory(), Fisher(), BenchKernelsCommand.Create(),
+        Quantize(), KMeans(), Memory(), Fisher(), BenchKernelsCommand.Create(), BenchEngineCommand.Create(),
     };
 
     private static Command Fisher()

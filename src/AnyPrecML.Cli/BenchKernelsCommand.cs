@@ -80,10 +80,9 @@ internal static class BenchKernelsCommand
         }
         matrices = null;
         GC.Collect();
-        var nbits = Enumerable.Range(0, n).Select(i => (IBenchmarkLinear)new MatMulNBitsLinear(Rows, Cols, 4, threads, 20 + i)).ToArray();
-        Add(results, err, new Result("matmulnbits4-acc4", Rows, Cols, 1, 4, Median(nbits, x, 1, y), n));
-        foreach (var l in nbits) l.Dispose();
-        nbits = null;
+        // One session holding all the layers: separate sessions would each bring a spinning thread pool.
+        using (var nbits = new MatMulNBitsLinear(Rows, Cols, 4, threads, 20, layers: n))
+            Add(results, err, new Result("matmulnbits4-acc4", Rows, Cols, 1, 4, Median(nbits, x, 1, y), n));
         GC.Collect();
         var dense = Enumerable.Range(0, n).Select(i => (IBenchmarkLinear)new DenseLinear(RandomFloats((long)Rows * Cols, 30 + i), Rows, Cols, pool)).ToArray();
         Add(results, err, new Result("dense-fp32", Rows, Cols, 1, null, Median(dense, x, 1, y), n));
@@ -97,22 +96,9 @@ internal static class BenchKernelsCommand
 
     private static double Median(IBenchmarkLinear linear, float[] x, int m, float[] y) => Median([linear], x, m, y);
 
-    /// <summary>Median wall time of one pass over <paramref name="linears"/>, after warm-up, over at least 5 passes or 0.5 s.</summary>
-    private static double Median(IBenchmarkLinear[] linears, float[] x, int m, float[] y)
-    {
-        void Pass() { foreach (var l in linears) l.Multiply(x, m, y); }
-        Pass(); Pass();
-        var times = new List<double>();
-        var total = Stopwatch.StartNew();
-        while (times.Count < 5 || (total.Elapsed.TotalSeconds < 0.5 && times.Count < 500))
-        {
-            long start = Stopwatch.GetTimestamp();
-            Pass();
-            times.Add(Stopwatch.GetElapsedTime(start).TotalMilliseconds);
-        }
-        times.Sort();
-        return times[times.Count / 2];
-    }
+    /// <summary>Median wall time of one pass over <paramref name="linears"/>.</summary>
+    private static double Median(IBenchmarkLinear[] linears, float[] x, int m, float[] y) =>
+        BenchTiming.MedianMs(() => { foreach (var l in linears) l.Multiply(x, m, y); });
 
     internal static float[] RandomFloats(long n, int seed)
     {

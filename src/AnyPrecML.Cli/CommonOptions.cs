@@ -1,5 +1,6 @@
 using System.CommandLine;
 using AnyPrecML.Models;
+using AnyPrecML.Onnx;
 using AnyPrecML.Quantization;
 using AnyPrecML.Reference;
 using AnyPrecML.Tokenization;
@@ -26,6 +27,11 @@ internal static class CommonOptions
         Description = "Bit-width to run an any-precision model at (seed..parent; default: the parent width).",
     };
 
+    public static Option<string?> Engine() => new Option<string?>("--engine", "-e")
+    {
+        Description = "Engine for an any-precision model: onnx (ONNX Runtime with the bitplane operator; default) or reference (the managed engine on that width's dequantized weights).",
+    }.AcceptOnlyFromAmong("onnx", "reference");
+
     public static Option<bool> Json() => new("--json")
     {
         Description = "Print one JSON object instead of text.",
@@ -42,9 +48,10 @@ internal static class CommonOptions
 
     /// <summary>
     /// Loads a llama2.c file or HF directory into the reference engine, or an any-precision directory at
-    /// <paramref name="bits"/> (default: its parent width) dequantized into the reference engine.
+    /// <paramref name="bits"/> (default: its parent width) into <paramref name="engine"/>: "onnx" (default) or
+    /// "reference" (that width dequantized into the managed engine).
     /// </summary>
-    public static LoadedModel Load(string modelPath, string? tokenizerPath, int? bits = null)
+    public static LoadedModel Load(string modelPath, string? tokenizerPath, int? bits = null, string? engine = null)
     {
         if (Directory.Exists(modelPath) && LlamaCheckpoint.IsAnyPrecision(modelPath))
         {
@@ -52,8 +59,9 @@ internal static class CommonOptions
             try
             {
                 var tokenizer = LlamaTokenizerLoader.Load(ap.Checkpoint, tokenizerPath);
-                var engine = new ReferenceEngine(ap.ToWeights(ap.CheckBits(bits ?? ap.ParentBits)));
-                return new LoadedModel(ap.Checkpoint, engine, tokenizer);
+                int b = ap.CheckBits(bits ?? ap.ParentBits);
+                IInferenceEngine e = engine == "reference" ? new ReferenceEngine(ap.ToWeights(b)) : new OnnxEngine(ap, new OnnxEngineOptions { Bits = b });
+                return new LoadedModel(ap.Checkpoint, e, tokenizer);
             }
             catch
             {
@@ -62,6 +70,7 @@ internal static class CommonOptions
             }
         }
         if (bits is not null) throw new ArgumentException($"--bits applies to any-precision models; '{modelPath}' is not one.");
+        if (engine == "onnx") throw new ArgumentException($"--engine onnx runs any-precision models; '{modelPath}' is not one (quantize it with `anyprec quantize`).");
         var checkpoint = LlamaCheckpoint.Open(modelPath);
         try
         {

@@ -78,7 +78,7 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
         {
             job.Operand = new BitplaneOperand(weight, bits);
             job.Path = Path; job.X = xp; job.Y = yp; job.Tokens = tokens;
-            _pool.Run(job, weight.Rows, Math.Max(4, weight.Rows / (_pool.Threads * 8)));
+            _pool.Run(job, weight.Rows, Chunk(weight, bits, tokens));
             job.X = job.Y = null;
         }
     }
@@ -95,10 +95,18 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
         {
             job.Operand = new BitplaneOperand(weight, bits);
             job.Y = yp; job.Tokens = tokens; job.Int8 = true;
-            _pool.Run(job, weight.Rows, Math.Max(4, weight.Rows / (_pool.Threads * 8)));
+            _pool.Run(job, weight.Rows, Chunk(weight, bits, tokens));
             job.Y = null; job.Int8 = false; job.Tables = null;
         }
     }
+
+    /// <summary>
+    /// Rows per chunk: about eight chunks per thread, or every row on the calling thread when the whole call is too
+    /// small to pay for waking the pool (a stories260K layer at 3 bits). Each row costs its weights times tokens
+    /// plus its table of 2^b centroids, which dominates small rows at high b.
+    /// </summary>
+    private int Chunk(BitplaneMatrix weight, int bits, int tokens) =>
+        (long)weight.Rows * ((long)weight.Cols * tokens + (8L << bits)) < 1 << 15 ? weight.Rows : Math.Max(4, weight.Rows / (_pool.Threads * 8));
 
     /// <summary>One call's arguments, reused by the calling thread (no allocation per call).</summary>
     private sealed class RowsJob : IRangeJob

@@ -37,3 +37,23 @@ public abstract class KvCache
         Length = length;
     }
 }
+
+/// <summary>The argument checks every <see cref="IInferenceEngine.Forward"/> makes, in one place.</summary>
+public static class ForwardArguments
+{
+    /// <summary>
+    /// Throws unless <paramref name="tokens"/> are non-empty ids inside the vocabulary, <paramref name="cache"/> has room
+    /// for them, and <paramref name="logits"/> holds one row or one per token; returns whether it holds one per token.
+    /// </summary>
+    public static bool Check(LlamaConfig config, ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits)
+    {
+        int n = tokens.Length, vocab = config.VocabSize;
+        if (n == 0) throw new ArgumentException("no tokens to run.", nameof(tokens));
+        if (cache.Length + n > cache.Capacity) throw new InvalidOperationException($"context full: {cache.Length} cached + {n} new positions exceed the cache's {cache.Capacity}.");
+        bool allLogits = logits.Length == (long)n * vocab;
+        if (!allLogits && logits.Length != vocab) throw new ArgumentException($"logits must hold {vocab} (last token) or {(long)n * vocab} (every token) floats, not {logits.Length}.", nameof(logits));
+        foreach (int id in tokens)
+            if ((uint)id >= (uint)vocab) throw new ArgumentOutOfRangeException(nameof(tokens), $"token id {id} is outside the vocabulary of {vocab}.");
+        return allLogits;
+    }
+}

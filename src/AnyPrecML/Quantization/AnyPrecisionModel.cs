@@ -42,6 +42,22 @@ public sealed class AnyPrecisionModel : IDisposable
         return _linears[layer, i];
     }
 
+    /// <summary>The quantized linear called <paramref name="name"/> (model.layers.{l}.{part}, as <see cref="LinearName"/> writes it).</summary>
+    /// <exception cref="KeyNotFoundException">No quantized linear has that name.</exception>
+    public BitplaneMatrix Linear(string name)
+    {
+        ArgumentNullException.ThrowIfNull(name);
+        const string Prefix = "model.layers.";
+        if (name.StartsWith(Prefix, StringComparison.Ordinal))
+        {
+            int dot = name.IndexOf('.', Prefix.Length);
+            if (dot > 0 && int.TryParse(name.AsSpan(Prefix.Length, dot - Prefix.Length), System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int layer)
+                && layer < Config.Layers && Array.IndexOf(LlamaTensorNames.BlockLinears, name[(dot + 1)..]) is int i and >= 0)
+                return _linears[layer, i];
+        }
+        throw new KeyNotFoundException($"no quantized linear called '{name}' (names look like {LinearName(0, LlamaTensorNames.BlockLinears[0])}).");
+    }
+
     /// <summary>Throws <see cref="ArgumentOutOfRangeException"/> unless <paramref name="bits"/> is in seed..n.</summary>
     public int CheckBits(int bits) => bits >= SeedBits && bits <= ParentBits ? bits
         : throw new ArgumentOutOfRangeException(nameof(bits), bits, $"this model serves {SeedBits}..{ParentBits} bits.");

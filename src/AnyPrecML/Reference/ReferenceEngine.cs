@@ -43,18 +43,14 @@ public sealed class ReferenceEngine : IInferenceEngine
     {
         var c = Config;
         int n = tokens.Length, dim = c.Dim, hd = c.HeadDim, vocab = c.VocabSize;
-        if (n == 0) throw new ArgumentException("no tokens to run.", nameof(tokens));
         if (cache is not ReferenceKvCache kv || kv.Owner != c) throw new ArgumentException("the cache was not created by this engine.", nameof(cache));
+        bool allLogits = ForwardArguments.Check(c, tokens, cache, logits);
         int pos0 = kv.Length;
-        if (pos0 + n > kv.Capacity) throw new InvalidOperationException($"context full: {pos0} cached + {n} new positions exceed the cache's {kv.Capacity}.");
-        bool allLogits = logits.Length == (long)n * vocab;
-        if (!allLogits && logits.Length != vocab) throw new ArgumentException($"logits must hold {vocab} (last token) or {(long)n * vocab} (every token) floats, not {logits.Length}.", nameof(logits));
 
         var x = new float[n * dim];
         for (int t = 0; t < n; t++)
         {
             int id = tokens[t];
-            if ((uint)id >= (uint)vocab) throw new ArgumentOutOfRangeException(nameof(tokens), $"token id {id} is outside the vocabulary of {vocab}.");
             _w.Embedding.AsSpan(id * dim, dim).CopyTo(x.AsSpan(t * dim, dim));
         }
         var xb = new float[n * dim];
@@ -150,7 +146,7 @@ public sealed class ReferenceEngine : IInferenceEngine
     }
 
     /// <summary>cos and sin of position × frequency for positions pos0.. and each of headDim/2 frequencies.</summary>
-    private static (float[] Cos, float[] Sin) RopeTables(LlamaConfig c, int pos0, int n)
+    internal static (float[] Cos, float[] Sin) RopeTables(LlamaConfig c, int pos0, int n)
     {
         int half = c.HeadDim / 2;
         var cos = new float[n * half];

@@ -1,0 +1,128 @@
+using System.Runtime.InteropServices;
+using AnyPrecML.Models;
+using AnyPrecML.Onnx.Proto;
+using AnyPrecML.Quantization;
+using DataType = AnyPrecML.Onnx.Proto.TensorProto.Types.DataType;
+
+namespace AnyPrecML.Onnx;
+
+/// <summary>
+/// Writes the whole Llama decoder of an any-precision model as one ONNX graph. The non-linear parts are
+/// ONNX Runtime's own operators (Gather, SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization,
+/// RotaryEmbedding, GroupQueryAttention, Sigmoid/Mul for SwiGLU, Gemm for the head); every quantized linear is a
+/// <see cref="BitplaneOperator"/> node naming its layer, so the graph holds no bitplanes at all, only the float
+/// tensors (embedding, norms, head). The width is the graph input <c>bits</c>, so one session serves every b.
+/// </summary>
+/// <remarks>
+/// Inputs: <c>input_ids</c> int64 [1, S]; <c>position_ids</c> int64 [1, S]; <c>bits</c> int32 scalar;
+/// <c>seqlens_k</c> int32 [1] (positions in the cache after this call, minus one); <c>total_sequence_length</c>
+/// int32 scalar; <c>logits_start</c> int64 [1] (first position whose logits are returned: 0 for all, S-1 for the
+/// last); <c>past_key_values.{l}.key|value</c> fp32 [1, kv_heads, capacity, head_dim]. Outputs: <c>logits</c>
+/// fp32 [1, S - logits_start, vocab]; <c>present.{l}.key|value</c>, which the engine binds to the same buffers
+/// as the past ones (GroupQueryAttention then appends in place).
+/// </remarks>
+public static class DecoderGraph
+{
+    /// <summary>Graph input names.</summary>
+    public const string InputIds = "input_ids", PositionIds = "position_ids", Bits = "bits", SeqLensK = "seqlens_k",
+        TotalSequenceLength = "total_sequence_length", LogitsStart = "logits_start", Logits = "logits";
+
+    /// <summary>Past key (or value) input of block <paramref name="layer"/>.</summary>
+    public static string Past(int layer, bool value) => $"past_key_values.{layer}.{(value ? "value" : "key")}";
+
+    /// <summary>Present key (or value) output of block <paramref name="layer"/>.</summary>
+    public static string Present(int layer, bool value) => $"present.{layer}.{(value ? "value" : "key")}";
+
+    /// <summary>The ONNX model of <paramref name="model"/>'s decoder.</summary>
+    public static ModelProto Export(AnyPrecisionModel model)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        var c = model.Config;
+        var cp = model.Checkpoint;
+        var g = new OnnxGraphBuilder("anyprecision_decoder");
+        g.Input(InputIds, DataType.Int64, 1, "sequence");
+        g.Input(PositionIds, DataType.Int64, 1, "sequence");
+        g.Input(Bits, DataType.Int32);
+        g.Input(SeqLensK, DataType.Int32, 1);
+        g.Input(TotalSequenceLength, DataType.Int32);
+        g.Input(LogitsStart, DataType.Int64, 1);
+        for (int l = 0; l < c.Layers; l++)
+            foreach (bool v in new[] { false, true })
+            {
+                g.Input(Past(l, v), DataType.Float, 1, c.KvHeads, "capacity", c.HeadDim);
+                g.Output(Present(l, v), DataType.Float, 1, c.KvHeads, "capacity", c.HeadDim);
+            }
+        g.Output(Logits, DataType.Float, 1, "logits_sequence", c.VocabSize);
+
+        float[] Tensor(string name) => cp[name].ToFloatArray();
+        string embedding = g.Initializer(LlamaTensorNames.Embedding, Tensor(LlamaTensorNames.Embedding), c.VocabSize, c.Dim);
+        string head = c.TiedEmbeddings ? embedding : g.Initializer(LlamaTensorNames.Head, Tensor(LlamaTensorNames.Head), c.VocabSize, c.Dim);
+        var (cos, sin) = Reference.ReferenceEngine.RopeTables(c, 0, c.MaxSeqLen); // the reference engine's own angles
+        g.Initializer("rope.cos_cache", cos, c.MaxSeqLen, c.HeadDim / 2);
+        g.Initializer("rope.sin_cache", sin, c.MaxSeqLen, c.HeadDim / 2);
+        long interleaved = c.RopeLayout == RopeLayout.Interleaved ? 1 : 0;
+        float eps = c.RmsNormEps;
+
+        string Linear(int l, string part, string input)
+        {
+            string name = AnyPrecisionModel.LinearName(l, part);
+            var w = model.Linear(l, part);
+            g.Node(BitplaneOperator.OpType, [input, Bits], [name], BitplaneOperator.Domain, name,
+                ("layer", name), ("rows", (long)w.Rows), ("cols", (long)w.Cols));
+            return name;
+        }
+        string Norm(string name) => g.Initializer(name, Tensor(name), c.Dim);
+
+        g.Node("Gather", [embedding, InputIds], ["embedded"], name: "embed_tokens", attributes: ("axis", 0L));
+        string residual = "embedded", pending = "";
+        for (int l = 0; l < c.Layers; l++)
+        {
+            string p = $"model.layers.{l}";
+            string attnNorm = Norm(LlamaTensorNames.Layer(l, "input_layernorm"));
+            string normed = $"{p}.input_layernorm.out";
+            if (l == 0)
+                g.Node("SimplifiedLayerNormalization", [residual, attnNorm], [normed], name: $"{p}.input_layernorm", attributes: [("axis", -1L), ("epsilon", eps)]);
+            else
+            {
+                // residual + the previous block's MLP output, normalised, in one fused node (output 3 is the sum).
+                g.Node("SkipSimplifiedLayerNormalization", [residual, pending, attnNorm], [normed, "", "", $"{p}.residual_in"], "com.microsoft", $"{p}.input_layernorm", ("epsilon", eps));
+                residual = $"{p}.residual_in";
+            }
+            string q = Linear(l, "self_attn.q_proj", normed), k = Linear(l, "self_attn.k_proj", normed), v = Linear(l, "self_attn.v_proj", normed);
+            g.Node("RotaryEmbedding", [q, PositionIds, "rope.cos_cache", "rope.sin_cache"], [$"{p}.q_rot"], "com.microsoft", $"{p}.q_rotary", ("interleaved", interleaved));
+            g.Node("RotaryEmbedding", [k, PositionIds, "rope.cos_cache", "rope.sin_cache"], [$"{p}.k_rot"], "com.microsoft", $"{p}.k_rotary", ("interleaved", interleaved));
+            g.Node("GroupQueryAttention", [$"{p}.q_rot", $"{p}.k_rot", v, Past(l, false), Past(l, true), SeqLensK, TotalSequenceLength],
+                [$"{p}.attention", Present(l, false), Present(l, true)], "com.microsoft", $"{p}.self_attn",
+                ("num_heads", (long)c.Heads), ("kv_num_heads", (long)c.KvHeads), ("scale", 1f / MathF.Sqrt(c.HeadDim)));
+            string o = Linear(l, "self_attn.o_proj", $"{p}.attention");
+            string ffnNorm = Norm(LlamaTensorNames.Layer(l, "post_attention_layernorm"));
+            g.Node("SkipSimplifiedLayerNormalization", [residual, o, ffnNorm], [$"{p}.post_attention_layernorm.out", "", "", $"{p}.residual_mid"], "com.microsoft", $"{p}.post_attention_layernorm", ("epsilon", eps));
+            residual = $"{p}.residual_mid";
+            string gate = Linear(l, "mlp.gate_proj", $"{p}.post_attention_layernorm.out"), up = Linear(l, "mlp.up_proj", $"{p}.post_attention_layernorm.out");
+            g.Node("Sigmoid", [gate], [$"{p}.mlp.sigmoid"], name: $"{p}.mlp.sigmoid");
+            g.Node("Mul", [gate, $"{p}.mlp.sigmoid"], [$"{p}.mlp.silu"], name: $"{p}.mlp.silu");
+            g.Node("Mul", [$"{p}.mlp.silu", up], [$"{p}.mlp.swiglu"], name: $"{p}.mlp.swiglu");
+            pending = Linear(l, "mlp.down_proj", $"{p}.mlp.swiglu");
+        }
+        string finalNorm = Norm(LlamaTensorNames.FinalNorm);
+        g.Node("SkipSimplifiedLayerNormalization", [residual, pending, finalNorm], ["final_norm.out"], "com.microsoft", "model.norm", ("epsilon", eps));
+        // Only the positions whose logits are wanted go through the head (the last one when decoding).
+        g.Initializer("slice.end", [long.MaxValue], 1);
+        g.Initializer("slice.axis", [1L], 1);
+        g.Node("Slice", ["final_norm.out", LogitsStart, "slice.end", "slice.axis"], ["head.in"], name: "logits_slice");
+        g.Initializer("shape.rows", [-1L, c.Dim], 2);
+        g.Initializer("shape.logits", [1L, -1L, c.VocabSize], 3);
+        g.Node("Reshape", ["head.in", "shape.rows"], ["head.in2d"], name: "head_reshape_in");
+        g.Node("Gemm", ["head.in2d", head], ["logits2d"], name: "lm_head", attributes: ("transB", 1L));
+        g.Node("Reshape", ["logits2d", "shape.logits"], [Logits], name: "head_reshape_out");
+
+        var proto = g.Build((BitplaneOperator.Domain, 1), ("com.microsoft", 1));
+        proto.DocString = $"AnyPrecML any-precision decoder: {c.Layers} layers, bits {model.SeedBits}..{model.ParentBits} chosen per run by the 'bits' input.";
+        proto.MetadataProps.Add(new StringStringEntryProto { Key = "anyprecision.seed_bits", Value = model.SeedBits.ToString(System.Globalization.CultureInfo.InvariantCulture) });
+        proto.MetadataProps.Add(new StringStringEntryProto { Key = "anyprecision.parent_bits", Value = model.ParentBits.ToString(System.Globalization.CultureInfo.InvariantCulture) });
+        return proto;
+    }
+
+    /// <summary>Writes <see cref="Export"/>'s model to <paramref name="path"/> (temporary name, then rename).</summary>
+    public static void Save(AnyPrecisionModel model, string path) => OnnxGraphBuilder.Save(Export(model), path);
+}

@@ -1,0 +1,185 @@
+using AnyPrecML.Kernels;
+using AnyPrecML.Models;
+using AnyPrecML.Quantization;
+using Microsoft.ML.OnnxRuntime;
+using Microsoft.ML.OnnxRuntime.Tensors;
+
+namespace AnyPrecML.Onnx;
+
+/// <summary>Settings of an <see cref="OnnxEngine"/>.</summary>
+public sealed class OnnxEngineOptions
+{
+    /// <summary>Width used by <see cref="IInferenceEngine.Forward"/> until changed (default: the parent width).</summary>
+    public int? Bits { get; set; }
+    /// <summary>Where the bitplane products run (default: <see cref="BitplaneBackend.Default"/>).</summary>
+    public BitplaneBackend? Backend { get; set; }
+    /// <summary>ONNX Runtime intra-op threads for the non-linear operators (default: one per core).</summary>
+    public int IntraOpThreads { get; set; }
+    /// <summary>A graph written earlier by <see cref="DecoderGraph.Save"/>; null exports one in memory.</summary>
+    public string? GraphPath { get; set; }
+}
+
+/// <summary>
+/// The any-precision engine: the decoder graph (<see cref="DecoderGraph"/>) in one ONNX Runtime session, with the
+/// quantized linears run by <see cref="BitplaneOperator"/> on the model's mapped bitplanes. The width is chosen per
+/// call (<see cref="Bits"/>, or the <c>bits</c> argument of <see cref="Forward(ReadOnlySpan{int}, KvCache, Span{float}, int)"/>),
+/// so one session and one copy of the weights serve every b. Same contract as the reference engine.
+/// </summary>
+public sealed unsafe class OnnxEngine : IInferenceEngine
+{
+    private readonly AnyPrecisionModel _model;
+    private readonly BitplaneOperator _op;
+    private readonly InferenceSession _session;
+    private readonly RunOptions _run = new();
+    private readonly string[] _inputNames, _outputNames;
+    private int _bits;
+
+    /// <summary>An engine over <paramref name="model"/> (kept open by the caller for the engine's lifetime).</summary>
+    /// <exception cref="OnnxRuntimeException">The graph is malformed or names a layer the model lacks.</exception>
+    public OnnxEngine(AnyPrecisionModel model, OnnxEngineOptions? options = null)
+    {
+        _model = model ?? throw new ArgumentNullException(nameof(model));
+        options ??= new OnnxEngineOptions();
+        _bits = model.CheckBits(options.Bits ?? model.ParentBits);
+        _op = new BitplaneOperator(model, options.Backend);
+        try
+        {
+            using var so = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL, InterOpNumThreads = 1 };
+            if (options.IntraOpThreads > 0) so.IntraOpNumThreads = options.IntraOpThreads;
+            // The bitplane kernels have their own pool: ORT's threads should not spin while those run.
+            so.AddSessionConfigEntry("session.intra_op.allow_spinning", "0");
+#if ONNXRUNTIME_GPU
+            so.AppendExecutionProvider_CUDA(0);
+#endif
+            _op.Register(so);
+            _session = options.GraphPath is { } path
+                ? new InferenceSession(path, so)
+                : new InferenceSession(Google.Protobuf.MessageExtensions.ToByteArray(DecoderGraph.Export(model)), so);
+        }
+        catch
+        {
+            _op.Dispose();
+            throw;
+        }
+        var c = Config;
+        _inputNames = [DecoderGraph.InputIds, DecoderGraph.PositionIds, DecoderGraph.Bits, DecoderGraph.SeqLensK, DecoderGraph.TotalSequenceLength, DecoderGraph.LogitsStart,
+            .. Enumerable.Range(0, c.Layers).SelectMany(l => new[] { DecoderGraph.Past(l, false), DecoderGraph.Past(l, true) })];
+        _outputNames = [DecoderGraph.Logits, .. Enumerable.Range(0, c.Layers).SelectMany(l => new[] { DecoderGraph.Present(l, false), DecoderGraph.Present(l, true) })];
+    }
+
+    /// <inheritdoc/>
+    public LlamaConfig Config => _model.Config;
+
+    /// <summary>The model served.</summary>
+    public AnyPrecisionModel Model => _model;
+
+    /// <summary>The bitplane operator (its counters give the time spent in kernels).</summary>
+    public BitplaneOperator Operator => _op;
+
+    /// <summary>Width used by <see cref="Forward(ReadOnlySpan{int}, KvCache, Span{float})"/>; validated against seed..n.</summary>
+    public int Bits
+    {
+        get => _bits;
+        set => _bits = _model.CheckBits(value);
+    }
+
+    /// <inheritdoc/>
+    public KvCache CreateCache(int capacity = 0)
+    {
+        if (capacity > Config.MaxSeqLen) throw new ArgumentOutOfRangeException(nameof(capacity), $"capacity {capacity} exceeds the model's context of {Config.MaxSeqLen}.");
+        return new OnnxKvCache(Config, capacity <= 0 ? Config.MaxSeqLen : capacity);
+    }
+
+    /// <inheritdoc/>
+    public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits) => Forward(tokens, cache, logits, _bits);
+
+    /// <summary>
+    /// <see cref="IInferenceEngine.Forward"/> at width <paramref name="bits"/> (for a draft and a target sharing one
+    /// engine and one copy of the weights, as in self-speculative decoding).
+    /// </summary>
+    public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int bits)
+    {
+        var c = Config;
+        _model.CheckBits(bits);
+        int n = tokens.Length, vocab = c.VocabSize;
+        if (cache is not OnnxKvCache kv || kv.Owner != c) throw new ArgumentException("the cache was not created by this engine.", nameof(cache));
+        bool allLogits = ForwardArguments.Check(c, tokens, cache, logits);
+        int pos0 = kv.Length;
+
+        var ids = new long[n];
+        var positions = new long[n];
+        for (int t = 0; t < n; t++)
+        {
+            int id = tokens[t];
+            ids[t] = id;
+            positions[t] = pos0 + t;
+        }
+        int[] bitsValue = [bits], seqLensK = [pos0 + n - 1], total = [pos0 + n];
+        long[] logitsStart = [allLogits ? 0 : n - 1];
+        var mem = OrtMemoryInfo.DefaultInstance;
+        long[] kvShape = [1, c.KvHeads, kv.Capacity, c.HeadDim];
+        var inputs = new List<OrtValue>(_inputNames.Length);
+        var outputs = new List<OrtValue>(_outputNames.Length);
+        try
+        {
+            inputs.Add(OrtValue.CreateTensorValueFromMemory(ids, [1, n]));
+            inputs.Add(OrtValue.CreateTensorValueFromMemory(positions, [1, n]));
+            inputs.Add(OrtValue.CreateTensorValueFromMemory(bitsValue, []));
+            inputs.Add(OrtValue.CreateTensorValueFromMemory(seqLensK, [1]));
+            inputs.Add(OrtValue.CreateTensorValueFromMemory(total, []));
+            inputs.Add(OrtValue.CreateTensorValueFromMemory(logitsStart, [1]));
+            fixed (float* lp = logits)
+            {
+                outputs.Add(OrtValue.CreateTensorValueWithData(mem, TensorElementType.Float, [1, allLogits ? n : 1, vocab], (nint)lp, (long)logits.Length * 4));
+                for (int l = 0; l < c.Layers; l++)
+                {
+                    // Past and present on the same pinned buffers: GroupQueryAttention appends in place.
+                    foreach (var buffer in new[] { kv.Keys[l], kv.Values[l] })
+                    {
+                        inputs.Add(OrtValue.CreateTensorValueFromMemory(buffer, kvShape));
+                        outputs.Add(OrtValue.CreateTensorValueFromMemory(buffer, kvShape));
+                    }
+                }
+                _session.Run(_run, _inputNames, inputs, _outputNames, outputs);
+            }
+        }
+        finally
+        {
+            foreach (var v in inputs) v.Dispose();
+            foreach (var v in outputs) v.Dispose();
+        }
+        kv.Advance(n);
+    }
+
+    /// <summary>Closes the session, then releases the operator (the model stays open: it is the caller's).</summary>
+    public void Dispose()
+    {
+        _session.Dispose();
+        _run.Dispose();
+        _op.Dispose();
+    }
+}
+
+/// <summary>The ONNX engine's cache: per layer, pinned [1, kv_heads, capacity, head_dim] keys and values, as GroupQueryAttention lays them out.</summary>
+internal sealed class OnnxKvCache : KvCache
+{
+    public OnnxKvCache(LlamaConfig owner, int capacity)
+    {
+        Owner = owner;
+        Capacity = capacity;
+        long size = (long)owner.KvHeads * capacity * owner.HeadDim;
+        Keys = new float[owner.Layers][];
+        Values = new float[owner.Layers][];
+        for (int l = 0; l < owner.Layers; l++)
+        {
+            Keys[l] = GC.AllocateArray<float>(checked((int)size), pinned: true);
+            Values[l] = GC.AllocateArray<float>(checked((int)size), pinned: true);
+        }
+    }
+
+    public LlamaConfig Owner { get; }
+    public override int Capacity { get; }
+    public float[][] Keys { get; }
+    public float[][] Values { get; }
+    public void Advance(int n) => Length += n;
+}

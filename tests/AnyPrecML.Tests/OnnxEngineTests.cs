@@ -1,0 +1,216 @@
+using System.Reflection;
+using AnyPrecML.Generation;
+using AnyPrecML.Kernels;
+using AnyPrecML.Models;
+using AnyPrecML.Onnx;
+using AnyPrecML.Quantization;
+using AnyPrecML.Reference;
+using AnyPrecML.Tokenization;
+using Google.Protobuf;
+using Microsoft.ML.OnnxRuntime;
+
+namespace AnyPrecML.Tests;
+
+[TestClass]
+public sealed class OnnxEngineTests
+{
+    private static TestData.TempDir _dir = null!;
+    private static AnyPrecisionModel _model = null!;
+    private static OnnxEngine _engine = null!;
+    private static readonly int[] Prompt = [1, 403, 407, 261, 378, 324, 261, 264, 416, 319, 267, 417, 265, 400, 410, 269];
+
+    [ClassInitialize]
+    public static void QuantizeOnce(TestContext _)
+    {
+        _dir = TestData.NewTempDir();
+        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
+            AnyPrecisionQuantizer.Quantize(source, _dir["ap"], new UniformSensitivity(), new QuantizerOptions());
+        _model = AnyPrecisionModel.Open(_dir["ap"]);
+        _engine = new OnnxEngine(_model);
+    }
+
+    [ClassCleanup]
+    public static void Cleanup()
+    {
+        _engine.Dispose();
+        _model.Dispose();
+        _dir.Dispose();
+    }
+
+    /// <summary>max |a - b| over max |b|: the error relative to the reference logits' scale.</summary>
+    private static double RelativeError(ReadOnlySpan<float> actual, ReadOnlySpan<float> expected)
+    {
+        double scale = 0;
+        foreach (float e in expected) scale = Math.Max(scale, Math.Abs(e));
+        return TestData.MaxAbsDiff(actual, expected) / scale;
+    }
+
+    [TestMethod]
+    public void OrtApiIndicesMatchTheManagedPackagesDeclarationOfTheTable()
+    {
+        // The managed package declares the OrtApi table as a struct of function pointers, field by field.
+        var table = typeof(InferenceSession).Assembly.GetTypes().Single(t => t.Name == "OrtApi" && t.IsValueType);
+        var fields = table.GetFields(BindingFlags.Instance | BindingFlags.Public | BindingFlags.NonPublic).Select(f => f.Name).ToList();
+        foreach (var f in typeof(OrtApiTable).GetFields(BindingFlags.Static | BindingFlags.NonPublic).Where(f => f.Name.EndsWith("Index", StringComparison.Ordinal)))
+        {
+            string entry = f.Name[..^"Index".Length] switch
+            {
+                "CustomOpDomainAdd" => "CustomOpDomain_Add",
+                "KernelInfoGetAttributeString" => "KernelInfoGetAttribute_string",
+                "KernelContextGetInput" => "KernelContext_GetInput",
+                "KernelContextGetOutput" => "KernelContext_GetOutput",
+                var name => name,
+            };
+            Assert.AreEqual(fields.IndexOf(entry), (int)f.GetValue(null)!, entry);
+        }
+    }
+
+    [TestMethod]
+    public void EveryWidthMatchesTheReferenceEngineOnTheSameDequantizedWeightsForPrefillAndDecode()
+    {
+        var c = _model.Config;
+        foreach (int bits in _model.SupportedBits)
+        {
+            var reference = new ReferenceEngine(_model.ToWeights(bits));
+            _engine.Bits = bits;
+            // Prefill: logits of every position.
+            var expected = TestData.AllLogits(reference, Prompt);
+            var actual = TestData.AllLogits(_engine, Prompt);
+            double prefill = RelativeError(actual, expected);
+            Assert.IsLessThan(1e-4, prefill, $"b={bits} prefill");
+
+            // 64 greedy decode steps, each engine fed its own choice; the tokens must agree and so must the logits.
+            var rc = reference.CreateCache();
+            var oc = _engine.CreateCache();
+            var rl = new float[c.VocabSize];
+            var ol = new float[c.VocabSize];
+            reference.Forward(Prompt, rc, rl);
+            _engine.Forward(Prompt, oc, ol);
+            for (int step = 0; step < 64; step++)
+            {
+                Assert.IsLessThan(1e-4, RelativeError(ol, rl), $"b={bits} decode step {step}");
+                int rt = System.Numerics.Tensors.TensorPrimitives.IndexOfMax(rl), ot = System.Numerics.Tensors.TensorPrimitives.IndexOfMax(ol);
+                Assert.AreEqual(rt, ot, $"b={bits} greedy token at step {step}");
+                reference.Forward([rt], rc, rl);
+                _engine.Forward([ot], oc, ol);
+            }
+        }
+    }
+
+    [TestMethod]
+    public void GreedyTextIsIdenticalToTheReferenceEngines()
+    {
+        var tok = LlamaTokenizerLoader.Load(_model.Checkpoint);
+        var options = new GenerationOptions { MaxTokens = 80, Temperature = 0 };
+        foreach (int bits in new[] { 3, 8 })
+        {
+            _engine.Bits = bits;
+            string expected = new TextGenerator(new ReferenceEngine(_model.ToWeights(bits)), tok).Generate("Once upon a time", options).Text;
+            string actual = new TextGenerator(_engine, tok).Generate("Once upon a time", options).Text;
+            Assert.AreEqual(expected, actual, $"b={bits}");
+        }
+    }
+
+    [TestMethod]
+    public void SwitchingBitsBetweenRunsOfOneSessionGivesThatWidthsResult()
+    {
+        using var engine = new OnnxEngine(_model, new OnnxEngineOptions { Bits = 3 });
+        var at3 = TestData.AllLogits(engine, Prompt);
+        engine.Bits = 8;
+        var at8 = TestData.AllLogits(engine, Prompt);
+        engine.Bits = 3;
+        var again3 = TestData.AllLogits(engine, Prompt);
+        var ref8 = TestData.AllLogits(new ReferenceEngine(_model.ToWeights(8)), Prompt);
+        var ref3 = TestData.AllLogits(new ReferenceEngine(_model.ToWeights(3)), Prompt);
+        Assert.IsLessThan(1e-4, RelativeError(at8, ref8));
+        Assert.IsLessThan(1e-4, RelativeError(at3, ref3));
+        CollectionAssert.AreEqual(at3, again3, "the same width gives the same result after a switch");
+        Assert.IsGreaterThan(1e-3, TestData.MaxAbsDiff(at3, at8), "3 and 8 bits must differ");
+        // The per-call width of the explicit overload does not touch the engine's default.
+        var logits = new float[_model.Config.VocabSize];
+        engine.Forward(Prompt, engine.CreateCache(), logits, 8);
+        Assert.AreEqual(3, engine.Bits);
+        CollectionAssert.AreEqual(at8.AsSpan(at8.Length - logits.Length).ToArray(), logits);
+    }
+
+    [TestMethod]
+    public void ChunkedPrefillEqualsOnePrefill()
+    {
+        _engine.Bits = 5;
+        var whole = TestData.AllLogits(_engine, Prompt);
+        var cache = _engine.CreateCache();
+        var first = new float[6 * _model.Config.VocabSize];
+        var rest = new float[(Prompt.Length - 6) * _model.Config.VocabSize];
+        _engine.Forward(Prompt.AsSpan(0, 6), cache, first);
+        _engine.Forward(Prompt.AsSpan(6), cache, rest);
+        Assert.IsLessThan(1e-5, TestData.MaxAbsDiff(first.Concat(rest).ToArray(), whole));
+    }
+
+    [TestMethod]
+    public void BitsOutsideTheModelsRangeAreRejected()
+    {
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => _engine.Bits = 2);
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => _engine.Bits = 9);
+        var logits = new float[_model.Config.VocabSize];
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => _engine.Forward(Prompt, _engine.CreateCache(), logits, 9));
+    }
+
+    [TestMethod]
+    public void AnErrorInsideTheOperatorBecomesAnOnnxRuntimeExceptionAndTheProcessCarriesOn()
+    {
+        // Run the exported graph directly, bypassing the engine's checks, with bits = 2 (below the seed width).
+        using var op = new BitplaneOperator(_model, new CpuBitplaneBackend());
+        using var so = new SessionOptions();
+        op.Register(so);
+        using var session = new InferenceSession(DecoderGraph.Export(_model).ToByteArray(), so);
+        var c = _model.Config;
+        OrtValue Run(int bits)
+        {
+            var kvShape = new long[] { 1, c.KvHeads, 8, c.HeadDim };
+            var inputs = new Dictionary<string, OrtValue>
+            {
+                [DecoderGraph.InputIds] = OrtValue.CreateTensorValueFromMemory(new long[] { 1, 403 }, [1, 2]),
+                [DecoderGraph.PositionIds] = OrtValue.CreateTensorValueFromMemory(new long[] { 0, 1 }, [1, 2]),
+                [DecoderGraph.Bits] = OrtValue.CreateTensorValueFromMemory(new[] { bits }, []),
+                [DecoderGraph.SeqLensK] = OrtValue.CreateTensorValueFromMemory(new[] { 1 }, [1]),
+                [DecoderGraph.TotalSequenceLength] = OrtValue.CreateTensorValueFromMemory(new[] { 2 }, []),
+                [DecoderGraph.LogitsStart] = OrtValue.CreateTensorValueFromMemory(new long[] { 0 }, [1]),
+            };
+            for (int l = 0; l < c.Layers; l++)
+                foreach (bool v in new[] { false, true })
+                    inputs[DecoderGraph.Past(l, v)] = OrtValue.CreateTensorValueFromMemory(new float[8 * c.KvDim], kvShape);
+            using var results = session.Run(new RunOptions(), inputs, [DecoderGraph.Logits]);
+            foreach (var v in inputs.Values) v.Dispose();
+            return OrtValue.CreateTensorValueFromMemory(results[0].GetTensorDataAsSpan<float>().ToArray(), [2, c.VocabSize]);
+        }
+        var e = Assert.ThrowsExactly<OnnxRuntimeException>(() => Run(2));
+        StringAssert.Contains(e.Message, "bits 2 is outside this model's 3..8");
+        using var ok = Run(3); // the session and the process survive the error
+        Assert.AreEqual(2 * c.VocabSize, ok.GetTensorDataAsSpan<float>().Length);
+    }
+
+    [TestMethod]
+    public void AGraphNamingAnUnknownLayerFailsAtSessionCreationWithTheName()
+    {
+        var proto = DecoderGraph.Export(_model);
+        var node = proto.Graph.Node.First(n => n.OpType == BitplaneOperator.OpType);
+        node.Attribute.Single(a => a.Name == "layer").S = ByteString.CopyFromUtf8("model.layers.99.self_attn.q_proj");
+        string path = _dir["unknown-layer.onnx"];
+        OnnxGraphBuilder.Save(proto, path);
+        var e = Assert.ThrowsExactly<OnnxRuntimeException>(() => new OnnxEngine(_model, new OnnxEngineOptions { GraphPath = path }));
+        StringAssert.Contains(e.Message, "model.layers.99.self_attn.q_proj");
+    }
+
+    [TestMethod]
+    public void AMalformedGraphFileFailsClearly()
+    {
+        string path = _dir["garbage.onnx"];
+        var bytes = DecoderGraph.Export(_model).ToByteArray();
+        File.WriteAllBytes(path, bytes.AsSpan(0, bytes.Length / 3).ToArray()); // truncated protobuf
+        Assert.ThrowsExactly<OnnxRuntimeException>(() => new OnnxEngine(_model, new OnnxEngineOptions { GraphPath = path }));
+        // The engine over the good graph still works afterwards.
+        var logits = new float[_model.Config.VocabSize];
+        _engine.Forward(Prompt, _engine.CreateCache(), logits);
+        Assert.IsTrue(logits.All(float.IsFinite));
+    }
+}
