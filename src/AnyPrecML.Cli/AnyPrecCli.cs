@@ -17,6 +17,7 @@ public static class AnyPrecCli
         QuantizeCommand.Create(),
         EvalCommand.Create(),
         ExportCommand.Create(),
+        ScoreCommand.Create(),
         SynthCommand.Create(),
         BenchCommand.Create(),
     };
@@ -29,17 +30,25 @@ public static class AnyPrecCli
         {
             return Build().Parse(args).Invoke(config);
         }
-        catch (Exception e) when (IsUserError(e))
+        catch (Exception e) when (IsUserError(Cause(e)))
         {
-            config.Error.WriteLine($"error: {e.Message}");
+            config.Error.WriteLine($"error: {Cause(e).Message}");
             return 1;
         }
+    }
+
+    /// <summary>The exception behind ML.NET's wrappers (its cursors rethrow a row's error inside their own).</summary>
+    private static Exception Cause(Exception e)
+    {
+        while (e.InnerException is { } inner && e.Message.Contains("encountered exception", StringComparison.Ordinal))
+            e = inner;
+        return e;
     }
 
     /// <summary>Errors caused by input (files, options) are reported in one line; others keep their stack trace.</summary>
     private static bool IsUserError(Exception e) =>
         e is ModelFormatException or FileNotFoundException or DirectoryNotFoundException or IOException
-          or ArgumentException or InvalidOperationException or UnauthorizedAccessException or OperationCanceledException;
+          or ArgumentException or FormatException or InvalidOperationException or UnauthorizedAccessException or OperationCanceledException;
 
     internal static readonly JsonSerializerOptions Json = new() { WriteIndented = false };
 

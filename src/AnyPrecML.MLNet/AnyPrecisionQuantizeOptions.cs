@@ -1,0 +1,73 @@
+namespace AnyPrecML.MLNet;
+
+/// <summary>Which engine an <see cref="AnyPrecisionTransformer"/> runs.</summary>
+public enum AnyPrecisionEngineKind
+{
+    /// <summary>ONNX Runtime with the bitplane custom operator: one session serves every width (the default).</summary>
+    Onnx,
+    /// <summary>The managed fp32 reference engine on the chosen width's dequantized weights (rebuilt when Bits changes).</summary>
+    Reference,
+}
+
+/// <summary>Options of <c>mlContext.Transforms.AnyPrecisionQuantize</c>.</summary>
+public sealed class AnyPrecisionQuantizeOptions
+{
+    /// <summary>
+    /// The model: a llama2.c file or Hugging Face directory to quantize, or an any-precision directory (then
+    /// <see cref="Microsoft.ML.IEstimator{TTransformer}.Fit"/> skips quantization).
+    /// </summary>
+    public string ModelPath { get; set; } = "";
+
+    /// <summary>Where the quantized model is written (default: beside the source, named &lt;source&gt;.anyprec). Existing output is replaced.</summary>
+    public string? OutputDirectory { get; set; }
+
+    /// <summary>tokenizer.model to use (default: the one beside the model).</summary>
+    public string? TokenizerPath { get; set; }
+
+    /// <summary>The text column: calibration text for Fit, the rows scored by Transform.</summary>
+    public string InputColumnName { get; set; } = "Text";
+
+    /// <summary>Seed width: 2^seed centroids per row before upscaling.</summary>
+    public int SeedBits { get; set; } = 3;
+
+    /// <summary>Parent width n (≤ 8).</summary>
+    public int ParentBits { get; set; } = 8;
+
+    /// <summary>Sensitivity of the weighted k-means: "fisher", "hessian" (default) or "uniform".</summary>
+    public string Sensitivity { get; set; } = "hessian";
+
+    /// <summary>Calibration windows taken from the input column.</summary>
+    public int CalibrationSamples { get; set; } = 100;
+
+    /// <summary>Tokens per calibration window (capped by the model's context).</summary>
+    public int CalibrationLength { get; set; } = 512;
+
+    /// <summary>Width Transform uses at first (default: the parent width); change it later with <see cref="AnyPrecisionTransformer.Bits"/>.</summary>
+    public int? Bits { get; set; }
+
+    /// <summary>Add the LogLikelihood, TokenCount and Perplexity columns (one prefill per row).</summary>
+    public bool ScoreText { get; set; } = true;
+
+    /// <summary>Tokens generated into the Completion column (0: no completion, the column holds "").</summary>
+    public int CompletionTokens { get; set; }
+
+    /// <summary>Sampling temperature for completions (0: greedy).</summary>
+    public float Temperature { get; set; }
+
+    /// <summary>Top-k for sampled completions (0: off).</summary>
+    public int TopK { get; set; }
+
+    /// <summary>Top-p for sampled completions (1: off).</summary>
+    public float TopP { get; set; } = 1f;
+
+    /// <summary>Sampler seed, the same for every row, so results do not depend on row order or cursors.</summary>
+    public ulong Seed { get; set; } = 1;
+
+    /// <summary>The engine Transform runs.</summary>
+    public AnyPrecisionEngineKind Engine { get; set; } = AnyPrecisionEngineKind.Onnx;
+
+    /// <summary>Receives progress of calibration and quantization during Fit (also logged through the MLContext).</summary>
+    public IProgress<string>? Progress { get; set; }
+
+    internal AnyPrecisionQuantizeOptions Clone() => (AnyPrecisionQuantizeOptions)MemberwiseClone();
+}

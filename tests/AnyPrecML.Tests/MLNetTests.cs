@@ -1,0 +1,212 @@
+using AnyPrecML.Evaluation;
+using AnyPrecML.Generation;
+using AnyPrecML.MLNet;
+using AnyPrecML.Onnx;
+using AnyPrecML.Quantization;
+using AnyPrecML.Tokenization;
+using Microsoft.ML;
+using Microsoft.ML.Data;
+
+namespace AnyPrecML.Tests;
+
+[TestClass]
+public sealed class MLNetTests
+{
+    private static TestData.TempDir _dir = null!;
+    private static AnyPrecisionTransformer _model = null!;
+    private static IDataView _data = null!;
+    private static string[] _texts = null!;
+
+    [ClassInitialize]
+    public static void FitOnce(TestContext _)
+    {
+        _dir = TestData.NewTempDir();
+        // Calibration and scoring rows: stories cut into sentences, as a TextLoader reads them.
+        _texts = File.ReadLines(TestData.TinyStories).Take(12).SelectMany(l => l.Split(". ")).Where(s => s.Length > 0).Take(24).ToArray();
+        File.WriteAllLines(_dir["rows.tsv"], _texts);
+        var ml = new MLContext();
+        _data = ml.Data.LoadFromTextFile(_dir["rows.tsv"], [new TextLoader.Column("Story", DataKind.String, 0)], separatorChar: '\t', allowQuoting: false);
+        File.Copy(TestData.Stories260K, _dir["stories260K.bin"]);
+        File.Copy(TestData.Tok512, _dir["tok512.model"]);
+        var estimator = ml.Transforms.AnyPrecisionQuantize(new AnyPrecisionQuantizeOptions
+        {
+            ModelPath = _dir["stories260K.bin"], InputColumnName = "Story", Sensitivity = "hessian", CalibrationSamples = 8, Bits = 4,
+        });
+        _model = estimator.Fit(_data);
+    }
+
+    [ClassCleanup]
+    public static void Cleanup()
+    {
+        _model.Dispose();
+        _dir.Dispose();
+    }
+
+    private static (float[] LogLikelihood, int[] Tokens, float[] Perplexity, string[] Completion) Read(IDataView view)
+    {
+        var ll = view.GetColumn<float>("LogLikelihood").ToArray();
+        var n = view.GetColumn<int>("TokenCount").ToArray();
+        var ppl = view.GetColumn<float>("Perplexity").ToArray();
+        var completion = view.GetColumn<string>("Completion").ToArray();
+        return (ll, n, ppl, completion);
+    }
+
+    /// <summary>Σ log p of each text through the ONNX engine at <paramref name="bits"/>, called directly.</summary>
+    private static double[] Direct(int bits)
+    {
+        using var engine = new OnnxEngine(_model.Model, new OnnxEngineOptions { Bits = bits });
+        var tok = LlamaTokenizerLoader.Load(_model.Model.Checkpoint);
+        return _texts.Select(t =>
+        {
+            var r = PerplexityEvaluator.Evaluate(engine, PerplexityEvaluator.Tokenize(tok, t, false));
+            return -r.Nll * r.Tokens;
+        }).ToArray();
+    }
+
+    [TestMethod]
+    public void FitQuantizesOnceAndTheTransformerServesEveryWidth()
+    {
+        Assert.AreEqual(_dir["stories260K.anyprec"], _model.ModelDirectory);
+        Assert.IsTrue(File.Exists(Path.Combine(_model.ModelDirectory, "model.safetensors")));
+        CollectionAssert.AreEqual(new[] { 3, 4, 5, 6, 7, 8 }, _model.SupportedBits.ToArray());
+        Assert.AreEqual(8, _model.ParentBits);
+        Assert.AreEqual(4, _model.Bits);
+        Assert.AreEqual("hessian", _model.Model.SensitivityKind);
+    }
+
+    [TestMethod]
+    public void TransformEqualsTheDirectEngineAndFollowsBits()
+    {
+        var original = _model.Bits;
+        try
+        {
+            foreach (int bits in new[] { 3, 8 })
+            {
+                _model.Bits = bits;
+                var (ll, n, ppl, _) = Read(_model.Transform(_data));
+                var expected = Direct(bits);
+                Assert.HasCount(_texts.Length, ll);
+                for (int i = 0; i < _texts.Length; i++)
+                {
+                    Assert.AreEqual(expected[i], ll[i], 1e-3 * Math.Abs(expected[i]), $"b={bits} row {i}");
+                    Assert.AreEqual(Math.Exp(-ll[i] / n[i]), ppl[i], 1e-3 * ppl[i]);
+                }
+            }
+            _model.Bits = 3;
+            var at3 = Read(_model.Transform(_data)).LogLikelihood;
+            _model.Bits = 8;
+            var at8 = Read(_model.Transform(_data)).LogLikelihood;
+            CollectionAssert.AreNotEqual(at3, at8, "changing Bits changes the outputs");
+        }
+        finally { _model.Bits = original; }
+    }
+
+    [TestMethod]
+    public void SavedPipelineLoadsInAFreshContextAndGivesIdenticalOutputs()
+    {
+        var ml = new MLContext();
+        var expected = Read(_model.Transform(_data)).LogLikelihood;
+        string zip = _dir["pipeline.zip"];
+        ml.Model.Save(_model, _data.Schema, zip);
+
+        var fresh = new MLContext();
+        AnyPrecisionTransformer.RegisterForLoading(_model.ModelDirectory);
+        var loaded = fresh.Model.Load(zip, out var schema);
+        Assert.IsNotNull(schema.GetColumnOrNull("Story"));
+        var actual = Read(loaded.Transform(_data)).LogLikelihood;
+        CollectionAssert.AreEqual(expected, actual);
+    }
+
+    [TestMethod]
+    public void LoadingFailsClearlyWhenTheModelDirectoryIsMissing()
+    {
+        var ml = new MLContext();
+        string zip = _dir["pipeline-missing.zip"];
+        ml.Model.Save(_model, _data.Schema, zip);
+        AnyPrecisionTransformer.RegisterForLoading(_dir["no-such-model"]);
+        try
+        {
+            var e = Assert.Throws<Exception>(() => new MLContext().Model.Load(zip, out _));
+            StringAssert.Contains(e.ToString(), "no-such-model");
+        }
+        finally { AnyPrecisionTransformer.RegisterForLoading(_model.ModelDirectory); }
+    }
+
+    [TestMethod]
+    public void FourParallelCursorsOverAThousandRowsGiveTheSingleCursorValues()
+    {
+        var ml = new MLContext();
+        var rows = Enumerable.Range(0, 1000).Select(i => new TextRow { Story = _texts[i % _texts.Length][..Math.Min(40, _texts[i % _texts.Length].Length)] + (i % 7) }).ToArray();
+        var view = _model.Transform(ml.Data.LoadFromEnumerable(rows));
+        var single = view.GetColumn<float>("LogLikelihood").ToArray();
+        var column = view.Schema["LogLikelihood"];
+        var cursors = view.GetRowCursorSet([column], 4);
+        Assert.IsGreaterThan(1, cursors.Length, "the view must split into several cursors");
+        var values = new System.Collections.Concurrent.ConcurrentDictionary<long, float>();
+        Parallel.ForEach(cursors, cursor =>
+        {
+            var get = cursor.GetGetter<float>(column);
+            var id = cursor.GetIdGetter();
+            float v = 0;
+            DataViewRowId rowId = default;
+            while (cursor.MoveNext())
+            {
+                get(ref v);
+                id(ref rowId);
+                values[(long)rowId.Low] = v;
+            }
+            cursor.Dispose();
+        });
+        Assert.AreEqual(1000, values.Count);
+        for (int i = 0; i < 1000; i++) Assert.AreEqual(single[i], values[i], $"row {i}");
+    }
+
+    public sealed class TextRow
+    {
+        public string Story { get; set; } = "";
+    }
+
+    [TestMethod]
+    public void PredictionEngineScoresOneRowAndCompletionsEqualTheGenerator()
+    {
+        var ml = new MLContext();
+        using var withCompletion = ml.Transforms.AnyPrecisionQuantize(new AnyPrecisionQuantizeOptions
+        {
+            ModelPath = _model.ModelDirectory, InputColumnName = "Story", Bits = 5, CompletionTokens = 12,
+        }).Fit(_data);
+        var engine = ml.Model.CreatePredictionEngine<TextRow, Prediction>(withCompletion);
+        var p = engine.Predict(new TextRow { Story = "Once upon a time" });
+        using var direct = new OnnxEngine(withCompletion.Model, new OnnxEngineOptions { Bits = 5 });
+        var tok = LlamaTokenizerLoader.Load(withCompletion.Model.Checkpoint);
+        string expected = new TextGenerator(direct, tok).Generate("Once upon a time", new GenerationOptions { MaxTokens = 12, Seed = 1 }).Text;
+        Assert.AreEqual(expected, p.Completion);
+        Assert.IsGreaterThan(0, p.TokenCount);
+        Assert.IsLessThan(0f, p.LogLikelihood);
+    }
+
+    public sealed class Prediction
+    {
+        public float LogLikelihood { get; set; }
+        public int TokenCount { get; set; }
+        public float Perplexity { get; set; }
+        public string Completion { get; set; } = "";
+    }
+
+    [TestMethod]
+    public void EmptyLongAndOutOfRangeInputsHaveDefinedBehaviour()
+    {
+        var ml = new MLContext();
+        string longText = string.Join(' ', File.ReadLines(TestData.TinyStories).Take(8)); // far beyond 512 tokens
+        var rows = new[] { new TextRow { Story = "" }, new TextRow { Story = null! }, new TextRow { Story = longText } };
+        var (ll, n, ppl, _) = Read(_model.Transform(ml.Data.LoadFromEnumerable(rows)));
+        Assert.AreEqual(0, n[0]); Assert.AreEqual(0f, ll[0]); Assert.IsTrue(float.IsNaN(ppl[0]));
+        Assert.AreEqual(0, n[1]); Assert.IsTrue(float.IsNaN(ppl[1]));
+        Assert.IsGreaterThan(512, n[2], "a long text is scored in windows of the context, not cut");
+        Assert.IsTrue(float.IsFinite(ppl[2]));
+
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => _model.Bits = 2);
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => _model.Bits = 9);
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => ml.Transforms.AnyPrecisionQuantize(new AnyPrecisionQuantizeOptions { ModelPath = "x", Bits = 9 }));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => ml.Transforms.AnyPrecisionQuantize(_model.ModelDirectory, "NoSuchColumn").Fit(_data));
+    }
+}

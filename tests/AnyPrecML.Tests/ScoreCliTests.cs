@@ -1,0 +1,95 @@
+using System.Text.Json;
+using AnyPrecML.Quantization;
+using AnyPrecML.Models;
+
+namespace AnyPrecML.Tests;
+
+[TestClass]
+public sealed class ScoreCliTests
+{
+    private static TestData.TempDir _dir = null!;
+
+    [ClassInitialize]
+    public static void QuantizeOnce(TestContext _)
+    {
+        _dir = TestData.NewTempDir();
+        using var source = LlamaCheckpoint.Open(TestData.Stories260K);
+        AnyPrecisionQuantizer.Quantize(source, _dir["ap"], new UniformSensitivity(), new QuantizerOptions());
+    }
+
+    [ClassCleanup]
+    public static void Cleanup() => _dir.Dispose();
+
+    private static List<JsonElement> Lines(string path) =>
+        File.ReadAllLines(path).Select(l => JsonDocument.Parse(l).RootElement.Clone()).ToList();
+
+    [TestMethod]
+    public void ScoreWritesOneLinePerRowAndResumesAfterACrash()
+    {
+        var texts = File.ReadLines(TestData.TinyStories).Take(6).Select(l => l[..Math.Min(120, l.Length)]).ToList();
+        texts.Insert(2, ""); // an empty row keeps its place and gets the documented values
+        File.WriteAllLines(_dir["in.jsonl"], texts.Select(t => JsonSerializer.Serialize(new { id = 1, text = t })));
+
+        var (code, _, err) = Cli.Run("score", "--model", _dir["ap"], "--input", _dir["in.jsonl"], "--bits", "3", "--output", _dir["full.jsonl"]);
+        Assert.AreEqual(0, code, err);
+        var full = Lines(_dir["full.jsonl"]);
+        Assert.HasCount(texts.Count, full);
+        CollectionAssert.AreEqual(Enumerable.Range(0, texts.Count).ToArray(), full.Select(l => l.GetProperty("row").GetInt32()).ToArray());
+        Assert.AreEqual(0, full[2].GetProperty("token_count").GetInt32());
+        Assert.AreEqual(JsonValueKind.Null, full[2].GetProperty("perplexity").ValueKind);
+
+        // A crashed run: three rows written, the fourth torn half-way.
+        var partial = File.ReadAllLines(_dir["full.jsonl"]).Take(3).Append(File.ReadAllLines(_dir["full.jsonl"])[3][..10]);
+        File.WriteAllText(_dir["resumed.jsonl"], string.Join('\n', partial));
+        string json;
+        (code, json, err) = Cli.Run("score", "--model", _dir["ap"], "--input", _dir["in.jsonl"], "--bits", "3", "--output", _dir["resumed.jsonl"], "--json");
+        Assert.AreEqual(0, code, err);
+        using (var doc = JsonDocument.Parse(json))
+        {
+            Assert.AreEqual(3, doc.RootElement.GetProperty("skipped").GetInt32());
+            Assert.AreEqual(texts.Count - 3, doc.RootElement.GetProperty("rows").GetInt32());
+        }
+        CollectionAssert.AreEqual(File.ReadAllLines(_dir["full.jsonl"]), File.ReadAllLines(_dir["resumed.jsonl"]), "the resumed file equals an uninterrupted run");
+
+        // Another width gives other numbers; CSV input with quoting reads the same texts.
+        File.WriteAllLines(_dir["in.csv"], new[] { "id,text" }.Concat(texts.Select((t, i) => $"{i},\"{t.Replace("\"", "\"\"")}\"")));
+        (code, _, err) = Cli.Run("score", "--model", _dir["ap"], "--input", _dir["in.csv"], "--bits", "8", "--output", _dir["b8.jsonl"]);
+        Assert.AreEqual(0, code, err);
+        var b8 = Lines(_dir["b8.jsonl"]);
+        Assert.HasCount(texts.Count, b8);
+        Assert.AreEqual(full[0].GetProperty("token_count").GetInt32(), b8[0].GetProperty("token_count").GetInt32(), "same text, same tokens");
+        Assert.AreNotEqual(full[0].GetProperty("log_likelihood").GetDouble(), b8[0].GetProperty("log_likelihood").GetDouble());
+    }
+
+    [TestMethod]
+    public void ScoreRejectsBadInputClearly()
+    {
+        File.WriteAllLines(_dir["bad.jsonl"], ["{\"other\": \"x\"}"]);
+        var (code, _, err) = Cli.Run("score", "--model", _dir["ap"], "--input", _dir["bad.jsonl"], "--output", _dir["bad-out.jsonl"]);
+        Assert.AreEqual(1, code);
+        StringAssert.Contains(err, "no property 'text'");
+        (code, _, err) = Cli.Run("score", "--model", _dir["ap"], "--input", _dir["bad.jsonl"], "--bits", "9", "--output", _dir["bad-out2.jsonl"]);
+        Assert.AreEqual(1, code);
+        StringAssert.Contains(err, "9");
+        (code, _, err) = Cli.Run("score", "--model", TestData.Stories260K, "--input", _dir["bad.jsonl"], "--output", _dir["bad-out3.jsonl"]);
+        Assert.AreEqual(1, code);
+        StringAssert.Contains(err, "not an any-precision model");
+    }
+
+    [TestMethod]
+    public void PerplexityIsTheSameThroughEitherEngine()
+    {
+        File.WriteAllLines(_dir["eval.txt"], File.ReadLines(TestData.TinyStories).Skip(3).Take(2));
+        double Ppl(string engine)
+        {
+            var (code, json, err) = Cli.Run("perplexity", "--model", _dir["ap"], "--bits", "4", "--engine", engine, "--text", _dir["eval.txt"], "--json");
+            Assert.AreEqual(0, code, err);
+            using var doc = JsonDocument.Parse(json);
+            return doc.RootElement.GetProperty("perplexity").GetDouble();
+        }
+        Assert.AreEqual(Ppl("reference"), Ppl("onnx"), 1e-3);
+        var (c2, _, e2) = Cli.Run("generate", "--model", TestData.Stories260K, "--engine", "onnx", "--max-tokens", "3");
+        Assert.AreEqual(1, c2);
+        StringAssert.Contains(e2, "not one");
+    }
+}
