@@ -7,6 +7,7 @@
 using AnyPrecML.Evaluation;
 using AnyPrecML.Generation;
 using AnyPrecML.Models;
+using AnyPrecML.Onnx;
 using AnyPrecML.Quantization;
 using AnyPrecML.Reference;
 using AnyPrecML.Tokenization;
@@ -29,9 +30,12 @@ using var model = AnyPrecisionModel.Open(output);
 var tok = LlamaTokenizerLoader.Load(model.Checkpoint);
 var heldOut = PerplexityEvaluator.Tokenize(tok, string.Join('\n', File.ReadLines(text).Skip(6)), bosPerLine: true);
 Console.WriteLine($"{output}: one parent serving {string.Join(", ", model.SupportedBits)} bits\n");
+// One ONNX Runtime session serves every width: the bitplane operator reads the top `bits` planes of the
+// one mapped parent, chosen per call.
+using var engine = new OnnxEngine(model);
 foreach (int bits in model.SupportedBits)
 {
-    var engine = new ReferenceEngine(model.ToWeights(bits));
+    engine.Bits = bits;
     var story = new TextGenerator(engine, tok).Generate("Once upon a time", new GenerationOptions { MaxTokens = 40 });
     var ppl = PerplexityEvaluator.Evaluate(engine, heldOut);
     Console.WriteLine($"{bits} bits  perplexity {ppl.Perplexity,6:F3}  Once upon a time{story.Text.ReplaceLineEndings(" ")}");
