@@ -98,6 +98,7 @@ public static unsafe partial class BitplaneKernels
         long stride = w.PlaneStride;
         var c = stackalloc Vector512<byte>[8];
         var acc = stackalloc Vector512<int>[Math.Max(m, 1)];
+        var words = stackalloc Vector512<uint>[8];
         var ones = Vector512.Create((short)1);
         fixed (byte* u0 = tables.U)
         {
@@ -141,11 +142,25 @@ public static unsafe partial class BitplaneKernels
                     }
                 }
                 if (m == 1) acc[0] = acc0 + acc1;
+                // Whole words past the last GFNI block (11008 columns leave 8): 32 codes at a time, in column order,
+                // looked up in the byte table like the blocks; only the last partial word is scalar.
+                for (int word = blocks * 16; word < full; word++)
+                {
+                    for (int p = 0; p < w.Bits; p++) words[p] = Vector512.Create(planes[p * stride + word]);
+                    var lo = Avx512F.ConvertToVector128Byte(Codes512(words, w.Bits, Lanes512[0]).AsUInt32());
+                    var hi = Avx512F.ConvertToVector128Byte(Codes512(words, w.Bits, Lanes512[1]).AsUInt32());
+                    var wv = LookupBytes(Vector512.Create(Vector256.Create(lo, hi), Vector256<byte>.Zero), w.Bits, t0, t1, t2, t3);
+                    for (int t = 0; t < m; t++)
+                    {
+                        var xv = Vector512.Create(Vector256.Load(x8 + (long)t * w.Cols + 32 * word), Vector256<sbyte>.Zero);
+                        acc[t] += Avx512BW.MultiplyAddAdjacent(Avx512BW.MultiplyAddAdjacent(wv, xv), ones);
+                    }
+                }
                 for (int t = 0; t < m; t++)
                 {
                     int s = Vector512.Sum(acc[t]);
                     sbyte* xt = x8 + (long)t * w.Cols;
-                    for (int j = blocks * GfniBlock; j < w.Cols; j++) s += u[Code(w, planes, j >> 5, j & 31)] * xt[j];
+                    for (int j = full * 32; j < w.Cols; j++) s += u[Code(w, planes, j >> 5, j & 31)] * xt[j];
                     y[(long)t * w.Rows + r] = xScale[t] * (tables.Scale[r] * s + tables.Min[r] * xSum[t]);
                 }
             }
