@@ -22,15 +22,16 @@ internal static class BenchEngineCommand
     {
         var model = new Option<string>("--model", "-m") { Description = "An any-precision model directory.", Required = true };
         var tokens = new Option<int>("--tokens", "-n") { Description = "Decode steps timed per width.", DefaultValueFactory = _ => 64 };
+        var accuracy = CommonOptions.Accuracy();
         var json = CommonOptions.Json();
-        var command = new Command("engine", "Decode tokens/s: ONNX engine vs reference engine vs kernel-only bound, op overhead, memory with one vs all widths.") { model, tokens, json };
+        var command = new Command("engine", "Decode tokens/s: ONNX engine vs reference engine vs kernel-only bound, op overhead, memory with one vs all widths.") { model, tokens, accuracy, json };
         command.SetAction((r, ct) =>
         {
             var err = r.Err();
             using var ap = AnyPrecisionModel.Open(r.GetValue(model)!);
             var c = ap.Config;
             int steps = Math.Min(r.GetValue(tokens), c.MaxSeqLen - 8);
-            var backend = BitplaneBackend.Default;
+            var backend = CommonOptions.Backend(r.GetValue(accuracy)) ?? BitplaneBackend.Default;
             using var engine = new OnnxEngine(ap, new OnnxEngineOptions { Backend = backend });
             err.WriteLine($"{c.Layers} layers, dim {c.Dim}, {c.ParameterCount / 1e6:F1}M parameters; bitplane backend: {backend.Name}");
 

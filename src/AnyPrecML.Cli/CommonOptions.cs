@@ -32,6 +32,16 @@ internal static class CommonOptions
         Description = "Engine for an any-precision model: onnx (ONNX Runtime with the bitplane operator; default) or reference (the managed engine on that width's dequantized weights).",
     }.AcceptOnlyFromAmong("onnx", "reference");
 
+    public static Option<string> Accuracy() => new Option<string>("--accuracy")
+    {
+        Description = "Bitplane kernel arithmetic for the onnx engine: fp32 (default) or int8 (activations and tables quantized to 8 bits; AVX-512 VBMI/GFNI CPUs, else fp32).",
+        DefaultValueFactory = _ => "fp32",
+    }.AcceptOnlyFromAmong("fp32", "int8");
+
+    /// <summary>The bitplane backend for an --accuracy value (the default backend for fp32).</summary>
+    public static Kernels.BitplaneBackend? Backend(string? accuracy) =>
+        accuracy == "int8" ? new Kernels.CpuBitplaneBackend(accuracy: Kernels.KernelAccuracy.Int8) : null;
+
     public static Option<bool> Json() => new("--json")
     {
         Description = "Print one JSON object instead of text.",
@@ -51,7 +61,7 @@ internal static class CommonOptions
     /// <paramref name="bits"/> (default: its parent width) into <paramref name="engine"/>: "onnx" (default) or
     /// "reference" (that width dequantized into the managed engine).
     /// </summary>
-    public static LoadedModel Load(string modelPath, string? tokenizerPath, int? bits = null, string? engine = null)
+    public static LoadedModel Load(string modelPath, string? tokenizerPath, int? bits = null, string? engine = null, string? accuracy = null)
     {
         if (Directory.Exists(modelPath) && LlamaCheckpoint.IsAnyPrecision(modelPath))
         {
@@ -60,7 +70,7 @@ internal static class CommonOptions
             {
                 var tokenizer = LlamaTokenizerLoader.Load(ap.Checkpoint, tokenizerPath);
                 int b = ap.CheckBits(bits ?? ap.ParentBits);
-                IInferenceEngine e = engine == "reference" ? new ReferenceEngine(ap.ToWeights(b)) : new OnnxEngine(ap, new OnnxEngineOptions { Bits = b });
+                IInferenceEngine e = engine == "reference" ? new ReferenceEngine(ap.ToWeights(b)) : new OnnxEngine(ap, new OnnxEngineOptions { Bits = b, Backend = Backend(accuracy) });
                 return new LoadedModel(ap.Checkpoint, e, tokenizer);
             }
             catch

@@ -13,13 +13,14 @@ internal static class PerplexityCommand
         var json = CommonOptions.Json();
         var bits = CommonOptions.Bits();
         var engine = CommonOptions.Engine();
+        var accuracy = CommonOptions.Accuracy();
         var text = new Option<string>("--text") { Description = "Text file to evaluate.", Required = true };
         var context = new Option<int>("--context", "-c") { Description = "Tokens per window (0: the model's context).", DefaultValueFactory = _ => 0 };
         var bosPerLine = new Option<bool>("--bos-per-line") { Description = "Treat each non-empty line as a document starting with BOS (one-story-per-line data such as TinyStories)." };
-        var command = new Command("perplexity", "Perplexity of a text in non-overlapping windows of the context length.") { model, tokenizer, bits, engine, text, context, bosPerLine, json };
+        var command = new Command("perplexity", "Perplexity of a text in non-overlapping windows of the context length.") { model, tokenizer, bits, engine, accuracy, text, context, bosPerLine, json };
         command.SetAction((r, ct) =>
         {
-            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine));
+            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy));
             string path = r.GetValue(text)!;
             if (!File.Exists(path)) throw new FileNotFoundException($"Text file '{path}' does not exist.", path);
             var progress = new ConsoleProgress<EvaluationProgress>(r.Err(), "perplexity", p => (p.Done, p.Total));
