@@ -37,10 +37,10 @@ public static class AnyPrecCli
         }
     }
 
-    /// <summary>The exception behind ML.NET's wrappers (its cursors rethrow a row's error inside their own).</summary>
+    /// <summary>The exception behind ML.NET's wrappers (its cursors rethrow a row's error inside exceptions of their own).</summary>
     private static Exception Cause(Exception e)
     {
-        while (e.InnerException is { } inner && e.Message.Contains("encountered exception", StringComparison.Ordinal))
+        while (e.InnerException is { } inner && e.Source?.StartsWith("Microsoft.ML", StringComparison.Ordinal) == true)
             e = inner;
         return e;
     }

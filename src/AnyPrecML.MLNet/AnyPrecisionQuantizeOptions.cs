@@ -66,7 +66,7 @@ public sealed class AnyPrecisionQuantizeOptions
     /// <summary>The engine Transform runs.</summary>
     public AnyPrecisionEngineKind Engine { get; set; } = AnyPrecisionEngineKind.Onnx;
 
-    /// <summary>Receives progress of calibration and quantization during Fit (also logged through the MLContext).</summary>
+    /// <summary>Receives progress of calibration and quantization during Fit, one line per step.</summary>
     public IProgress<string>? Progress { get; set; }
 
     internal AnyPrecisionQuantizeOptions Clone() => (AnyPrecisionQuantizeOptions)MemberwiseClone();

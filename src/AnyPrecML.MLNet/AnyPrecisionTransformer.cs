@@ -227,28 +227,19 @@ internal sealed class AnyPrecisionScorer : IDisposable
     {
         string text = input.Text ?? "";
         var engine = Engine(_bits);
-        if (Settings.ScoreText)
+        // BOS + the text's tokens, once: scored, and measured against the context before generating.
+        var tokens = text.Length == 0 ? [] : PerplexityEvaluator.Tokenize(_tokenizer, text, bosPerLine: false);
+        (output.TokenCount, output.LogLikelihood, output.Perplexity) = (0, 0f, float.NaN);
+        if (Settings.ScoreText && tokens.Count >= 2)
         {
-            var tokens = text.Length == 0 ? [] : PerplexityEvaluator.Tokenize(_tokenizer, text, bosPerLine: false);
-            if (tokens.Count < 2)
-            {
-                output.TokenCount = 0; output.LogLikelihood = 0; output.Perplexity = float.NaN;
-            }
-            else
-            {
-                var r = PerplexityEvaluator.Evaluate(engine, tokens);
-                output.TokenCount = (int)r.Tokens;
-                output.LogLikelihood = (float)(-r.Nll * r.Tokens);
-                output.Perplexity = (float)r.Perplexity;
-            }
+            var r = PerplexityEvaluator.Evaluate(engine, tokens);
+            output.TokenCount = (int)r.Tokens;
+            output.LogLikelihood = (float)(-r.Nll * r.Tokens);
+            output.Perplexity = (float)r.Perplexity;
         }
-        else { output.TokenCount = 0; output.LogLikelihood = 0; output.Perplexity = float.NaN; }
-        output.Completion = "";
-        if (_generation.MaxTokens > 0)
-        {
-            try { output.Completion = new TextGenerator(engine, _tokenizer).Generate(text, _generation).Text; }
-            catch (ArgumentException) when (PerplexityEvaluator.Tokenize(_tokenizer, text, false).Count >= Model.Config.MaxSeqLen) { output.Completion = ""; }
-        }
+        output.Completion = _generation.MaxTokens > 0 && tokens.Count < Model.Config.MaxSeqLen
+            ? new TextGenerator(engine, _tokenizer).Generate(text, _generation).Text
+            : "";
     }
 
     public void Dispose()

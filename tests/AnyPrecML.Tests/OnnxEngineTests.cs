@@ -57,6 +57,7 @@ public sealed class OnnxEngineTests
             {
                 "CustomOpDomainAdd" => "CustomOpDomain_Add",
                 "KernelInfoGetAttributeString" => "KernelInfoGetAttribute_string",
+                "KernelInfoGetAttributeInt64" => "KernelInfoGetAttribute_int64",
                 "KernelContextGetInput" => "KernelContext_GetInput",
                 "KernelContextGetOutput" => "KernelContext_GetOutput",
                 var name => name,
@@ -199,6 +200,14 @@ public sealed class OnnxEngineTests
         OnnxGraphBuilder.Save(proto, path);
         var e = Assert.ThrowsExactly<OnnxRuntimeException>(() => new OnnxEngine(_model, new OnnxEngineOptions { GraphPath = path }));
         StringAssert.Contains(e.Message, "model.layers.99.self_attn.q_proj");
+
+        // A node whose recorded shape is not the model's (a graph exported from another model).
+        proto = DecoderGraph.Export(_model);
+        node = proto.Graph.Node.First(n => n.OpType == BitplaneOperator.OpType);
+        node.Attribute.Single(a => a.Name == "cols").I += 1;
+        OnnxGraphBuilder.Save(proto, path);
+        e = Assert.ThrowsExactly<OnnxRuntimeException>(() => new OnnxEngine(_model, new OnnxEngineOptions { GraphPath = path }));
+        StringAssert.Contains(e.Message, "the model's layer is");
     }
 
     [TestMethod]

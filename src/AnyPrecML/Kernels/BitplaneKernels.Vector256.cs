@@ -49,22 +49,13 @@ public static unsafe partial class BitplaneKernels
         return code;
     }
 
-    private static float Dot256(in BitplaneOperand w, uint* planes, float* table, float* x) => w.Bits switch
+    /// <summary>One row through the lookup that suits b: the dot product with x, or (x null) the weights decoded into dst.</summary>
+    private static float Row256(in BitplaneOperand w, uint* planes, float* table, float* x, float* dst) => w.Bits switch
     {
-        <= 3 => Row256<Permute8>(w, planes, table, x, null),
-        4 => Row256<Permute16>(w, planes, table, x, null),
-        _ => Row256<Gather256>(w, planes, table, x, null),
+        <= 3 => Row256<Permute8>(w, planes, table, x, dst),
+        4 => Row256<Permute16>(w, planes, table, x, dst),
+        _ => Row256<Gather256>(w, planes, table, x, dst),
     };
-
-    private static void Decode256(in BitplaneOperand w, uint* planes, float* table, float* dst)
-    {
-        _ = w.Bits switch
-        {
-            <= 3 => Row256<Permute8>(w, planes, table, null, dst),
-            4 => Row256<Permute16>(w, planes, table, null, dst),
-            _ => Row256<Gather256>(w, planes, table, null, dst),
-        };
-    }
 
     /// <summary>One row: with <paramref name="x"/>, the dot product; with <paramref name="dst"/>, the decoded weights.</summary>
     private static float Row256<TLookup>(in BitplaneOperand w, uint* planes, float* table, float* x, float* dst) where TLookup : struct, ILookup256

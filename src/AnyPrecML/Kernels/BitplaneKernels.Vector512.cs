@@ -131,26 +131,15 @@ public static unsafe partial class BitplaneKernels
         }
     }
 
-    private static float Dot512(in BitplaneOperand w, uint* planes, float* table, float* x) => w.Bits switch
+    /// <summary>One row through the lookup that suits b: the dot product with x, or (x null) the weights decoded into dst.</summary>
+    private static float Row512(in BitplaneOperand w, uint* planes, float* table, float* x, float* dst) => w.Bits switch
     {
-        <= 4 => Row512<PermuteOne>(w, planes, table, x, null),
-        5 => Row512<Permute32>(w, planes, table, x, null),
-        6 => Row512<Permute64>(w, planes, table, x, null),
-        7 => Row512<Permute128>(w, planes, table, x, null),
-        _ => Row512<Gather256x2>(w, planes, table, x, null),
+        <= 4 => Row512<PermuteOne>(w, planes, table, x, dst),
+        5 => Row512<Permute32>(w, planes, table, x, dst),
+        6 => Row512<Permute64>(w, planes, table, x, dst),
+        7 => Row512<Permute128>(w, planes, table, x, dst),
+        _ => Row512<Gather256x2>(w, planes, table, x, dst),
     };
-
-    private static void Decode512(in BitplaneOperand w, uint* planes, float* table, float* dst)
-    {
-        _ = w.Bits switch
-        {
-            <= 4 => Row512<PermuteOne>(w, planes, table, null, dst),
-            5 => Row512<Permute32>(w, planes, table, null, dst),
-            6 => Row512<Permute64>(w, planes, table, null, dst),
-            7 => Row512<Permute128>(w, planes, table, null, dst),
-            _ => Row512<Gather256x2>(w, planes, table, null, dst),
-        };
-    }
 
     private static Vector512<int> Codes512(Vector512<uint>* words, int bits, Vector512<uint> lane)
     {

@@ -87,8 +87,8 @@ public static unsafe partial class BitplaneKernels
             {
                 y[r] = path switch
                 {
-                    KernelPath.Vector512 => Dot512(w, planes, table, x),
-                    KernelPath.Vector256 => Dot256(w, planes, table, x),
+                    KernelPath.Vector512 => Row512(w, planes, table, x, null),
+                    KernelPath.Vector256 => Row256(w, planes, table, x, null),
                     KernelPath.Vector128 => Dot128(w, planes, table, x),
                     _ => DotScalar(w, planes, table, x),
                 };
@@ -96,8 +96,8 @@ public static unsafe partial class BitplaneKernels
             }
             switch (path)
             {
-                case KernelPath.Vector512: Decode512(w, planes, table, row); break;
-                case KernelPath.Vector256: Decode256(w, planes, table, row); break;
+                case KernelPath.Vector512: Row512(w, planes, table, null, row); break;
+                case KernelPath.Vector256: Row256(w, planes, table, null, row); break;
                 case KernelPath.Vector128: Decode128(w, planes, table, row); break;
                 default: DecodeScalar(w, planes, table, row); break;
             }

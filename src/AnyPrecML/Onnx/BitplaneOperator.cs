@@ -102,13 +102,17 @@ public sealed unsafe class BitplaneOperator : IDisposable
         {
             void* xv = OrtApiTable.KernelInput(context, 0);
             void* bv = OrtApiTable.KernelInput(context, 1);
-            var dims = OrtApiTable.Shape(xv);
-            if (dims.Length == 0 || dims[^1] != weight.Cols)
-                throw new ArgumentException($"{weight.Name}: input of shape [{string.Join(", ", dims)}] does not end in its {weight.Cols} columns.");
+            Span<long> dims = stackalloc long[8];
+            int rank = OrtApiTable.Shape(xv, dims);
+            dims = dims[..rank];
+            if (rank == 0 || dims[^1] != weight.Cols)
+                throw new ArgumentException($"{weight.Name}: input of shape [{string.Join(", ", dims.ToArray())}] does not end in its {weight.Cols} columns.");
             long tokens = 1;
-            for (int i = 0; i < dims.Length - 1; i++) tokens *= dims[i];
-            var bitsShape = OrtApiTable.Shape(bv);
-            if (bitsShape.Aggregate(1L, (a, d) => a * d) != 1) throw new ArgumentException($"{weight.Name}: 'bits' must hold one int32, not shape [{string.Join(", ", bitsShape)}].");
+            for (int i = 0; i < rank - 1; i++) tokens *= dims[i];
+            Span<long> bitsDims = stackalloc long[8];
+            long bitsCount = 1;
+            foreach (long d in bitsDims[..OrtApiTable.Shape(bv, bitsDims)]) bitsCount *= d;
+            if (bitsCount != 1) throw new ArgumentException($"{weight.Name}: 'bits' must hold one int32, not {bitsCount} values.");
             int bits = *(int*)OrtApiTable.TensorData(bv);
             if (bits < weight.SeedBits || bits > weight.ParentBits)
                 throw new ArgumentOutOfRangeException("bits", bits, $"bits {bits} is outside this model's {weight.SeedBits}..{weight.ParentBits}.");
@@ -137,6 +141,10 @@ public sealed unsafe class BitplaneOperator : IDisposable
         {
             throw new ArgumentException($"{OpType}: unknown layer '{layer}': the any-precision model has no such quantized linear.", e);
         }
+        // The exporter records each layer's shape: a graph written for another model fails here, not mid-run.
+        if (OrtApiTable.KernelInfoInt64(info, "rows") is long rows && rows != weight.Rows
+            || OrtApiTable.KernelInfoInt64(info, "cols") is long cols && cols != weight.Cols)
+            throw new ArgumentException($"{OpType} node for '{layer}' expects [{OrtApiTable.KernelInfoInt64(info, "rows")}, {OrtApiTable.KernelInfoInt64(info, "cols")}]; the model's layer is [{weight.Rows}, {weight.Cols}].");
         return new Kernel(owner, weight);
     }
 

@@ -3,6 +3,8 @@ using AnyPrecML.Models;
 using AnyPrecML.Quantization;
 using Microsoft.ML.OnnxRuntime;
 using Microsoft.ML.OnnxRuntime.Tensors;
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 
 namespace AnyPrecML.Onnx;
 
@@ -46,7 +48,8 @@ public sealed unsafe class OnnxEngine : IInferenceEngine
         {
             using var so = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL, InterOpNumThreads = 1 };
             if (options.IntraOpThreads > 0) so.IntraOpNumThreads = options.IntraOpThreads;
-            // The bitplane kernels have their own pool: ORT's threads should not spin while those run.
+            // The bitplane kernels have their own pool: ORT's idle threads spinning beside it tripled kernel time
+            // (stories110M shape, 3 bits: 60.8 tok/s without spinning, 25.2 with; docs/BENCHMARKS.md).
             so.AddSessionConfigEntry("session.intra_op.allow_spinning", "0");
 #if ONNXRUNTIME_GPU
             so.AppendExecutionProvider_CUDA(0);
@@ -116,8 +119,6 @@ public sealed unsafe class OnnxEngine : IInferenceEngine
         }
         int[] bitsValue = [bits], seqLensK = [pos0 + n - 1], total = [pos0 + n];
         long[] logitsStart = [allLogits ? 0 : n - 1];
-        var mem = OrtMemoryInfo.DefaultInstance;
-        long[] kvShape = [1, c.KvHeads, kv.Capacity, c.HeadDim];
         var inputs = new List<OrtValue>(_inputNames.Length);
         var outputs = new List<OrtValue>(_outputNames.Length);
         try
@@ -130,23 +131,18 @@ public sealed unsafe class OnnxEngine : IInferenceEngine
             inputs.Add(OrtValue.CreateTensorValueFromMemory(logitsStart, [1]));
             fixed (float* lp = logits)
             {
-                outputs.Add(OrtValue.CreateTensorValueWithData(mem, TensorElementType.Float, [1, allLogits ? n : 1, vocab], (nint)lp, (long)logits.Length * 4));
-                for (int l = 0; l < c.Layers; l++)
-                {
-                    // Past and present on the same pinned buffers: GroupQueryAttention appends in place.
-                    foreach (var buffer in new[] { kv.Keys[l], kv.Values[l] })
-                    {
-                        inputs.Add(OrtValue.CreateTensorValueFromMemory(buffer, kvShape));
-                        outputs.Add(OrtValue.CreateTensorValueFromMemory(buffer, kvShape));
-                    }
-                }
+                outputs.Add(OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, TensorElementType.Float, [1, allLogits ? n : 1, vocab], (nint)lp, (long)logits.Length * 4));
+                // The cache's own values, made once with it: past and present on the same pinned buffers, so
+                // GroupQueryAttention appends in place.
+                inputs.AddRange(kv.Past);
+                outputs.AddRange(kv.Present);
                 _session.Run(_run, _inputNames, inputs, _outputNames, outputs);
             }
         }
         finally
         {
-            foreach (var v in inputs) v.Dispose();
-            foreach (var v in outputs) v.Dispose();
+            for (int i = 0; i < 6; i++) inputs[i].Dispose();
+            outputs[0].Dispose();
         }
         kv.Advance(n);
     }
@@ -160,26 +156,38 @@ public sealed unsafe class OnnxEngine : IInferenceEngine
     }
 }
 
-/// <summary>The ONNX engine's cache: per layer, pinned [1, kv_heads, capacity, head_dim] keys and values, as GroupQueryAttention lays them out.</summary>
-internal sealed class OnnxKvCache : KvCache
+/// <summary>
+/// The ONNX engine's cache: per layer, pinned [1, kv_heads, capacity, head_dim] keys and values, as GroupQueryAttention
+/// lays them out, with the OrtValues over them made once (ONNX Runtime's finalizer releases them with the cache).
+/// </summary>
+internal sealed unsafe class OnnxKvCache : KvCache
 {
     public OnnxKvCache(LlamaConfig owner, int capacity)
     {
         Owner = owner;
         Capacity = capacity;
-        long size = (long)owner.KvHeads * capacity * owner.HeadDim;
-        Keys = new float[owner.Layers][];
-        Values = new float[owner.Layers][];
-        for (int l = 0; l < owner.Layers; l++)
+        int size = checked(owner.KvHeads * capacity * owner.HeadDim);
+        long[] shape = [1, owner.KvHeads, capacity, owner.HeadDim];
+        Past = new OrtValue[2 * owner.Layers];
+        Present = new OrtValue[2 * owner.Layers];
+        _buffers = new float[2 * owner.Layers][];
+        for (int i = 0; i < _buffers.Length; i++)
         {
-            Keys[l] = GC.AllocateArray<float>(checked((int)size), pinned: true);
-            Values[l] = GC.AllocateArray<float>(checked((int)size), pinned: true);
+            // Even entries are keys, odd ones values, in the order of the graph's inputs and outputs.
+            _buffers[i] = GC.AllocateArray<float>(size, pinned: true);
+            nint data = (nint)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_buffers[i]));
+            Past[i] = OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, TensorElementType.Float, shape, data, (long)size * 4);
+            Present[i] = OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, TensorElementType.Float, shape, data, (long)size * 4);
         }
     }
 
+    private readonly float[][] _buffers;
+
     public LlamaConfig Owner { get; }
     public override int Capacity { get; }
-    public float[][] Keys { get; }
-    public float[][] Values { get; }
+    /// <summary>past_key_values.{l}.key/value inputs.</summary>
+    public OrtValue[] Past { get; }
+    /// <summary>present.{l}.key/value outputs over the same memory.</summary>
+    public OrtValue[] Present { get; }
     public void Advance(int n) => Length += n;
 }

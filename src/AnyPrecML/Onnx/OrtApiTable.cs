@@ -23,6 +23,7 @@ internal static unsafe class OrtApiTable
     internal const int GetDimensionsCountIndex = 61;
     internal const int GetDimensionsIndex = 62;
     internal const int GetTensorTypeAndShapeIndex = 65;
+    internal const int KernelInfoGetAttributeInt64Index = 86;
     internal const int KernelInfoGetAttributeStringIndex = 87;
     internal const int KernelContextGetInputIndex = 90;
     internal const int KernelContextGetOutputIndex = 91;
@@ -124,8 +125,21 @@ internal static unsafe class OrtApiTable
         return value;
     }
 
-    /// <summary>The dimensions of a tensor value.</summary>
-    public static long[] Shape(void* value)
+    /// <summary>An int64 attribute of the node a kernel is created for; null when the node lacks it.</summary>
+    public static long? KernelInfoInt64(void* info, string name)
+    {
+        var key = System.Text.Encoding.UTF8.GetBytes(name + "\0");
+        long value;
+        fixed (byte* k = key)
+        {
+            var status = ((delegate* unmanaged<void*, byte*, long*, void*>)Table[KernelInfoGetAttributeInt64Index])(info, k, &value);
+            if (status != null) { ((delegate* unmanaged<void*, void>)Table[ReleaseStatusIndex])(status); return null; }
+        }
+        return value;
+    }
+
+    /// <summary>Writes the dimensions of a tensor value into <paramref name="dims"/> (no allocation) and returns its rank.</summary>
+    public static int Shape(void* value, Span<long> dims)
     {
         void* info;
         Check(((delegate* unmanaged<void*, void**, void*>)Table[GetTensorTypeAndShapeIndex])(value, &info), "read a tensor's shape");
@@ -133,9 +147,9 @@ internal static unsafe class OrtApiTable
         {
             nuint count;
             Check(((delegate* unmanaged<void*, nuint*, void*>)Table[GetDimensionsCountIndex])(info, &count), "read a tensor's rank");
-            var dims = new long[(int)count];
+            if ((int)count > dims.Length) throw new ArgumentException($"a tensor of rank {count} is more than the {dims.Length} dimensions expected.");
             fixed (long* d = dims) Check(((delegate* unmanaged<void*, long*, nuint, void*>)Table[GetDimensionsIndex])(info, d, count), "read a tensor's dimensions");
-            return dims;
+            return (int)count;
         }
         finally { ((delegate* unmanaged<void*, void>)Table[ReleaseTensorTypeAndShapeInfoIndex])(info); }
     }
