@@ -34,13 +34,13 @@ internal static class CommonOptions
 
     public static Option<string> Accuracy() => new Option<string>("--accuracy")
     {
-        Description = "Bitplane kernel arithmetic for the onnx engine: fp32 (default) or int8 (activations and tables quantized to 8 bits; AVX-512 VBMI/GFNI CPUs, else fp32).",
-        DefaultValueFactory = _ => "fp32",
+        Description = "Bitplane kernel arithmetic for the onnx engine on CPU: int8 (default; activations and tables quantized to 8 bits, integer products on every CPU path) or fp32.",
+        DefaultValueFactory = _ => "int8",
     }.AcceptOnlyFromAmong("fp32", "int8");
 
-    /// <summary>The bitplane backend for an --accuracy value (the default backend for fp32).</summary>
+    /// <summary>The bitplane backend for an --accuracy value: fp32 forces the CPU fp32 kernels; int8 is the default backend.</summary>
     public static Kernels.BitplaneBackend? Backend(string? accuracy) =>
-        accuracy == "int8" ? new Kernels.CpuBitplaneBackend(accuracy: Kernels.KernelAccuracy.Int8) : null;
+        accuracy == "fp32" ? new Kernels.CpuBitplaneBackend(accuracy: Kernels.KernelAccuracy.Float32) : null;
 
     public static Option<bool> Json() => new("--json")
     {
@@ -61,7 +61,7 @@ internal static class CommonOptions
     /// <paramref name="bits"/> (default: its parent width) into <paramref name="engine"/>: "onnx" (default) or
     /// "reference" (that width dequantized into the managed engine).
     /// </summary>
-    public static LoadedModel Load(string modelPath, string? tokenizerPath, int? bits = null, string? engine = null, string? accuracy = null)
+    public static LoadedModel Load(string modelPath, string? tokenizerPath, int? bits = null, string? engine = null, string? accuracy = null, TextWriter? log = null)
     {
         if (Directory.Exists(modelPath) && LlamaCheckpoint.IsAnyPrecision(modelPath))
         {
@@ -71,6 +71,8 @@ internal static class CommonOptions
                 var tokenizer = LlamaTokenizerLoader.Load(ap.Checkpoint, tokenizerPath);
                 int b = ap.CheckBits(bits ?? ap.ParentBits);
                 IInferenceEngine e = engine == "reference" ? new ReferenceEngine(ap.ToWeights(b)) : new OnnxEngine(ap, new OnnxEngineOptions { Bits = b, Backend = Backend(accuracy) });
+                // Which kernels run is never silent: the path, its instruction set and the arithmetic.
+                log?.WriteLine(e is OnnxEngine onnx ? $"engine: onnx, {b} bits, bitplane kernels: {onnx.Operator.Backend.Name}" : $"engine: reference (fp32, {b}-bit weights dequantized)");
                 return new LoadedModel(ap.Checkpoint, e, tokenizer);
             }
             catch

@@ -26,7 +26,7 @@ internal static class GenerateCommand
         };
         command.SetAction((r, ct) =>
         {
-            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy));
+            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), r.Err());
             var options = new GenerationOptions
             {
                 MaxTokens = r.GetValue(maxTokens), Temperature = r.GetValue(temperature),

@@ -37,24 +37,46 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
 
     /// <summary>
     /// A backend on <paramref name="path"/> (default: the widest supported), <paramref name="pool"/> (default: the
-    /// shared one) and <paramref name="accuracy"/> (default fp32; int8 falls back to fp32 where it cannot run).
+    /// shared one) and <paramref name="accuracy"/> (default int8: see <see cref="KernelAccuracy.Int8"/>).
     /// </summary>
-    public CpuBitplaneBackend(KernelPath? path = null, KernelThreadPool? pool = null, KernelAccuracy accuracy = KernelAccuracy.Float32)
+    public CpuBitplaneBackend(KernelPath? path = null, KernelThreadPool? pool = null, KernelAccuracy accuracy = KernelAccuracy.Int8)
     {
         Path = path ?? BitplaneKernels.Best;
         if (!BitplaneKernels.IsSupported(Path)) throw new PlatformNotSupportedException($"the {Path} kernels need instructions this CPU lacks.");
         _pool = pool ?? KernelThreadPool.Shared;
-        Accuracy = accuracy == KernelAccuracy.Int8 && Path == KernelPath.Vector512 && BitplaneKernels.SupportsInt8 ? KernelAccuracy.Int8 : KernelAccuracy.Float32;
+        Accuracy = accuracy;
+        // The 512-bit int8 kernels need GFNI and VBMI; without them the AVX2 int8 kernels run (never a silent fp32).
+        _int8Path = BitplaneKernels.SupportsInt8(Path) ? Path : KernelPath.Vector256;
     }
+
+    private readonly KernelPath _int8Path;
 
     /// <summary>The instruction path used.</summary>
     public KernelPath Path { get; }
 
-    /// <summary>The arithmetic in effect (int8 only where it can run).</summary>
+    /// <summary>The arithmetic in effect.</summary>
     public KernelAccuracy Accuracy { get; }
 
+    /// <summary>The path that actually runs the products: <see cref="Path"/>, or AVX2 for int8 on AVX-512 without GFNI/VBMI.</summary>
+    public KernelPath RunningPath => Accuracy == KernelAccuracy.Int8 ? _int8Path : Path;
+
     /// <inheritdoc/>
-    public override string Name => $"CPU {Path}{(Path == KernelPath.Vector512 && BitplaneKernels.UsesGfni ? " + GFNI" : "")}{(Accuracy == KernelAccuracy.Int8 ? " int8" : "")}, {_pool.Threads} threads";
+    public override string Name
+    {
+        get
+        {
+            var path = RunningPath;
+            string isa = path switch
+            {
+                KernelPath.Vector512 => BitplaneKernels.UsesGfni ? "AVX-512 + GFNI" : "AVX-512",
+                KernelPath.Vector256 => "AVX2",
+                KernelPath.Vector128 => "128-bit",
+                _ => "scalar",
+            };
+            string vnni = Accuracy == KernelAccuracy.Int8 && path == KernelPath.Vector256 && BitplaneKernels.UsesVnni ? " + VNNI" : "";
+            return $"CPU {path} ({isa}{vnni}) {(Accuracy == KernelAccuracy.Int8 ? "int8" : "fp32")}, {_pool.Threads} threads";
+        }
+    }
 
     /// <inheritdoc/>
     public override void Multiply(BitplaneMatrix weight, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
@@ -86,15 +108,23 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
     private void MultiplyInt8(RowsJob job, BitplaneMatrix weight, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
     {
         int cols = weight.Cols;
-        if (job.X8.Length < x.Length) job.X8 = GC.AllocateArray<sbyte>(x.Length, pinned: true);
+        var order = BitplaneKernels.Int8Order(_int8Path);
+        int stride = BitplaneKernels.Int8Stride(order, cols);
+        if (job.X8.Length < (long)tokens * stride + 64)
+        {
+            // + 64: whole-register loads past the last partial word read zeros, never another object.
+            job.X8 = GC.AllocateArray<sbyte>(tokens * stride + 64, pinned: true);
+            job.XAbs = GC.AllocateArray<byte>(tokens * stride + 64, pinned: true);
+            job.XSign = GC.AllocateArray<sbyte>(tokens * stride + 64, pinned: true);
+        }
         if (job.XScale.Length < tokens) { job.XScale = GC.AllocateArray<float>(tokens, pinned: true); job.XSum = GC.AllocateArray<int>(tokens, pinned: true); }
         for (int t = 0; t < tokens; t++)
-            (job.XScale[t], job.XSum[t]) = BitplaneKernels.QuantizeActivations(x.Slice(t * cols, cols), job.X8.AsSpan(t * cols, cols), cols);
+            (job.XScale[t], job.XSum[t]) = BitplaneKernels.QuantizeActivations(x.Slice(t * cols, cols), job.X8.AsSpan(t * stride, stride), job.XAbs.AsSpan(t * stride, stride), job.XSign.AsSpan(t * stride, stride), order);
         job.Tables = BitplaneKernels.Int8TablesOf(weight, bits);
         fixed (float* yp = y)
         {
             job.Operand = new BitplaneOperand(weight, bits);
-            job.Y = yp; job.Tokens = tokens; job.Int8 = true;
+            job.Path = _int8Path; job.Y = yp; job.Tokens = tokens; job.Int8 = true; job.X8Stride = stride;
             _pool.Run(job, weight.Rows, Chunk(weight, bits, tokens));
             job.Y = null; job.Int8 = false; job.Tables = null;
         }
@@ -112,9 +142,12 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
     private sealed class RowsJob : IRangeJob
     {
         public bool Int8;
-        public sbyte[] X8 = [];
+        public sbyte[] X8 = [], XSign = [];
+        public byte[] XAbs = [];
         public float[] XScale = [];
         public int[] XSum = [];
+        public int X8Stride;
+        [ThreadStatic] private static byte[]? t_scratch8;
         public BitplaneKernels.Int8Tables? Tables;
         [ThreadStatic] private static float[]? t_scratch;
         public BitplaneOperand Operand;
@@ -127,10 +160,14 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
         {
             if (Int8)
             {
-                fixed (sbyte* x8 = X8)
+                int bytes = BitplaneKernels.Int8ScratchBytes(Operand.Cols);
+                if (t_scratch8 is null || t_scratch8.Length < bytes) t_scratch8 = GC.AllocateArray<byte>(bytes, pinned: true);
+                fixed (sbyte* x8 = X8, xSign = XSign)
+                fixed (byte* xAbs = XAbs)
                 fixed (float* scale = XScale)
                 fixed (int* sum = XSum)
-                    BitplaneKernels.RowsInt8(Operand, Tables!, x8, scale, sum, Tokens, Y, start, end);
+                fixed (byte* scratch = t_scratch8)
+                    BitplaneKernels.RowsInt8(Path, Operand, Tables!, x8, xAbs, xSign, X8Stride, scale, sum, Tokens, Y, start, end, scratch);
                 return;
             }
             int need = BitplaneKernels.ScratchFloats(Operand.Cols);
