@@ -64,10 +64,15 @@ internal static class QuantizeCommand
             var progress = new ConsoleProgress<QuantizeProgress>(r.Err(), "quantize", p => (p.Done, p.Total));
             AnyPrecisionQuantizer.Quantize(source, outDir, sens, options, summary, progress, r.GetValue(overwrite), ct);
             long bytes = Directory.GetFiles(outDir).Sum(f => new FileInfo(f).Length);
+            int? documents = summary?["samples"]?.GetValue<int>();
+            long? calibrationTokens = summary?["tokens"]?.GetValue<long>();
+            string seedName = options.SeedMethod == SeedMethod.Exact ? "exact" : "kmeans";
             if (r.GetValue(json))
-                r.WriteJson(new { output = Path.GetFullPath(outDir), seed_bits = options.SeedBits, parent_bits = options.ParentBits, sensitivity = sens.Kind, seconds = Math.Round(sw.Elapsed.TotalSeconds, 2), bytes });
+                r.WriteJson(new { output = Path.GetFullPath(outDir), seed_bits = options.SeedBits, parent_bits = options.ParentBits, seed_method = seedName, sensitivity = sens.Kind,
+                    calibration_documents = documents, calibration_tokens = calibrationTokens, seconds = Math.Round(sw.Elapsed.TotalSeconds, 2), bytes });
             else
-                r.Out().WriteLine($"wrote {Path.GetFullPath(outDir)}: {options.SeedBits}..{options.ParentBits} bits, {sens.Kind} sensitivity, {bytes:N0} bytes, {sw.Elapsed.TotalSeconds:F1} s");
+                r.Out().WriteLine($"wrote {Path.GetFullPath(outDir)}: {options.SeedBits}..{options.ParentBits} bits, {seedName} seed, {sens.Kind} sensitivity"
+                    + (documents is null ? "" : $" ({documents} calibration documents, {calibrationTokens:N0} tokens)") + $", {bytes:N0} bytes, {sw.Elapsed.TotalSeconds:F1} s");
             return Task.FromResult(0);
         });
         return command;

@@ -52,8 +52,16 @@ public sealed class AnyPrecisionModelTests
         AnyPrecisionQuantizer.Quantize(source, dir["one-thread"], new UniformSensitivity(), new QuantizerOptions { MaxDegreeOfParallelism = 1 });
         CollectionAssert.AreEqual(File.ReadAllBytes(Path.Combine(Uniform, "model.safetensors")), File.ReadAllBytes(dir["one-thread/model.safetensors"]));
         CollectionAssert.AreEqual(File.ReadAllBytes(Path.Combine(Uniform, "config.json")), File.ReadAllBytes(dir["one-thread/config.json"]));
+        // The exact seed has no randomness: another random seed gives the same planes and tables.
         AnyPrecisionQuantizer.Quantize(source, dir["other-seed"], new UniformSensitivity(), new QuantizerOptions { RandomSeed = 99 });
-        CollectionAssert.AreNotEqual(File.ReadAllBytes(Path.Combine(Uniform, "model.safetensors")), File.ReadAllBytes(dir["other-seed/model.safetensors"]));
+        CollectionAssert.AreEqual(File.ReadAllBytes(Path.Combine(Uniform, "model.safetensors")), File.ReadAllBytes(dir["other-seed/model.safetensors"]));
+        // The k-means++ baseline is seeded: the same seed reproduces it whatever the threads, another seed does not.
+        AnyPrecisionQuantizer.Quantize(source, dir["kmeans-0"], new UniformSensitivity(), new QuantizerOptions { SeedMethod = SeedMethod.KMeans });
+        AnyPrecisionQuantizer.Quantize(source, dir["kmeans-0-one-thread"], new UniformSensitivity(), new QuantizerOptions { SeedMethod = SeedMethod.KMeans, MaxDegreeOfParallelism = 1 });
+        AnyPrecisionQuantizer.Quantize(source, dir["kmeans-99"], new UniformSensitivity(), new QuantizerOptions { SeedMethod = SeedMethod.KMeans, RandomSeed = 99 });
+        CollectionAssert.AreEqual(File.ReadAllBytes(dir["kmeans-0/model.safetensors"]), File.ReadAllBytes(dir["kmeans-0-one-thread/model.safetensors"]));
+        CollectionAssert.AreNotEqual(File.ReadAllBytes(dir["kmeans-0/model.safetensors"]), File.ReadAllBytes(dir["kmeans-99/model.safetensors"]));
+        CollectionAssert.AreNotEqual(File.ReadAllBytes(Path.Combine(Uniform, "model.safetensors")), File.ReadAllBytes(dir["kmeans-0/model.safetensors"]));
     }
 
     [TestMethod]
@@ -85,7 +93,7 @@ public sealed class AnyPrecisionModelTests
         var tok = LlamaTokenizerLoader.Load(source);
         // Held-apart stories (the calibration used the first six), windows of 256 to keep the test short.
         var tokens = PerplexityEvaluator.Tokenize(tok, string.Join('\n', File.ReadLines(TestData.TinyStories).Skip(6).Take(4)), bosPerLine: true);
-        var report = QualityEvaluator.Evaluate(ap, source, tokens, 256, baselineSensitivity: null);
+        var report = QualityEvaluator.Evaluate(ap, source, PerplexityEvaluator.Windows(tokens, 256), baselineSensitivity: null);
         var at = report.Rows.ToDictionary(r => r.Bits, r => r.AnyPrecision);
         Assert.AreEqual(report.Fp32, at[8], report.Fp32 * 0.005, "8-bit within 0.5% of fp32");
         for (int b = 4; b <= 8; b++) Assert.IsLessThanOrEqualTo(at[b - 1] * 1.002, at[b], $"perplexity at {b} bits should not exceed {b - 1} bits");
@@ -98,8 +106,8 @@ public sealed class AnyPrecisionModelTests
         using var ap = AnyPrecisionModel.Open(Uniform);
         using var source = LlamaCheckpoint.Open(TestData.Stories260K);
         var tok = LlamaTokenizerLoader.Load(source);
-        var tokens = PerplexityEvaluator.Tokenize(tok, string.Join('\n', File.ReadLines(TestData.TinyStories).Skip(6).Take(3)), bosPerLine: true);
-        var report = QualityEvaluator.Evaluate(ap, source, tokens, 256, new UniformSensitivity());
+        var documents = PerplexityEvaluator.Documents(tok, string.Join('\n', File.ReadLines(TestData.TinyStories).Skip(6).Take(3)), truncate: 256);
+        var report = QualityEvaluator.Evaluate(ap, source, documents, new UniformSensitivity());
         foreach (var row in report.Rows)
             Assert.IsLessThan(row.Independent!.Value * 1.03, row.AnyPrecision, $"b={row.Bits}: any-precision {row.AnyPrecision:F3} vs independent {row.Independent:F3}");
         Assert.IsGreaterThan(report.Rows[0].AnyPrecision * 1.1, report.Rows[0].Rtn!.Value, "RTN should be clearly worse at 3 bits");
