@@ -157,8 +157,10 @@ public sealed class RowQuantizer
             // Clusters are non-empty: j clusters cover i ∈ [j, m - (k - j)], the last starting at t ∈ [j - 1, i - 1].
             int lo = j, hi = m - (k - j);
             var arg = opt[j] = new int[m + 1];
-            if (j == k) Solve(prev, cur, arg, m, m, k - 1, m - 1);
-            else Solve(prev, cur, arg, lo, hi, j - 1, hi - 1);
+            // With one cluster more, the last one starts no earlier (opt[j-1][i] ≤ opt[j][i]): a second bound that narrows the scans.
+            var lower = j > 2 ? opt[j - 1] : null;
+            if (j == k) Solve(prev, cur, arg, lower, m, m, k - 1, m - 1);
+            else Solve(prev, cur, arg, lower, lo, hi, j - 1, hi - 1);
             (prev, cur) = (cur, prev);
         }
         bounds[k] = m;
@@ -167,14 +169,19 @@ public sealed class RowQuantizer
         return bounds;
     }
 
-    /// <summary>cur[i] = min over t ∈ [tLo, min(tHi, i - 1)] of prev[t] + cost(t, i) for i ∈ [iLo, iHi], with the best t in arg[i] (the smallest on ties).</summary>
-    private void Solve(double[] prev, double[] cur, int[] arg, int iLo, int iHi, int tLo, int tHi)
+    /// <summary>
+    /// cur[i] = min over t ∈ [max(tLo, lower[i]), min(tHi, i - 1)] of prev[t] + cost(t, i) for i ∈ [iLo, iHi],
+    /// with the best t in arg[i] (the smallest on ties); lower[i] is the previous layer's best start where it has one.
+    /// </summary>
+    private void Solve(double[] prev, double[] cur, int[] arg, int[]? lower, int iLo, int iHi, int tLo, int tHi)
     {
         if (iLo > iHi) return;
         int i = (iLo + iHi) >> 1;
         double wi = _w[i], wxi = _wx[i], wxxi = _wxx[i];
         double best = double.PositiveInfinity;
-        int bestT = tLo, end = Math.Min(tHi, i - 1), t = tLo;
+        int end = Math.Min(tHi, i - 1);
+        int t = lower is not null && lower[i] > tLo && lower[i] <= end ? lower[i] : tLo;
+        int bestT = t;
         // The scan is the whole cost of the seed: SIMD lanes keep their own first minimum, then the
         // smallest t among the lanes' equal minima wins, so ties resolve as in the scalar loop.
         int lanes = Vector<double>.Count;
@@ -210,8 +217,8 @@ public sealed class RowQuantizer
         }
         cur[i] = best;
         arg[i] = bestT;
-        Solve(prev, cur, arg, iLo, i - 1, tLo, bestT);
-        Solve(prev, cur, arg, i + 1, iHi, bestT, tHi);
+        Solve(prev, cur, arg, lower, iLo, i - 1, tLo, bestT);
+        Solve(prev, cur, arg, lower, i + 1, iHi, bestT, tHi);
     }
 
     /// <summary>Weighted SSE of the run of distinct values [a, b) around its weighted mean.</summary>
