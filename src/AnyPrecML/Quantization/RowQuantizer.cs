@@ -176,12 +176,31 @@ public sealed class RowQuantizer
     private void Solve(double[] prev, double[] cur, int[] arg, int[]? lower, int iLo, int iHi, int tLo, int tHi)
     {
         if (iLo > iHi) return;
-        int i = (iLo + iHi) >> 1;
+        if (iHi - iLo < 8)
+        {
+            // A short run of i: scan them in order, each from the previous best (the same monotone bound), without recursing.
+            for (int i = iLo; i <= iHi; i++)
+            {
+                cur[i] = Best(prev, lower, i, tLo, tHi, out arg[i]);
+                tLo = arg[i];
+            }
+            return;
+        }
+        int mid = (iLo + iHi) >> 1;
+        cur[mid] = Best(prev, lower, mid, tLo, tHi, out int bestT);
+        arg[mid] = bestT;
+        Solve(prev, cur, arg, lower, iLo, mid - 1, tLo, bestT);
+        Solve(prev, cur, arg, lower, mid + 1, iHi, bestT, tHi);
+    }
+
+    /// <summary>min over t ∈ [max(tLo, lower[i]), min(tHi, i - 1)] of prev[t] + cost(t, i), and the smallest t reaching it.</summary>
+    private double Best(double[] prev, int[]? lower, int i, int tLo, int tHi, out int bestT)
+    {
         double wi = _w[i], wxi = _wx[i], wxxi = _wxx[i];
         double best = double.PositiveInfinity;
         int end = Math.Min(tHi, i - 1);
         int t = lower is not null && lower[i] > tLo && lower[i] <= end ? lower[i] : tLo;
-        int bestT = t;
+        bestT = t;
         // The scan is the whole cost of the seed: SIMD lanes keep their own first minimum, then the
         // smallest t among the lanes' equal minima wins, so ties resolve as in the scalar loop.
         int lanes = Vector<double>.Count;
@@ -189,7 +208,7 @@ public sealed class RowQuantizer
         {
             var vBest = new Vector<double>(double.PositiveInfinity);
             var vArg = Vector<long>.Zero;
-            var vT = Vector.Create<long>(0);
+            var vT = Vector<long>.Zero;
             for (int l = 0; l < lanes; l++) vT = vT.WithElement(l, t + l);
             var step = new Vector<long>(lanes);
             Vector<double> vwi = new(wi), vwxi = new(wxi), vwxxi = new(wxxi), tiny = new(double.Epsilon);
@@ -215,10 +234,7 @@ public sealed class RowQuantizer
             double v = prev[t] + (wxxi - _wxx[t]) - dwx * dwx / Math.Max(dw, double.Epsilon);
             if (v < best) { best = v; bestT = t; }
         }
-        cur[i] = best;
-        arg[i] = bestT;
-        Solve(prev, cur, arg, lower, iLo, i - 1, tLo, bestT);
-        Solve(prev, cur, arg, lower, i + 1, iHi, bestT, tHi);
+        return best;
     }
 
     /// <summary>Weighted SSE of the run of distinct values [a, b) around its weighted mean.</summary>
