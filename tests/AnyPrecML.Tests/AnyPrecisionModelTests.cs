@@ -124,6 +124,49 @@ public sealed class AnyPrecisionModelTests
         StringAssert.Contains(e.Message, "AnyPrecisionModel.Open");
     }
 
+    [TestMethod]
+    public void ConfigRecordsShapesAndTheQkPermutationAndVersionOneStillOpens()
+    {
+        var section = JsonNode.Parse(File.ReadAllText(Path.Combine(Uniform, "config.json")))!["anyprecision"]!;
+        Assert.AreEqual(2, section["format_version"]!.GetValue<int>());
+        Assert.AreEqual("exact", section["seed_method"]!.GetValue<string>());
+        // stories260K: dim 64, hidden 172, 8 heads, 4 kv heads of 8: the padded planes hide cols = 172 of down_proj.
+        CollectionAssert.AreEqual(new long[] { 64, 172 }, section["shapes"]!["mlp.down_proj"]!.AsArray().Select(n => n!.GetValue<long>()).ToArray());
+        CollectionAssert.AreEqual(new long[] { 32, 64 }, section["shapes"]!["self_attn.k_proj"]!.AsArray().Select(n => n!.GetValue<long>()).ToArray());
+        // llama2.c source: the q/k rows were permuted, and the recorded formula is the one applied.
+        string perm = section["qk_permutation"]!.GetValue<string>();
+        StringAssert.StartsWith(perm, "interleaved_to_half_split");
+        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
+        {
+            int D = source.Config.HeadDim, cols = source.Config.Dim;
+            var src = source[LlamaTensorNames.Layer(0, "self_attn.k_proj")].ToFloatArray();
+            var hf = AnyPrecisionQuantizer.SourceWeight(source, 0, "self_attn.k_proj");
+            for (int h = 0; h < source.Config.KvHeads; h++)
+                for (int i = 0; i < D / 2; i++)
+                {
+                    CollectionAssert.AreEqual(src.AsSpan((h * D + 2 * i) * cols, cols).ToArray(), hf.AsSpan((h * D + i) * cols, cols).ToArray());
+                    CollectionAssert.AreEqual(src.AsSpan((h * D + 2 * i + 1) * cols, cols).ToArray(), hf.AsSpan((h * D + D / 2 + i) * cols, cols).ToArray());
+                }
+        }
+
+        using var dir = TestData.NewTempDir();
+        string any = "model.layers.0.self_attn.q_proj.centroids.3";
+        Tamper(Uniform, dir["v1"], any, t => new TensorToWrite(t.Name, t.DType, [.. t.Shape], s => s.Write(t.Bytes)), cfg =>
+        {
+            var ap = cfg["anyprecision"]!.AsObject();
+            ap["format_version"] = 1;
+            ap.Remove("shapes"); ap.Remove("qk_permutation"); ap.Remove("seed_method");
+        });
+        using (var v1 = AnyPrecisionModel.Open(dir["v1"]))
+        using (var v2 = AnyPrecisionModel.Open(Uniform))
+            CollectionAssert.AreEqual(v2.Linear(0, "mlp.down_proj").Dequantize(4), v1.Linear(0, "mlp.down_proj").Dequantize(4));
+        Tamper(Uniform, dir["bad-shape"], any, t => new TensorToWrite(t.Name, t.DType, [.. t.Shape], s => s.Write(t.Bytes)),
+            cfg => cfg["anyprecision"]!["shapes"]!["mlp.down_proj"] = new JsonArray(64, 160));
+        StringAssert.Contains(Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["bad-shape"])).Message, "anyprecision.shapes.mlp.down_proj");
+        Tamper(Uniform, dir["v3"], any, t => new TensorToWrite(t.Name, t.DType, [.. t.Shape], s => s.Write(t.Bytes)), cfg => cfg["anyprecision"]!["format_version"] = 3);
+        StringAssert.Contains(Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["v3"])).Message, "version 3");
+    }
+
     /// <summary>Rewrites the quantized model with one tensor changed, through the reader and writer.</summary>
     private static void Tamper(string from, string to, string tensor, Func<TensorView, TensorToWrite> replace, Action<JsonObject>? editConfig = null)
     {
