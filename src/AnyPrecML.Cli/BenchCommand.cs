@@ -57,26 +57,30 @@ internal static class BenchCommand
         var threads = new Option<int>("--threads") { DefaultValueFactory = _ => 1, Description = "Threads." };
         var seedBits = new Option<int>("--seed-bits") { DefaultValueFactory = _ => 3 };
         var parentBits = new Option<int>("--parent-bits") { DefaultValueFactory = _ => 8 };
+        var seedMethod = QuantizeCommand.SeedMethodOption();
+        var bf16 = new Option<bool>("--bf16") { Description = "Round the weights to bfloat16 first, as real checkpoints store them (rows then hold far fewer distinct values)." };
         var json = CommonOptions.Json();
         var command = new Command("quantize", "Seconds to quantize one synthetic matrix (N(0, 0.02²) weights, uniform sensitivity) from seed to parent.")
         {
-            rows, cols, threads, seedBits, parentBits, json,
+            rows, cols, threads, seedBits, parentBits, seedMethod, bf16, json,
         };
         command.SetAction(r =>
         {
             int R = r.GetValue(rows), C = r.GetValue(cols), seed = r.GetValue(seedBits), parent = r.GetValue(parentBits);
+            var method = QuantizeCommand.ParseSeedMethod(r.GetValue(seedMethod));
             new QuantizerOptions { SeedBits = seed, ParentBits = parent }.Validated();
             var rng = new Random(1);
             var w = new float[(long)R * C];
             for (long i = 0; i < w.Length; i++) w[i] = (float)(Math.Sqrt(-2 * Math.Log(1 - rng.NextDouble())) * Math.Cos(2 * Math.PI * rng.NextDouble()) * 0.02);
+            if (r.GetValue(bf16)) for (long i = 0; i < w.Length; i++) w[i] = BitConverter.UInt32BitsToSingle((uint)TensorEncoding.ToBFloat16(w[i]) << 16);
             var ones = Enumerable.Repeat(1f, C).ToArray();
             var results = new RowQuantization[R];
             var sw = Stopwatch.StartNew();
             Parallel.For(0, R, new ParallelOptions { MaxDegreeOfParallelism = r.GetValue(threads) }, i =>
-                results[i] = RowQuantizer.Quantize(w.AsSpan((int)((long)i * C), C), ones, seed, parent, (ulong)i));
+                results[i] = RowQuantizer.Quantize(w.AsSpan((int)((long)i * C), C), ones, seed, parent, (ulong)i, method));
             double seconds = sw.Elapsed.TotalSeconds;
-            if (r.GetValue(json)) r.WriteJson(new { rows = R, cols = C, threads = r.GetValue(threads), seed_bits = seed, parent_bits = parent, seconds = Math.Round(seconds, 3) });
-            else r.Out().WriteLine($"{R}x{C}, {seed}->{parent} bits, {r.GetValue(threads)} thread(s): {seconds:F2} s ({seconds / R * 1e6:F0} us/row)");
+            if (r.GetValue(json)) r.WriteJson(new { rows = R, cols = C, threads = r.GetValue(threads), seed_bits = seed, parent_bits = parent, seed_method = r.GetValue(seedMethod), bf16 = r.GetValue(bf16), seconds = Math.Round(seconds, 3) });
+            else r.Out().WriteLine($"{R}x{C}, {seed}->{parent} bits, {r.GetValue(seedMethod)} seed{(r.GetValue(bf16) ? ", bf16" : "")}, {r.GetValue(threads)} thread(s): {seconds:F2} s ({seconds / R * 1e6:F0} us/row)");
             return 0;
         });
         return command;
@@ -84,32 +88,125 @@ internal static class BenchCommand
 
     private static Command KMeans()
     {
-        var row = new Option<string>("--row") { Description = "Raw little-endian float32 weights of one row.", Required = true };
+        var row = new Option<string?>("--row") { Description = "Raw little-endian float32 weights of one row." };
+        var weightsFile = new Option<string?>("--weights") { Description = "Raw float32 sensitivities of --row (default: χ²(1) draws with a fixed seed, heavy-tailed like squared gradients)." };
+        var model = new Option<string?>("--model", "-m") { Description = "Instead of --row: every row of every block linear of this model." };
+        var tokenizer = CommonOptions.Tokenizer();
+        var sensitivity = QuantizeCommand.Sensitivity();
+        sensitivity.AcceptOnlyFromAmong(SensitivitySources.Kinds);
+        var calibration = new Option<string?>("--calibration") { Description = "Calibration text for --model with fisher or hessian (one document per line)." };
+        var samples = QuantizeCommand.Samples();
+        var seqLen = QuantizeCommand.SeqLen();
+        var seedBits = new Option<int>("--seed-bits") { DefaultValueFactory = _ => 3 };
+        var parentBits = new Option<int>("--parent-bits") { DefaultValueFactory = _ => 8 };
         var json = CommonOptions.Json();
-        var command = new Command("kmeans", "Weighted-MSE of the upscaled seed-3 parent at each b against k-means run directly at b (uniform weights).") { row, json };
-        command.SetAction(r =>
+        var command = new Command("kmeans", "Weighted and unweighted objective Σ w (x − q)², summed over rows, at each b: the any-precision parent from the exact seed and from the k-means++ seed, against each width clustered on its own (exact and k-means++).")
         {
-            var bytes = File.ReadAllBytes(r.GetValue(row)!);
-            if (bytes.Length == 0 || bytes.Length % 4 != 0) throw new ArgumentException($"{r.GetValue(row)}: {bytes.Length} bytes is not a float32 row.");
-            var v = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(bytes).ToArray();
-            var w = Enumerable.Repeat(1f, v.Length).ToArray();
-            var q = RowQuantizer.Quantize(v, w, 3, 8, 0);
-            var results = new List<object>();
-            if (!r.GetValue(json)) r.Out().WriteLine("| bits | upscaled MSE | independent MSE | upscaled / independent |\n|---:|---:|---:|---:|");
-            for (int b = 3; b <= 8; b++)
+            row, weightsFile, model, tokenizer, sensitivity, calibration, samples, seqLen, seedBits, parentBits, json,
+        };
+        command.SetAction((r, ct) =>
+        {
+            int seed = r.GetValue(seedBits), parent = r.GetValue(parentBits);
+            new QuantizerOptions { SeedBits = seed, ParentBits = parent }.Validated();
+            // Each job: the rows of one matrix with their weighted sensitivities; unweighted runs use ones.
+            var jobs = new List<(float[] Values, int Cols, Func<int, float[]> Weights)>();
+            string weightedKind;
+            if (r.GetValue(row) is { } rowPath)
             {
-                int shift = 8 - b;
-                double up = v.Select((x, j) => Sq(x - q.Table(b)[q.Codes[j] >> shift])).Average();
-                var (codes, centroids) = RowQuantizer.KMeans(v, w, 1 << b, 0);
-                double ind = v.Select((x, j) => Sq(x - centroids[codes[j]])).Average();
-                results.Add(new { bits = b, upscaled = up, independent = ind, ratio = up / ind });
-                if (!r.GetValue(json)) r.Out().WriteLine($"| {b} | {up:E4} | {ind:E4} | {up / ind:F4} |");
+                var v = ReadFloats(rowPath);
+                float[] w;
+                if (r.GetValue(weightsFile) is { } wPath)
+                {
+                    w = ReadFloats(wPath);
+                    if (w.Length != v.Length) throw new ArgumentException($"--weights has {w.Length} values for a row of {v.Length}.");
+                    weightedKind = Path.GetFileName(wPath);
+                }
+                else
+                {
+                    var rng = new Random(0);
+                    w = new float[v.Length];
+                    for (int j = 0; j < w.Length; j++) { double g = Math.Sqrt(-2 * Math.Log(1 - rng.NextDouble())) * Math.Cos(2 * Math.PI * rng.NextDouble()); w[j] = (float)(g * g); }
+                    weightedKind = "chi2(1) random";
+                }
+                jobs.Add((v, v.Length, _ => w));
             }
-            if (r.GetValue(json)) r.WriteJson(new { elements = v.Length, rows = results });
-            return 0;
+            else if (r.GetValue(model) is { } modelPath)
+            {
+                using var source = LlamaCheckpoint.Open(modelPath);
+                var (sens, _) = QuantizeCommand.CreateSensitivity(r, source, r.GetValue(sensitivity)!, r.GetValue(calibration), r.GetValue(tokenizer), r.GetValue(samples), r.GetValue(seqLen), ct);
+                weightedKind = sens.Kind;
+                for (int l = 0; l < source.Config.Layers; l++)
+                    foreach (var part in LlamaTensorNames.BlockLinears)
+                    {
+                        var shape = LlamaTensorNames.ShapeOf(source.Config, part);
+                        int rows = (int)shape[0], cols = (int)shape[1];
+                        var s = AnyPrecisionQuantizer.SensitivityInHfOrder(source.Config, part, sens.For(l, part, rows, cols));
+                        jobs.Add((AnyPrecisionQuantizer.SourceWeight(source, l, part), cols, i => s.Row(i).ToArray()));
+                    }
+            }
+            else throw new ArgumentException("give --row FILE or --model PATH.");
+
+            int widths = parent - seed + 1;
+            var results = new List<object>();
+            var text = new System.Text.StringBuilder();
+            foreach (bool weighted in new[] { false, true })
+            {
+                // [b - seed]: any-precision from the exact seed, from the k-means seed; independent exact, independent k-means.
+                var sums = new double[widths, 4];
+                var gate = new object();
+                foreach (var (values, cols, weightsOf) in jobs)
+                {
+                    int rows = values.Length / cols;
+                    Parallel.For(0, rows, i =>
+                    {
+                        var v = values.AsSpan(i * cols, cols);
+                        var w = weighted ? weightsOf(i) : Enumerable.Repeat(1f, cols).ToArray();
+                        var local = new double[widths, 4];
+                        var exact = RowQuantizer.Quantize(v, w, seed, parent, (ulong)i, SeedMethod.Exact);
+                        var kmeans = RowQuantizer.Quantize(v, w, seed, parent, (ulong)i, SeedMethod.KMeans);
+                        for (int b = seed; b <= parent; b++)
+                        {
+                            local[b - seed, 0] = exact.Error(v, w, b);
+                            local[b - seed, 1] = kmeans.Error(v, w, b);
+                            local[b - seed, 2] = Independent(v, w, b, SeedMethod.Exact, (ulong)i);
+                            local[b - seed, 3] = Independent(v, w, b, SeedMethod.KMeans, (ulong)i);
+                        }
+                        lock (gate) for (int b = 0; b < widths; b++) for (int k = 0; k < 4; k++) sums[b, k] += local[b, k];
+                    });
+                }
+                string label = weighted ? $"weighted ({weightedKind})" : "unweighted";
+                text.AppendLine($"{label}, Σ w (x − q)² over {jobs.Sum(j => j.Values.Length / j.Cols)} row(s):");
+                text.AppendLine("| bits | AP exact seed | AP k-means seed | independent exact | independent k-means | AP exact / independent exact | AP exact / AP k-means |");
+                text.AppendLine("|---:|---:|---:|---:|---:|---:|---:|");
+                for (int b = seed; b <= parent; b++)
+                {
+                    int i = b - seed;
+                    text.AppendLine(System.FormattableString.Invariant(
+                        $"| {b} | {sums[i, 0]:E4} | {sums[i, 1]:E4} | {sums[i, 2]:E4} | {sums[i, 3]:E4} | {sums[i, 0] / sums[i, 2]:F4} | {sums[i, 0] / sums[i, 1]:F4} |"));
+                    results.Add(new { weighted, bits = b, ap_exact = sums[i, 0], ap_kmeans = sums[i, 1], independent_exact = sums[i, 2], independent_kmeans = sums[i, 3] });
+                }
+            }
+            if (r.GetValue(json)) r.WriteJson(new { rows = jobs.Sum(j => j.Values.Length / j.Cols), weighted_by = weightedKind, results });
+            else r.Out().Write(text.ToString());
+            return Task.FromResult(0);
         });
         return command;
-        static double Sq(double d) => d * d;
+
+        static double Independent(ReadOnlySpan<float> v, float[] w, int bits, SeedMethod method, ulong seed)
+        {
+            var (codes, centroids) = RowQuantizer.Cluster(v, w, 1 << bits, method, seed);
+            double total = 0;
+            for (int j = 0; j < v.Length; j++) { double e = v[j] - (double)centroids[codes[j]]; total += w[j] * e * e; }
+            return total;
+        }
+    }
+
+    private static float[] ReadFloats(string path)
+    {
+        if (!File.Exists(path)) throw new FileNotFoundException($"'{path}' does not exist.", path);
+        var bytes = File.ReadAllBytes(path);
+        if (bytes.Length == 0 || bytes.Length % 4 != 0) throw new ArgumentException($"{path}: {bytes.Length} bytes is not a float32 row.");
+        return System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(bytes).ToArray();
     }
 
     private static Command Memory()

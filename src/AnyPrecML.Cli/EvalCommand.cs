@@ -19,7 +19,8 @@ internal static class EvalCommand
         var text = new Option<string>("--text") { Description = "Text file to evaluate.", Required = true };
         var context = new Option<int>("--context", "-c") { Description = "Tokens per window (0: the model's context).", DefaultValueFactory = _ => 0 };
         var bosPerLine = new Option<bool>("--bos-per-line") { Description = "Each non-empty line is a document starting with BOS." };
-        var baselines = new Option<bool>("--baselines") { Description = "Also evaluate independent k-means and RTN at each width." };
+        var truncate = PerplexityCommand.Truncate();
+        var baselines = new Option<bool>("--baselines") { Description = "Also evaluate each width quantized on its own (exact weighted k-means, 2^b centroids) and RTN." };
         var calibration = new Option<string?>("--calibration") { Description = "Calibration text for the independent baseline (default: the one recorded in the model)." };
         var samples = QuantizeCommand.Samples();
         var seqLen = QuantizeCommand.SeqLen();
@@ -28,7 +29,7 @@ internal static class EvalCommand
         var json = CommonOptions.Json();
         var command = new Command("eval", "Perplexity of an any-precision model at every width, next to fp32 and (with --baselines) independent k-means and RTN.")
         {
-            model, original, tokenizer, text, context, bosPerLine, baselines, calibration, samples, seqLen, plot, csv, json,
+            model, original, tokenizer, text, context, bosPerLine, truncate, baselines, calibration, samples, seqLen, plot, csv, json,
         };
         command.SetAction((r, ct) =>
         {
@@ -39,7 +40,7 @@ internal static class EvalCommand
             var tok = LlamaTokenizerLoader.Load(ap.Checkpoint, r.GetValue(tokenizer));
             string textPath = r.GetValue(text)!;
             if (!File.Exists(textPath)) throw new FileNotFoundException($"Text file '{textPath}' does not exist.", textPath);
-            var tokens = PerplexityEvaluator.Tokenize(tok, File.ReadAllText(textPath), r.GetValue(bosPerLine));
+            var sequences = PerplexityCommand.Sequences(tok, File.ReadAllText(textPath), r.GetValue(bosPerLine), r.GetValue(truncate), r.GetValue(context), ap.Config.MaxSeqLen);
 
             ISensitivitySource? sens = null;
             if (r.GetValue(baselines))
@@ -50,7 +51,7 @@ internal static class EvalCommand
                 (sens, _) = QuantizeCommand.CreateSensitivity(r, source, ap.SensitivityKind, calib, r.GetValue(tokenizer), samplesUsed, seqLenUsed, ct);
             }
             var progress = new ConsoleProgress<QualityProgress>(r.Err(), "eval", p => (p.Done, p.Total));
-            var report = QualityEvaluator.Evaluate(ap, source, tokens, r.GetValue(context), sens, 0, progress, ct);
+            var report = QualityEvaluator.Evaluate(ap, source, sequences, sens, 0, SeedMethod.Exact, progress, ct);
 
             if (r.GetValue(csv) is { } csvPath) AtomicFile.WriteText(csvPath, Csv(report));
             if (r.GetValue(plot) is { } plotPath) Plot(report, plotPath, Path.GetFileName(Path.GetFullPath(r.GetValue(model)!).TrimEnd('/')));
@@ -103,7 +104,7 @@ internal static class EvalCommand
         ap.LegendText = "any-precision (one parent)";
         if (report.Rows.All(x => x.Independent is not null))
         {
-            plt.Add.Scatter(bits, report.Rows.Select(x => x.Independent!.Value).ToArray()).LegendText = "independent k-means";
+            plt.Add.Scatter(bits, report.Rows.Select(x => x.Independent!.Value).ToArray()).LegendText = "independent (exact k-means per width)";
             plt.Add.Scatter(bits, report.Rows.Select(x => x.Rtn!.Value).ToArray()).LegendText = "RTN";
         }
         var fp = plt.Add.HorizontalLine(report.Fp32);

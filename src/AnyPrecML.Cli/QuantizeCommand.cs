@@ -19,7 +19,15 @@ internal static class QuantizeCommand
 
     public static Option<int> Samples() => new("--samples") { Description = "Calibration sequences at most.", DefaultValueFactory = _ => 100 };
     public static Option<int> SeqLen() => new("--seq-len") { Description = "Tokens per calibration sequence (capped by the model's context).", DefaultValueFactory = _ => 512 };
-    public static Option<ulong> Seed() => new("--seed") { Description = "Seed of the k-means++ starts.", DefaultValueFactory = _ => 0UL };
+    public static Option<ulong> Seed() => new("--seed") { Description = "Seed of the k-means++ starts (--seed-method kmeans).", DefaultValueFactory = _ => 0UL };
+
+    public static Option<string> SeedMethodOption() => new Option<string>("--seed-method")
+    {
+        Description = "Seed clustering: exact (optimal weighted 1-D k-means by dynamic programming) or kmeans (greedy k-means++ and Lloyd, the usual heuristic).",
+        DefaultValueFactory = _ => "exact",
+    }.AcceptOnlyFromAmong("exact", "kmeans");
+
+    public static SeedMethod ParseSeedMethod(string? name) => name == "kmeans" ? SeedMethod.KMeans : SeedMethod.Exact;
 
     public static Command Create()
     {
@@ -35,18 +43,19 @@ internal static class QuantizeCommand
         var samples = Samples();
         var seqLen = SeqLen();
         var seed = Seed();
+        var seedMethod = SeedMethodOption();
         var threads = new Option<int>("--threads") { Description = "Threads (0: all cores).", DefaultValueFactory = _ => 0 };
         var overwrite = new Option<bool>("--overwrite") { Description = "Replace an existing output directory." };
         var command = new Command("quantize", "Quantize a model once into an any-precision parent serving every width from --seed-bits to --parent-bits.")
         {
-            model, tokenizer, calibration, output, seedBits, parentBits, sensitivity, samples, seqLen, seed, threads, overwrite, json,
+            model, tokenizer, calibration, output, seedBits, parentBits, sensitivity, samples, seqLen, seedMethod, seed, threads, overwrite, json,
         };
         command.SetAction((r, ct) =>
         {
             var options = new QuantizerOptions
             {
                 SeedBits = r.GetValue(seedBits), ParentBits = r.GetValue(parentBits),
-                RandomSeed = r.GetValue(seed), MaxDegreeOfParallelism = r.GetValue(threads),
+                SeedMethod = ParseSeedMethod(r.GetValue(seedMethod)), RandomSeed = r.GetValue(seed), MaxDegreeOfParallelism = r.GetValue(threads),
             }.Validated();
             var sw = Stopwatch.StartNew();
             using var source = LlamaCheckpoint.Open(r.GetValue(model)!);
@@ -55,10 +64,15 @@ internal static class QuantizeCommand
             var progress = new ConsoleProgress<QuantizeProgress>(r.Err(), "quantize", p => (p.Done, p.Total));
             AnyPrecisionQuantizer.Quantize(source, outDir, sens, options, summary, progress, r.GetValue(overwrite), ct);
             long bytes = Directory.GetFiles(outDir).Sum(f => new FileInfo(f).Length);
+            int? documents = summary?["samples"]?.GetValue<int>();
+            long? calibrationTokens = summary?["tokens"]?.GetValue<long>();
+            string seedName = options.SeedMethod == SeedMethod.Exact ? "exact" : "kmeans";
             if (r.GetValue(json))
-                r.WriteJson(new { output = Path.GetFullPath(outDir), seed_bits = options.SeedBits, parent_bits = options.ParentBits, sensitivity = sens.Kind, seconds = Math.Round(sw.Elapsed.TotalSeconds, 2), bytes });
+                r.WriteJson(new { output = Path.GetFullPath(outDir), seed_bits = options.SeedBits, parent_bits = options.ParentBits, seed_method = seedName, sensitivity = sens.Kind,
+                    calibration_documents = documents, calibration_tokens = calibrationTokens, seconds = Math.Round(sw.Elapsed.TotalSeconds, 2), bytes });
             else
-                r.Out().WriteLine($"wrote {Path.GetFullPath(outDir)}: {options.SeedBits}..{options.ParentBits} bits, {sens.Kind} sensitivity, {bytes:N0} bytes, {sw.Elapsed.TotalSeconds:F1} s");
+                r.Out().WriteLine($"wrote {Path.GetFullPath(outDir)}: {options.SeedBits}..{options.ParentBits} bits, {seedName} seed, {sens.Kind} sensitivity"
+                    + (documents is null ? "" : $" ({documents} calibration documents, {calibrationTokens:N0} tokens)") + $", {bytes:N0} bytes, {sw.Elapsed.TotalSeconds:F1} s");
             return Task.FromResult(0);
         });
         return command;

@@ -36,10 +36,10 @@ public sealed class AnyPrecisionQuantizeOptions
     /// <summary>Sensitivity of the weighted k-means: "fisher", "hessian" (default) or "uniform".</summary>
     public string Sensitivity { get; set; } = "hessian";
 
-    /// <summary>Calibration windows taken from the input column.</summary>
+    /// <summary>Calibration documents taken from the input column: each non-empty line of its rows is one sequence, BOS first.</summary>
     public int CalibrationSamples { get; set; } = 100;
 
-    /// <summary>Tokens per calibration window (capped by the model's context).</summary>
+    /// <summary>Each calibration document is truncated to its first this many tokens (capped by the model's context).</summary>
     public int CalibrationLength { get; set; } = 512;
 
     /// <summary>Width Transform uses at first (default: the parent width); change it later with <see cref="AnyPrecisionTransformer.Bits"/>.</summary>

@@ -52,8 +52,16 @@ public sealed class AnyPrecisionModelTests
         AnyPrecisionQuantizer.Quantize(source, dir["one-thread"], new UniformSensitivity(), new QuantizerOptions { MaxDegreeOfParallelism = 1 });
         CollectionAssert.AreEqual(File.ReadAllBytes(Path.Combine(Uniform, "model.safetensors")), File.ReadAllBytes(dir["one-thread/model.safetensors"]));
         CollectionAssert.AreEqual(File.ReadAllBytes(Path.Combine(Uniform, "config.json")), File.ReadAllBytes(dir["one-thread/config.json"]));
+        // The exact seed has no randomness: another random seed gives the same planes and tables.
         AnyPrecisionQuantizer.Quantize(source, dir["other-seed"], new UniformSensitivity(), new QuantizerOptions { RandomSeed = 99 });
-        CollectionAssert.AreNotEqual(File.ReadAllBytes(Path.Combine(Uniform, "model.safetensors")), File.ReadAllBytes(dir["other-seed/model.safetensors"]));
+        CollectionAssert.AreEqual(File.ReadAllBytes(Path.Combine(Uniform, "model.safetensors")), File.ReadAllBytes(dir["other-seed/model.safetensors"]));
+        // The k-means++ baseline is seeded: the same seed reproduces it whatever the threads, another seed does not.
+        AnyPrecisionQuantizer.Quantize(source, dir["kmeans-0"], new UniformSensitivity(), new QuantizerOptions { SeedMethod = SeedMethod.KMeans });
+        AnyPrecisionQuantizer.Quantize(source, dir["kmeans-0-one-thread"], new UniformSensitivity(), new QuantizerOptions { SeedMethod = SeedMethod.KMeans, MaxDegreeOfParallelism = 1 });
+        AnyPrecisionQuantizer.Quantize(source, dir["kmeans-99"], new UniformSensitivity(), new QuantizerOptions { SeedMethod = SeedMethod.KMeans, RandomSeed = 99 });
+        CollectionAssert.AreEqual(File.ReadAllBytes(dir["kmeans-0/model.safetensors"]), File.ReadAllBytes(dir["kmeans-0-one-thread/model.safetensors"]));
+        CollectionAssert.AreNotEqual(File.ReadAllBytes(dir["kmeans-0/model.safetensors"]), File.ReadAllBytes(dir["kmeans-99/model.safetensors"]));
+        CollectionAssert.AreNotEqual(File.ReadAllBytes(Path.Combine(Uniform, "model.safetensors")), File.ReadAllBytes(dir["kmeans-0/model.safetensors"]));
     }
 
     [TestMethod]
@@ -85,7 +93,7 @@ public sealed class AnyPrecisionModelTests
         var tok = LlamaTokenizerLoader.Load(source);
         // Held-apart stories (the calibration used the first six), windows of 256 to keep the test short.
         var tokens = PerplexityEvaluator.Tokenize(tok, string.Join('\n', File.ReadLines(TestData.TinyStories).Skip(6).Take(4)), bosPerLine: true);
-        var report = QualityEvaluator.Evaluate(ap, source, tokens, 256, baselineSensitivity: null);
+        var report = QualityEvaluator.Evaluate(ap, source, PerplexityEvaluator.Windows(tokens, 256), baselineSensitivity: null);
         var at = report.Rows.ToDictionary(r => r.Bits, r => r.AnyPrecision);
         Assert.AreEqual(report.Fp32, at[8], report.Fp32 * 0.005, "8-bit within 0.5% of fp32");
         for (int b = 4; b <= 8; b++) Assert.IsLessThanOrEqualTo(at[b - 1] * 1.002, at[b], $"perplexity at {b} bits should not exceed {b - 1} bits");
@@ -98,8 +106,8 @@ public sealed class AnyPrecisionModelTests
         using var ap = AnyPrecisionModel.Open(Uniform);
         using var source = LlamaCheckpoint.Open(TestData.Stories260K);
         var tok = LlamaTokenizerLoader.Load(source);
-        var tokens = PerplexityEvaluator.Tokenize(tok, string.Join('\n', File.ReadLines(TestData.TinyStories).Skip(6).Take(3)), bosPerLine: true);
-        var report = QualityEvaluator.Evaluate(ap, source, tokens, 256, new UniformSensitivity());
+        var documents = PerplexityEvaluator.Documents(tok, string.Join('\n', File.ReadLines(TestData.TinyStories).Skip(6).Take(3)), truncate: 256);
+        var report = QualityEvaluator.Evaluate(ap, source, documents, new UniformSensitivity());
         foreach (var row in report.Rows)
             Assert.IsLessThan(row.Independent!.Value * 1.03, row.AnyPrecision, $"b={row.Bits}: any-precision {row.AnyPrecision:F3} vs independent {row.Independent:F3}");
         Assert.IsGreaterThan(report.Rows[0].AnyPrecision * 1.1, report.Rows[0].Rtn!.Value, "RTN should be clearly worse at 3 bits");
@@ -114,6 +122,49 @@ public sealed class AnyPrecisionModelTests
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => ap.Linear(0, "self_attn.q_proj").Dequantize(2));
         var e = Assert.ThrowsExactly<ModelFormatException>(() => LlamaCheckpoint.Open(Uniform));
         StringAssert.Contains(e.Message, "AnyPrecisionModel.Open");
+    }
+
+    [TestMethod]
+    public void ConfigRecordsShapesAndTheQkPermutationAndVersionOneStillOpens()
+    {
+        var section = JsonNode.Parse(File.ReadAllText(Path.Combine(Uniform, "config.json")))!["anyprecision"]!;
+        Assert.AreEqual(2, section["format_version"]!.GetValue<int>());
+        Assert.AreEqual("exact", section["seed_method"]!.GetValue<string>());
+        // stories260K: dim 64, hidden 172, 8 heads, 4 kv heads of 8: the padded planes hide cols = 172 of down_proj.
+        CollectionAssert.AreEqual(new long[] { 64, 172 }, section["shapes"]!["mlp.down_proj"]!.AsArray().Select(n => n!.GetValue<long>()).ToArray());
+        CollectionAssert.AreEqual(new long[] { 32, 64 }, section["shapes"]!["self_attn.k_proj"]!.AsArray().Select(n => n!.GetValue<long>()).ToArray());
+        // llama2.c source: the q/k rows were permuted, and the recorded formula is the one applied.
+        string perm = section["qk_permutation"]!.GetValue<string>();
+        StringAssert.StartsWith(perm, "interleaved_to_half_split");
+        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
+        {
+            int D = source.Config.HeadDim, cols = source.Config.Dim;
+            var src = source[LlamaTensorNames.Layer(0, "self_attn.k_proj")].ToFloatArray();
+            var hf = AnyPrecisionQuantizer.SourceWeight(source, 0, "self_attn.k_proj");
+            for (int h = 0; h < source.Config.KvHeads; h++)
+                for (int i = 0; i < D / 2; i++)
+                {
+                    CollectionAssert.AreEqual(src.AsSpan((h * D + 2 * i) * cols, cols).ToArray(), hf.AsSpan((h * D + i) * cols, cols).ToArray());
+                    CollectionAssert.AreEqual(src.AsSpan((h * D + 2 * i + 1) * cols, cols).ToArray(), hf.AsSpan((h * D + D / 2 + i) * cols, cols).ToArray());
+                }
+        }
+
+        using var dir = TestData.NewTempDir();
+        string any = "model.layers.0.self_attn.q_proj.centroids.3";
+        Tamper(Uniform, dir["v1"], any, t => new TensorToWrite(t.Name, t.DType, [.. t.Shape], s => s.Write(t.Bytes)), cfg =>
+        {
+            var ap = cfg["anyprecision"]!.AsObject();
+            ap["format_version"] = 1;
+            ap.Remove("shapes"); ap.Remove("qk_permutation"); ap.Remove("seed_method");
+        });
+        using (var v1 = AnyPrecisionModel.Open(dir["v1"]))
+        using (var v2 = AnyPrecisionModel.Open(Uniform))
+            CollectionAssert.AreEqual(v2.Linear(0, "mlp.down_proj").Dequantize(4), v1.Linear(0, "mlp.down_proj").Dequantize(4));
+        Tamper(Uniform, dir["bad-shape"], any, t => new TensorToWrite(t.Name, t.DType, [.. t.Shape], s => s.Write(t.Bytes)),
+            cfg => cfg["anyprecision"]!["shapes"]!["mlp.down_proj"] = new JsonArray(64, 160));
+        StringAssert.Contains(Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["bad-shape"])).Message, "anyprecision.shapes.mlp.down_proj");
+        Tamper(Uniform, dir["v3"], any, t => new TensorToWrite(t.Name, t.DType, [.. t.Shape], s => s.Write(t.Bytes)), cfg => cfg["anyprecision"]!["format_version"] = 3);
+        StringAssert.Contains(Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["v3"])).Message, "version 3");
     }
 
     /// <summary>Rewrites the quantized model with one tensor changed, through the reader and writer.</summary>

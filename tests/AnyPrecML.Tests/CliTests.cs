@@ -44,6 +44,25 @@ public sealed class CliTests
     }
 
     [TestMethod]
+    public void PerplexityTruncateScoresEachLineOnItsFirstTokens()
+    {
+        using var dir = TestData.NewTempDir();
+        File.WriteAllLines(dir["eval.txt"], File.ReadLines(TestData.TinyStories).Skip(10).Take(9));
+        var (code, output, err) = Run("perplexity", "--model", TestData.Stories260K, "--text", dir["eval.txt"], "--bos-per-line", "--truncate", "256", "--json");
+        Assert.AreEqual(0, code, err);
+        using var doc = JsonDocument.Parse(output);
+        Assert.AreEqual("documents", doc.RootElement.GetProperty("framing").GetString());
+        Assert.AreEqual(9, doc.RootElement.GetProperty("windows").GetInt32());
+        Assert.AreEqual(256, doc.RootElement.GetProperty("context").GetInt32());
+        Assert.IsLessThanOrEqualTo(9 * 255, doc.RootElement.GetProperty("tokens").GetInt64());
+        Assert.AreEqual(1.7, doc.RootElement.GetProperty("nll").GetDouble(), 0.2);
+
+        (code, _, err) = Run("perplexity", "--model", TestData.Stories260K, "--text", dir["eval.txt"], "--truncate", "256");
+        Assert.AreEqual(1, code);
+        StringAssert.StartsWith(err, "error: --truncate scores each line as a document: give --bos-per-line too.");
+    }
+
+    [TestMethod]
     public void ConvertThenInfoReadsTheHuggingFaceDirectory()
     {
         using var dir = TestData.NewTempDir();

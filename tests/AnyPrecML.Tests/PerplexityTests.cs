@@ -50,6 +50,56 @@ public sealed class PerplexityTests
     }
 
     [TestMethod]
+    public void TruncatedDocumentsAreEachScoredAloneOnTheirFirstNTokens()
+    {
+        using var cp = LlamaCheckpoint.Open(TestData.Stories260K);
+        var engine = ReferenceEngine.FromCheckpoint(cp);
+        var tok = LlamaTokenizerLoader.Load(cp);
+        var lines = File.ReadLines(TestData.TinyStories).Skip(10).Take(3).ToArray();
+        var docs = PerplexityEvaluator.Documents(tok, string.Join("\n\n", lines), truncate: 40);
+        Assert.HasCount(3, docs);
+        var r = PerplexityEvaluator.EvaluateSequences(engine, docs);
+
+        // Reference: each line tokenized on its own, BOS first, its first 40 tokens scored in float64 from nothing before.
+        double total = 0; long count = 0;
+        foreach (var line in lines)
+        {
+            var ids = tok.EncodeToIds(line).Take(40).ToArray();
+            Assert.AreEqual(cp.Config.BosTokenId, ids[0]);
+            var logits = Float64Llama.Logits(engine.Weights, ids);
+            for (int t = 0; t + 1 < ids.Length; t++)
+            {
+                double max = double.NegativeInfinity, sum = 0;
+                for (int v = 0; v < cp.Config.VocabSize; v++) max = Math.Max(max, logits[t, v]);
+                for (int v = 0; v < cp.Config.VocabSize; v++) sum += Math.Exp(logits[t, v] - max);
+                total += Math.Log(sum) + max - logits[t, ids[t + 1]];
+                count++;
+            }
+        }
+        Assert.AreEqual(3 * 39, r.Tokens);
+        Assert.AreEqual(count, r.Tokens);
+        Assert.AreEqual(total / count, r.Nll, 1e-4);
+    }
+
+    [TestMethod]
+    public void CalibrationIsOneDocumentPerSequenceTruncatedWithBosFirst()
+    {
+        using var cp = LlamaCheckpoint.Open(TestData.Stories260K);
+        var tok = LlamaTokenizerLoader.Load(cp);
+        var lines = File.ReadLines(TestData.TinyStories).Take(9).ToArray();
+        var set = AnyPrecML.Quantization.CalibrationSet.FromText(tok, string.Join('\n', lines), samples: 5, sequenceLength: 100, maxSeqLen: 512, "test");
+        Assert.HasCount(5, set.Sequences);
+        for (int i = 0; i < 5; i++)
+        {
+            var whole = tok.EncodeToIds(lines[i]).ToArray();
+            CollectionAssert.AreEqual(whole.Take(100).ToArray(), set.Sequences[i], $"document {i}");
+        }
+        Assert.AreEqual(set.Sequences.Sum(q => q.Length), set.Tokens);
+        // The cap is the model's context.
+        Assert.AreEqual(512, AnyPrecML.Quantization.CalibrationSet.FromText(tok, lines[9 - 1], 1, 4096, 512, "t").SequenceLength);
+    }
+
+    [TestMethod]
     public void EmptyOrTooShortTextIsAClearError()
     {
         using var cp = LlamaCheckpoint.Open(TestData.Stories260K);

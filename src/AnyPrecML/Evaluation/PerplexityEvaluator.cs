@@ -7,8 +7,8 @@ namespace AnyPrecML.Evaluation;
 /// <summary>The result of a perplexity evaluation.</summary>
 /// <param name="Tokens">Tokens predicted (scored).</param>
 /// <param name="Nll">Mean negative log-likelihood per scored token, in nats.</param>
-/// <param name="Windows">Context windows evaluated.</param>
-/// <param name="ContextLength">Tokens per window.</param>
+/// <param name="Windows">Context windows (or documents) evaluated.</param>
+/// <param name="ContextLength">Tokens per window (for documents: the longest document).</param>
 /// <param name="Seconds">Wall time.</param>
 public sealed record PerplexityResult(long Tokens, double Nll, int Windows, int ContextLength, double Seconds)
 {
@@ -20,13 +20,14 @@ public sealed record PerplexityResult(long Tokens, double Nll, int Windows, int 
 public readonly record struct EvaluationProgress(int Done, int Total);
 
 /// <summary>
-/// Perplexity over a text: the text is tokenized once (one BOS at the start) and cut into
-/// non-overlapping windows of the context length; each window starts from an empty cache and
-/// every token in it but the first is scored against the tokens before it in the window.
-/// This is the usual windowing of GPTQ/AWQ/SqueezeLLM perplexity tables (WikiText-2).
-/// With <c>bosPerLine</c>, each non-empty line is tokenized as its own document starting with BOS
-/// and the documents are joined into the stream: the right framing for one-document-per-line data
-/// such as TinyStories, whose models never saw a newline between stories.
+/// Perplexity over a text, two framings. A stream: the text is tokenized once (one BOS at the start)
+/// and cut into non-overlapping windows of the context length; each window starts from an empty cache
+/// and every token in it but the first is scored against the tokens before it in the window (the
+/// usual windowing of GPTQ/AWQ/SqueezeLLM WikiText-2 tables). With <c>bosPerLine</c> each non-empty
+/// line is tokenized as its own document starting with BOS and the documents are joined into the stream.
+/// Documents (<see cref="Documents"/>): each non-empty line is one sequence, BOS first, truncated to
+/// its first N tokens, scored alone from an empty cache with nothing after the cut: the right framing
+/// for one-document-per-line data such as TinyStories, and the protocol of docs/QUALITY.md.
 /// </summary>
 public static class PerplexityEvaluator
 {
@@ -44,34 +45,69 @@ public static class PerplexityEvaluator
         if (string.IsNullOrWhiteSpace(text)) throw new ArgumentException("the text is empty; perplexity needs at least two tokens.", nameof(text));
         if (!bosPerLine) return [.. tokenizer.EncodeToIds(text)];
         var ids = new List<int>();
-        foreach (var line in text.Split('\n'))
-            if (!string.IsNullOrWhiteSpace(line)) ids.AddRange(tokenizer.EncodeToIds(line.TrimEnd('\r')));
+        foreach (var doc in Documents(tokenizer, text, 0)) ids.AddRange(doc);
         return ids;
+    }
+
+    /// <summary>
+    /// Each non-empty line of <paramref name="text"/> as one document: BOS and its tokens, cut to the first
+    /// <paramref name="truncate"/> tokens (BOS included; 0: whole lines).
+    /// </summary>
+    public static List<int[]> Documents(Tokenizer tokenizer, string text, int truncate)
+    {
+        ArgumentNullException.ThrowIfNull(text);
+        ArgumentOutOfRangeException.ThrowIfNegative(truncate);
+        var docs = new List<int[]>();
+        foreach (var line in text.Split('\n'))
+        {
+            if (string.IsNullOrWhiteSpace(line)) continue;
+            var ids = tokenizer.EncodeToIds(line.TrimEnd('\r'));
+            docs.Add([.. truncate > 0 ? ids.Take(truncate) : ids]);
+        }
+        return docs;
+    }
+
+    /// <summary>The non-overlapping windows of <paramref name="contextLength"/> tokens of a stream (a last window of one token has nothing to score and is dropped).</summary>
+    public static List<int[]> Windows(IReadOnlyList<int> tokens, int contextLength)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(contextLength, 2);
+        var windows = new List<int[]>();
+        for (int start = 0; start + 1 < tokens.Count; start += contextLength)
+            windows.Add(tokens.Skip(start).Take(contextLength).ToArray());
+        return windows;
     }
 
     /// <summary>Mean NLL and perplexity of <paramref name="tokens"/> in windows of <paramref name="contextLength"/> (0: the model's context).</summary>
     public static PerplexityResult Evaluate(IInferenceEngine engine, IReadOnlyList<int> tokens, int contextLength = 0, IProgress<EvaluationProgress>? progress = null, CancellationToken cancellationToken = default)
     {
-        var c = engine.Config;
-        if (contextLength == 0) contextLength = c.MaxSeqLen;
-        if (contextLength < 2 || contextLength > c.MaxSeqLen)
-            throw new ArgumentOutOfRangeException(nameof(contextLength), contextLength, $"the context length must be in 2..{c.MaxSeqLen}.");
+        if (contextLength == 0) contextLength = engine.Config.MaxSeqLen;
+        if (contextLength < 2 || contextLength > engine.Config.MaxSeqLen)
+            throw new ArgumentOutOfRangeException(nameof(contextLength), contextLength, $"the context length must be in 2..{engine.Config.MaxSeqLen}.");
         if (tokens.Count < 2) throw new ArgumentException($"perplexity needs at least two tokens; the text has {tokens.Count}.", nameof(tokens));
+        return EvaluateSequences(engine, Windows(tokens, contextLength), progress, cancellationToken) with { ContextLength = contextLength };
+    }
+
+    /// <summary>
+    /// Mean NLL and perplexity over <paramref name="sequences"/>, each run alone from an empty cache with
+    /// every token but its first scored. <see cref="PerplexityResult.ContextLength"/> is the longest sequence.
+    /// </summary>
+    public static PerplexityResult EvaluateSequences(IInferenceEngine engine, IReadOnlyList<int[]> sequences, IProgress<EvaluationProgress>? progress = null, CancellationToken cancellationToken = default)
+    {
+        var c = engine.Config;
+        if (sequences.Count == 0 || sequences.All(q => q.Length < 2)) throw new ArgumentException("perplexity needs a sequence of at least two tokens.", nameof(sequences));
+        int longest = sequences.Max(q => q.Length);
+        if (longest > c.MaxSeqLen) throw new ArgumentOutOfRangeException(nameof(sequences), longest, $"a sequence of {longest} tokens exceeds the model's context of {c.MaxSeqLen}; truncate or window it.");
 
         var sw = Stopwatch.StartNew();
-        int windows = (tokens.Count + contextLength - 1) / contextLength;
-        // A last window of one token has nothing to score.
-        if (tokens.Count % contextLength == 1) windows--;
         double nll = 0;
         long scored = 0;
-        var cache = engine.CreateCache(contextLength);
+        var cache = engine.CreateCache(longest);
         var logits = new float[Chunk * c.VocabSize];
-        var window = new int[contextLength];
-        for (int w = 0; w < windows; w++)
+        for (int w = 0; w < sequences.Count; w++)
         {
             cancellationToken.ThrowIfCancellationRequested();
-            int start = w * contextLength, len = Math.Min(contextLength, tokens.Count - start);
-            for (int i = 0; i < len; i++) window[i] = tokens[start + i];
+            var window = sequences[w];
+            int len = window.Length;
             cache.Reset();
             for (int s = 0; s < len - 1; s += Chunk)
             {
@@ -82,9 +118,9 @@ public static class PerplexityEvaluator
                     nll += NegativeLogLikelihood(logits.AsSpan((t - s) * c.VocabSize, c.VocabSize), window[t + 1]);
                 scored += e - s;
             }
-            progress?.Report(new EvaluationProgress(w + 1, windows));
+            progress?.Report(new EvaluationProgress(w + 1, sequences.Count));
         }
-        return new PerplexityResult(scored, nll / scored, windows, contextLength, sw.Elapsed.TotalSeconds);
+        return new PerplexityResult(scored, nll / scored, sequences.Count, longest, sw.Elapsed.TotalSeconds);
     }
 
     /// <summary>−log softmax(logits)[target], computed in float64.</summary>

@@ -15,35 +15,36 @@ public readonly record struct QualityProgress(int Done, int Total, string What);
 
 /// <summary>
 /// Evaluates an any-precision model at every width against fp32 and, optionally, against what
-/// separate deployment would ship at each width: the seed method run directly at b bits
-/// ("independent") and per-row min-max round-to-nearest ("RTN"). Every b-bit model is evaluated by
+/// separate deployment would ship at each width: each width clustered on its own with 2^b centroids
+/// by the exact weighted 1-D k-means ("independent": the best separate non-uniform model for the
+/// objective) and per-row min-max round-to-nearest ("RTN"). Every b-bit model is evaluated by
 /// dequantizing through its centroid tables into the reference engine: exact and simple.
 /// </summary>
 public static class QualityEvaluator
 {
-    /// <summary>Runs the evaluation over <paramref name="tokens"/> in windows of <paramref name="contextLength"/>.</summary>
+    /// <summary>Runs the evaluation over <paramref name="sequences"/>, each from an empty cache.</summary>
     /// <param name="model">The any-precision model.</param>
     /// <param name="original">The checkpoint it was quantized from (fp32 column and baselines).</param>
-    /// <param name="tokens">Token stream to score.</param>
-    /// <param name="contextLength">Window length (0: the model's context).</param>
+    /// <param name="sequences">Windows of a stream (<see cref="PerplexityEvaluator.Windows"/>) or documents (<see cref="PerplexityEvaluator.Documents"/>).</param>
     /// <param name="baselineSensitivity">Sensitivity for the independent baseline (the one the model was quantized with); null skips the baselines.</param>
-    /// <param name="randomSeed">k-means++ seed of the independent baseline.</param>
+    /// <param name="randomSeed">Seed of the independent baseline's k-means++ (only with <paramref name="independentMethod"/> kmeans).</param>
+    /// <param name="independentMethod">How each width is clustered on its own: exact (default, the strongest independent model) or kmeans.</param>
     /// <param name="progress">Models evaluated.</param>
     /// <param name="cancellationToken">Stops between windows.</param>
-    public static QualityReport Evaluate(AnyPrecisionModel model, LlamaCheckpoint original, IReadOnlyList<int> tokens, int contextLength,
-        ISensitivitySource? baselineSensitivity, ulong randomSeed = 0, IProgress<QualityProgress>? progress = null, CancellationToken cancellationToken = default)
+    public static QualityReport Evaluate(AnyPrecisionModel model, LlamaCheckpoint original, IReadOnlyList<int[]> sequences,
+        ISensitivitySource? baselineSensitivity, ulong randomSeed = 0, SeedMethod independentMethod = SeedMethod.Exact, IProgress<QualityProgress>? progress = null, CancellationToken cancellationToken = default)
     {
         var c = original.Config;
         var bits = model.SupportedBits;
         int total = 1 + bits.Count * (baselineSensitivity is null ? 1 : 3), done = 0;
         double Ppl(LlamaWeights w, string what)
         {
-            var r = PerplexityEvaluator.Evaluate(new ReferenceEngine(w), tokens, contextLength, null, cancellationToken);
+            var r = PerplexityEvaluator.EvaluateSequences(new ReferenceEngine(w), sequences, null, cancellationToken);
             progress?.Report(new QualityProgress(++done, total, what));
             return r.Perplexity;
         }
 
-        var fp32 = PerplexityEvaluator.Evaluate(ReferenceEngine.FromCheckpoint(original), tokens, contextLength, null, cancellationToken);
+        var fp32 = PerplexityEvaluator.EvaluateSequences(ReferenceEngine.FromCheckpoint(original), sequences, null, cancellationToken);
         progress?.Report(new QualityProgress(++done, total, "fp32"));
         var rows = new List<QualityRow>();
         foreach (int b in bits)
@@ -54,7 +55,7 @@ public static class QualityEvaluator
             {
                 independent = Ppl(BaselineWeights(original, (l, part, w, rowsN, cols) =>
                     Baselines.Independent(w, rowsN, cols, AnyPrecisionQuantizer.SensitivityInHfOrder(c, part, baselineSensitivity.For(l, part, rowsN, cols)), b,
-                        SplitMix64.Derive(randomSeed, (ulong)(l * 7 + Array.IndexOf(LlamaTensorNames.BlockLinears, part))))), $"independent {b}-bit");
+                        SplitMix64.Derive(randomSeed, (ulong)(l * 7 + Array.IndexOf(LlamaTensorNames.BlockLinears, part))), independentMethod)), $"independent {b}-bit");
                 rtn = Ppl(BaselineWeights(original, (l, part, w, rowsN, cols) => Baselines.RoundToNearest(w, rowsN, cols, b)), $"RTN {b}-bit");
             }
             rows.Add(new QualityRow(b, ap, independent, rtn));

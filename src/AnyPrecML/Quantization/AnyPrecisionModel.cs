@@ -92,7 +92,7 @@ public sealed class AnyPrecisionModel : IDisposable
             catch (Exception e) when (e is FormatException or InvalidOperationException) { throw new ModelFormatException($"{cfgPath}: anyprecision.{key} is not an integer.", e); }
         }
         int version = Int("format_version");
-        if (version != AnyPrecisionQuantizer.FormatVersion) throw new ModelFormatException($"{cfgPath}: any-precision format version {version} is not supported (this build reads {AnyPrecisionQuantizer.FormatVersion}).");
+        if (version is < 1 or > AnyPrecisionQuantizer.FormatVersion) throw new ModelFormatException($"{cfgPath}: any-precision format version {version} is not supported (this build reads 1..{AnyPrecisionQuantizer.FormatVersion}).");
         int seed = Int("seed_bits"), parent = Int("parent_bits");
         if (seed < 1 || seed > parent || parent > 8) throw new ModelFormatException($"{cfgPath}: seed_bits {seed} and parent_bits {parent} must satisfy 1 ≤ seed ≤ parent ≤ 8.");
         string sensitivity = section["sensitivity"]?.GetValue<string>() ?? "unknown";
@@ -107,6 +107,9 @@ public sealed class AnyPrecisionModel : IDisposable
                 {
                     string part = LlamaTensorNames.BlockLinears[i], name = LinearName(l, part);
                     var shape = LlamaTensorNames.ShapeOf(c, part);
+                    // Version 2 records [rows, cols] per part (cols is not recoverable from the padded planes); it must agree with the config.
+                    if (section["shapes"]?[part] is JsonArray recorded && (recorded.Count != 2 || recorded[0]?.GetValue<long>() != shape[0] || recorded[1]?.GetValue<long>() != shape[1]))
+                        throw new ModelFormatException($"{cfgPath}: anyprecision.shapes.{part} is {recorded.ToJsonString()} but the Llama config gives [{shape[0]},{shape[1]}].");
                     var tables = Enumerable.Range(seed, parent - seed + 1).Select(b => cp[$"{name}.centroids.{b}"]).ToArray();
                     linears[l, i] = BitplaneMatrix.FromTensors(name, (int)shape[0], (int)shape[1], seed, parent, cp[name + ".bitplanes"], tables);
                 }

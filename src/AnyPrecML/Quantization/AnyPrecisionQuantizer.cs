@@ -11,7 +11,9 @@ public sealed record QuantizerOptions
     public int SeedBits { get; init; } = 3;
     /// <summary>Parent width n reached by upscaling, seed..8.</summary>
     public int ParentBits { get; init; } = 8;
-    /// <summary>Seed of the k-means++ starts: the same inputs and seed give byte-identical files.</summary>
+    /// <summary>How the seed clusters are found: the exact optimum (default) or the k-means++/Lloyd baseline.</summary>
+    public SeedMethod SeedMethod { get; init; } = SeedMethod.Exact;
+    /// <summary>Seed of the k-means++ starts (<see cref="SeedMethod.KMeans"/>): the same inputs and seed give byte-identical files.</summary>
     public ulong RandomSeed { get; init; } = 0;
     /// <summary>Threads for rows of a layer (0: all cores).</summary>
     public int MaxDegreeOfParallelism { get; init; } = 0;
@@ -36,8 +38,8 @@ public readonly record struct QuantizeProgress(int Done, int Total, string Layer
 /// </summary>
 public static class AnyPrecisionQuantizer
 {
-    /// <summary>Format version written to config.json.</summary>
-    public const int FormatVersion = 1;
+    /// <summary>Format version written to config.json (2 records each linear's shape and the q/k permutation; 1 is still read).</summary>
+    public const int FormatVersion = 2;
 
     /// <summary>Quantizes every block linear of <paramref name="source"/> and writes the model to <paramref name="outputDirectory"/>.</summary>
     public static void Quantize(LlamaCheckpoint source, string outputDirectory, ISensitivitySource sensitivity, QuantizerOptions options,
@@ -97,10 +99,14 @@ public static class AnyPrecisionQuantizer
             ["format_version"] = FormatVersion,
             ["seed_bits"] = options.SeedBits,
             ["parent_bits"] = options.ParentBits,
+            ["seed_method"] = options.SeedMethod == SeedMethod.Exact ? "exact" : "kmeans",
             ["random_seed"] = options.RandomSeed.ToString(),
             ["sensitivity"] = sensitivity.Kind,
             ["calibration"] = calibrationSummary?.DeepClone(),
             ["quantized"] = new JsonArray([.. layers.Select(x => (JsonNode)AnyPrecisionModel.LinearName(x.Layer, x.Part))]),
+            ["shapes"] = new JsonObject(LlamaTensorNames.BlockLinears.Select(part =>
+                KeyValuePair.Create(part, (JsonNode?)new JsonArray([.. LlamaTensorNames.ShapeOf(c, part).Select(d => (JsonNode)d)])))),
+            ["qk_permutation"] = c.RopeLayout == RopeLayout.Interleaved ? QkPermutation : "none",
             ["bitplane_layout"] = "plane p = bit (n-1-p) of the parent code; U32 [n, rows, ceil(cols/32)], element j at word j/32, bit j%32",
             ["centroid_layout"] = "F16 [rows, 2^b] per b in seed..n, named <layer>.centroids.<b>",
         };
@@ -113,6 +119,9 @@ public static class AnyPrecisionQuantizer
             if (source.TokenizerPath is not null) File.Copy(source.TokenizerPath, Path.Combine(dir, "tokenizer.model"));
         });
     }
+
+    /// <summary>What config.json records when q/k rows were permuted from llama2.c order (docs/FORMAT.md gives the formula).</summary>
+    public const string QkPermutation = "interleaved_to_half_split: hf_row[h*D + i] = src_row[h*D + 2*i] and hf_row[h*D + D/2 + i] = src_row[h*D + 2*i + 1] for i < D/2, D = head_dim";
 
     /// <summary>
     /// The source weight of a block linear in Hugging Face row order: llama2.c q/k rows are permuted
@@ -136,12 +145,12 @@ public static class AnyPrecisionQuantizer
         ulong layerSeed = SplitMix64.Derive(options.RandomSeed, (ulong)(layer * LlamaTensorNames.BlockLinears.Length + Array.IndexOf(LlamaTensorNames.BlockLinears, part)));
         var results = new RowQuantization[rows];
         Parallel.For(0, rows, new ParallelOptions { MaxDegreeOfParallelism = options.MaxDegreeOfParallelism > 0 ? options.MaxDegreeOfParallelism : -1 }, r =>
-            results[r] = RowQuantizer.Quantize(w.AsSpan(r * cols, cols), s.Row(r), options.SeedBits, options.ParentBits, SplitMix64.Derive(layerSeed, (ulong)r)));
+            results[r] = RowQuantizer.Quantize(w.AsSpan(r * cols, cols), s.Row(r), options.SeedBits, options.ParentBits, SplitMix64.Derive(layerSeed, (ulong)r), options.SeedMethod));
         return BitplaneMatrix.FromRows(AnyPrecisionModel.LinearName(layer, part), results, cols);
     }
 
     /// <summary>Per-weight sensitivities follow the q/k row permutation; per-column ones need nothing.</summary>
-    internal static LayerSensitivity SensitivityInHfOrder(LlamaConfig c, string part, LayerSensitivity s)
+    public static LayerSensitivity SensitivityInHfOrder(LlamaConfig c, string part, LayerSensitivity s)
     {
         int heads = part switch { "self_attn.q_proj" => c.Heads, "self_attn.k_proj" => c.KvHeads, _ => 0 };
         if (s.PerColumn || heads == 0 || c.RopeLayout != RopeLayout.Interleaved) return s;

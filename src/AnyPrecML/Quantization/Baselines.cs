@@ -6,15 +6,17 @@ namespace AnyPrecML.Quantization;
 public static class Baselines
 {
     /// <summary>
-    /// Independent: the seed method (sensitivity-weighted k-means, 2^b centroids per row) run directly
-    /// at b bits, centroids rounded to fp16 as stored. Returns the dequantized [rows, cols] weight.
+    /// Independent: a separate b-bit model, each row clustered on its own into 2^b centroids by
+    /// <paramref name="method"/> (default: the exactly optimal sensitivity-weighted k-means, the best
+    /// any independent non-uniform b-bit model can do on this objective), centroids rounded to fp16 as
+    /// stored. Returns the dequantized [rows, cols] weight.
     /// </summary>
-    public static float[] Independent(float[] weight, int rows, int cols, LayerSensitivity sensitivity, int bits, ulong seed)
+    public static float[] Independent(float[] weight, int rows, int cols, LayerSensitivity sensitivity, int bits, ulong seed, SeedMethod method = SeedMethod.Exact)
     {
         var result = new float[weight.Length];
         Parallel.For(0, rows, r =>
         {
-            var (codes, centroids) = RowQuantizer.KMeans(weight.AsSpan(r * cols, cols), sensitivity.Row(r), 1 << bits, SplitMix64.Derive(seed, (ulong)r));
+            var (codes, centroids) = RowQuantizer.Cluster(weight.AsSpan(r * cols, cols), sensitivity.Row(r), 1 << bits, method, SplitMix64.Derive(seed, (ulong)r));
             for (int j = 0; j < cols; j++) result[r * cols + j] = (float)(Half)centroids[codes[j]];
         });
         return result;

@@ -1,3 +1,5 @@
+using System.Numerics;
+
 namespace AnyPrecML.Quantization;
 
 /// <summary>The any-precision quantization of one weight row.</summary>
@@ -9,78 +11,244 @@ public sealed record RowQuantization(byte[] Codes, float[][] Centroids, int Seed
 {
     /// <summary>The centroid table for b bits.</summary>
     public float[] Table(int bits) => Centroids[bits - SeedBits];
+
+    /// <summary>Σ w (x − centroid)² of the b-bit model over the row it quantized, in float64.</summary>
+    public double Error(ReadOnlySpan<float> values, ReadOnlySpan<float> weights, int bits)
+    {
+        var table = Table(bits);
+        int shift = ParentBits - bits;
+        double total = 0;
+        for (int j = 0; j < values.Length; j++) { double e = values[j] - (double)table[Codes[j] >> shift]; total += weights[j] * e * e; }
+        return total;
+    }
+}
+
+/// <summary>How the seed clusters of a row are found.</summary>
+public enum SeedMethod
+{
+    /// <summary>The exactly optimal weighted 1-D k-means (dynamic programming over the sorted distinct values).</summary>
+    Exact,
+    /// <summary>Weighted greedy k-means++ (2 + ln k local trials per centre, seeded) then Lloyd to convergence: the usual heuristic, kept as a baseline.</summary>
+    KMeans,
 }
 
 /// <summary>
 /// Any-precision quantization of one row: a sensitivity-weighted 1-D k-means seed with 2^seed
-/// centroids (SqueezeLLM), then incremental upscaling: every cluster splits in two by weighted
-/// 2-means over its members, one bit at a time, children coded 2c and 2c+1 (Any-Precision LLM).
+/// centroids (SqueezeLLM), then incremental upscaling: every cluster splits in two by the exact
+/// weighted 2-means over its members, one bit at a time, children coded 2c and 2c+1 (Any-Precision LLM).
 ///
-/// Everything works on the row sorted once by value: a 1-D cluster of the optimal solution is a
-/// contiguous run of the sorted values, so with prefix sums of w, w·x and w·x² a Lloyd step costs
-/// O(k log n) (binary search for the k-1 boundaries) and the best split of a cluster is an exact
-/// scan over its possible cut points.
+/// Everything works on the row sorted once by value with equal values merged (their weights summed):
+/// a cluster of an optimal 1-D clustering is a contiguous run of the sorted distinct values, so with
+/// prefix sums of w, w·x and w·x² the cost of any run is O(1). That makes the seed solvable exactly
+/// by dynamic programming (<see cref="SeedExact"/>), a split an exact scan over its cut points, and a
+/// Lloyd step O(k log n). Equal values are one item, so they can never land in different clusters.
+/// Clusters are half-open ranges [bounds[c], bounds[c+1]) of distinct-value indices.
 /// </summary>
 public sealed class RowQuantizer
 {
     /// <summary>Lloyd iterations at most (the loop stops earlier once no boundary moves).</summary>
     public const int MaxIterations = 100;
 
-    private readonly int _n;
-    private readonly float[] _x;        // sorted values
-    private readonly int[] _order;      // _order[i] = original index of the i-th smallest value
-    private readonly double[] _w, _wx, _wxx, _sx, _sxx; // prefix sums (weighted, and unweighted for zero-weight runs)
+    private readonly int _n;            // elements
+    private readonly int _m;            // distinct values
+    private readonly int[] _order;      // _order[i] = original index of the i-th smallest element
+    private readonly int[] _start;      // distinct value d covers sorted elements [_start[d], _start[d+1])
+    private readonly double[] _x;       // distinct values minus _shift (centred: prefix sums of x² stay accurate)
+    private readonly double _shift;
+    private readonly double[] _w, _wx, _wxx, _c, _sx, _sxx; // prefix sums over distinct values (weighted; and unweighted for zero-weight runs)
 
-    /// <summary>Sorts <paramref name="values"/> with their <paramref name="weights"/> (sensitivities, ≥ 0) and builds prefix sums.</summary>
+    /// <summary>Sorts <paramref name="values"/> with their <paramref name="weights"/> (sensitivities, ≥ 0), merges equal values and builds prefix sums.</summary>
     public RowQuantizer(ReadOnlySpan<float> values, ReadOnlySpan<float> weights)
     {
         if (values.Length != weights.Length) throw new ArgumentException($"{values.Length} values but {weights.Length} weights.");
         if (values.Length == 0) throw new ArgumentException("the row is empty.", nameof(values));
         _n = values.Length;
-        (_x, _order) = SortWithIndex(values);
-        _w = new double[_n + 1]; _wx = new double[_n + 1]; _wxx = new double[_n + 1]; _sx = new double[_n + 1]; _sxx = new double[_n + 1];
+        (var sorted, _order) = SortWithIndex(values);
+        double total = 0;
         for (int i = 0; i < _n; i++)
         {
-            double w = weights[_order[i]];
-            if (!(w >= 0) || double.IsInfinity(w)) throw new ArgumentException($"sensitivity {w} at element {_order[i]} must be finite and ≥ 0.", nameof(weights));
-            double x = _x[i];
-            _w[i + 1] = _w[i] + w; _wx[i + 1] = _wx[i] + w * x; _wxx[i + 1] = _wxx[i] + w * x * x;
-            _sx[i + 1] = _sx[i] + x; _sxx[i + 1] = _sxx[i] + x * x;
+            double w = weights[i];
+            if (!(w >= 0) || double.IsInfinity(w)) throw new ArgumentException($"sensitivity {w} at element {i} must be finite and ≥ 0.", nameof(weights));
+            total += w;
+        }
+        // A row whose weights are all zero has no preference: cluster it by plain (unit-weight) k-means.
+        bool unit = total == 0;
+        _shift = sorted[_n / 2];
+        var starts = new List<int>(_n + 1);
+        for (int i = 0; i < _n; i++) if (i == 0 || sorted[i] != sorted[i - 1]) starts.Add(i);
+        _m = starts.Count;
+        starts.Add(_n);
+        _start = [.. starts];
+        _x = new double[_m];
+        _w = new double[_m + 1]; _wx = new double[_m + 1]; _wxx = new double[_m + 1]; _c = new double[_m + 1]; _sx = new double[_m + 1]; _sxx = new double[_m + 1];
+        for (int d = 0; d < _m; d++)
+        {
+            double x = (double)sorted[_start[d]] - _shift, w = 0;
+            for (int i = _start[d]; i < _start[d + 1]; i++) w += unit ? 1 : weights[_order[i]];
+            double count = _start[d + 1] - _start[d];
+            _x[d] = x;
+            _w[d + 1] = _w[d] + w; _wx[d + 1] = _wx[d] + w * x; _wxx[d + 1] = _wxx[d] + w * x * x;
+            _c[d + 1] = _c[d] + count; _sx[d + 1] = _sx[d] + count * x; _sxx[d + 1] = _sxx[d] + count * x * x;
         }
     }
 
-    /// <summary>Quantizes the row: seed k-means, then upscaling to <paramref name="parentBits"/>.</summary>
-    public static RowQuantization Quantize(ReadOnlySpan<float> values, ReadOnlySpan<float> weights, int seedBits, int parentBits, ulong seed)
+    /// <summary>Distinct values in the row: a seed of k ≥ this many clusters is exact and leaves clusters empty.</summary>
+    public int DistinctValues => _m;
+
+    /// <summary>Quantizes the row: the seed by <paramref name="method"/>, then upscaling to <paramref name="parentBits"/>.</summary>
+    public static RowQuantization Quantize(ReadOnlySpan<float> values, ReadOnlySpan<float> weights, int seedBits, int parentBits, ulong seed, SeedMethod method = SeedMethod.Exact)
     {
         var q = new RowQuantizer(values, weights);
-        var (clusters, seedCentroids) = q.SeedKMeans(1 << seedBits, seed);
+        var clusters = q.Seed(1 << seedBits, method, seed);
         var centroids = new float[parentBits - seedBits + 1][];
-        centroids[0] = Array.ConvertAll(seedCentroids, v => (float)v);
+        var c = q.SeedCentroids(clusters);
+        centroids[0] = q.InRowUnits(c);
         for (int b = seedBits + 1; b <= parentBits; b++)
         {
             clusters = q.Split(clusters);
-            var parents = centroids[b - seedBits - 1];
+            var parents = c;
             // An empty child (a cluster of one distinct value) keeps its parent's centroid.
-            centroids[b - seedBits] = Array.ConvertAll(q.Means(clusters, i => parents[i >> 1]), v => (float)v);
+            c = q.Means(clusters, i => parents[i >> 1]);
+            centroids[b - seedBits] = q.InRowUnits(c);
         }
         return new RowQuantization(q.CodesOf(clusters), centroids, seedBits, parentBits);
     }
 
-    /// <summary>Weighted k-means with <paramref name="k"/> clusters alone (the "independent" baseline at log2(k) bits).</summary>
-    public static (byte[] Codes, float[] Centroids) KMeans(ReadOnlySpan<float> values, ReadOnlySpan<float> weights, int k, ulong seed)
+    /// <summary>One 1-D clustering with <paramref name="k"/> clusters alone (the "independent" model at log2(k) bits): codes and centroids.</summary>
+    public static (byte[] Codes, float[] Centroids) Cluster(ReadOnlySpan<float> values, ReadOnlySpan<float> weights, int k, SeedMethod method, ulong seed)
     {
         var q = new RowQuantizer(values, weights);
-        var (clusters, centroids) = q.SeedKMeans(k, seed);
-        return (q.CodesOf(clusters), Array.ConvertAll(centroids, v => (float)v));
+        var clusters = q.Seed(k, method, seed);
+        return (q.CodesOf(clusters), q.InRowUnits(q.SeedCentroids(clusters)));
+    }
+
+    /// <summary>The seed clusters by <paramref name="method"/> (<paramref name="seed"/> feeds k-means++ only).</summary>
+    public int[] Seed(int k, SeedMethod method, ulong seed) => method switch
+    {
+        SeedMethod.Exact => SeedExact(k),
+        SeedMethod.KMeans => SeedKMeans(k, seed),
+        _ => throw new ArgumentOutOfRangeException(nameof(method), method, "unknown seed method."),
+    };
+
+    /// <summary>
+    /// The exactly optimal weighted k-means of the row: D[j][i], the least cost of the first i distinct
+    /// values in j clusters, is min over t of D[j-1][t] + cost(t, i). The cost of a run satisfies the
+    /// quadrangle inequality, so the best t is non-decreasing in i and each layer is solved by divide and
+    /// conquer (Monge / "D&amp;C optimization"): O(k·m log m) cost evaluations for m distinct values.
+    /// With fewer distinct values than clusters every value is its own cluster and the rest stay empty
+    /// (at the top, with the largest centroid).
+    /// </summary>
+    public int[] SeedExact(int k)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(k, 1);
+        int m = _m;
+        var bounds = new int[k + 1];
+        if (m <= k)
+        {
+            for (int c = 0; c <= k; c++) bounds[c] = Math.Min(c, m);
+            return bounds;
+        }
+        var prev = new double[m + 1];
+        var cur = new double[m + 1];
+        var opt = new int[k + 1][];
+        for (int i = 1; i <= m; i++) prev[i] = Cost(0, i);
+        for (int j = 2; j <= k; j++)
+        {
+            // Clusters are non-empty: j clusters cover i ∈ [j, m - (k - j)], the last starting at t ∈ [j - 1, i - 1].
+            int lo = j, hi = m - (k - j);
+            var arg = opt[j] = new int[m + 1];
+            // With one cluster more, the last one starts no earlier (opt[j-1][i] ≤ opt[j][i]): a second bound that narrows the scans.
+            var lower = j > 2 ? opt[j - 1] : null;
+            if (j == k) Solve(prev, cur, arg, lower, m, m, k - 1, m - 1);
+            else Solve(prev, cur, arg, lower, lo, hi, j - 1, hi - 1);
+            (prev, cur) = (cur, prev);
+        }
+        bounds[k] = m;
+        for (int j = k; j >= 2; j--) bounds[j - 1] = opt[j][bounds[j]];
+        bounds[0] = 0;
+        return bounds;
     }
 
     /// <summary>
-    /// Weighted Lloyd's k-means from a deterministic weighted k-means++ start. Returns the cluster
-    /// boundaries in sorted order (cluster c is [bounds[c], bounds[c+1])) and the centroids, each the
-    /// mean of its cluster (an empty cluster keeps its last centroid). <paramref name="onIteration"/>
-    /// receives the weighted objective after each update step.
+    /// cur[i] = min over t ∈ [max(tLo, lower[i]), min(tHi, i - 1)] of prev[t] + cost(t, i) for i ∈ [iLo, iHi],
+    /// with the best t in arg[i] (the smallest on ties); lower[i] is the previous layer's best start where it has one.
     /// </summary>
-    public (int[] Bounds, double[] Centroids) SeedKMeans(int k, ulong seed, Action<double>? onIteration = null)
+    private void Solve(double[] prev, double[] cur, int[] arg, int[]? lower, int iLo, int iHi, int tLo, int tHi)
+    {
+        if (iLo > iHi) return;
+        if (iHi - iLo < 8)
+        {
+            // A short run of i: scan them in order, each from the previous best (the same monotone bound), without recursing.
+            for (int i = iLo; i <= iHi; i++)
+            {
+                cur[i] = Best(prev, lower, i, tLo, tHi, out arg[i]);
+                tLo = arg[i];
+            }
+            return;
+        }
+        int mid = (iLo + iHi) >> 1;
+        cur[mid] = Best(prev, lower, mid, tLo, tHi, out int bestT);
+        arg[mid] = bestT;
+        Solve(prev, cur, arg, lower, iLo, mid - 1, tLo, bestT);
+        Solve(prev, cur, arg, lower, mid + 1, iHi, bestT, tHi);
+    }
+
+    /// <summary>min over t ∈ [max(tLo, lower[i]), min(tHi, i - 1)] of prev[t] + cost(t, i), and the smallest t reaching it.</summary>
+    private double Best(double[] prev, int[]? lower, int i, int tLo, int tHi, out int bestT)
+    {
+        double wi = _w[i], wxi = _wx[i], wxxi = _wxx[i];
+        double best = double.PositiveInfinity;
+        int end = Math.Min(tHi, i - 1);
+        int t = lower is not null && lower[i] > tLo && lower[i] <= end ? lower[i] : tLo;
+        bestT = t;
+        // The scan is the whole cost of the seed: SIMD lanes keep their own first minimum, then the
+        // smallest t among the lanes' equal minima wins, so ties resolve as in the scalar loop.
+        int lanes = Vector<double>.Count;
+        if (end - t + 1 >= 2 * lanes)
+        {
+            var vBest = new Vector<double>(double.PositiveInfinity);
+            var vArg = Vector<long>.Zero;
+            var vT = Vector<long>.Zero;
+            for (int l = 0; l < lanes; l++) vT = vT.WithElement(l, t + l);
+            var step = new Vector<long>(lanes);
+            Vector<double> vwi = new(wi), vwxi = new(wxi), vwxxi = new(wxxi), tiny = new(double.Epsilon);
+            for (; t + lanes - 1 <= end; t += lanes, vT += step)
+            {
+                var dw = vwi - new Vector<double>(_w.AsSpan(t));
+                var dwx = vwxi - new Vector<double>(_wx.AsSpan(t));
+                var v = new Vector<double>(prev.AsSpan(t)) + (vwxxi - new Vector<double>(_wxx.AsSpan(t))) - dwx * dwx / Vector.Max(dw, tiny);
+                var better = Vector.LessThan(v, vBest);
+                vBest = Vector.ConditionalSelect(better, v, vBest);
+                vArg = Vector.ConditionalSelect(better, vT, vArg);
+            }
+            for (int l = 0; l < lanes; l++)
+            {
+                double lv = vBest[l];
+                if (lv < best || (lv == best && vArg[l] < bestT)) { best = lv; bestT = (int)vArg[l]; }
+            }
+        }
+        for (; t <= end; t++)
+        {
+            // Weighted SSE of run [t, i): Σw·x² − (Σw·x)²/Σw; a run of zero weight costs nothing (then Σw·x = 0 too).
+            double dw = wi - _w[t], dwx = wxi - _wx[t];
+            double v = prev[t] + (wxxi - _wxx[t]) - dwx * dwx / Math.Max(dw, double.Epsilon);
+            if (v < best) { best = v; bestT = t; }
+        }
+        return best;
+    }
+
+    /// <summary>Weighted SSE of the run of distinct values [a, b) around its weighted mean.</summary>
+    private double Cost(int a, int b)
+    {
+        double dw = _w[b] - _w[a], dwx = _wx[b] - _wx[a];
+        return dw > 0 ? (_wxx[b] - _wxx[a]) - dwx * dwx / dw : 0;
+    }
+
+    /// <summary>
+    /// Weighted Lloyd's k-means from a deterministic greedy weighted k-means++ start (the baseline seed).
+    /// <paramref name="onIteration"/> receives the weighted objective after each update step.
+    /// </summary>
+    public int[] SeedKMeans(int k, ulong seed, Action<double>? onIteration = null)
     {
         var c = KMeansPlusPlus(k, seed);
         var bounds = Assign(c);
@@ -89,10 +257,10 @@ public sealed class RowQuantizer
             c = Means(bounds, i => c[i]);
             onIteration?.Invoke(Objective(bounds, c));
             var next = Assign(c);
-            if (next.AsSpan().SequenceEqual(bounds)) return (bounds, c);
+            if (next.AsSpan().SequenceEqual(bounds)) return bounds;
             bounds = next;
         }
-        return (bounds, Means(bounds, i => c[i]));
+        return bounds;
     }
 
     /// <summary>Boundaries of the nearest-centroid clusters for ascending centroids <paramref name="c"/>.</summary>
@@ -100,19 +268,30 @@ public sealed class RowQuantizer
     {
         int k = c.Length;
         var bounds = new int[k + 1];
-        bounds[k] = _n;
+        bounds[k] = _m;
         for (int i = 1; i < k; i++)
         {
             // Values ≤ the midpoint go to the lower centroid.
             double mid = 0.5 * (c[i - 1] + c[i]);
-            int lo = bounds[i - 1], hi = _n;
-            while (lo < hi) { int m = (lo + hi) >> 1; if (_x[m] <= mid) lo = m + 1; else hi = m; }
+            int lo = bounds[i - 1], hi = _m;
+            while (lo < hi) { int mm = (lo + hi) >> 1; if (_x[mm] <= mid) lo = mm + 1; else hi = mm; }
             bounds[i] = lo;
         }
         return bounds;
     }
 
-    /// <summary>Mean of each cluster: weighted; unweighted where all its weights are zero; <paramref name="empty"/>(c) where it has no members.</summary>
+    /// <summary>Centroids of seed clusters: an empty cluster takes the centroid below it (cluster 0 is never empty).</summary>
+    private double[] SeedCentroids(int[] bounds)
+    {
+        var c = new double[bounds.Length - 1];
+        for (int i = 0; i < c.Length; i++) c[i] = Mean(bounds[i], bounds[i + 1]) ?? (i > 0 ? c[i - 1] : 0);
+        return c;
+    }
+
+    /// <summary>Centred centroids (as <see cref="_x"/>) back in the row's units, as stored.</summary>
+    private float[] InRowUnits(double[] c) => Array.ConvertAll(c, v => (float)(v + _shift));
+
+    /// <summary>Centred mean of each cluster: weighted; unweighted where all its weights are zero; <paramref name="empty"/>(c) where it has no members.</summary>
     private double[] Means(int[] bounds, Func<int, double> empty)
     {
         int k = bounds.Length - 1;
@@ -125,23 +304,29 @@ public sealed class RowQuantizer
     {
         if (a == b) return null;
         double w = _w[b] - _w[a];
-        return w > 0 ? (_wx[b] - _wx[a]) / w : (_sx[b] - _sx[a]) / (b - a);
+        return w > 0 ? (_wx[b] - _wx[a]) / w : (_sx[b] - _sx[a]) / (_c[b] - _c[a]);
     }
 
-    /// <summary>Σ w (x - c)² over all clusters.</summary>
-    public double Objective(int[] bounds, double[] c)
+    /// <summary>Σ w (x - c)² over all clusters, with centred centroids <paramref name="c"/>.</summary>
+    private double Objective(int[] bounds, double[] c)
     {
         double total = 0;
         for (int i = 0; i + 1 < bounds.Length; i++)
         {
             int a = bounds[i], b = bounds[i + 1];
-            total += (_wxx[b] - _wxx[a]) - 2 * c[i] * (_wx[b] - _wx[a]) + c[i] * c[i] * (_w[b] - _w[a]);
+            double ci = c[i];
+            total += (_wxx[b] - _wxx[a]) - 2 * ci * (_wx[b] - _wx[a]) + ci * ci * (_w[b] - _w[a]);
         }
         return total;
     }
 
     /// <summary>The weighted objective of <paramref name="bounds"/> with each cluster at its mean.</summary>
-    public double Objective(int[] bounds) => Objective(bounds, Means(bounds, _ => 0));
+    public double Objective(int[] bounds)
+    {
+        double total = 0;
+        for (int i = 0; i + 1 < bounds.Length; i++) total += Math.Max(0, Cost(bounds[i], bounds[i + 1]));
+        return total;
+    }
 
     /// <summary>Sum of squared error of [a, b) around its mean: weighted, or unweighted for a cluster whose weights are all zero.</summary>
     private double Sse(int a, int b, bool weighted)
@@ -155,7 +340,7 @@ public sealed class RowQuantizer
             return Math.Max(0, (_wxx[b] - _wxx[a]) - wx * wx / w);
         }
         double sx = _sx[b] - _sx[a];
-        return Math.Max(0, (_sxx[b] - _sxx[a]) - sx * sx / (b - a));
+        return Math.Max(0, (_sxx[b] - _sxx[a]) - sx * sx / (_c[b] - _c[a]));
     }
 
     /// <summary>One upscaling step: every cluster [a, b) splits at the cut minimizing the children's SSE; child 2c is the lower part.</summary>
@@ -170,49 +355,55 @@ public sealed class RowQuantizer
             bool weighted = _w[b] - _w[a] > 0;
             for (int s = a; s <= b; s++)
             {
-                // Cut only between distinct values, so equal weights never get different codes.
-                if (s > a && s < b && _x[s - 1] == _x[s]) continue;
                 double sse = Sse(a, s, weighted) + Sse(s, b, weighted);
                 if (sse < bestSse) { bestSse = sse; best = s; }
             }
             next[2 * c] = a;
             next[2 * c + 1] = best;
         }
-        next[2 * k] = _n;
+        next[2 * k] = _m;
         return next;
     }
 
-    /// <summary>Codes in the row's original element order for clusters <paramref name="bounds"/>.</summary>
-    private byte[] CodesOf(int[] bounds)
+    /// <summary>Codes in the row's original element order for clusters <paramref name="bounds"/> (at most 256).</summary>
+    public byte[] CodesOf(int[] bounds)
     {
         var codes = new byte[_n];
         for (int c = 0; c + 1 < bounds.Length; c++)
-            for (int i = bounds[c]; i < bounds[c + 1]; i++) codes[_order[i]] = (byte)c;
+            for (int i = _start[bounds[c]]; i < _start[bounds[c + 1]]; i++) codes[_order[i]] = (byte)c;
         return codes;
     }
 
-    /// <summary>Deterministic weighted k-means++: the first centre drawn ∝ w, each next ∝ w·D².</summary>
+    /// <summary>
+    /// Deterministic greedy weighted k-means++ (Arthur and Vassilvitskii; the greedy variant of scikit-learn):
+    /// the first centre drawn ∝ w, each next one the best by potential Σ w·D² of 2 + ⌊ln k⌋ candidates drawn ∝ w·D².
+    /// </summary>
     private double[] KMeansPlusPlus(int k, ulong seed)
     {
         var rng = new SplitMix64(seed);
+        int trials = 2 + (int)Math.Log(k);
         var centres = new List<double>(k);
-        var mass = new double[_n];
-        var d2 = new double[_n];
-        bool weighted = _w[_n] > 0;
-        // First centre: a draw from the weight distribution (uniform over elements if all weights are zero).
-        for (int i = 0; i < _n; i++) mass[i] = weighted ? _w[i + 1] - _w[i] : 1;
-        double first = _x[Draw(mass, rng.NextDouble() * (weighted ? _w[_n] : _n))];
+        var mass = new double[_m];
+        var d2 = new double[_m];
+        var p = new double[_m];
+        for (int d = 0; d < _m; d++) mass[d] = _w[d + 1] - _w[d];
+        double first = _x[Draw(mass, rng.NextDouble() * _w[_m])];
         centres.Add(first);
-        for (int i = 0; i < _n; i++) { double d = _x[i] - first; d2[i] = d * d; }
-        var p = new double[_n];
+        for (int d = 0; d < _m; d++) { double e = _x[d] - first; d2[d] = e * e; }
         while (centres.Count < k)
         {
             double sum = 0;
-            for (int i = 0; i < _n; i++) { p[i] = mass[i] * d2[i]; sum += p[i]; }
+            for (int d = 0; d < _m; d++) { p[d] = mass[d] * d2[d]; sum += p[d]; }
             if (sum <= 0) { centres.Add(centres[^1]); continue; } // every value is already a centre
-            double next = _x[Draw(p, rng.NextDouble() * sum)];
-            centres.Add(next);
-            for (int i = 0; i < _n; i++) { double d = _x[i] - next; d2[i] = Math.Min(d2[i], d * d); }
+            double bestPotential = double.PositiveInfinity, bestCentre = 0;
+            for (int t = 0; t < trials; t++)
+            {
+                double candidate = _x[Draw(p, rng.NextDouble() * sum)], potential = 0;
+                for (int d = 0; d < _m; d++) { double e = _x[d] - candidate; potential += mass[d] * Math.Min(d2[d], e * e); }
+                if (potential < bestPotential) { bestPotential = potential; bestCentre = candidate; }
+            }
+            centres.Add(bestCentre);
+            for (int d = 0; d < _m; d++) { double e = _x[d] - bestCentre; d2[d] = Math.Min(d2[d], e * e); }
         }
         centres.Sort();
         return [.. centres];

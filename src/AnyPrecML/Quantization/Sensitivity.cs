@@ -53,16 +53,20 @@ public sealed class UniformSensitivity : ISensitivitySource
     public LayerSensitivity For(int layer, string part, int rows, int cols) => LayerSensitivity.Uniform(rows, cols);
 }
 
-/// <summary>Calibration text cut into token windows: what a sensitivity source runs the model on.</summary>
-public sealed record CalibrationSet(IReadOnlyList<int[]> Sequences, string Source)
+/// <summary>Calibration documents as token sequences: what a sensitivity source runs the model on.</summary>
+/// <param name="Sequences">One token sequence per document, BOS first.</param>
+/// <param name="Source">Where the text came from (recorded in the model).</param>
+/// <param name="SequenceLength">The truncation length: no sequence is longer.</param>
+public sealed record CalibrationSet(IReadOnlyList<int[]> Sequences, string Source, int SequenceLength)
 {
     /// <summary>Tokens in all sequences.</summary>
     public long Tokens => Sequences.Sum(s => (long)s.Length);
 
     /// <summary>
-    /// Each non-empty line of <paramref name="text"/> is a document starting with BOS; the documents are
-    /// joined and cut into up to <paramref name="samples"/> windows of <paramref name="sequenceLength"/> tokens
-    /// (capped by the model's context); a shorter last window is kept if it has at least two tokens.
+    /// One line = one document = one sequence: each non-empty line of <paramref name="text"/> is tokenized
+    /// with BOS first and truncated to its first <paramref name="sequenceLength"/> tokens (capped by the
+    /// model's context); the first <paramref name="samples"/> documents of two or more tokens are kept.
+    /// No sequence starts mid-document and none spans two.
     /// </summary>
     public static CalibrationSet FromText(Tokenizer tokenizer, string text, int samples, int sequenceLength, int maxSeqLen, string source)
     {
@@ -70,11 +74,9 @@ public sealed record CalibrationSet(IReadOnlyList<int[]> Sequences, string Sourc
         ArgumentOutOfRangeException.ThrowIfLessThan(samples, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(sequenceLength, 2);
         int len = Math.Min(sequenceLength, maxSeqLen);
-        var ids = Evaluation.PerplexityEvaluator.Tokenize(tokenizer, text, bosPerLine: true);
-        var seqs = new List<int[]>();
-        for (int start = 0; start + 2 <= ids.Count && seqs.Count < samples; start += len)
-            seqs.Add(ids.GetRange(start, Math.Min(len, ids.Count - start)).ToArray());
-        return new CalibrationSet(seqs, source);
+        var seqs = Evaluation.PerplexityEvaluator.Documents(tokenizer, text, len).Where(d => d.Length >= 2).Take(samples).ToList();
+        if (seqs.Count == 0) throw new ArgumentException("the calibration text has no document of two or more tokens.", nameof(text));
+        return new CalibrationSet(seqs, source, len);
     }
 }
 
@@ -157,8 +159,9 @@ public static class SensitivitySources
                 var summary = new System.Text.Json.Nodes.JsonObject
                 {
                     ["source"] = calibration.Source,
+                    ["framing"] = "documents",
                     ["samples"] = calibration.Sequences.Count,
-                    ["seq_len"] = calibration.Sequences.Max(s => s.Length),
+                    ["seq_len"] = calibration.SequenceLength,
                     ["tokens"] = calibration.Tokens,
                 };
                 ISensitivitySource source = kind == "hessian"
