@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.Runtime.InteropServices;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using AnyPrecML.Models;
@@ -40,7 +41,10 @@ public static class AnyPrecCli
     /// </summary>
     public static int Run(string[] args, TextWriter? output = null, TextWriter? error = null)
     {
-        var config = new InvocationConfiguration { Output = output ?? Console.Out, Error = error ?? Console.Error, EnableDefaultExceptionHandler = false };
+        var config = new InvocationConfiguration
+        {
+            Output = output ?? Console.Out, Error = error ?? Console.Error, EnableDefaultExceptionHandler = false, ProcessTerminationTimeout = null,
+        };
         var root = Build();
         root.Options.Add(Verbose);
         var parsed = root.Parse(args);
@@ -51,12 +55,19 @@ public static class AnyPrecCli
         }
         try
         {
-            return parsed.Invoke(config);
+            // Ctrl-C and SIGTERM cancel the command's token instead of ending the process: commands stop at their next
+            // check and clean up (quantize removes its temporary directory; score's output stays resumable).
+            using var interrupted = new CancellationTokenSource();
+            void Cancel(PosixSignalContext c) { c.Cancel = true; interrupted.Cancel(); }
+            using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, Cancel);
+            using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, Cancel);
+            return parsed.InvokeAsync(config, interrupted.Token).GetAwaiter().GetResult();
         }
         catch (Exception e)
         {
             var cause = Cause(e);
-            int code = cause is OperationCanceledException ? ExitCancelled : IsUserError(cause) ? ExitBadInput : ExitInternal;
+            if (cause is OperationCanceledException) { config.Error.WriteLine("error: cancelled (interrupted by a signal)"); return ExitCancelled; }
+            int code = IsUserError(cause) ? ExitBadInput : ExitInternal;
             config.Error.WriteLine(code == ExitInternal
                 ? $"error: internal failure: {OneLine(cause.Message)} (in {cause.TargetSite?.DeclaringType?.Name ?? "anyprec"}; --verbose shows the stack)"
                 : $"error: {Describe(cause)}");

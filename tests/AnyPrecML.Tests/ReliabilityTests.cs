@@ -217,3 +217,84 @@ public sealed class ReliabilityTests
         StringAssert.Contains(err, "   at AnyPrecML.Models.LlamaCheckpoint");
     }
 }
+
+/// <summary>Files that change underneath, and temporary directories of killed or interrupted runs.</summary>
+[TestClass]
+public sealed class FileSafetyTests
+{
+    [TestMethod]
+    public void FileTruncatedAfterOpenIsAnErrorBeforeItIsMapped()
+    {
+        using var dir = TestData.NewTempDir();
+        var c = TestData.TinyConfig();
+        CheckpointTests.WriteHuggingFace(TestData.RandomWeights(c, seed: 1), dir["hf"]);
+        string path = dir["hf/model.safetensors"];
+        long length = new FileInfo(path).Length;
+
+        using var file = new MappedFile(path);
+        using (var fs = new FileStream(path, FileMode.Open, FileAccess.Write, FileShare.ReadWrite)) fs.SetLength(length / 2);
+        StringAssert.Contains(Assert.ThrowsExactly<ModelFormatException>(() => file.ReadBytes(length - 16, 16, "tail")).Message, "truncated underneath");
+        var e = Assert.ThrowsExactly<ModelFormatException>(() => file.Slice(0, 4, "data").ToArray());
+        StringAssert.Contains(e.Message, $"the file is {length / 2} bytes now but was {length} when opened");
+
+        // Through the loader: the truncated file is refused at open, by its header's sizes, without mapping it.
+        var (code, _, err) = Cli.Run("info", "--model", dir["hf"]);
+        Assert.AreEqual(AnyPrecCli.ExitBadInput, code);
+        StringAssert.StartsWith(err, "error: ");
+        StringAssert.Contains(err, "outside the");
+    }
+
+    private static string[] Temporaries(string parent, string name) => Directory.GetDirectories(parent, "." + name + ".tmp-*");
+
+    [TestMethod]
+    public void KillNineDuringQuantizeThenASecondQuantizeLeavesNoTemporaryDirectory()
+    {
+        using var dir = TestData.NewTempDir();
+        string[] args = ["quantize", "--model", TestData.Stories260K, "--sensitivity", "uniform", "--output", dir["ap"]];
+        using (var child = ChildCli.Start(args))
+        {
+            var sw = System.Diagnostics.Stopwatch.StartNew();
+            while (Temporaries(dir.Path, "ap").Length == 0)
+            {
+                Assert.IsFalse(child.HasExited, "quantize finished before it could be killed");
+                Assert.IsLessThan(120, sw.Elapsed.TotalSeconds);
+                Thread.Sleep(10);
+            }
+            child.Kill(entireProcessTree: true);
+            child.WaitForExit();
+        }
+        var stale = Temporaries(dir.Path, "ap");
+        Assert.HasCount(1, stale, "the killed run left its temporary directory");
+        Assert.IsTrue(File.Exists(Path.Combine(stale[0], AtomicFile.PartialMarker)));
+        // A directory of the same name without our marker is someone else's: it is left alone.
+        string foreign = Path.Combine(dir.Path, ".ap.tmp-foreign");
+        Directory.CreateDirectory(foreign);
+
+        var (code, _, err) = Cli.Run(args);
+        Assert.AreEqual(0, code, err);
+        CollectionAssert.AreEqual(new[] { foreign }, Temporaries(dir.Path, "ap"), "the stale temporary is gone, the foreign one kept");
+        using var ap = AnyPrecisionModel.Open(dir["ap"]);
+        Assert.AreEqual(8, ap.ParentBits);
+    }
+
+    [TestMethod]
+    public void CtrlCDuringQuantizeRemovesTheTemporaryDirectory()
+    {
+        using var dir = TestData.NewTempDir();
+        using var child = ChildCli.Start("quantize", "--model", TestData.Stories260K, "--sensitivity", "uniform", "--output", dir["ap"]);
+        var stderr = child.StandardError.ReadToEndAsync();
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        while (Temporaries(dir.Path, "ap").Length == 0)
+        {
+            Assert.IsFalse(child.HasExited, "quantize finished before it could be interrupted");
+            Assert.IsLessThan(120, sw.Elapsed.TotalSeconds);
+            Thread.Sleep(10);
+        }
+        using (var kill = System.Diagnostics.Process.Start("kill", ["-INT", child.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)])) kill.WaitForExit();
+        Assert.IsTrue(child.WaitForExit(TimeSpan.FromSeconds(60)));
+        Assert.AreEqual(AnyPrecCli.ExitCancelled, child.ExitCode, stderr.Result);
+        StringAssert.StartsWith(stderr.Result.Split('\n').Last(l => l.Length > 0), "error: ");
+        Assert.IsEmpty(Temporaries(dir.Path, "ap"));
+        Assert.IsFalse(Directory.Exists(dir["ap"]));
+    }
+}

@@ -133,7 +133,7 @@ public sealed class LlamaCheckpoint : IDisposable
         try
         {
             if (file.Length < 28) throw new ModelFormatException($"{path}: truncated llama2.c checkpoint ({file.Length} bytes; the header alone takes 28).");
-            var head = file.Slice(0, Math.Min(file.Length, 256), "header");
+            ReadOnlySpan<byte> head = file.ReadBytes(0, (int)Math.Min(file.Length, 256), "header");
             int version;
             long dataStart;
             int[] h = new int[7];
