@@ -86,6 +86,11 @@ internal static class ScoreInput
         {
             return new(index, line, null, $"not valid JSON (at byte {e.BytePositionInLine}: {e.Message.Split(" LineNumber:")[0].TrimEnd()})", false);
         }
+        catch (InvalidOperationException)
+        {
+            // JsonElement.GetString cannot transcode invalid UTF-8 or a lone surrogate escape (found by ParserMutationTests).
+            return new(index, line, null, "the text is not valid UTF-8 or holds a lone surrogate escape", false);
+        }
     }
 
     private static string Kind(JsonValueKind k) => k switch

@@ -42,7 +42,10 @@ public static class SafetensorsReader
         long dataLength = file.Length - dataStart;
 
         JsonDocument doc;
-        try { doc = JsonDocument.Parse(file.ReadBytes(8, (int)headerLen, "header")); }
+        var header = file.ReadBytes(8, (int)headerLen, "header");
+        // Names are read as strings below; invalid UTF-8 would surface there as a transcoding error (found by ParserMutationTests).
+        if (!System.Text.Unicode.Utf8.IsValid(header)) throw new ModelFormatException($"{p}: safetensors header is not valid UTF-8.");
+        try { doc = JsonDocument.Parse(header); }
         catch (JsonException e) { throw new ModelFormatException($"{p}: safetensors header is not valid JSON: {e.Message}", e); }
 
         using (doc)
