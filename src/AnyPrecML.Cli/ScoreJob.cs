@@ -20,11 +20,12 @@ internal sealed class ScoreJob : IDisposable
     private readonly FileStream _output;
     private FileStream? _errors;
     private readonly string _outputPath, _errorsPath, _manifestPath;
+    private readonly bool _created;
     private ScoreManifest.JobIdentity? _identity;
 
-    private ScoreJob(FileStream output, string outputPath, string errorsPath)
+    private ScoreJob(FileStream output, string outputPath, string errorsPath, bool created)
     {
-        _output = output; _outputPath = outputPath; _errorsPath = errorsPath; _manifestPath = ManifestPath(outputPath);
+        _output = output; _outputPath = outputPath; _errorsPath = errorsPath; _manifestPath = ManifestPath(outputPath); _created = created;
     }
 
     /// <summary>The manifest of the job writing <paramref name="outputPath"/>.</summary>
@@ -36,9 +37,10 @@ internal sealed class ScoreJob : IDisposable
         Directory.CreateDirectory(Path.GetDirectoryName(outputPath)!);
         // FileShare.None takes an exclusive advisory lock (flock) on Unix and a sharing lock on Windows; the file is
         // opened without truncation, so a refused second run changes nothing.
+        bool created = !File.Exists(outputPath);
         try
         {
-            return new ScoreJob(new FileStream(outputPath, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None, 1 << 16), outputPath, errorsPath);
+            return new ScoreJob(new FileStream(outputPath, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None, 1 << 16), outputPath, errorsPath, created);
         }
         catch (IOException e) when (e is not (FileNotFoundException or DirectoryNotFoundException or PathTooLongException) && File.Exists(outputPath))
         {
@@ -99,10 +101,13 @@ internal sealed class ScoreJob : IDisposable
         new ScoreManifest(_identity!, rowsDone, _output.Length, _errors?.Length ?? 0, complete).Write(_manifestPath);
     }
 
+    /// <summary>Closes the files; an output this run created and never started (it failed before its first row) is removed.</summary>
     public void Dispose()
     {
         _errors?.Dispose();
+        bool unused = _created && _identity is null && _output.Length == 0;
         _output.Dispose();
+        if (unused) File.Delete(_outputPath);
     }
 
     /// <summary>SHA-256 of a file, read in a stream (hex).</summary>

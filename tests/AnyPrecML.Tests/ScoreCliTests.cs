@@ -62,6 +62,7 @@ public sealed class ScoreCliTests
         (code, _, err) = Cli.Run("score", "--model", _dir["ap"], "--input", _dir["bad.jsonl"], "--bits", "9", "--output", _dir["bad-out2.jsonl"]);
         Assert.AreEqual(2, code);
         StringAssert.Contains(err, "9");
+        Assert.IsFalse(File.Exists(_dir["bad-out2.jsonl"]), "a run refused before its first row leaves no output file");
         (code, _, err) = Cli.Run("score", "--model", TestData.Stories260K, "--input", _dir["bad.jsonl"], "--output", _dir["bad-out3.jsonl"]);
         Assert.AreEqual(2, code);
         StringAssert.Contains(err, "not an any-precision model");
