@@ -88,7 +88,7 @@ public static class AnyPrecCli
 
     /// <summary>Errors caused by input (files, options, data); the rest are the program's own failures.</summary>
     private static bool IsUserError(Exception e) =>
-        e is IOException or ArgumentException or FormatException or InvalidDataException or JsonException
+        e is IOException or ArgumentException or FormatException or InvalidDataException or JsonException or NotSupportedException
           or InvalidOperationException or UnauthorizedAccessException or KeyNotFoundException;
 
     /// <summary>

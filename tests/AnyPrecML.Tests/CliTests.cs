@@ -6,6 +6,7 @@ namespace AnyPrecML.Tests;
 /// <summary>Runs the CLI in-process and captures what it prints.</summary>
 internal static class Cli
 {
+
     public static (int Code, string Out, string Err) Run(params string[] args)
     {
         var o = new StringWriter();
