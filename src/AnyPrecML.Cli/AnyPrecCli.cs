@@ -1,5 +1,7 @@
 using System.CommandLine;
+using System.Runtime.InteropServices;
 using System.Text.Json;
+using System.Text.Json.Nodes;
 using AnyPrecML.Models;
 
 namespace AnyPrecML.Cli;
@@ -22,39 +24,146 @@ public static class AnyPrecCli
         BenchCommand.Create(),
     };
 
-    /// <summary>Parses and runs <paramref name="args"/>, writing to the given writers (the console when null); returns the exit code.</summary>
+    /// <summary>Exit code for bad input: options, files, data.</summary>
+    public const int ExitBadInput = 2;
+    /// <summary>Exit code for a failure of the program itself.</summary>
+    public const int ExitInternal = 1;
+    /// <summary>Exit code after Ctrl-C (128 + SIGINT, as shells report it).</summary>
+    public const int ExitCancelled = 130;
+
+    /// <summary>Shows the stack trace of a failure (on every command).</summary>
+    internal static readonly Option<bool> Verbose = new("--verbose") { Description = "On failure, also print the stack trace.", Recursive = true };
+
+    /// <summary>
+    /// Parses and runs <paramref name="args"/>, writing to the given writers (the console when null); returns the exit code.
+    /// Every failure prints one line <c>error: what (where)</c>: exit code 2 for bad input, 1 for an internal failure,
+    /// 130 when cancelled; <c>--verbose</c> adds the stack trace.
+    /// </summary>
     public static int Run(string[] args, TextWriter? output = null, TextWriter? error = null)
     {
-        var config = new InvocationConfiguration { Output = output ?? Console.Out, Error = error ?? Console.Error, EnableDefaultExceptionHandler = false };
+        var config = new InvocationConfiguration
+        {
+            Output = output ?? Console.Out, Error = error ?? Console.Error, EnableDefaultExceptionHandler = false, ProcessTerminationTimeout = null,
+        };
+        var root = Build();
+        root.Options.Add(Verbose);
+        var parsed = root.Parse(args);
+        if (parsed.Errors.Count > 0 && parsed.Action is not System.CommandLine.Help.HelpAction)
+        {
+            foreach (var e in parsed.Errors) config.Error.WriteLine($"error: {OneLine(e.Message)} (command line; see --help)");
+            return ExitBadInput;
+        }
         try
         {
-            return Build().Parse(args).Invoke(config);
+            // Ctrl-C and SIGTERM cancel the command's token instead of ending the process: commands stop at their next
+            // check and clean up (quantize removes its temporary directory; score's output stays resumable).
+            using var interrupted = new CancellationTokenSource();
+            void Cancel(PosixSignalContext c) { c.Cancel = true; interrupted.Cancel(); }
+            using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, Cancel);
+            using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, Cancel);
+            return parsed.InvokeAsync(config, interrupted.Token).GetAwaiter().GetResult();
         }
-        catch (Exception e) when (IsUserError(Cause(e)))
+        catch (Exception e)
         {
-            config.Error.WriteLine($"error: {Cause(e).Message}");
-            return 1;
+            var cause = Cause(e);
+            if (cause is OperationCanceledException) { config.Error.WriteLine("error: cancelled (interrupted by a signal)"); return ExitCancelled; }
+            int code = IsUserError(cause) ? ExitBadInput : ExitInternal;
+            config.Error.WriteLine(code == ExitInternal
+                ? $"error: internal failure: {OneLine(cause.Message)} (in {cause.TargetSite?.DeclaringType?.Name ?? "anyprec"}; --verbose shows the stack)"
+                : $"error: {Describe(cause)}");
+            if (parsed.GetValue(Verbose)) config.Error.WriteLine(e.ToString());
+            return code;
         }
     }
 
-    /// <summary>The exception behind ML.NET's wrappers (its cursors rethrow a row's error inside exceptions of their own).</summary>
+    /// <summary>The exception behind wrappers: reflection, single-error aggregates, and ML.NET's cursors (which rethrow a row's error inside exceptions of their own).</summary>
     private static Exception Cause(Exception e)
     {
-        while (e.InnerException is { } inner && e.Source?.StartsWith("Microsoft.ML", StringComparison.Ordinal) == true)
+        while (e.InnerException is { } inner
+               && (e is System.Reflection.TargetInvocationException || e is AggregateException { InnerExceptions.Count: 1 }
+                   || e.Source?.StartsWith("Microsoft.ML", StringComparison.Ordinal) == true))
             e = inner;
         return e;
     }
 
-    /// <summary>Errors caused by input (files, options) are reported in one line; others keep their stack trace.</summary>
+    /// <summary>Errors caused by input (files, options, data); the rest are the program's own failures.</summary>
     private static bool IsUserError(Exception e) =>
-        e is ModelFormatException or FileNotFoundException or DirectoryNotFoundException or IOException
-          or ArgumentException or FormatException or InvalidOperationException or UnauthorizedAccessException or OperationCanceledException;
+        e is IOException or ArgumentException or FormatException or InvalidDataException or JsonException or NotSupportedException
+          or InvalidOperationException or UnauthorizedAccessException or KeyNotFoundException;
 
-    internal static readonly JsonSerializerOptions Json = new() { WriteIndented = false };
+    /// <summary>
+    /// "what (where)": library messages lead with the place ("path: problem", "path:line: problem"); the place moves to
+    /// the end, and .NET's argument decorations ("(Parameter 'x')", "Actual value was ...") are dropped.
+    /// </summary>
+    internal static string Describe(Exception e)
+    {
+        string m = e.Message;
+        if (e is ArgumentException)
+        {
+            m = System.Text.RegularExpressions.Regex.Replace(m, @" \(Parameter '[^']*'\)", "");
+            int actual = m.IndexOf("\nActual value was", StringComparison.Ordinal);
+            if (actual >= 0) m = m[..actual];
+        }
+        m = OneLine(m);
+        var place = System.Text.RegularExpressions.Regex.Match(m, @"^(?<where>[^\s:'""]*[/\\.][^\s'""]*?(:\d+)?): (?<what>.+)$");
+        if (place.Success) m = $"{place.Groups["what"].Value.TrimEnd('.')} ({place.Groups["where"].Value})";
+        return m;
+    }
 
-    /// <summary>Writes <paramref name="value"/> as one line of JSON.</summary>
+    private static string OneLine(string s) => s.ReplaceLineEndings(" ").Trim();
+
+    /// <summary>
+    /// Serializes <paramref name="value"/> as one line of JSON. A non-finite number (NaN, ±Inf: a diverged model, an
+    /// empty text's perplexity) is not valid JSON: it is written as null with a sibling "&lt;name&gt;_reason" saying what it was.
+    /// </summary>
+    internal static string ToJsonLine(object value)
+    {
+        var node = JsonSerializer.SerializeToNode(value, JsonWithMarkedNonFinite);
+        return node is null ? "null" : ReplaceNonFinite(node).ToJsonString(Json);
+    }
+
+    // Relaxed escaping: the output is read as JSON, never embedded in HTML, so quotes and non-ASCII text stay readable.
+    internal static readonly JsonSerializerOptions Json = new() { WriteIndented = false, Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
+    private static readonly JsonSerializerOptions JsonWithMarkedNonFinite = new() { WriteIndented = false, Encoder = Json.Encoder, Converters = { new NonFiniteMarker<double>(), new NonFiniteMarker<float>() } };
+
+    // Private-use code point: no number serializes to it and no text the CLI prints starts with it.
+    private const string NonFiniteMark = "\uE000non-finite:";
+
+    private sealed class NonFiniteMarker<T> : System.Text.Json.Serialization.JsonConverter<T> where T : System.Numerics.IFloatingPointIeee754<T>
+    {
+        public override T Read(ref Utf8JsonReader reader, Type typeToConvert, JsonSerializerOptions options) => throw new NotSupportedException();
+
+        public override void Write(Utf8JsonWriter writer, T value, JsonSerializerOptions options)
+        {
+            if (T.IsFinite(value)) writer.WriteRawValue(value.ToString("R", System.Globalization.CultureInfo.InvariantCulture));
+            else writer.WriteStringValue(NonFiniteMark + (T.IsNaN(value) ? "NaN" : T.IsNegative(value) ? "-Infinity" : "Infinity"));
+        }
+    }
+
+    private static JsonNode ReplaceNonFinite(JsonNode node)
+    {
+        static string? Marked(JsonNode? n) => n is JsonValue v && v.TryGetValue<string>(out var s) && s.StartsWith(NonFiniteMark, StringComparison.Ordinal) ? s[NonFiniteMark.Length..] : null;
+        static string Reason(string what) => $"not a finite number ({what})";
+        if (node is JsonObject o)
+            foreach (var (name, child) in o.ToList())
+            {
+                if (Marked(child) is { } what) { o[name] = null; o[name + "_reason"] = Reason(what); }
+                else if (child is JsonArray a)
+                {
+                    var reasons = new List<string>();
+                    for (int i = 0; i < a.Count; i++)
+                        if (Marked(a[i]) is { } w) { a[i] = null; reasons.Add($"[{i}]: {Reason(w)}"); }
+                        else if (a[i] is { } item) ReplaceNonFinite(item);
+                    if (reasons.Count > 0) o[name + "_reason"] = string.Join("; ", reasons);
+                }
+                else if (child is not null) ReplaceNonFinite(child);
+            }
+        return node;
+    }
+
+    /// <summary>Writes <paramref name="value"/> as one line of JSON (non-finite numbers as null plus a reason).</summary>
     internal static void WriteJson(this ParseResult result, object value) =>
-        result.InvocationConfiguration.Output.WriteLine(JsonSerializer.Serialize(value, Json));
+        result.InvocationConfiguration.Output.WriteLine(ToJsonLine(value));
 
     internal static TextWriter Out(this ParseResult result) => result.InvocationConfiguration.Output;
     internal static TextWriter Err(this ParseResult result) => result.InvocationConfiguration.Error;

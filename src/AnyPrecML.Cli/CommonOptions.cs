@@ -38,6 +38,12 @@ internal static class CommonOptions
         DefaultValueFactory = _ => "int8",
     }.AcceptOnlyFromAmong("fp32", "int8");
 
+    public static Option<string> Device() => new Option<string>("--device")
+    {
+        Description = "Where the onnx engine runs: auto (CUDA when the build has it and it starts, else the CPU with a warning), cpu, or cuda (an error if it cannot start).",
+        DefaultValueFactory = _ => "auto",
+    }.AcceptOnlyFromAmong("auto", "cpu", "cuda");
+
     /// <summary>The bitplane backend for an --accuracy value: fp32 forces the CPU fp32 kernels; int8 is the default backend.</summary>
     public static Kernels.BitplaneBackend? Backend(string? accuracy) =>
         accuracy == "fp32" ? new Kernels.CpuBitplaneBackend(accuracy: Kernels.KernelAccuracy.Float32) : null;
@@ -61,7 +67,8 @@ internal static class CommonOptions
     /// <paramref name="bits"/> (default: its parent width) into <paramref name="engine"/>: "onnx" (default) or
     /// "reference" (that width dequantized into the managed engine).
     /// </summary>
-    public static LoadedModel Load(string modelPath, string? tokenizerPath, int? bits = null, string? engine = null, string? accuracy = null, TextWriter? log = null)
+    public static LoadedModel Load(string modelPath, string? tokenizerPath, int? bits = null, string? engine = null, string? accuracy = null,
+        string device = "auto", TextWriter? log = null)
     {
         if (Directory.Exists(modelPath) && LlamaCheckpoint.IsAnyPrecision(modelPath))
         {
@@ -70,7 +77,9 @@ internal static class CommonOptions
             {
                 var tokenizer = LlamaTokenizerLoader.Load(ap.Checkpoint, tokenizerPath);
                 int b = ap.CheckBits(bits ?? ap.ParentBits);
-                IInferenceEngine e = engine == "reference" ? new ReferenceEngine(ap.ToWeights(b)) : new OnnxEngine(ap, new OnnxEngineOptions { Bits = b, Backend = Backend(accuracy) });
+                IInferenceEngine e = engine == "reference" ? new ReferenceEngine(ap.ToWeights(b))
+                    : new OnnxEngine(ap, new OnnxEngineOptions { Bits = b, Backend = Backend(accuracy), Device = Enum.Parse<OnnxDevice>(device, ignoreCase: true) });
+                if (e is OnnxEngine { DeviceFallback: { } why }) log?.WriteLine($"warning: {why}");
                 // Which kernels run is never silent: the path, its instruction set and the arithmetic.
                 log?.WriteLine(e is OnnxEngine onnx ? $"engine: onnx, {b} bits, bitplane kernels: {onnx.Operator.Backend.Name}" : $"engine: reference (fp32, {b}-bit weights dequantized)");
                 return new LoadedModel(ap.Checkpoint, e, tokenizer);

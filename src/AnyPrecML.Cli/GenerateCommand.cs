@@ -14,6 +14,7 @@ internal static class GenerateCommand
         var bits = CommonOptions.Bits();
         var engine = CommonOptions.Engine();
         var accuracy = CommonOptions.Accuracy();
+        var device = CommonOptions.Device();
         var prompt = new Option<string>("--prompt", "-p") { Description = "Text to complete (empty: start from BOS).", DefaultValueFactory = _ => "" };
         var maxTokens = new Option<int>("--max-tokens", "-n") { Description = "Most tokens to generate.", DefaultValueFactory = _ => 256 };
         var temperature = new Option<float>("--temperature", "-t") { Description = "0 for greedy decoding.", DefaultValueFactory = _ => 0f };
@@ -22,11 +23,11 @@ internal static class GenerateCommand
         var seed = new Option<ulong?>("--seed") { Description = "Sampler seed (the same seed gives the same text)." };
         var command = new Command("generate", "Generate text from a prompt.")
         {
-            model, tokenizer, bits, engine, accuracy, prompt, maxTokens, temperature, topK, topP, seed, json,
+            model, tokenizer, bits, engine, accuracy, device, prompt, maxTokens, temperature, topK, topP, seed, json,
         };
         command.SetAction((r, ct) =>
         {
-            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), r.Err());
+            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), r.GetValue(device)!, r.Err());
             var options = new GenerationOptions
             {
                 MaxTokens = r.GetValue(maxTokens), Temperature = r.GetValue(temperature),

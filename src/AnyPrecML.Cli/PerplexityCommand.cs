@@ -24,7 +24,7 @@ internal static class PerplexityCommand
         };
         command.SetAction((r, ct) =>
         {
-            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), r.Err());
+            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), log: r.Err());
             string path = r.GetValue(text)!;
             if (!File.Exists(path)) throw new FileNotFoundException($"Text file '{path}' does not exist.", path);
             var progress = new ConsoleProgress<EvaluationProgress>(r.Err(), "perplexity", p => (p.Done, p.Total));

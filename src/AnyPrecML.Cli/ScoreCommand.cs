@@ -9,7 +9,9 @@ namespace AnyPrecML.Cli;
 
 /// <summary>
 /// `anyprec score`: a batch job streaming a file of texts through the ML.NET transformer at one width, writing one
-/// JSON line per row. Resumable: rows already in the output are skipped, so a crashed job is simply run again.
+/// JSON line per row. The output is locked while a run writes it; a manifest beside it records what produced it and
+/// how far a durable (fsync'd) checkpoint got, so <c>--resume</c> continues only the same job and redoes only the rows
+/// after the last checkpoint. Invalid rows go to an errors file with their line numbers; the run continues.
 /// </summary>
 internal static class ScoreCommand
 {
@@ -22,57 +24,100 @@ internal static class ScoreCommand
         var output = new Option<string>("--output", "-o") { Description = "JSON lines written: {row, token_count, log_likelihood, perplexity, completion}.", Required = true };
         var completion = new Option<int>("--completion-tokens") { Description = "Tokens to generate per row (0: score only).", DefaultValueFactory = _ => 0 };
         var engine = CommonOptions.Engine();
+        var resume = new Option<bool>("--resume") { Description = "Continue the job that wrote --output (same model, width, input and options; checked against its manifest)." };
+        var errors = new Option<string?>("--errors") { Description = "Invalid rows, one JSON line each with its input line number (default: <output>.errors.jsonl)." };
+        var checkpointRows = new Option<int>("--checkpoint-rows") { Description = "Rows between durable checkpoints (fsync of output, errors and manifest).", DefaultValueFactory = _ => 100 };
+        var maxRowChars = new Option<int>("--max-row-chars") { Description = "Longest text scored per row, in characters; longer ones follow --long-rows.", DefaultValueFactory = _ => 100_000 };
+        var longRows = new Option<string>("--long-rows") { Description = "A row over --max-row-chars: truncate (score its first characters, with a warning) or reject (into the errors file).", DefaultValueFactory = _ => "truncate" };
+        longRows.AcceptOnlyFromAmong("truncate", "reject");
+        var maxRowBytes = new Option<int>("--max-row-bytes") { Description = "Largest raw input record read into memory, in bytes; larger records are rejected without being held.", DefaultValueFactory = _ => 64 << 20 };
         var json = CommonOptions.Json();
-        var command = new Command("score", "Score (and optionally complete) every row of a file at one width; resumable.")
+        var command = new Command("score", "Score (and optionally complete) every row of a file at one width; locked, checkpointed, resumable.")
         {
-            model, input, column, bits, output, completion, engine, json,
+            model, input, column, bits, output, completion, engine, resume, errors, checkpointRows, maxRowChars, longRows, maxRowBytes, json,
         };
         command.SetAction((r, ct) =>
         {
-            string inPath = r.GetValue(input)!, outPath = r.GetValue(output)!, col = r.GetValue(column)!;
-            if (!File.Exists(inPath)) throw new FileNotFoundException($"no input file at '{inPath}'.", inPath);
-            int done = CompleteLines(outPath);
+            string inPath = r.GetValue(input)!, outPath = Path.GetFullPath(r.GetValue(output)!), col = r.GetValue(column)!;
+            string errPath = Path.GetFullPath(r.GetValue(errors) ?? outPath + ".errors.jsonl");
+            var limits = new RowLimits(r.GetValue(maxRowChars), r.GetValue(longRows) == "reject", r.GetValue(maxRowBytes));
+            int every = r.GetValue(checkpointRows);
+            if (every < 1) throw new ArgumentException($"--checkpoint-rows {every} must be at least 1.");
+            if (limits.MaxChars < 1 || limits.MaxBytes < 1) throw new ArgumentException("--max-row-chars and --max-row-bytes must be at least 1.");
+            if (!File.Exists(inPath)) throw new FileNotFoundException($"{inPath}: no input file there.", inPath);
+            ScoreInput.Check(inPath, col);
+            string modelPath = r.GetValue(model)!;
+            if (!Directory.Exists(modelPath) || !Models.LlamaCheckpoint.IsAnyPrecision(modelPath))
+                throw new ArgumentException($"'{modelPath}' is not an any-precision model directory (make one with `anyprec quantize`).");
+
+            // The lock comes first: a second writer is refused before it reads or changes anything.
+            using var job = ScoreJob.Lock(outPath, errPath);
             var ml = new MLContext(seed: 0);
             var options = new AnyPrecisionQuantizeOptions
             {
-                ModelPath = r.GetValue(model)!, InputColumnName = "Text", Bits = r.GetValue(bits), CompletionTokens = r.GetValue(completion),
+                ModelPath = modelPath, InputColumnName = "Text", Bits = r.GetValue(bits), CompletionTokens = r.GetValue(completion),
                 Engine = r.GetValue(engine) == "reference" ? AnyPrecisionEngineKind.Reference : AnyPrecisionEngineKind.Onnx,
             };
-            if (!Directory.Exists(options.ModelPath) || !Models.LlamaCheckpoint.IsAnyPrecision(options.ModelPath))
-                throw new ArgumentException($"'{options.ModelPath}' is not an any-precision model directory (make one with `anyprec quantize`).");
             using var transformer = ml.Transforms.AnyPrecisionQuantize(options).Fit(ml.Data.LoadFromEnumerable(Array.Empty<Row>()));
+            var identity = new ScoreManifest.JobIdentity(
+                Quantization.AnyPrecisionModel.ContentHash(modelPath), transformer.Bits, Path.GetFullPath(inPath), ScoreJob.Sha256(inPath),
+                col, options.CompletionTokens, options.Engine.ToString().ToLowerInvariant(), limits.MaxChars, limits.Reject ? "reject" : "truncate", limits.MaxBytes);
+            long done = job.Start(identity, r.GetValue(resume));
 
-            // Rows stream from the file into the lazy transform and out to the file; nothing holds them all.
-            var rows = ReadTexts(inPath, col).Skip(done).Select(t => new Row { Text = t });
+            // Rows stream from the file into the lazy transform and out to the files; nothing holds them all.
+            var rows = ScoreInput.Read(inPath, col, limits).Skip(checked((int)done)).Select(x => new Row { Text = x.Text ?? "", Index = x.Index, Line = x.Line, Problem = x.Problem ?? "", Truncated = x.Truncated });
             var view = transformer.Transform(ml.Data.LoadFromEnumerable(rows));
             var err = r.Err();
             var sw = Stopwatch.StartNew();
-            int written = 0;
-            using (var writer = new StreamWriter(new FileStream(outPath, FileMode.Append, FileAccess.Write, FileShare.Read), new UTF8Encoding(false)))
+            long written = 0, rejected = 0, consumed = done;
             using (var cursor = view.GetRowCursor(view.Schema))
             {
                 var ll = cursor.GetGetter<float>(view.Schema["LogLikelihood"]);
                 var n = cursor.GetGetter<int>(view.Schema["TokenCount"]);
                 var ppl = cursor.GetGetter<float>(view.Schema["Perplexity"]);
                 var comp = cursor.GetGetter<ReadOnlyMemory<char>>(view.Schema["Completion"]);
-                float llv = 0, pplv = 0; int nv = 0; ReadOnlyMemory<char> cv = default;
+                var index = cursor.GetGetter<long>(view.Schema["Index"]);
+                var line = cursor.GetGetter<long>(view.Schema["Line"]);
+                var problem = cursor.GetGetter<ReadOnlyMemory<char>>(view.Schema["Problem"]);
+                var truncated = cursor.GetGetter<bool>(view.Schema["Truncated"]);
+                float llv = 0, pplv = 0; int nv = 0; long iv = 0, lv = 0; bool tv = false;
+                ReadOnlyMemory<char> cv = default, pv = default;
                 while (cursor.MoveNext())
                 {
                     ct.ThrowIfCancellationRequested();
-                    ll(ref llv); n(ref nv); ppl(ref pplv); comp(ref cv);
-                    writer.WriteLine(JsonSerializer.Serialize(new
+                    index(ref iv); line(ref lv); problem(ref pv);
+                    if (!pv.IsEmpty)
                     {
-                        row = done + written, token_count = nv, log_likelihood = Number(llv), perplexity = Number(pplv), completion = cv.ToString(),
-                    }));
-                    writer.Flush(); // a crash loses at most the row being written; the next run truncates and redoes it
-                    written++;
-                    if (written % 100 == 0) err.WriteLine($"score: {done + written} rows ({written / sw.Elapsed.TotalSeconds:F1} rows/s)");
+                        // The model is not run for an invalid row: its output getters are never called.
+                        job.WriteError(AnyPrecCli.ToJsonLine(new { row = iv, line = lv, error = pv.ToString() }));
+                        err.WriteLine($"warning: row {iv} rejected: {pv} ({inPath}:{lv})");
+                        rejected++;
+                    }
+                    else
+                    {
+                        truncated(ref tv);
+                        if (tv) err.WriteLine($"warning: row {iv} is longer than --max-row-chars {limits.MaxChars}; its first {limits.MaxChars} characters are scored ({inPath}:{lv})");
+                        ll(ref llv); n(ref nv); ppl(ref pplv); comp(ref cv);
+                        job.WriteOutput(AnyPrecCli.ToJsonLine(new
+                        {
+                            row = iv, token_count = nv, log_likelihood = Round(llv), perplexity = Round(pplv), completion = cv.ToString(),
+                        }));
+                        written++;
+                    }
+                    consumed++;
+                    if ((consumed - done) % every == 0) job.Checkpoint(consumed, complete: false);
+                    if ((consumed - done) % 100 == 0) err.WriteLine($"score: {consumed} rows ({(consumed - done) / sw.Elapsed.TotalSeconds:F1} rows/s)");
                 }
             }
+            job.Checkpoint(consumed, complete: true);
             double seconds = sw.Elapsed.TotalSeconds;
-            var summary = new { output = Path.GetFullPath(outPath), rows = written, skipped = done, bits = transformer.Bits, seconds = Math.Round(seconds, 2), rows_per_second = Math.Round(written / Math.Max(seconds, 1e-9), 2) };
+            var summary = new
+            {
+                output = outPath, rows = written, rejected, errors = errPath, skipped = done, bits = transformer.Bits, seconds = Math.Round(seconds, 2),
+                rows_per_second = Math.Round((consumed - done) / Math.Max(seconds, 1e-9), 2), peak_resident_bytes = PeakResidentBytes(),
+            };
             if (r.GetValue(json)) r.WriteJson(summary);
-            else r.Out().WriteLine($"scored {written} rows at {transformer.Bits} bits in {seconds:F1} s ({summary.rows_per_second} rows/s){(done > 0 ? $", after {done} already written" : "")} → {summary.output}");
+            else r.Out().WriteLine($"scored {written} rows at {transformer.Bits} bits in {seconds:F1} s ({summary.rows_per_second} rows/s){(done > 0 ? $", after {done} already done" : "")}{(rejected > 0 ? $"; {rejected} rejected into {errPath}" : "")} → {outPath}");
             return Task.FromResult(0);
         });
         return command;
@@ -81,87 +126,25 @@ internal static class ScoreCommand
     private sealed class Row
     {
         public string Text { get; set; } = "";
+        public long Index { get; set; }
+        public long Line { get; set; }
+        public string Problem { get; set; } = "";
+        public bool Truncated { get; set; }
     }
 
-    private static double? Number(float v) => float.IsFinite(v) ? Math.Round(v, 5) : null;
+    private static double Round(float v) => float.IsFinite(v) ? Math.Round(v, 5) : v;
 
-    /// <summary>Rows already written: complete lines; a torn last line (a crash mid-write) is cut off.</summary>
-    private static int CompleteLines(string path)
+    /// <summary>The kernel's high-water mark of this process's resident memory (VmHWM), or null where there is no /proc.</summary>
+    internal static long? PeakResidentBytes()
     {
-        if (!File.Exists(path)) return 0;
-        using var fs = new FileStream(path, FileMode.Open, FileAccess.ReadWrite);
-        int lines = 0;
-        long lastNewline = -1, pos = 0;
-        var buffer = new byte[1 << 16];
-        int read;
-        while ((read = fs.Read(buffer)) > 0)
+        try
         {
-            for (int i = 0; i < read; i++)
-                if (buffer[i] == (byte)'\n') { lines++; lastNewline = pos + i; }
-            pos += read;
+            foreach (var l in File.ReadLines("/proc/self/status"))
+                if (l.StartsWith("VmHWM:", StringComparison.Ordinal))
+                    return long.Parse(l.AsSpan(6).Trim().TrimEnd("kB").Trim(), System.Globalization.CultureInfo.InvariantCulture) * 1024;
         }
-        if (lastNewline + 1 != fs.Length) fs.SetLength(lastNewline + 1);
-        return lines;
-    }
-
-    /// <summary>The text column of a .jsonl, .csv or .tsv file, row by row.</summary>
-    internal static IEnumerable<string> ReadTexts(string path, string column)
-    {
-        string ext = Path.GetExtension(path).ToLowerInvariant();
-        if (ext == ".jsonl")
-        {
-            int line = 0;
-            foreach (var l in File.ReadLines(path))
-            {
-                line++;
-                if (string.IsNullOrWhiteSpace(l)) continue;
-                using var doc = JsonDocument.Parse(l);
-                if (!doc.RootElement.TryGetProperty(column, out var v))
-                    throw new FormatException($"{path}:{line}: no property '{column}'.");
-                yield return v.ValueKind == JsonValueKind.Null ? "" : v.GetString() ?? "";
-            }
-            yield break;
-        }
-        char sep = ext switch
-        {
-            ".csv" => ',',
-            ".tsv" => '\t',
-            _ => throw new ArgumentException($"'{path}': input must be .csv, .tsv or .jsonl."),
-        };
-        using var reader = new StreamReader(path);
-        var header = ReadRecord(reader, sep) ?? throw new FormatException($"{path} is empty: a header row naming '{column}' is expected.");
-        int index = header.IndexOf(column);
-        if (index < 0) throw new FormatException($"{path}: no column '{column}' in the header ({string.Join(", ", header)}).");
-        while (ReadRecord(reader, sep) is { } record)
-            yield return index < record.Count ? record[index] : "";
-    }
-
-    /// <summary>One record with RFC 4180 quoting (quoted fields may hold separators, quotes and newlines).</summary>
-    private static List<string>? ReadRecord(TextReader reader, char sep)
-    {
-        int c = reader.Peek();
-        if (c < 0) return null;
-        var fields = new List<string>();
-        var field = new StringBuilder();
-        bool quoted = false;
-        while ((c = reader.Read()) >= 0)
-        {
-            char ch = (char)c;
-            if (quoted)
-            {
-                if (ch == '"')
-                {
-                    if (reader.Peek() == '"') { field.Append('"'); reader.Read(); }
-                    else quoted = false;
-                }
-                else field.Append(ch);
-            }
-            else if (ch == '"') quoted = true;
-            else if (ch == sep) { fields.Add(field.ToString()); field.Clear(); }
-            else if (ch == '\n') break;
-            else if (ch != '\r') field.Append(ch);
-        }
-        fields.Add(field.ToString());
-        return fields;
+        catch (IOException) { }
+        catch (UnauthorizedAccessException) { }
+        return null;
     }
 }

@@ -60,7 +60,7 @@ public sealed class AnyPrecisionEstimator : IEstimator<AnyPrecisionTransformer>
 
     /// <summary>The input schema plus LogLikelihood, TokenCount, Perplexity and Completion.</summary>
     public SchemaShape GetOutputSchema(SchemaShape inputSchema) =>
-        AnyPrecisionTransformer.BuildPipeline(_ml, _options.InputColumnName, static (_, _) => { }).GetOutputSchema(inputSchema);
+        AnyPrecisionTransformer.BuildPipeline(_ml, _options.InputColumnName, "", static (_, _) => { }).GetOutputSchema(inputSchema);
 
     private void Quantize(IDataView input, string directory)
     {

@@ -24,28 +24,32 @@ namespace AnyPrecML.MLNet;
 /// Defined values: an empty or missing text has TokenCount 0, LogLikelihood 0 and Perplexity NaN, and its completion
 /// starts from BOS. A text longer than the context is scored in non-overlapping windows of the context (as
 /// <c>anyprec perplexity</c>); a prompt that leaves no room to generate gets the completion "".
-/// Saving: <c>mlContext.Model.Save</c> stores a CustomMapping (contract <see cref="ContractName"/>) and writes this
-/// transformer's settings into the model directory (mlnet-transform.json). To load, name that directory first with
-/// <see cref="RegisterForLoading"/>; the loaded pipeline is an ordinary ITransformer giving identical outputs.
+/// Saving: <c>mlContext.Model.Save</c> stores a CustomMapping (contract <see cref="ContractName"/>) after an Expression
+/// column holding this transformer's settings at save time: the model directory, the model's content SHA-256 and the
+/// width. <c>mlContext.Model.Load</c> needs nothing else; the loaded pipeline opens the model when its first row is
+/// read, refuses a directory whose content no longer has that hash, and gives outputs identical to the saved
+/// transformer's. Any number of loaded pipelines (other models, other widths) work side by side.
 /// </remarks>
 public sealed class AnyPrecisionTransformer : ITransformer, IDisposable
 {
     /// <summary>The CustomMapping contract name saved in ML.NET model files.</summary>
     public const string ContractName = "AnyPrecML.AnyPrecision";
 
-    /// <summary>Settings file written into the model directory when a pipeline is saved.</summary>
-    public const string SettingsFileName = "mlnet-transform.json";
-
     /// <summary>Column the mapping reads (a copy of the input column, dropped after the mapping).</summary>
     internal const string MappingInputColumn = "AnyPrecisionText";
 
+    /// <summary>Column holding the saved settings (a constant, dropped after the mapping).</summary>
+    internal const string SettingsColumn = "AnyPrecisionSettings";
+
+    private readonly MLContext _ml;
     private readonly AnyPrecisionScorer _scorer;
     private readonly ITransformer _inner;
 
     internal AnyPrecisionTransformer(MLContext ml, TransformerSettings settings)
     {
+        _ml = ml;
         _scorer = new AnyPrecisionScorer(settings);
-        _inner = BuildPipeline(ml, settings.InputColumnName, _scorer.Map).Fit(EmptyInput(ml, settings.InputColumnName));
+        _inner = BuildPipeline(ml, settings.InputColumnName, "", _scorer.Map).Fit(EmptyInput(ml, settings.InputColumnName));
     }
 
     /// <summary>Width used by <see cref="Transform"/> for rows read from now on; validated against seed..n.</summary>
@@ -83,52 +87,71 @@ public sealed class AnyPrecisionTransformer : ITransformer, IDisposable
     /// <inheritdoc/>
     public IDataView Transform(IDataView input) => _inner.Transform(input);
 
-    /// <summary>Saves the pipeline part through ML.NET and the settings into the model directory (temporary file, then rename).</summary>
+    /// <summary>
+    /// Saves, through ML.NET, the pipeline with its settings at this moment (width included) and the model's content
+    /// hash as a constant column; nothing is written beside the model, so saving never changes what another zip loads.
+    /// </summary>
     void ICanSaveModel.Save(ModelSaveContext ctx)
     {
-        AtomicFile.Write(Path.Combine(ModelDirectory, SettingsFileName), s => JsonSerializer.Serialize(s, _scorer.Settings with { Bits = Bits }));
-        ((ICanSaveModel)_inner).Save(ctx);
+        var saved = new SavedSettings(_scorer.Settings with { Bits = Bits }, _scorer.ContentHash);
+        string encoded = Convert.ToBase64String(JsonSerializer.SerializeToUtf8Bytes(saved));
+        var pipeline = BuildPipeline(_ml, _scorer.Settings.InputColumnName, encoded, MapSaved).Fit(EmptyInput(_ml, _scorer.Settings.InputColumnName));
+        ((ICanSaveModel)pipeline).Save(ctx);
     }
 
     /// <summary>Closes the engine and the model.</summary>
     public void Dispose() => _scorer.Dispose();
 
-    private static volatile string? s_loadDirectory;
+    // Loaded pipelines by their saved settings: each distinct (model, hash, width, options) opens its model once and
+    // keeps it for the life of the process (ML.NET has no disposal hook for loaded pipelines).
+    private static readonly ConcurrentDictionary<string, Lazy<AnyPrecisionScorer>> s_loaded = new(StringComparer.Ordinal);
 
-    /// <summary>
-    /// Names the any-precision directory a saved pipeline's transform is read from when <c>mlContext.Model.Load</c>
-    /// meets it (its settings are the mlnet-transform.json saved there).
-    /// </summary>
-    public static void RegisterForLoading(string modelDirectory)
+    /// <summary>The mapping of a loaded pipeline: the row carries the saved settings, which select (and on first use open and check) the model.</summary>
+    internal static void MapSaved(AnyPrecisionInput input, AnyPrecisionOutput output)
     {
-        ArgumentException.ThrowIfNullOrEmpty(modelDirectory);
-        s_loadDirectory = Path.GetFullPath(modelDirectory);
+        string key = input.Settings ?? "";
+        var scorer = s_loaded.GetOrAdd(key, k => new Lazy<AnyPrecisionScorer>(() => OpenSaved(k)));
+        try
+        {
+            scorer.Value.Map(input, output);
+        }
+        catch when (!scorer.IsValueCreated)
+        {
+            s_loaded.TryRemove(new KeyValuePair<string, Lazy<AnyPrecisionScorer>>(key, scorer)); // a fixed directory is retried
+            throw;
+        }
     }
 
-    /// <summary>The mapping of a pipeline being loaded: settings from the registered directory, a fresh engine.</summary>
-    internal static Action<AnyPrecisionInput, AnyPrecisionOutput> MappingForLoad()
+    private static AnyPrecisionScorer OpenSaved(string encoded)
     {
-        string dir = s_loadDirectory ?? throw new InvalidOperationException(
-            $"this pipeline contains an AnyPrecML transform: call AnyPrecisionTransformer.RegisterForLoading(<any-precision model directory>) before mlContext.Model.Load.");
-        if (!Directory.Exists(dir)) throw new DirectoryNotFoundException($"the any-precision model directory '{dir}' the pipeline needs is missing.");
-        string path = Path.Combine(dir, SettingsFileName);
-        if (!File.Exists(path)) throw new FileNotFoundException($"'{path}' is missing: it is written when a pipeline with this model is saved.", path);
-        var settings = JsonSerializer.Deserialize<TransformerSettings>(File.ReadAllText(path))
-            ?? throw new InvalidDataException($"'{path}' holds no settings.");
-        // Loaded pipelines keep their engine for the life of the process (ML.NET has no disposal hook for them).
-        return new AnyPrecisionScorer(settings with { ModelDirectory = dir }).Map;
+        SavedSettings? saved;
+        try { saved = JsonSerializer.Deserialize<SavedSettings>(Convert.FromBase64String(encoded)); }
+        catch (Exception e) when (e is FormatException or JsonException) { throw new InvalidDataException("the AnyPrecML settings saved in this pipeline are damaged.", e); }
+        if (saved?.Settings is null || saved.ModelSha256 is null) throw new InvalidDataException("the AnyPrecML settings saved in this pipeline are incomplete.");
+        string dir = saved.Settings.ModelDirectory;
+        if (!Directory.Exists(dir)) throw new DirectoryNotFoundException($"{dir}: the any-precision model directory this pipeline was saved with is missing.");
+        string now = AnyPrecisionModel.ContentHash(dir);
+        if (now != saved.ModelSha256)
+            throw new InvalidDataException($"{dir}: the model there is not the one this pipeline was saved with (content SHA-256 {now[..12]}…, saved {saved.ModelSha256[..12]}…); save the pipeline again with this model.");
+        return new AnyPrecisionScorer(saved.Settings);
     }
 
-    internal static IEstimator<ITransformer> BuildPipeline(MLContext ml, string inputColumn, Action<AnyPrecisionInput, AnyPrecisionOutput> map) =>
-        ml.Transforms.CopyColumns(MappingInputColumn, inputColumn)
+    internal static IEstimator<ITransformer> BuildPipeline(MLContext ml, string inputColumn, string savedSettings, Action<AnyPrecisionInput, AnyPrecisionOutput> map) =>
+        ml.Transforms.Expression(SettingsColumn, $"x => \"{savedSettings}\"", inputColumn)
+            .Append(ml.Transforms.CopyColumns(MappingInputColumn, inputColumn))
             .Append(ml.Transforms.CustomMapping(map, ContractName))
-            .Append(ml.Transforms.DropColumns(MappingInputColumn));
+            .Append(ml.Transforms.DropColumns(MappingInputColumn, SettingsColumn));
 
     private static IDataView EmptyInput(MLContext ml, string inputColumn)
     {
-        var definition = SchemaDefinition.Create(typeof(AnyPrecisionInput));
+        var definition = SchemaDefinition.Create(typeof(TextOnly));
         definition[0].ColumnName = inputColumn;
-        return ml.Data.LoadFromEnumerable(Array.Empty<AnyPrecisionInput>(), definition);
+        return ml.Data.LoadFromEnumerable(Array.Empty<TextOnly>(), definition);
+    }
+
+    private sealed class TextOnly
+    {
+        public string? Text { get; set; }
     }
 }
 
@@ -138,6 +161,10 @@ public sealed class AnyPrecisionInput
     /// <summary>The row's text (null is read as empty).</summary>
     [ColumnName(AnyPrecisionTransformer.MappingInputColumn)]
     public string? Text { get; set; }
+
+    /// <summary>The saved settings (base64 JSON) of a saved pipeline; empty in a fitted one.</summary>
+    [ColumnName(AnyPrecisionTransformer.SettingsColumn)]
+    public string? Settings { get; set; }
 }
 
 /// <summary>The columns the transform adds.</summary>
@@ -158,7 +185,7 @@ public sealed class AnyPrecisionOutput
 public sealed class AnyPrecisionMappingFactory : CustomMappingFactory<AnyPrecisionInput, AnyPrecisionOutput>
 {
     /// <inheritdoc/>
-    public override Action<AnyPrecisionInput, AnyPrecisionOutput> GetMapping() => AnyPrecisionTransformer.MappingForLoad();
+    public override Action<AnyPrecisionInput, AnyPrecisionOutput> GetMapping() => AnyPrecisionTransformer.MapSaved;
 }
 
 /// <summary>What a transformer needs to be rebuilt: saved as JSON beside the model.</summary>
@@ -176,6 +203,9 @@ internal sealed record TransformerSettings
     public ulong Seed { get; init; } = 1;
     public AnyPrecisionEngineKind Engine { get; init; }
 }
+
+/// <summary>What a saved pipeline carries: the settings and the content hash of the model they were used with.</summary>
+internal sealed record SavedSettings(TransformerSettings Settings, string ModelSha256);
 
 /// <summary>The engine side of the transform: scores and completes one text at the current width; safe on many threads.</summary>
 internal sealed class AnyPrecisionScorer : IDisposable
@@ -209,6 +239,10 @@ internal sealed class AnyPrecisionScorer : IDisposable
 
     public TransformerSettings Settings { get; }
     public AnyPrecisionModel Model { get; }
+
+    private string? _contentHash;
+    /// <summary>The model directory's content SHA-256, read once when first asked (at the first save).</summary>
+    public string ContentHash => _contentHash ??= AnyPrecisionModel.ContentHash(Settings.ModelDirectory);
 
     public int Bits
     {

@@ -6,6 +6,7 @@ namespace AnyPrecML.Tests;
 /// <summary>Runs the CLI in-process and captures what it prints.</summary>
 internal static class Cli
 {
+
     public static (int Code, string Out, string Err) Run(params string[] args)
     {
         var o = new StringWriter();
@@ -76,20 +77,20 @@ public sealed class CliTests
         Assert.AreEqual(4, doc.RootElement.GetProperty("n_kv_heads").GetInt32());
         // Converting again onto the same directory is refused unless asked.
         (code, _, err) = Run("convert", "--model", TestData.Stories260K, "--output", dir["hf"]);
-        Assert.AreEqual(1, code);
+        Assert.AreEqual(2, code);
         StringAssert.Contains(err, "not empty");
     }
 
     [TestMethod]
-    public void BadInputIsOneLineOfErrorAndExitCode1()
+    public void BadInputIsOneLineOfErrorAndExitCode2()
     {
         var (code, _, err) = Run("generate", "--model", "/nonexistent/model.bin");
-        Assert.AreEqual(1, code);
+        Assert.AreEqual(2, code);
         StringAssert.StartsWith(err, "error: No model at");
         (code, _, err) = Run("generate", "--model", TestData.Stories260K, "--temperature", "-2");
-        Assert.AreEqual(1, code);
+        Assert.AreEqual(2, code);
         StringAssert.Contains(err, "temperature");
         (code, _, _) = Run("generate");
-        Assert.AreNotEqual(0, code, "a missing required option is a parse error");
+        Assert.AreEqual(2, code, "a missing required option is a parse error");
     }
 }

@@ -110,7 +110,6 @@ public sealed class MLNetTests
         ml.Model.Save(_model, _data.Schema, zip);
 
         var fresh = new MLContext();
-        AnyPrecisionTransformer.RegisterForLoading(_model.ModelDirectory);
         var loaded = fresh.Model.Load(zip, out var schema);
         Assert.IsNotNull(schema.GetColumnOrNull("Story"));
         var actual = Read(loaded.Transform(_data)).LogLikelihood;
@@ -118,18 +117,54 @@ public sealed class MLNetTests
     }
 
     [TestMethod]
-    public void LoadingFailsClearlyWhenTheModelDirectoryIsMissing()
+    public void TwoZipsAtDifferentWidthsFromOneModelDirectoryEachLoadTheirOwnWidth()
     {
         var ml = new MLContext();
-        string zip = _dir["pipeline-missing.zip"];
-        ml.Model.Save(_model, _data.Schema, zip);
-        AnyPrecisionTransformer.RegisterForLoading(_dir["no-such-model"]);
+        int original = _model.Bits;
         try
         {
-            var e = Assert.Throws<Exception>(() => new MLContext().Model.Load(zip, out _));
-            StringAssert.Contains(e.ToString(), "no-such-model");
+            _model.Bits = 3;
+            var at3 = Read(_model.Transform(_data)).LogLikelihood;
+            ml.Model.Save(_model, _data.Schema, _dir["w3.zip"]);
+            _model.Bits = 8;
+            var at8 = Read(_model.Transform(_data)).LogLikelihood;
+            ml.Model.Save(_model, _data.Schema, _dir["w8.zip"]);
+            CollectionAssert.AreNotEqual(at3, at8);
+
+            // Both loaded in one process, side by side, in either order.
+            var loaded8 = new MLContext().Model.Load(_dir["w8.zip"], out _);
+            var loaded3 = new MLContext().Model.Load(_dir["w3.zip"], out _);
+            CollectionAssert.AreEqual(at3, Read(loaded3.Transform(_data)).LogLikelihood, "the first zip still loads 3 bits after the second was saved");
+            CollectionAssert.AreEqual(at8, Read(loaded8.Transform(_data)).LogLikelihood);
+            Assert.IsEmpty(Directory.GetFiles(_model.ModelDirectory, "mlnet*"), "saving writes nothing beside the model");
         }
-        finally { AnyPrecisionTransformer.RegisterForLoading(_model.ModelDirectory); }
+        finally { _model.Bits = original; }
+    }
+
+    [TestMethod]
+    public void ALoadedPipelineRefusesAChangedOrMissingModelByName()
+    {
+        var ml = new MLContext();
+        string copy = _dir["copy.anyprec"];
+        Directory.CreateDirectory(copy);
+        foreach (var f in Directory.GetFiles(_model.ModelDirectory)) File.Copy(f, Path.Combine(copy, Path.GetFileName(f)));
+        using (var model = ml.Transforms.AnyPrecisionQuantize(new AnyPrecisionQuantizeOptions { ModelPath = copy, InputColumnName = "Story" }).Fit(_data))
+            ml.Model.Save(model, _data.Schema, _dir["copy.zip"]);
+
+        // Another model written over the same directory (a different quantization: its tables change).
+        using (var source = Models.LlamaCheckpoint.Open(_dir["stories260K.bin"]))
+            AnyPrecisionQuantizer.Quantize(source, copy, new UniformSensitivity(), new QuantizerOptions { SeedBits = 3, ParentBits = 8, RandomSeed = 7 }, overwrite: true);
+        var loaded = new MLContext().Model.Load(_dir["copy.zip"], out _);
+        var e = Assert.Throws<Exception>(() => Read(loaded.Transform(_data)));
+        var cause = e;
+        while (cause is not InvalidDataException && cause.InnerException is { } inner) cause = inner;
+        Assert.IsInstanceOfType<InvalidDataException>(cause, e.ToString());
+        StringAssert.Contains(cause.Message, "is not the one this pipeline was saved with");
+
+        Directory.Delete(copy, recursive: true);
+        e = Assert.Throws<Exception>(() => Read(new MLContext().Model.Load(_dir["copy.zip"], out _).Transform(_data)));
+        StringAssert.Contains(e.ToString(), "copy.anyprec: the any-precision model directory this pipeline was saved with is missing");
+        Assert.DoesNotContain("TargetInvocationException", e.ToString());
     }
 
     [TestMethod]
@@ -159,6 +194,43 @@ public sealed class MLNetTests
         });
         Assert.AreEqual(1000, values.Count);
         for (int i = 0; i < 1000; i++) Assert.AreEqual(single[i], values[i], $"row {i}");
+    }
+
+    [TestMethod]
+    public void SixteenConcurrentCursorsGiveExactlyTheRowsOfOneCursorOnEveryColumn()
+    {
+        var ml = new MLContext();
+        using var model = ml.Transforms.AnyPrecisionQuantize(new AnyPrecisionQuantizeOptions
+        {
+            ModelPath = _model.ModelDirectory, InputColumnName = "Story", Bits = 3, CompletionTokens = 3, Temperature = 0.8f, Seed = 5,
+        }).Fit(_data);
+        var rows = Enumerable.Range(0, 160).Select(i => new TextRow { Story = i % 11 == 0 ? "" : _texts[i % _texts.Length][..Math.Min(30, _texts[i % _texts.Length].Length)] + i }).ToArray();
+        var view = model.Transform(ml.Data.LoadFromEnumerable(rows));
+        var (ll, n, ppl, completion) = Read(view);
+        string[] names = ["LogLikelihood", "TokenCount", "Perplexity", "Completion"];
+        var columns = names.Select(c => view.Schema[c]).ToArray();
+        var cursors = view.GetRowCursorSet(columns, 16);
+        Assert.IsGreaterThan(1, cursors.Length, "the view must split into several cursors");
+        var seen = new System.Collections.Concurrent.ConcurrentDictionary<long, (float, int, float, string)>();
+        Parallel.ForEach(cursors, new ParallelOptions { MaxDegreeOfParallelism = 16 }, cursor =>
+        {
+            var gl = cursor.GetGetter<float>(columns[0]);
+            var gn = cursor.GetGetter<int>(columns[1]);
+            var gp = cursor.GetGetter<float>(columns[2]);
+            var gc = cursor.GetGetter<ReadOnlyMemory<char>>(columns[3]);
+            var id = cursor.GetIdGetter();
+            float l = 0, p = 0; int k = 0; ReadOnlyMemory<char> c = default; DataViewRowId rowId = default;
+            while (cursor.MoveNext())
+            {
+                gl(ref l); gn(ref k); gp(ref p); gc(ref c); id(ref rowId);
+                Assert.IsTrue(seen.TryAdd((long)rowId.Low, (l, k, p, c.ToString())), $"row {rowId.Low} read twice");
+            }
+            cursor.Dispose();
+        });
+        Assert.HasCount(rows.Length, seen);
+        for (int i = 0; i < rows.Length; i++)
+            Assert.AreEqual((ll[i], n[i], ppl[i], completion[i]), seen[i], $"row {i}");
+        Assert.IsTrue(completion.Any(c => c.Length > 0), "completions were generated");
     }
 
     public sealed class TextRow

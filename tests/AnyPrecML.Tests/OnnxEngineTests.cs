@@ -40,6 +40,34 @@ public sealed class OnnxEngineTests
         _dir.Dispose();
     }
 
+    [TestMethod]
+    public void DeviceChoiceIsMadeAtRunTimeAndExplainedWhenCudaCannotBeUsed()
+    {
+        bool packaged = OrtEnv.Instance().GetAvailableProviders().Contains("CUDAExecutionProvider");
+        using var cpu = new OnnxEngine(_model, new OnnxEngineOptions { Device = OnnxDevice.Cpu });
+        Assert.AreEqual("CPU", cpu.ExecutionProvider);
+        Assert.IsNull(cpu.DeviceFallback);
+        using var auto = new OnnxEngine(_model, new OnnxEngineOptions { Device = OnnxDevice.Auto });
+        var logits = TestData.AllLogits(cpu, Prompt);
+        Assert.IsLessThan(1e-4, RelativeError(TestData.AllLogits(auto, Prompt), logits), "auto gives the same logits wherever it runs");
+        if (!packaged)
+        {
+            // The CPU package: auto is the CPU without a warning (nothing failed); cuda is refused by name.
+            Assert.AreEqual("CPU", auto.ExecutionProvider);
+            Assert.IsNull(auto.DeviceFallback);
+            StringAssert.Contains(Assert.ThrowsExactly<NotSupportedException>(() => new OnnxEngine(_model, new OnnxEngineOptions { Device = OnnxDevice.Cuda })).Message,
+                "-p:UseOnnxRuntimeGpu=true");
+            var (code, _, err) = Cli.Run("generate", "--model", _dir["ap"], "--device", "cuda", "--max-tokens", "2");
+            Assert.AreEqual(AnyPrecML.Cli.AnyPrecCli.ExitBadInput, code, err);
+            StringAssert.StartsWith(err, "error: this build's ONNX Runtime has no CUDA provider");
+        }
+        else
+        {
+            // The GPU package: auto runs on CUDA, or on the CPU with the reason CUDA could not start.
+            Assert.IsTrue(auto.ExecutionProvider == "CUDA" || auto.DeviceFallback is not null, "a CPU fallback always says why");
+        }
+    }
+
     /// <summary>max |a - b| over max |b|: the error relative to the reference logits' scale.</summary>
     private static double RelativeError(ReadOnlySpan<float> actual, ReadOnlySpan<float> expected)
     {

@@ -47,7 +47,7 @@ public sealed class QuantizeCliTests
         using (var doc = JsonDocument.Parse(output)) Assert.AreEqual(expected, doc.RootElement.GetProperty("text").GetString());
 
         (code, _, err) = Run("generate", "--model", dir["ap"], "--bits", "7");
-        Assert.AreEqual(1, code);
+        Assert.AreEqual(2, code);
         StringAssert.Contains(err, "3..6");
     }
 
@@ -56,10 +56,10 @@ public sealed class QuantizeCliTests
     {
         using var dir = TestData.NewTempDir();
         var (code, _, err) = Run("quantize", "--model", TestData.Stories260K, "--output", dir["x"]);
-        Assert.AreEqual(1, code);
+        Assert.AreEqual(2, code);
         StringAssert.Contains(err, "--calibration");
         (code, _, err) = Run("quantize", "--model", TestData.Stories260K, "--sensitivity", "uniform", "--parent-bits", "9", "--output", dir["x"]);
-        Assert.AreEqual(1, code);
+        Assert.AreEqual(2, code);
         StringAssert.Contains(err, "parent bits");
         Assert.IsFalse(Directory.Exists(dir["x"]), "nothing is written on error");
     }

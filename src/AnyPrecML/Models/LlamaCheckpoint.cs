@@ -118,6 +118,8 @@ public sealed class LlamaCheckpoint : IDisposable
         for (int l = 0; l < c.Layers; l++)
             foreach (var part in parts)
                 this[LlamaTensorNames.Layer(l, part)].Expect(LlamaTensorNames.ShapeOf(c, part));
+        // NaN or ±Inf weights make every output NaN (empty generations, NaN perplexity): refused here, once, by name.
+        foreach (var t in _tensors.Values) t.ExpectFinite();
         return this;
     }
 
@@ -131,7 +133,7 @@ public sealed class LlamaCheckpoint : IDisposable
         try
         {
             if (file.Length < 28) throw new ModelFormatException($"{path}: truncated llama2.c checkpoint ({file.Length} bytes; the header alone takes 28).");
-            var head = file.Slice(0, Math.Min(file.Length, 256), "header");
+            ReadOnlySpan<byte> head = file.ReadBytes(0, (int)Math.Min(file.Length, 256), "header");
             int version;
             long dataStart;
             int[] h = new int[7];
@@ -150,9 +152,10 @@ public sealed class LlamaCheckpoint : IDisposable
             {
                 version = 0;
                 for (int i = 0; i < 7; i++) h[i] = BinaryPrimitives.ReadInt32LittleEndian(head[(4 * i)..]);
-                // Version 0 marks a separate classifier with a negative vocabulary size.
+                // Version 0 marks a separate classifier with a negative vocabulary size; -2^31 has no
+                // positive twin in an int, so it is clamped (and then refused by the range check).
                 shared = h[5] > 0;
-                h[5] = Math.Abs(h[5]);
+                h[5] = h[5] == int.MinValue ? int.MaxValue : Math.Abs(h[5]);
                 dataStart = 28;
             }
             var config = new LlamaConfig
@@ -243,8 +246,12 @@ public sealed class LlamaCheckpoint : IDisposable
         catch (JsonException e) { throw new ModelFormatException($"{configPath}: not valid JSON: {e.Message}", e); }
         if (root is not JsonObject o) throw new ModelFormatException($"{configPath}: not a JSON object.");
 
-        var archs = (o["architectures"] as JsonArray)?.Select(a => a?.GetValue<string>() ?? "").ToArray() ?? [];
-        string modelType = o["model_type"]?.GetValue<string>() ?? "";
+        // Every field is read through TryGetValue: a value of the wrong JSON kind is a format error naming the key,
+        // never a .NET conversion exception.
+        string? Text(JsonNode? n) => n is JsonValue v && v.TryGetValue<string>(out var t) ? t : null;
+        if (o["architectures"] is not (null or JsonArray)) throw new ModelFormatException($"{configPath}: 'architectures' must be a list of names.");
+        var archs = (o["architectures"] as JsonArray)?.Select(a => Text(a) ?? "").ToArray() ?? [];
+        string modelType = Text(o["model_type"]) ?? "";
         bool known = archs.Length > 0 ? archs.Any(SupportedArchitectures.Contains) : modelType is "llama" or "mistral";
         if (!known)
             throw new ModelFormatException($"{configPath}: architecture '{(archs.Length > 0 ? string.Join(", ", archs) : modelType)}' is not supported; supported: {string.Join(", ", SupportedArchitectures)}.");
@@ -255,22 +262,28 @@ public sealed class LlamaCheckpoint : IDisposable
         {
             var n = o[key];
             if (n is null) return fallback ?? throw new ModelFormatException($"{configPath}: '{key}' is missing.");
-            try { return n.GetValue<int>(); }
-            catch (Exception e) when (e is FormatException or InvalidOperationException) { throw new ModelFormatException($"{configPath}: '{key}' is not an integer.", e); }
+            return n is JsonValue v && v.TryGetValue<int>(out int i) ? i : throw new ModelFormatException($"{configPath}: '{key}' is not a 32-bit integer.");
         }
         float Float(string key, float fallback)
         {
             var n = o[key];
             if (n is null) return fallback;
-            try { return (float)n.GetValue<double>(); }
-            catch (Exception e) when (e is FormatException or InvalidOperationException) { throw new ModelFormatException($"{configPath}: '{key}' is not a number.", e); }
+            return n is JsonValue v && v.TryGetValue<double>(out double d) ? (float)d : throw new ModelFormatException($"{configPath}: '{key}' is not a number.");
         }
-        int IdOf(string key, int fallback) => o[key] switch
+        bool Bool(string key, bool fallback)
         {
-            JsonArray a when a.Count > 0 => a[0]!.GetValue<int>(),
-            JsonValue v => v.GetValue<int>(),
-            _ => fallback,
-        };
+            var n = o[key];
+            if (n is null) return fallback;
+            return n is JsonValue v && v.TryGetValue<bool>(out bool b) ? b : throw new ModelFormatException($"{configPath}: '{key}' is not true or false.");
+        }
+        // Token ids come as a number, a list of numbers (the first is used) or null; [] and [null] mean "not given".
+        int IdOf(string key, int fallback)
+        {
+            var n = o[key] is JsonArray a ? (a.Count > 0 ? a[0] : null) : o[key];
+            if (n is null) return fallback;
+            return n is JsonValue v && v.TryGetValue<int>(out int id) ? id
+                : throw new ModelFormatException($"{configPath}: '{key}' is not a token id (an integer or a list of integers).");
+        }
         int dim = Int("hidden_size"), heads = Int("num_attention_heads");
         return new LlamaConfig
         {
@@ -285,7 +298,7 @@ public sealed class LlamaCheckpoint : IDisposable
             RmsNormEps = Float("rms_norm_eps", 1e-6f),
             RopeTheta = Float("rope_theta", 10000f),
             RopeLayout = RopeLayout.HalfSplit,
-            TiedEmbeddings = o["tie_word_embeddings"]?.GetValue<bool>() ?? false,
+            TiedEmbeddings = Bool("tie_word_embeddings", false),
             BosTokenId = IdOf("bos_token_id", 1),
             EosTokenId = IdOf("eos_token_id", 2),
         }.Validated(configPath);
@@ -348,9 +361,10 @@ public sealed class LlamaCheckpoint : IDisposable
         {
             var root = JsonNode.Parse(File.ReadAllText(indexPath)) as JsonObject;
             var map = root?["weight_map"] as JsonObject ?? throw new ModelFormatException($"{indexPath}: 'weight_map' is missing.");
-            return map.ToDictionary(kv => kv.Key, kv => kv.Value?.GetValue<string>() ?? throw new ModelFormatException($"{indexPath}: shard of '{kv.Key}' is null."), StringComparer.Ordinal);
+            return map.ToDictionary(kv => kv.Key, kv => kv.Value is JsonValue v && v.TryGetValue<string>(out var shard) ? shard
+                : throw new ModelFormatException($"{indexPath}: the shard of '{kv.Key}' is not a file name."), StringComparer.Ordinal);
         }
-        catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException)
+        catch (JsonException e)
         {
             throw new ModelFormatException($"{indexPath}: not a valid safetensors index: {e.Message}", e);
         }

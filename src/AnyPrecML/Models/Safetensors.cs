@@ -15,7 +15,7 @@ public static class SafetensorsReader
     /// <summary>The largest header accepted (the format's own limit is 100 MB).</summary>
     public const long MaxHeaderBytes = 100_000_000;
 
-    /// <summary>Maps <paramref name="path"/> and returns its tensors (views into the mapping) and metadata.</summary>
+    /// <summary>Reads and checks <paramref name="path"/>'s header, and returns its tensors (views into the file, mapped on first use) and metadata.</summary>
     internal static (MappedFile File, List<TensorView> Tensors, Dictionary<string, string> Metadata) Open(string path)
     {
         var file = new MappedFile(path);
@@ -35,14 +35,17 @@ public static class SafetensorsReader
     {
         string p = file.Path;
         if (file.Length < 8) throw new ModelFormatException($"{p}: truncated safetensors file ({file.Length} bytes, the header length alone takes 8).");
-        ulong headerLen = BinaryPrimitives.ReadUInt64LittleEndian(file.Slice(0, 8, "header length"));
+        ulong headerLen = BinaryPrimitives.ReadUInt64LittleEndian(file.ReadBytes(0, 8, "header length"));
         if (headerLen < 2 || headerLen > MaxHeaderBytes || (long)headerLen > file.Length - 8)
             throw new ModelFormatException($"{p}: safetensors header length {headerLen} is invalid for a file of {file.Length} bytes.");
         long dataStart = 8 + (long)headerLen;
         long dataLength = file.Length - dataStart;
 
         JsonDocument doc;
-        try { doc = JsonDocument.Parse(file.Slice(8, (long)headerLen, "header").ToArray()); }
+        var header = file.ReadBytes(8, (int)headerLen, "header");
+        // Names are read as strings below; invalid UTF-8 would surface there as a transcoding error (found by ParserMutationTests).
+        if (!System.Text.Unicode.Utf8.IsValid(header)) throw new ModelFormatException($"{p}: safetensors header is not valid UTF-8.");
+        try { doc = JsonDocument.Parse(header); }
         catch (JsonException e) { throw new ModelFormatException($"{p}: safetensors header is not valid JSON: {e.Message}", e); }
 
         using (doc)
@@ -227,10 +230,15 @@ public static class AtomicFile
     /// <summary>Writes text the same way.</summary>
     public static void WriteText(string path, string text) => Write(path, s => { var b = Encoding.UTF8.GetBytes(text); s.Write(b); });
 
+    /// <summary>Name of the file that marks a temporary directory as ours: "pid start-ticks" of the process building it.</summary>
+    public const string PartialMarker = ".anyprec-partial";
+
     /// <summary>
     /// Builds a directory through <paramref name="fill"/> in a temporary sibling, then moves it to
     /// <paramref name="directory"/>. An existing directory is replaced only when <paramref name="overwrite"/> is set,
-    /// and only after the new one is complete.
+    /// and only after the new one is complete. The temporary directory carries a marker naming its process: on any
+    /// error or cancellation it is removed, and one left by a killed process is removed by the next build of the same
+    /// directory (<see cref="RemoveStaleTemporaries"/>).
     /// </summary>
     public static void WriteDirectory(string directory, bool overwrite, Action<string> fill)
     {
@@ -240,11 +248,15 @@ public static class AtomicFile
             throw new IOException($"{full} exists and is not empty; pass overwrite to replace it.");
         string parent = Path.GetDirectoryName(full) ?? ".";
         Directory.CreateDirectory(parent);
-        string tmp = Path.Combine(parent, "." + Path.GetFileName(full) + ".tmp-" + Guid.NewGuid().ToString("N")[..8]);
+        RemoveStaleTemporaries(full);
+        string tmp = Path.Combine(parent, TemporaryPrefix(full) + Guid.NewGuid().ToString("N")[..8]);
         Directory.CreateDirectory(tmp);
         try
         {
+            using (var me = System.Diagnostics.Process.GetCurrentProcess())
+                File.WriteAllText(Path.Combine(tmp, PartialMarker), $"{Environment.ProcessId} {me.StartTime.ToUniversalTime().Ticks}");
             fill(tmp);
+            File.Delete(Path.Combine(tmp, PartialMarker));
             if (Directory.Exists(full))
             {
                 string old = tmp + ".old";
@@ -259,6 +271,41 @@ public static class AtomicFile
             try { if (Directory.Exists(tmp)) Directory.Delete(tmp, recursive: true); } catch (IOException) { }
             throw;
         }
+    }
+
+    private static string TemporaryPrefix(string full) => "." + Path.GetFileName(full) + ".tmp-";
+
+    /// <summary>
+    /// Removes temporary directories that an earlier build of <paramref name="directory"/> left behind when it was
+    /// killed: only siblings named like ours that hold our marker, and only when the process the marker names is gone
+    /// (its id is free, or taken by a process that started at another time).
+    /// </summary>
+    public static void RemoveStaleTemporaries(string directory)
+    {
+        string full = Path.GetFullPath(directory.TrimEnd(Path.DirectorySeparatorChar, Path.AltDirectorySeparatorChar));
+        string parent = Path.GetDirectoryName(full) ?? ".";
+        if (!Directory.Exists(parent)) return;
+        foreach (var candidate in Directory.EnumerateDirectories(parent, TemporaryPrefix(full) + "*"))
+        {
+            string marker = Path.Combine(candidate, PartialMarker);
+            string[] owner;
+            try { owner = File.ReadAllText(marker).Split(' '); }
+            catch (IOException) { continue; } // no marker: not ours, or already finished; left alone
+            if (owner.Length != 2 || !int.TryParse(owner[0], out int pid) || !long.TryParse(owner[1], out long ticks) || IsRunning(pid, ticks)) continue;
+            try { Directory.Delete(candidate, recursive: true); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+        }
+    }
+
+    private static bool IsRunning(int pid, long startTicks)
+    {
+        try
+        {
+            using var p = System.Diagnostics.Process.GetProcessById(pid);
+            return !p.HasExited && p.StartTime.ToUniversalTime().Ticks == startTicks;
+        }
+        catch (ArgumentException) { return false; }           // no such process
+        catch (InvalidOperationException) { return false; }   // it exited meanwhile
+        catch (System.ComponentModel.Win32Exception) { return true; } // cannot tell: assume it is alive
     }
 
     private static void TryDelete(string path)

@@ -82,6 +82,67 @@ public sealed class TensorView
         return this;
     }
 
+    /// <summary>Index of the first NaN or ±Inf element of a floating-point tensor (F32, F16, BF16, F64); -1 when all are finite or the tensor is not floating-point.</summary>
+    public long IndexOfNonFinite()
+    {
+        // A float is non-finite exactly when its exponent bits are all ones; the check reads the mapped bytes in
+        // chunks (tensors over 2 GiB included) without converting them.
+        (ulong mask, int size) = DType switch
+        {
+            DType.F32 => (0x7F80_0000UL, 4),
+            DType.F16 => (0x7C00UL, 2),
+            DType.BF16 => (0x7F80UL, 2),
+            DType.F64 => (0x7FF0_0000_0000_0000UL, 8),
+            _ => (0UL, 0),
+        };
+        if (size == 0) return -1;
+        const long Chunk = 1L << 28;
+        for (long start = 0; start < ByteLength; start += Chunk)
+        {
+            var bytes = _file.Slice(_offset + start, Math.Min(Chunk, ByteLength - start), Name);
+            int i = size switch
+            {
+                2 => IndexOfExponentAllOnes(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(bytes), (ushort)mask),
+                4 => IndexOfExponentAllOnes(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, uint>(bytes), (uint)mask),
+                _ => IndexOfExponentAllOnes(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ulong>(bytes), mask),
+            };
+            if (i >= 0) return start / size + i;
+        }
+        return -1;
+    }
+
+    private static int IndexOfExponentAllOnes<T>(ReadOnlySpan<T> bits, T mask) where T : unmanaged, System.Numerics.IBinaryInteger<T>
+    {
+        int i = 0;
+        if (System.Numerics.Vector.IsHardwareAccelerated && bits.Length >= System.Numerics.Vector<T>.Count)
+        {
+            var m = new System.Numerics.Vector<T>(mask);
+            var vectors = System.Runtime.InteropServices.MemoryMarshal.Cast<T, System.Numerics.Vector<T>>(bits);
+            for (; i < vectors.Length; i++)
+                if (System.Numerics.Vector.EqualsAny(vectors[i] & m, m)) break;
+            i *= System.Numerics.Vector<T>.Count;
+        }
+        for (; i < bits.Length; i++)
+            if ((bits[i] & mask) == mask) return i;
+        return -1;
+    }
+
+    /// <summary>Throws <see cref="ModelFormatException"/> naming this tensor and its first NaN or ±Inf element, if it has one.</summary>
+    public TensorView ExpectFinite()
+    {
+        long i = IndexOfNonFinite();
+        if (i >= 0) throw new ModelFormatException($"{FilePath}: tensor '{Name}' holds a non-finite value (NaN or ±Inf) at flat index {i}{IndexInShape(i)}.");
+        return this;
+    }
+
+    private string IndexInShape(long flat)
+    {
+        if (Shape.Count < 2) return "";
+        var idx = new long[Shape.Count];
+        for (int d = Shape.Count - 1; d >= 0; d--) { idx[d] = flat % Shape[d]; flat /= Shape[d]; }
+        return $" [{string.Join(", ", idx)}]";
+    }
+
     /// <summary>Converts the elements (F32, F16 or BF16) to fp32 into <paramref name="destination"/>.</summary>
     public void CopyTo(Span<float> destination)
     {

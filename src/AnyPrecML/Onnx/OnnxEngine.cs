@@ -19,6 +19,19 @@ public sealed class OnnxEngineOptions
     public int IntraOpThreads { get; set; }
     /// <summary>A graph written earlier by <see cref="DecoderGraph.Save"/>; null exports one in memory.</summary>
     public string? GraphPath { get; set; }
+    /// <summary>Where ONNX Runtime runs the non-bitplane operators (default: <see cref="OnnxDevice.Auto"/>).</summary>
+    public OnnxDevice Device { get; set; }
+}
+
+/// <summary>The execution provider choice of an <see cref="OnnxEngine"/>.</summary>
+public enum OnnxDevice
+{
+    /// <summary>CUDA when this build's ONNX Runtime has the provider and it loads; otherwise the CPU, with <see cref="OnnxEngine.DeviceFallback"/> saying why when CUDA was there but failed.</summary>
+    Auto,
+    /// <summary>The CPU provider only.</summary>
+    Cpu,
+    /// <summary>CUDA or an error naming why it cannot be used.</summary>
+    Cuda,
 }
 
 /// <summary>
@@ -46,18 +59,37 @@ public sealed unsafe class OnnxEngine : IInferenceEngine
         _op = new BitplaneOperator(model, options.Backend);
         try
         {
-            using var so = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL, InterOpNumThreads = 1 };
-            if (options.IntraOpThreads > 0) so.IntraOpNumThreads = options.IntraOpThreads;
-            // The bitplane kernels have their own pool: ORT's idle threads spinning beside it tripled kernel time
-            // (stories110M shape, 3 bits: 60.8 tok/s without spinning, 25.2 with; docs/BENCHMARKS.md).
-            so.AddSessionConfigEntry("session.intra_op.allow_spinning", "0");
-#if ONNXRUNTIME_GPU
-            so.AppendExecutionProvider_CUDA(0);
-#endif
-            _op.Register(so);
-            _session = options.GraphPath is { } path
-                ? new InferenceSession(path, so)
-                : new InferenceSession(Google.Protobuf.MessageExtensions.ToByteArray(DecoderGraph.Export(model)), so);
+            byte[]? graph = options.GraphPath is null ? Google.Protobuf.MessageExtensions.ToByteArray(DecoderGraph.Export(model)) : null;
+            InferenceSession Session(bool cuda)
+            {
+                using var so = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL, InterOpNumThreads = 1 };
+                if (options.IntraOpThreads > 0) so.IntraOpNumThreads = options.IntraOpThreads;
+                // The bitplane kernels have their own pool: ORT's idle threads spinning beside it tripled kernel time
+                // (stories110M shape, 3 bits: 60.8 tok/s without spinning, 25.2 with; docs/BENCHMARKS.md).
+                so.AddSessionConfigEntry("session.intra_op.allow_spinning", "0");
+                if (cuda) so.AppendExecutionProvider_CUDA(0);
+                _op.Register(so);
+                return graph is null ? new InferenceSession(options.GraphPath!, so) : new InferenceSession(graph, so);
+            }
+            // The CUDA provider is in the GPU package only, and it loads CUDA's libraries when a session asks for it:
+            // a missing library is an exception here, which Auto turns into the CPU and a stated reason.
+            bool packaged = OrtEnv.Instance().GetAvailableProviders().Contains("CUDAExecutionProvider");
+            if (options.Device == OnnxDevice.Cuda && !packaged)
+                throw new NotSupportedException("this build's ONNX Runtime has no CUDA provider (build with -p:UseOnnxRuntimeGpu=true).");
+            if (options.Device == OnnxDevice.Cpu || !packaged) _session = Session(cuda: false);
+            else
+            {
+                try
+                {
+                    _session = Session(cuda: true);
+                    ExecutionProvider = "CUDA";
+                }
+                catch (Exception e) when (options.Device == OnnxDevice.Auto && e is OnnxRuntimeException or DllNotFoundException or EntryPointNotFoundException)
+                {
+                    DeviceFallback = $"the CUDA provider could not start ({e.Message.ReplaceLineEndings(" ")}); running on the CPU";
+                    _session = Session(cuda: false);
+                }
+            }
         }
         catch
         {
@@ -75,6 +107,12 @@ public sealed unsafe class OnnxEngine : IInferenceEngine
 
     /// <summary>The model served.</summary>
     public AnyPrecisionModel Model => _model;
+
+    /// <summary>"CUDA" or "CPU": where the session runs.</summary>
+    public string ExecutionProvider { get; } = "CPU";
+
+    /// <summary>Why <see cref="OnnxDevice.Auto"/> fell back to the CPU although the CUDA provider was there; null when it did not.</summary>
+    public string? DeviceFallback { get; }
 
     /// <summary>The bitplane operator (its counters give the time spent in kernels).</summary>
     public BitplaneOperator Operator => _op;

@@ -88,14 +88,14 @@ public sealed class AnyPrecisionModel : IDisposable
 
         int Int(string key)
         {
-            try { return section[key]?.GetValue<int>() ?? throw new ModelFormatException($"{cfgPath}: anyprecision.{key} is missing."); }
-            catch (Exception e) when (e is FormatException or InvalidOperationException) { throw new ModelFormatException($"{cfgPath}: anyprecision.{key} is not an integer.", e); }
+            var n = section[key] ?? throw new ModelFormatException($"{cfgPath}: anyprecision.{key} is missing.");
+            return n is JsonValue v && v.TryGetValue<int>(out int i) ? i : throw new ModelFormatException($"{cfgPath}: anyprecision.{key} is not an integer.");
         }
         int version = Int("format_version");
         if (version is < 1 or > AnyPrecisionQuantizer.FormatVersion) throw new ModelFormatException($"{cfgPath}: any-precision format version {version} is not supported (this build reads 1..{AnyPrecisionQuantizer.FormatVersion}).");
         int seed = Int("seed_bits"), parent = Int("parent_bits");
         if (seed < 1 || seed > parent || parent > 8) throw new ModelFormatException($"{cfgPath}: seed_bits {seed} and parent_bits {parent} must satisfy 1 ≤ seed ≤ parent ≤ 8.");
-        string sensitivity = section["sensitivity"]?.GetValue<string>() ?? "unknown";
+        string sensitivity = section["sensitivity"] is JsonValue sv && sv.TryGetValue<string>(out var kind) ? kind : "unknown";
 
         var cp = LlamaCheckpoint.OpenHuggingFace(directory, blockLinears: false);
         try
@@ -120,6 +120,27 @@ public sealed class AnyPrecisionModel : IDisposable
             cp.Dispose();
             throw;
         }
+    }
+
+    /// <summary>
+    /// SHA-256 (hex) of what decides the model's outputs: config.json, model.safetensors and tokenizer.model, in that
+    /// order, each prefixed by its name and length. Reads every byte once (about a second per GB); files written beside
+    /// the model by others (a saved ML.NET pipeline's settings) do not change it.
+    /// </summary>
+    public static string ContentHash(string directory)
+    {
+        using var hash = System.Security.Cryptography.IncrementalHash.CreateHash(System.Security.Cryptography.HashAlgorithmName.SHA256);
+        var buffer = new byte[1 << 20];
+        foreach (var name in new[] { "config.json", "model.safetensors", "tokenizer.model" })
+        {
+            string path = Path.Combine(directory, name);
+            if (!File.Exists(path)) continue;
+            using var fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1);
+            hash.AppendData(System.Text.Encoding.UTF8.GetBytes($"{name}\n{fs.Length}\n"));
+            int n;
+            while ((n = fs.Read(buffer)) > 0) hash.AppendData(buffer, 0, n);
+        }
+        return Convert.ToHexStringLower(hash.GetHashAndReset());
     }
 
     /// <summary>Bytes of one linear layer's tensors in this format with planes for <paramref name="parentBits"/> and tables for seed..parent.</summary>

@@ -142,11 +142,25 @@ public static class AnyPrecisionQuantizer
         int rows = (int)shape[0], cols = (int)shape[1];
         var w = SourceWeight(source, layer, part);
         var s = SensitivityInHfOrder(source.Config, part, sensitivity.For(layer, part, rows, cols));
+        // A NaN weight or sensitivity poisons the k-means of its row into NaN centroids: refused with its place.
+        string tensor = LlamaTensorNames.Layer(layer, part);
+        if (IndexOfNonFinite(w) is int bad and >= 0)
+            throw new ModelFormatException($"{source.SourcePath}: tensor '{tensor}' holds a non-finite value (NaN or ±Inf) at [{bad / cols}, {bad % cols}]; it cannot be quantized.");
+        for (int r = 0; r < (s.PerColumn ? 1 : rows); r++)
+            if (IndexOfNonFinite(s.Row(r)) is int sb and >= 0)
+                throw new InvalidDataException($"the {sensitivity.Kind} sensitivity of '{tensor}' is non-finite at [{r}, {sb}] (an overflowing calibration); it cannot weight the k-means.");
         ulong layerSeed = SplitMix64.Derive(options.RandomSeed, (ulong)(layer * LlamaTensorNames.BlockLinears.Length + Array.IndexOf(LlamaTensorNames.BlockLinears, part)));
         var results = new RowQuantization[rows];
         Parallel.For(0, rows, new ParallelOptions { MaxDegreeOfParallelism = options.MaxDegreeOfParallelism > 0 ? options.MaxDegreeOfParallelism : -1 }, r =>
             results[r] = RowQuantizer.Quantize(w.AsSpan(r * cols, cols), s.Row(r), options.SeedBits, options.ParentBits, SplitMix64.Derive(layerSeed, (ulong)r), options.SeedMethod));
         return BitplaneMatrix.FromRows(AnyPrecisionModel.LinearName(layer, part), results, cols);
+    }
+
+    private static int IndexOfNonFinite(ReadOnlySpan<float> values)
+    {
+        for (int i = 0; i < values.Length; i++)
+            if (!float.IsFinite(values[i])) return i;
+        return -1;
     }
 
     /// <summary>Per-weight sensitivities follow the q/k row permutation; per-column ones need nothing.</summary>
