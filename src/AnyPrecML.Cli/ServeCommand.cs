@@ -40,23 +40,16 @@ internal static class ServeCommand
             if (r.GetValue(queue) < 0) throw new ArgumentException("--max-queue must be 0 or more.");
             var server = new AnyPrecisionServerOptions { MaxConcurrentRequests = r.GetValue(concurrent), MaxQueuedRequests = r.GetValue(queue) };
 
-            var builder = WebApplication.CreateSlimBuilder();
-            builder.Logging.SetMinimumLevel(LogLevel.Warning);
-            builder.WebHost.UseUrls($"http://{r.GetValue(host)}:{r.GetValue(port)}");
-            builder.WebHost.ConfigureKestrel(k => k.Limits.MaxRequestBodySize = server.MaxRequestBodyBytes);
-            builder.Services.AddAnyPrecisionChatClient(directory, o =>
+            await using var app = Host(directory, $"http://{r.GetValue(host)}:{r.GetValue(port)}", server, o =>
             {
                 o.DefaultBits = r.GetValue(bits);
                 o.ModelName = r.GetValue(name);
                 o.ChatTemplate = r.GetValue(template);
                 o.Backend = CommonOptions.Backend(r.GetValue(accuracy));
             });
-            await using var app = builder.Build();
-            // Open the model before listening: a bad directory fails here with its message, not on the first request.
             var client = app.Services.GetRequiredService<AnyPrecisionChatClient>();
-            app.MapAnyPrecisionOpenAI(server);
             await app.StartAsync(ct);
-            string address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
+            string address = Address(app);
             var m = client.Metadata;
             r.Out().WriteLine($"listening on {address}: {string.Join(", ", m.ModelIds)} (template {m.Template.Name}, default {m.DefaultBits} bits)");
             r.Out().Flush();
@@ -66,4 +59,33 @@ internal static class ServeCommand
         });
         return command;
     }
+
+    /// <summary>
+    /// The server of `serve` and `bench serve`: Kestrel on <paramref name="url"/> with the OpenAI endpoints over the
+    /// model, opened before it listens (a bad directory fails here with its message, not on the first request).
+    /// </summary>
+    public static WebApplication Host(string directory, string url, AnyPrecisionServerOptions server, Action<AnyPrecisionChatClientOptions> configure)
+    {
+        var builder = WebApplication.CreateSlimBuilder();
+        builder.Logging.SetMinimumLevel(LogLevel.Warning);
+        builder.WebHost.UseUrls(url);
+        builder.WebHost.ConfigureKestrel(k => k.Limits.MaxRequestBodySize = server.MaxRequestBodyBytes);
+        builder.Services.AddAnyPrecisionChatClient(directory, configure);
+        var app = builder.Build();
+        try
+        {
+            app.Services.GetRequiredService<AnyPrecisionChatClient>();
+            app.MapAnyPrecisionOpenAI(server);
+            return app;
+        }
+        catch
+        {
+            ((IDisposable)app).Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>The address a started host listens on (the real port when 0 was asked).</summary>
+    public static string Address(WebApplication app) =>
+        app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
 }
