@@ -288,6 +288,24 @@ public sealed class OpenAIServerTests
     }
 
     [TestMethod]
+    public void BenchServeReportsEveryLevel()
+    {
+        var (code, output, err) = Cli.Run("bench", "serve", "--model", _fixture.ModelDirectory, "--clients", "1", "3", "--requests", "2", "--max-tokens", "8", "--json");
+        Assert.AreEqual(0, code, err);
+        using var doc = JsonDocument.Parse(output);
+        var rows = doc.RootElement.GetProperty("rows");
+        Assert.AreEqual(2, rows.GetArrayLength());
+        Assert.AreEqual(6, rows[1].GetProperty("requests").GetInt32(), "3 clients × 2 requests");
+        foreach (var row in rows.EnumerateArray())
+        {
+            // Every request streamed its 8 tokens: tokens/s is 8 × requests/s (up to rounding).
+            Assert.AreEqual(8 * row.GetProperty("requests_per_second").GetDouble(), row.GetProperty("tokens_per_second").GetDouble(), 0.5);
+            Assert.IsLessThanOrEqualTo(row.GetProperty("ttft_p99_ms").GetDouble(), row.GetProperty("ttft_p50_ms").GetDouble());
+        }
+        CollectionAssert.AreEqual(new[] { 3, 8 }, doc.RootElement.GetProperty("widths").EnumerateArray().Select(w => w.GetInt32()).ToArray());
+    }
+
+    [TestMethod]
     public void ServeRefusesWhatIsNotAnAnyPrecisionDirectory()
     {
         var (code, _, err) = Cli.Run("serve", "--model", TestData.Stories260K, "--port", "0");
