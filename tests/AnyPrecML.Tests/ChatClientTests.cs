@@ -191,6 +191,23 @@ public sealed class ChatClientTests
         Assert.AreEqual("zephyr", chosen.Metadata.Template.Name);
         Assert.AreEqual("options", chosen.Metadata.TemplateSource);
     }
+
+    [TestMethod]
+    public void QuantizingAHuggingFaceModelKeepsItsChatTemplate()
+    {
+        // A Hugging Face directory with a Llama 2 chat template: quantize copies tokenizer_config.json, the client detects it.
+        using var dir = TestData.NewTempDir();
+        var (code, _, err) = Cli.Run("convert", "--model", TestData.Stories260K, "--output", dir["hf"]);
+        Assert.AreEqual(0, code, err);
+        File.WriteAllText(Path.Combine(dir["hf"], "tokenizer_config.json"), System.Text.Json.JsonSerializer.Serialize(new { chat_template = Templates.Llama2 }));
+        using (var source = Models.LlamaCheckpoint.Open(dir["hf"]))
+            Quantization.AnyPrecisionQuantizer.Quantize(source, dir["ap"], new Quantization.UniformSensitivity(), new Quantization.QuantizerOptions());
+        Assert.IsTrue(File.Exists(Path.Combine(dir["ap"], "tokenizer_config.json")));
+        using var client = new AnyPrecisionChatClient(dir["ap"], new AnyPrecisionChatClientOptions { ModelName = "tiny" });
+        Assert.AreEqual("llama2", client.Metadata.Template.Name);
+        Assert.AreEqual("tokenizer_config.json", client.Metadata.TemplateSource);
+        Assert.AreEqual("tiny@8bit", client.GetService<ChatClientMetadata>()!.DefaultModelId);
+    }
 }
 
 /// <summary>The <c>chat_template</c>s of real models' tokenizer_config.json (as published on the Hugging Face hub).</summary>
