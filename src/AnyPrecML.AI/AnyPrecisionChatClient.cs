@@ -27,6 +27,9 @@ public sealed class AnyPrecisionChatClientOptions
     public BitplaneBackend? Backend { get; set; }
 }
 
+/// <summary>A request named a model or width the client does not serve (OpenAI's <c>model_not_found</c>).</summary>
+public sealed class UnknownModelException(string message) : ArgumentException(message);
+
 /// <summary>What <see cref="AnyPrecisionChatClient.GetService"/> returns besides <see cref="ChatClientMetadata"/>: the model and how it is served.</summary>
 /// <param name="ModelName">The name model ids start with.</param>
 /// <param name="Template">The chat template in use and whether it was detected or chosen.</param>
@@ -216,13 +219,13 @@ public sealed class AnyPrecisionChatClient : IChatClient
         {
             int at = modelId.IndexOf('@');
             string name = at < 0 ? modelId : modelId[..at];
-            if (name != Metadata.ModelName) throw new ArgumentException($"unknown model '{modelId}'; this server serves {string.Join(", ", Metadata.ModelIds)}.");
+            if (name != Metadata.ModelName) throw new UnknownModelException($"unknown model '{modelId}'; this server serves {string.Join(", ", Metadata.ModelIds)}.");
             if (at >= 0)
             {
                 string width = modelId[(at + 1)..];
                 width = width.EndsWith("bits", StringComparison.Ordinal) ? width[..^4] : width.EndsWith("bit", StringComparison.Ordinal) ? width[..^3] : width;
                 fromId = int.TryParse(width, NumberStyles.None, CultureInfo.InvariantCulture, out int b) && Metadata.SupportedBits.Contains(b) ? b
-                    : throw new ArgumentException($"unknown width in model '{modelId}'; this parent holds {Metadata.SupportedBits[0]}..{Metadata.SupportedBits[^1]} bits.");
+                    : throw new UnknownModelException($"unknown width in model '{modelId}'; this parent holds {Metadata.SupportedBits[0]}..{Metadata.SupportedBits[^1]} bits.");
             }
         }
         int? fromProperty = null;

@@ -97,7 +97,7 @@ public static class OpenAIEndpoints
             }
             catch (ArgumentException e)
             {
-                await Error(ctx, 400, e.Message, e.Message.StartsWith("unknown model", StringComparison.Ordinal) || e.Message.StartsWith("unknown width", StringComparison.Ordinal) ? "model_not_found" : "invalid_value");
+                await Error(ctx, 400, e.Message, e is UnknownModelException ? "model_not_found" : "invalid_value");
                 return;
             }
             catch (BadHttpRequestException e)

@@ -127,6 +127,7 @@ public sealed class ChatClientTests
         async Task<string> Refused(ChatOptions options, string prompt = ChatFixture.Prompt) =>
             (await Assert.ThrowsAsync<ArgumentException>(() => _client.GetResponseAsync(User(prompt), options))).Message;
         StringAssert.Contains(await Refused(new ChatOptions { ModelId = "llama@3bit" }), "unknown model 'llama@3bit'");
+        await Assert.ThrowsExactlyAsync<UnknownModelException>(() => _client.GetResponseAsync(User("a"), new ChatOptions { ModelId = "stories260K@9bit" }));
         StringAssert.Contains(await Refused(new ChatOptions { ModelId = "stories260K@9bit" }), "3..8");
         StringAssert.Contains(await Refused(new ChatOptions { AdditionalProperties = new() { ["bits"] = 2 } }), "bits 2");
         StringAssert.Contains(await Refused(new ChatOptions { ModelId = "stories260K@3bit", AdditionalProperties = new() { ["bits"] = 4 } }), "different widths");
