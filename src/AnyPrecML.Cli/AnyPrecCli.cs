@@ -20,6 +20,7 @@ public static class AnyPrecCli
         EvalCommand.Create(),
         ExportCommand.Create(),
         ScoreCommand.Create(),
+        ServeCommand.Create(),
         SynthCommand.Create(),
         BenchCommand.Create(),
     };
