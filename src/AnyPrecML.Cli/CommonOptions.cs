@@ -70,7 +70,7 @@ internal static class CommonOptions
             {
                 var tokenizer = LlamaTokenizerLoader.Load(ap.Checkpoint, tokenizerPath);
                 int b = ap.CheckBits(bits ?? ap.ParentBits);
-                IInferenceEngine e = engine == "reference" ? new ReferenceEngine(ap.ToWeights(b)) : new OnnxEngine(ap, new OnnxEngineOptions { Bits = b, Backend = Backend(accuracy) });
+                IInferenceEngine e = engine == "reference" ? new AnyPrecisionReferenceEngine(ap, b) : new OnnxEngine(ap, new OnnxEngineOptions { Bits = b, Backend = Backend(accuracy) });
                 return new LoadedModel(ap.Checkpoint, e, tokenizer);
             }
             catch
