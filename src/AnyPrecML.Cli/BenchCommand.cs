@@ -8,9 +8,9 @@ namespace AnyPrecML.Cli;
 /// <summary>`anyprec bench`: measured figures for docs/BENCHMARKS.md and docs/QUALITY.md.</summary>
 internal static class BenchCommand
 {
-    public static Command Create() => new("bench", "Benchmarks: quantization speed, k-means quality on a real row, format memory, Fisher, kernels, the ONNX engine.")
+    public static Command Create() => new("bench", "Benchmarks: quantization speed, k-means quality on a real row, format memory, Fisher, kernels, the ONNX engine, speculative decoding.")
     {
-        Quantize(), KMeans(), Memory(), Fisher(), BenchKernelsCommand.Create(), BenchEngineCommand.Create(),
+        Quantize(), KMeans(), Memory(), Fisher(), BenchKernelsCommand.Create(), BenchEngineCommand.Create(), BenchSpeculativeCommand.Create(),
     };
 
     private static Command Fisher()

@@ -96,6 +96,7 @@ public sealed class SpeculativeTests
                     // Every round commits accepted + 1 tokens: the counts must add up to what came out (the last round may overshoot).
                     Assert.IsGreaterThanOrEqualTo(200L, s.Accepted + s.TargetSteps, $"d={d} t={t} k={k}");
                     Assert.IsLessThanOrEqualTo(200L + k, s.Accepted + s.TargetSteps, $"d={d} t={t} k={k}");
+                    Assert.IsLessThanOrEqualTo(s.TargetSteps, s.Rejected, "at most one rejection a round");
                     seen.Add($"{d}/{t}/{k}: {s.AcceptanceRate:F2}");
                 }
         }
@@ -299,6 +300,51 @@ public sealed class SpeculativeTests
             // The test is only worth something when the draft differs from the target: some drafts must be rejected.
             Assert.IsLessThan(0.8, accepted / (double)drafted, $"k={k}: acceptance");
         }
+    }
+
+    [TestMethod]
+    public void GenerateWithADraftWidthPrintsTheTargetOnlyTextAndTheCounts()
+    {
+        string[] common = ["generate", "--model", _dir["ap"], "--engine", "reference", "--bits", "8", "--prompt", "Once upon a time", "--max-tokens", "40", "--json"];
+        var (code, output, err) = Cli.Run(common);
+        Assert.AreEqual(0, code, err);
+        using var plain = JsonDocument.Parse(output);
+        (code, output, err) = Cli.Run([.. common, "--draft-bits", "3", "--draft-tokens", "4"]);
+        Assert.AreEqual(0, code, err);
+        using var speculative = JsonDocument.Parse(output);
+        Assert.AreEqual(plain.RootElement.GetProperty("text").GetString(), speculative.RootElement.GetProperty("text").GetString());
+        var s = speculative.RootElement.GetProperty("speculative");
+        Assert.AreEqual(3, s.GetProperty("draft_bits").GetInt32());
+        Assert.AreEqual(8, s.GetProperty("target_bits").GetInt32());
+        long drafted = s.GetProperty("drafted").GetInt64(), accepted = s.GetProperty("accepted").GetInt64(), steps = s.GetProperty("target_steps").GetInt64();
+        Assert.AreEqual(4 * steps, drafted);
+        Assert.IsInRange(40L, 44L, accepted + steps);
+        Assert.AreEqual(JsonValueKind.Null, plain.RootElement.GetProperty("speculative").ValueKind);
+
+        (code, _, err) = Cli.Run([.. common, "--draft-bits", "8"]);
+        Assert.AreEqual(1, code);
+        Assert.StartsWith("error: --draft-bits 8 must be in 3..7", err);
+        (code, _, err) = Cli.Run("generate", "--model", TestData.Stories260K, "--draft-bits", "3");
+        Assert.AreEqual(1, code);
+        StringAssert.Contains(err, "--draft-bits applies to any-precision models");
+    }
+
+    [TestMethod]
+    public void BenchSpeculativeReportsEveryConfigurationAndTheBestPerTarget()
+    {
+        var (code, output, err) = Cli.Run("bench", "speculative", "-m", _dir["ap"], "--engine", "reference", "--prompts", "2", "--tokens", "24",
+            "--targets", "6", "8", "--drafts", "3", "4", "--draft-tokens", "1", "4", "--json");
+        Assert.AreEqual(0, code, err);
+        using var doc = JsonDocument.Parse(output);
+        var rows = doc.RootElement.GetProperty("rows").EnumerateArray().ToList();
+        Assert.HasCount(2 * 2 * 2, rows);
+        foreach (var row in rows)
+        {
+            Assert.IsTrue(row.GetProperty("same_output").GetBoolean(), "greedy output unchanged");
+            Assert.IsInRange(0.0, 1.0, row.GetProperty("acceptance_rate").GetDouble());
+            Assert.IsInRange(1.0, 1.0 + row.GetProperty("draft_tokens").GetInt32(), row.GetProperty("tokens_per_target_step").GetDouble());
+        }
+        CollectionAssert.AreEqual(new[] { 6, 8 }, doc.RootElement.GetProperty("best").EnumerateArray().Select(b => b.GetProperty("target_bits").GetInt32()).ToArray());
     }
 
     [TestMethod]

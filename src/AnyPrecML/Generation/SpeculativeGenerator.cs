@@ -14,12 +14,18 @@ public sealed class SpeculationStats
     public long Drafted { get; internal set; }
     /// <summary>Drafted tokens the target kept.</summary>
     public long Accepted { get; internal set; }
+    /// <summary>Drafted tokens the target replaced (at most one a round; the drafts after it are never examined).</summary>
+    public long Rejected { get; internal set; }
     /// <summary>Verify passes of the target (one per round, over up to k + 1 positions; the prompt's prefill not counted).</summary>
     public long TargetSteps { get; internal set; }
     /// <summary>Forward passes of the draft.</summary>
     public long DraftSteps { get; internal set; }
-    /// <summary>Accepted / drafted (0 before any draft).</summary>
-    public double AcceptanceRate => Drafted > 0 ? (double)Accepted / Drafted : 0;
+    /// <summary>
+    /// The chance that the target keeps a drafted token it examines: accepted / (accepted + rejected), independent of k
+    /// for a given draft and target (0 before any draft). Accepted / <see cref="Drafted"/> is lower, as drafts after a
+    /// rejection are thrown away unexamined.
+    /// </summary>
+    public double AcceptanceRate => Accepted + Rejected > 0 ? (double)Accepted / (Accepted + Rejected) : 0;
 }
 
 /// <summary>
@@ -141,6 +147,7 @@ public sealed class SpeculativeGenerator
         }
         // Every draft kept: the target's next token comes free from the last position.
         if (accepted == drafted) emitted.Add(_sampler.Next(logits.Slice(drafted * vocab, vocab)));
+        else Stats.Rejected++;
         Stats.Accepted += accepted;
 
         // Roll back: the target keeps the committed tokens but the new last; the draft keeps what agrees with them.

@@ -47,7 +47,11 @@ public sealed class TextGenerator
     public IEnumerable<GeneratedToken> GenerateTokens(string prompt, GenerationOptions options, CancellationToken cancellationToken = default) =>
         GenerateTokens(prompt, options, null, cancellationToken);
 
-    private IEnumerable<GeneratedToken> GenerateTokens(string prompt, GenerationOptions options, Action<SpeculationStats>? speculation, CancellationToken cancellationToken)
+    /// <summary>
+    /// <see cref="GenerateTokens(string, GenerationOptions, CancellationToken)"/>, handing speculative decoding's counters to
+    /// <paramref name="speculation"/> when decoding starts (they grow as it goes; not called without a draft width).
+    /// </summary>
+    public IEnumerable<GeneratedToken> GenerateTokens(string prompt, GenerationOptions options, Action<SpeculationStats>? speculation, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(prompt);
         options.Validated();

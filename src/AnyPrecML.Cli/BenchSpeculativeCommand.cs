@@ -1,0 +1,140 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Numerics.Tensors;
+using AnyPrecML.Generation;
+using AnyPrecML.Models;
+
+namespace AnyPrecML.Cli;
+
+/// <summary>
+/// `anyprec bench speculative`: greedy self-speculative decoding for every draft width below each target and every
+/// draft length k, beside target-only decoding of the same prompts, in one process: acceptance rate, tokens per target
+/// pass, tokens/s and whether the output is unchanged; then the fastest (d, k) per target.
+/// </summary>
+internal static class BenchSpeculativeCommand
+{
+    private static readonly string[] DefaultPrompts =
+    [
+        "Once upon a time", "Lily and Tom went to the", "The little dog saw a", "One day, a girl named",
+        "Tim had a big red", "The sun was shining and", "Mom said to Ben,", "There was a small bird",
+    ];
+
+    public static Command Create()
+    {
+        var model = new Option<string>("--model", "-m") { Description = "An any-precision model directory.", Required = true };
+        var tokenizer = CommonOptions.Tokenizer();
+        var engine = CommonOptions.Engine();
+        var accuracy = CommonOptions.Accuracy();
+        var text = new Option<string?>("--text") { Description = "Prompts: the first words of each line of this file (default: eight story openings)." };
+        var prompts = new Option<int>("--prompts") { Description = "Prompts to decode from.", DefaultValueFactory = _ => 8 };
+        var tokens = new Option<int>("--tokens", "-n") { Description = "Tokens generated per prompt.", DefaultValueFactory = _ => 128 };
+        var targets = new Option<int[]>("--targets") { Description = "Target widths (default: the parent width).", AllowMultipleArgumentsPerToken = true };
+        var drafts = new Option<int[]>("--drafts") { Description = "Draft widths (default: seed..target-1).", AllowMultipleArgumentsPerToken = true };
+        var ks = new Option<int[]>("--draft-tokens") { Description = "Draft lengths k.", DefaultValueFactory = _ => [1, 2, 4, 8], AllowMultipleArgumentsPerToken = true };
+        var json = CommonOptions.Json();
+        var command = new Command("speculative", "Self-speculative decoding: acceptance, tokens per target pass and tokens/s per (draft, target, k) beside target-only; best (d, k) per target.")
+        {
+            model, tokenizer, engine, accuracy, text, prompts, tokens, targets, drafts, ks, json,
+        };
+        command.SetAction((r, ct) =>
+        {
+            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), null, r.GetValue(engine), r.GetValue(accuracy));
+            if (m.Engine is not IAnyPrecisionEngine e) throw new ArgumentException($"'{r.GetValue(model)}' is not an any-precision model (quantize it with `anyprec quantize`).");
+            var c = e.Config;
+            int n = r.GetValue(tokens), count = r.GetValue(prompts);
+            if (n < 1 || count < 1) throw new ArgumentException("--tokens and --prompts must be positive.");
+            var lines = r.GetValue(text) is { } path ? File.ReadLines(path).Where(l => l.Trim().Length > 0).Take(count).Select(l => string.Join(' ', l.Split(' ', StringSplitOptions.RemoveEmptyEntries).Take(6)))
+                : DefaultPrompts.Take(count);
+            var ids = lines.Select(l => { List<int> x = [.. m.Tokenizer.EncodeToIds(l)]; if (x.Count == 0 || x[0] != c.BosTokenId) x.Insert(0, c.BosTokenId); return x.ToArray(); }).ToList();
+            if (ids.Count == 0) throw new ArgumentException("no prompts: the text has no non-empty line.");
+            if (ids.Max(p => p.Length) + n + 64 > c.MaxSeqLen) throw new ArgumentException($"--tokens {n} and the prompts do not fit the model's context of {c.MaxSeqLen}.");
+            int[] targetWidths = r.GetValue(targets) is { Length: > 0 } tw ? tw : [e.ParentBits];
+            foreach (int t in targetWidths)
+                if (t <= e.SeedBits || t > e.ParentBits) throw new ArgumentException($"target width {t} must be in {e.SeedBits + 1}..{e.ParentBits}.");
+            int[] kValues = r.GetValue(ks)!;
+            foreach (int k in kValues)
+                if (k is < 1 or > 64) throw new ArgumentException($"draft length {k} must be in 1..64.");
+            var err = r.Err();
+            err.WriteLine($"{c.Layers} layers, dim {c.Dim}, {c.ParameterCount / 1e6:F2}M parameters; {ids.Count} prompts x {n} tokens, greedy");
+
+            // Warm-up: JIT every path once, untimed.
+            TargetOnly(e, targetWidths[0], ids[0], Math.Min(n, 8));
+            Speculative(e, e.SeedBits, targetWidths[0], kValues[0], ids[0], Math.Min(n, 8));
+
+            var rows = new List<Row>();
+            var best = new List<object>();
+            foreach (int t in targetWidths)
+            {
+                var plainSw = Stopwatch.StartNew();
+                var expected = ids.Select(p => TargetOnly(e, t, p, n)).ToList();
+                double plainTps = ids.Count * n / plainSw.Elapsed.TotalSeconds;
+                err.WriteLine($"t={t}: target-only {plainTps:F1} tok/s");
+                Row? top = null;
+                int[] draftWidths = r.GetValue(drafts) is { Length: > 0 } dw ? dw.Where(d => d >= e.SeedBits && d < t).ToArray() : Enumerable.Range(e.SeedBits, t - e.SeedBits).ToArray();
+                foreach (int d in draftWidths)
+                    foreach (int k in kValues)
+                    {
+                        ct.ThrowIfCancellationRequested();
+                        long drafted = 0, accepted = 0, rejected = 0, steps = 0;
+                        bool same = true;
+                        var sw = Stopwatch.StartNew();
+                        for (int i = 0; i < ids.Count; i++)
+                        {
+                            var (output, s) = Speculative(e, d, t, k, ids[i], n);
+                            same &= output.SequenceEqual(expected[i]);
+                            drafted += s.Drafted; accepted += s.Accepted; rejected += s.Rejected; steps += s.TargetSteps;
+                        }
+                        double tps = ids.Count * n / sw.Elapsed.TotalSeconds;
+                        var row = new Row(t, d, k, Math.Round((double)accepted / (accepted + rejected), 4), Math.Round((double)accepted / drafted, 4), Math.Round((double)ids.Count * n / steps, 3),
+                            Math.Round(tps, 1), Math.Round(plainTps, 1), Math.Round(tps / plainTps, 3), same);
+                        rows.Add(row);
+                        err.WriteLine($"  d={d} k={k}: acceptance {row.acceptance_rate:P1}, {row.tokens_per_target_step} tokens/target step, {row.tokens_per_second} tok/s ({row.speedup}x){(same ? "" : ", OUTPUT DIFFERS")}");
+                        if (same && (top is null || row.tokens_per_second > top.tokens_per_second)) top = row;
+                    }
+                if (top is not null) best.Add(new { target_bits = t, draft_bits = top.draft_bits, draft_tokens = top.draft_tokens, speedup = top.speedup });
+            }
+
+            var result = new { model = Path.GetFileName(Path.GetFullPath(r.GetValue(model)!)), engine = e.GetType().Name, prompts = ids.Count, tokens = n, rows, best };
+            if (r.GetValue(json)) { r.WriteJson(result); return Task.FromResult(0); }
+            var o = r.Out();
+            o.WriteLine("| target | draft | k | acceptance | drafts kept | tokens / target step | tok/s | target-only tok/s | speedup | output unchanged |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+            foreach (var x in rows)
+                o.WriteLine($"| {x.target_bits} | {x.draft_bits} | {x.draft_tokens} | {x.acceptance_rate:P1} | {x.drafts_kept:P1} | {x.tokens_per_target_step:F2} | {x.tokens_per_second} | {x.target_only_tokens_per_second} | {x.speedup:F2}x | {(x.same_output ? "yes" : "NO")} |");
+            foreach (var x in rows.GroupBy(x => x.target_bits))
+            {
+                var top = x.Where(y => y.same_output).MaxBy(y => y.tokens_per_second);
+                o.WriteLine(top is null ? $"t={x.Key}: no configuration kept the output unchanged"
+                    : $"best for t={x.Key}: d={top.draft_bits}, k={top.draft_tokens}: {top.tokens_per_second} tok/s, {top.speedup:F2}x target-only ({top.acceptance_rate:P0} accepted, {top.tokens_per_target_step:F2} tokens per target step)");
+            }
+            return Task.FromResult(0);
+        });
+        return command;
+    }
+
+    private sealed record Row(int target_bits, int draft_bits, int draft_tokens, double acceptance_rate, double drafts_kept, double tokens_per_target_step,
+        double tokens_per_second, double target_only_tokens_per_second, double speedup, bool same_output);
+
+    /// <summary>Greedy decoding at <paramref name="bits"/>, one forward pass per token: the first <paramref name="n"/> tokens.</summary>
+    private static int[] TargetOnly(IAnyPrecisionEngine e, int bits, int[] prompt, int n)
+    {
+        var cache = e.CreateCache(prompt.Length + n);
+        var logits = new float[e.Config.VocabSize];
+        e.Forward(prompt, cache, logits, bits);
+        var output = new int[n];
+        for (int i = 0; i < n; i++)
+        {
+            output[i] = TensorPrimitives.IndexOfMax(logits);
+            if (i + 1 < n) e.Forward([output[i]], cache, logits, bits);
+        }
+        return output;
+    }
+
+    /// <summary>Greedy speculative decoding: the first <paramref name="n"/> tokens and the run's counters.</summary>
+    private static (int[] Output, SpeculationStats Stats) Speculative(IAnyPrecisionEngine e, int d, int t, int k, int[] prompt, int n)
+    {
+        var options = new GenerationOptions { DraftBits = d, DraftTokens = k };
+        var generator = new SpeculativeGenerator(e, prompt, options, new Sampler(options), t, capacity: prompt.Length + n + k);
+        while (generator.Tokens.Count < prompt.Length + n) generator.NextRound();
+        return (generator.Tokens.Skip(prompt.Length).Take(n).ToArray(), generator.Stats);
+    }
+}
