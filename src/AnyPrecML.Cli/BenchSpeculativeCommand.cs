@@ -1,6 +1,5 @@
 using System.CommandLine;
 using System.Diagnostics;
-using System.Numerics.Tensors;
 using AnyPrecML.Generation;
 using AnyPrecML.Models;
 
@@ -58,15 +57,15 @@ internal static class BenchSpeculativeCommand
             err.WriteLine($"{c.Layers} layers, dim {c.Dim}, {c.ParameterCount / 1e6:F2}M parameters; {ids.Count} prompts x {n} tokens, greedy");
 
             // Warm-up: JIT every path once, untimed.
-            TargetOnly(e, targetWidths[0], ids[0], Math.Min(n, 8));
-            Speculative(e, e.SeedBits, targetWidths[0], kValues[0], ids[0], Math.Min(n, 8));
+            SpeculativeGenerator.TargetOnlyGreedy(e, targetWidths[0], ids[0], Math.Min(n, 8));
+            SpeculativeGenerator.Greedy(e, e.SeedBits, targetWidths[0], kValues[0], ids[0], Math.Min(n, 8));
 
             var rows = new List<Row>();
             var best = new List<object>();
             foreach (int t in targetWidths)
             {
                 var plainSw = Stopwatch.StartNew();
-                var expected = ids.Select(p => TargetOnly(e, t, p, n)).ToList();
+                var expected = ids.Select(p => SpeculativeGenerator.TargetOnlyGreedy(e, t, p, n)).ToList();
                 double plainTps = ids.Count * n / plainSw.Elapsed.TotalSeconds;
                 err.WriteLine($"t={t}: target-only {plainTps:F1} tok/s");
                 Row? top = null;
@@ -80,7 +79,7 @@ internal static class BenchSpeculativeCommand
                         var sw = Stopwatch.StartNew();
                         for (int i = 0; i < ids.Count; i++)
                         {
-                            var (output, s) = Speculative(e, d, t, k, ids[i], n);
+                            var (output, s) = SpeculativeGenerator.Greedy(e, d, t, k, ids[i], n);
                             same &= output.SequenceEqual(expected[i]);
                             drafted += s.Drafted; accepted += s.Accepted; rejected += s.Rejected; steps += s.TargetSteps;
                         }
@@ -113,28 +112,4 @@ internal static class BenchSpeculativeCommand
 
     private sealed record Row(int target_bits, int draft_bits, int draft_tokens, double acceptance_rate, double drafts_kept, double tokens_per_target_step,
         double tokens_per_second, double target_only_tokens_per_second, double speedup, bool same_output);
-
-    /// <summary>Greedy decoding at <paramref name="bits"/>, one forward pass per token: the first <paramref name="n"/> tokens.</summary>
-    private static int[] TargetOnly(IAnyPrecisionEngine e, int bits, int[] prompt, int n)
-    {
-        var cache = e.CreateCache(prompt.Length + n);
-        var logits = new float[e.Config.VocabSize];
-        e.Forward(prompt, cache, logits, bits);
-        var output = new int[n];
-        for (int i = 0; i < n; i++)
-        {
-            output[i] = TensorPrimitives.IndexOfMax(logits);
-            if (i + 1 < n) e.Forward([output[i]], cache, logits, bits);
-        }
-        return output;
-    }
-
-    /// <summary>Greedy speculative decoding: the first <paramref name="n"/> tokens and the run's counters.</summary>
-    private static (int[] Output, SpeculationStats Stats) Speculative(IAnyPrecisionEngine e, int d, int t, int k, int[] prompt, int n)
-    {
-        var options = new GenerationOptions { DraftBits = d, DraftTokens = k };
-        var generator = new SpeculativeGenerator(e, prompt, options, new Sampler(options), t, capacity: prompt.Length + n + k);
-        while (generator.Tokens.Count < prompt.Length + n) generator.NextRound();
-        return (generator.Tokens.Skip(prompt.Length).Take(n).ToArray(), generator.Stats);
-    }
 }

@@ -24,9 +24,10 @@ internal static class GenerateCommand
         var draftBits = new Option<int?>("--draft-bits") { Description = "Self-speculative decoding: draft width below --bits (the target); greedy output is unchanged, sampled output keeps the target's distribution." };
         var draftTokens = new Option<int>("--draft-tokens") { Description = "Most tokens drafted per round (k).", DefaultValueFactory = _ => 4 };
         var draftThreshold = new Option<float>("--draft-threshold") { Description = "Adaptive draft length: stop a round's drafting when the draft's top probability falls under this (0: always k).", DefaultValueFactory = _ => 0f };
+        var budget = new Option<double?>("--latency-budget-ms") { Description = "Per-token latency budget: runs the widest width (or draft/target pair) whose cost, measured on this machine and cached beside the model, meets it. Replaces --bits and --draft-bits." };
         var command = new Command("generate", "Generate text from a prompt.")
         {
-            model, tokenizer, bits, engine, accuracy, prompt, maxTokens, temperature, topK, topP, seed, draftBits, draftTokens, draftThreshold, json,
+            model, tokenizer, bits, engine, accuracy, prompt, maxTokens, temperature, topK, topP, seed, draftBits, draftTokens, draftThreshold, budget, json,
         };
         command.SetAction((r, ct) =>
         {
@@ -37,6 +38,22 @@ internal static class GenerateCommand
                 TopK = r.GetValue(topK), TopP = r.GetValue(topP), Seed = r.GetValue(seed),
                 DraftBits = r.GetValue(draftBits), DraftTokens = r.GetValue(draftTokens), DraftThreshold = r.GetValue(draftThreshold),
             }.Validated();
+            object? route = null;
+            if (r.GetValue(budget) is double ms)
+            {
+                if (m.Engine is not IAnyPrecisionEngine routed) throw new ArgumentException($"--latency-budget-ms routes between the widths of an any-precision model; '{r.GetValue(model)}' is not one.");
+                if (r.GetValue(bits) is not null || options.DraftBits is not null) throw new ArgumentException("--latency-budget-ms chooses the width itself: drop --bits and --draft-bits.");
+                var costs = PrecisionRouter.Load(routed, m.Checkpoint.SourcePath, $"{routed.GetType().Name} {r.GetValue(accuracy)}", out bool measured);
+                var decision = PrecisionRouter.Choose(costs, ms);
+                routed.Bits = decision.Route.Bits;
+                options = options with { DraftBits = decision.Route.DraftBits, DraftTokens = decision.Route.DraftBits is null ? options.DraftTokens : decision.Route.DraftTokens };
+                route = new
+                {
+                    budget_ms = ms, bits = decision.Route.Bits, draft_bits = decision.Route.DraftBits, draft_tokens = decision.Route.DraftTokens,
+                    ms_per_token = Math.Round(decision.Route.MsPerToken, 4), reason = decision.Reason, costs = measured ? "measured now" : "cached",
+                };
+                r.Err().WriteLine($"route: {decision.Reason} (costs {(measured ? "measured now" : "cached")})");
+            }
             if (options.DraftBits is not null && m.Engine is not IAnyPrecisionEngine)
                 throw new ArgumentException($"--draft-bits applies to any-precision models; '{r.GetValue(model)}' is not one (quantize it with `anyprec quantize`).");
             if (options.DraftBits is int d && m.Engine is IAnyPrecisionEngine ape && (d < ape.SeedBits || d >= ape.Bits))
@@ -49,6 +66,7 @@ internal static class GenerateCommand
                 {
                     text = result.Text, tokens = result.Tokens, tokens_per_second = Math.Round(result.TokensPerSecond, 2), stop_reason = result.StopReason,
                     speculative = result.Speculation is { } s ? Json(s, options, result.TokensPerTargetStep) : null,
+                    route,
                 });
                 return Task.FromResult(0);
             }

@@ -250,7 +250,7 @@ internal sealed class AnyPrecisionScorer : IDisposable
         public LlamaConfig Config => engine.Config;
         public int SeedBits => engine.SeedBits;
         public int ParentBits => engine.ParentBits;
-        public int Bits => bits;
+        public int Bits { get => bits; set => throw new InvalidOperationException("this row's engine is pinned to one width."); }
         public KvCache CreateCache(int capacity = 0) => engine.CreateCache(capacity);
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits) => engine.Forward(tokens, cache, logits, bits);
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int width) => engine.Forward(tokens, cache, logits, width);

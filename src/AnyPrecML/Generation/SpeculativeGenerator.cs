@@ -157,6 +157,30 @@ public sealed class SpeculativeGenerator
         return emitted;
     }
 
+    /// <summary>The first <paramref name="count"/> greedy tokens after <paramref name="prompt"/>, drafted at <paramref name="draftBits"/> and verified at <paramref name="targetBits"/>, k at a time; and the run's counts.</summary>
+    public static (int[] Tokens, SpeculationStats Stats) Greedy(IAnyPrecisionEngine engine, int draftBits, int targetBits, int k, int[] prompt, int count)
+    {
+        var options = new GenerationOptions { DraftBits = draftBits, DraftTokens = k };
+        var generator = new SpeculativeGenerator(engine, prompt, options, new Sampler(options), targetBits, Math.Min(engine.Config.MaxSeqLen, prompt.Length + count + k));
+        while (generator.Tokens.Count < prompt.Length + count) generator.NextRound();
+        return (generator.Tokens.Skip(prompt.Length).Take(count).ToArray(), generator.Stats);
+    }
+
+    /// <summary>What speculative decoding is measured against: the first <paramref name="count"/> greedy tokens at <paramref name="bits"/>, one forward pass each.</summary>
+    public static int[] TargetOnlyGreedy(IAnyPrecisionEngine engine, int bits, int[] prompt, int count)
+    {
+        var cache = engine.CreateCache(Math.Min(engine.Config.MaxSeqLen, prompt.Length + count));
+        var logits = new float[engine.Config.VocabSize];
+        engine.Forward(prompt, cache, logits, bits);
+        var output = new int[count];
+        for (int i = 0; i < count; i++)
+        {
+            output[i] = TensorPrimitives.IndexOfMax(logits);
+            if (i + 1 < count) engine.Forward([output[i]], cache, logits, bits);
+        }
+        return output;
+    }
+
     /// <summary>The largest softmax probability of <paramref name="logits"/>: 1 / Σ exp(l − max).</summary>
     private static float TopProbability(ReadOnlySpan<float> logits)
     {

@@ -30,8 +30,8 @@ public interface IAnyPrecisionEngine : IInferenceEngine
     int SeedBits { get; }
     /// <summary>Parent width: the widest served.</summary>
     int ParentBits { get; }
-    /// <summary>Width that <see cref="IInferenceEngine.Forward"/> runs at.</summary>
-    int Bits { get; }
+    /// <summary>Width that <see cref="IInferenceEngine.Forward"/> runs at (seed..parent).</summary>
+    int Bits { get; set; }
     /// <summary><see cref="IInferenceEngine.Forward"/> at width <paramref name="bits"/> (seed..parent), whatever <see cref="Bits"/> is.</summary>
     void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int bits);
 }
