@@ -30,10 +30,15 @@ internal static class BenchSpeculativeCommand
         var targets = new Option<int[]>("--targets") { Description = "Target widths (default: the parent width).", AllowMultipleArgumentsPerToken = true };
         var drafts = new Option<int[]>("--drafts") { Description = "Draft widths (default: seed..target-1).", AllowMultipleArgumentsPerToken = true };
         var ks = new Option<int[]>("--draft-tokens") { Description = "Draft lengths k.", DefaultValueFactory = _ => [1, 2, 4, 8], AllowMultipleArgumentsPerToken = true };
+        var acceptance = new Option<string[]>("--acceptance")
+        {
+            Description = "Cost model: acceptance per draft width measured on real weights (e.g. 3=0.68 4=0.88 5=0.95), combined with this model's measured pass times (for synthetic weights, whose own acceptance means nothing).",
+            AllowMultipleArgumentsPerToken = true,
+        };
         var json = CommonOptions.Json();
         var command = new Command("speculative", "Self-speculative decoding: acceptance, tokens per target pass and tokens/s per (draft, target, k) beside target-only; best (d, k) per target.")
         {
-            model, tokenizer, engine, accuracy, text, prompts, tokens, targets, drafts, ks, json,
+            model, tokenizer, engine, accuracy, text, prompts, tokens, targets, drafts, ks, acceptance, json,
         };
         command.SetAction((r, ct) =>
         {
@@ -93,7 +98,23 @@ internal static class BenchSpeculativeCommand
                 if (top is not null) best.Add(new { target_bits = t, draft_bits = top.draft_bits, draft_tokens = top.draft_tokens, speedup = top.speedup });
             }
 
-            var result = new { model = Path.GetFileName(Path.GetFullPath(r.GetValue(model)!)), engine = e.GetType().Name, prompts = ids.Count, tokens = n, rows, best };
+            var modelRows = new List<ModelRow>();
+            foreach (var (d, alpha) in ParseAcceptance(r.GetValue(acceptance) ?? []))
+                foreach (int t in targetWidths.Where(t => t > d))
+                {
+                    double draftMs = PassMs(e, d, 1), targetMs = PassMs(e, t, 1);
+                    foreach (int k in kValues)
+                    {
+                        // Leviathan et al.: with each draft kept with chance α, a round of k drafts yields (1 − α^(k+1)) / (1 − α) tokens.
+                        double verifyMs = PassMs(e, t, k + 1), perRound = alpha < 1 ? (1 - Math.Pow(alpha, k + 1)) / (1 - alpha) : k + 1;
+                        double tps = 1000 * perRound / (k * draftMs + verifyMs), plain = 1000 / targetMs;
+                        modelRows.Add(new ModelRow(t, d, k, alpha, Math.Round(draftMs, 3), Math.Round(verifyMs, 3), Math.Round(targetMs, 3), Math.Round(perRound, 3),
+                            Math.Round(tps, 2), Math.Round(plain, 2), Math.Round(tps / plain, 3)));
+                        err.WriteLine($"  model t={t} d={d} k={k}: draft {draftMs:F2} ms, verify {verifyMs:F2} ms, target {targetMs:F2} ms per pass; {perRound:F2} tokens/round -> {tps:F2} tok/s vs {plain:F2} ({tps / plain:F2}x)");
+                    }
+                }
+
+            var result = new { model = Path.GetFileName(Path.GetFullPath(r.GetValue(model)!)), engine = e.GetType().Name, prompts = ids.Count, tokens = n, rows, best, model_rows = modelRows };
             if (r.GetValue(json)) { r.WriteJson(result); return Task.FromResult(0); }
             var o = r.Out();
             o.WriteLine("| target | draft | k | acceptance | drafts kept | tokens / target step | tok/s | target-only tok/s | speedup | output unchanged |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
@@ -105,9 +126,43 @@ internal static class BenchSpeculativeCommand
                 o.WriteLine(top is null ? $"t={x.Key}: no configuration kept the output unchanged"
                     : $"best for t={x.Key}: d={top.draft_bits}, k={top.draft_tokens}: {top.tokens_per_second} tok/s, {top.speedup:F2}x target-only ({top.acceptance_rate:P0} accepted, {top.tokens_per_target_step:F2} tokens per target step)");
             }
+            if (modelRows.Count > 0)
+            {
+                o.WriteLine("\nCost model (acceptance given, pass times measured here):\n| target | draft | k | acceptance | draft ms/pass | verify ms/pass (k+1) | target-only ms/token | tokens/round | modeled tok/s | target-only tok/s | modeled speedup |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+                foreach (var x in modelRows)
+                    o.WriteLine($"| {x.target_bits} | {x.draft_bits} | {x.draft_tokens} | {x.acceptance:P0} | {x.draft_ms} | {x.verify_ms} | {x.target_ms} | {x.tokens_per_round} | {x.tokens_per_second} | {x.target_only_tokens_per_second} | {x.speedup:F2}x |");
+            }
             return Task.FromResult(0);
         });
         return command;
+    }
+
+    private sealed record ModelRow(int target_bits, int draft_bits, int draft_tokens, double acceptance, double draft_ms, double verify_ms, double target_ms,
+        double tokens_per_round, double tokens_per_second, double target_only_tokens_per_second, double speedup);
+
+    /// <summary>"d=α" pairs: a draft width and the chance a target keeps its tokens.</summary>
+    private static IEnumerable<(int Draft, double Alpha)> ParseAcceptance(string[] values)
+    {
+        foreach (var v in values)
+        {
+            var parts = v.Split('=');
+            if (parts.Length != 2 || !int.TryParse(parts[0], out int d) || !double.TryParse(parts[1], System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out double a) || !(a >= 0 && a <= 1))
+                throw new ArgumentException($"--acceptance '{v}' must be draftbits=rate with a rate in [0, 1], e.g. 4=0.88.");
+            yield return (d, a);
+        }
+    }
+
+    /// <summary>Median milliseconds of one forward pass of <paramref name="positions"/> tokens at <paramref name="bits"/> after a 32-token context, rolled back after each pass.</summary>
+    private static double PassMs(IAnyPrecisionEngine e, int bits, int positions)
+    {
+        var c = e.Config;
+        const int Context = 32;
+        var cache = e.CreateCache(Context + positions);
+        var prefix = Enumerable.Range(0, Context).Select(i => i == 0 ? c.BosTokenId : (7 * i + 3) % c.VocabSize).ToArray();
+        e.Forward(prefix, cache, new float[c.VocabSize], bits);
+        var tokens = Enumerable.Range(0, positions).Select(i => (11 * i + 5) % c.VocabSize).ToArray();
+        var logits = new float[positions * c.VocabSize];
+        return BenchTiming.MedianMs(() => { e.Forward(tokens, cache, logits, bits); cache.Truncate(Context); });
     }
 
     private sealed record Row(int target_bits, int draft_bits, int draft_tokens, double acceptance_rate, double drafts_kept, double tokens_per_target_step,
