@@ -58,6 +58,7 @@ internal static class BenchSpeculativeCommand
             int[] kValues = r.GetValue(ks)!;
             foreach (int k in kValues)
                 if (k is < 1 or > 64) throw new ArgumentException($"draft length {k} must be in 1..64.");
+            var alphas = ParseAcceptance(r.GetValue(acceptance) ?? []).ToList();
             var err = r.Err();
             err.WriteLine($"{c.Layers} layers, dim {c.Dim}, {c.ParameterCount / 1e6:F2}M parameters; {ids.Count} prompts x {n} tokens, greedy");
 
@@ -99,7 +100,7 @@ internal static class BenchSpeculativeCommand
             }
 
             var modelRows = new List<ModelRow>();
-            foreach (var (d, alpha) in ParseAcceptance(r.GetValue(acceptance) ?? []))
+            foreach (var (d, alpha) in alphas)
                 foreach (int t in targetWidths.Where(t => t > d))
                 {
                     double draftMs = PassMs(e, d, 1), targetMs = PassMs(e, t, 1);

@@ -333,7 +333,7 @@ public sealed class SpeculativeTests
     public void BenchSpeculativeReportsEveryConfigurationAndTheBestPerTarget()
     {
         var (code, output, err) = Cli.Run("bench", "speculative", "-m", _dir["ap"], "--engine", "reference", "--prompts", "2", "--tokens", "24",
-            "--targets", "6", "8", "--drafts", "3", "4", "--draft-tokens", "1", "4", "--json");
+            "--targets", "6", "8", "--drafts", "3", "4", "--draft-tokens", "1", "4", "--acceptance", "3=0.5", "--json");
         Assert.AreEqual(0, code, err);
         using var doc = JsonDocument.Parse(output);
         var rows = doc.RootElement.GetProperty("rows").EnumerateArray().ToList();
@@ -345,6 +345,21 @@ public sealed class SpeculativeTests
             Assert.IsInRange(1.0, 1.0 + row.GetProperty("draft_tokens").GetInt32(), row.GetProperty("tokens_per_target_step").GetDouble());
         }
         CollectionAssert.AreEqual(new[] { 6, 8 }, doc.RootElement.GetProperty("best").EnumerateArray().Select(b => b.GetProperty("target_bits").GetInt32()).ToArray());
+
+        // The cost model: a round of k drafts kept with chance 1/2 yields 1 + 1/2 + ... + 1/2^k tokens, at k draft passes and one verify pass.
+        var model = doc.RootElement.GetProperty("model_rows").EnumerateArray().ToList();
+        Assert.HasCount(2 * 2, model);
+        foreach (var row in model)
+        {
+            int k = row.GetProperty("draft_tokens").GetInt32();
+            double perRound = 2 - Math.Pow(0.5, k);
+            Assert.AreEqual(perRound, row.GetProperty("tokens_per_round").GetDouble(), 1e-3);
+            double expected = 1000 * perRound / (k * row.GetProperty("draft_ms").GetDouble() + row.GetProperty("verify_ms").GetDouble());
+            Assert.AreEqual(expected, row.GetProperty("tokens_per_second").GetDouble(), expected * 0.01 + 0.01);
+        }
+        var (bad, _, badErr) = Cli.Run("bench", "speculative", "-m", _dir["ap"], "--engine", "reference", "--acceptance", "3=1.5");
+        Assert.AreEqual(1, bad);
+        StringAssert.Contains(badErr, "--acceptance '3=1.5'");
     }
 
     [TestMethod]
