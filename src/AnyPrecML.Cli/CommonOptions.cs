@@ -77,7 +77,7 @@ internal static class CommonOptions
             {
                 var tokenizer = LlamaTokenizerLoader.Load(ap.Checkpoint, tokenizerPath);
                 int b = ap.CheckBits(bits ?? ap.ParentBits);
-                IInferenceEngine e = engine == "reference" ? new ReferenceEngine(ap.ToWeights(b))
+                IInferenceEngine e = engine == "reference" ? new AnyPrecisionReferenceEngine(ap, b)
                     : new OnnxEngine(ap, new OnnxEngineOptions { Bits = b, Backend = Backend(accuracy), Device = Enum.Parse<OnnxDevice>(device, ignoreCase: true) });
                 if (e is OnnxEngine { DeviceFallback: { } why }) log?.WriteLine($"warning: {why}");
                 // Which kernels run is never silent: the path, its instruction set and the arithmetic.

@@ -53,7 +53,7 @@ public sealed class AnyPrecisionEstimator : IEstimator<AnyPrecisionTransformer>
         {
             ModelDirectory = directory, TokenizerPath = o.TokenizerPath, InputColumnName = o.InputColumnName, Bits = o.Bits ?? 0,
             ScoreText = o.ScoreText, CompletionTokens = o.CompletionTokens, Temperature = o.Temperature, TopK = o.TopK, TopP = o.TopP,
-            Seed = o.Seed, Engine = o.Engine,
+            Seed = o.Seed, Engine = o.Engine, DraftBits = o.DraftBits, DraftTokens = o.DraftTokens,
         };
         return new AnyPrecisionTransformer(_ml, settings);
     }

@@ -5,7 +5,7 @@ public enum AnyPrecisionEngineKind
 {
     /// <summary>ONNX Runtime with the bitplane custom operator: one session serves every width (the default).</summary>
     Onnx,
-    /// <summary>The managed fp32 reference engine on the chosen width's dequantized weights (rebuilt when Bits changes).</summary>
+    /// <summary>The managed fp32 reference engine on each width's dequantized weights (dequantized on first use).</summary>
     Reference,
 }
 
@@ -59,6 +59,16 @@ public sealed class AnyPrecisionQuantizeOptions
 
     /// <summary>Top-p for sampled completions (1: off).</summary>
     public float TopP { get; set; } = 1f;
+
+    /// <summary>
+    /// Draft width for self-speculative completions (null: off): rows read at a wider <see cref="AnyPrecisionTransformer.Bits"/>
+    /// are completed by drafting at this width and verifying at Bits, over the same weights. The completions are the same
+    /// (greedy) or identically distributed (sampled) as without it; at Bits ≤ DraftBits rows are decoded target-only.
+    /// </summary>
+    public int? DraftBits { get; set; }
+
+    /// <summary>Most tokens drafted per speculative round (k).</summary>
+    public int DraftTokens { get; set; } = 4;
 
     /// <summary>Sampler seed, the same for every row, so results do not depend on row order or cursors.</summary>
     public ulong Seed { get; set; } = 1;

@@ -5,7 +5,6 @@ using AnyPrecML.Generation;
 using AnyPrecML.Models;
 using AnyPrecML.Onnx;
 using AnyPrecML.Quantization;
-using AnyPrecML.Reference;
 using AnyPrecML.Tokenization;
 using Microsoft.ML;
 using Microsoft.ML.Data;
@@ -202,6 +201,8 @@ internal sealed record TransformerSettings
     public float TopP { get; init; } = 1f;
     public ulong Seed { get; init; } = 1;
     public AnyPrecisionEngineKind Engine { get; init; }
+    public int? DraftBits { get; init; }
+    public int DraftTokens { get; init; } = 4;
 }
 
 /// <summary>What a saved pipeline carries: the settings and the content hash of the model they were used with.</summary>
@@ -210,8 +211,7 @@ internal sealed record SavedSettings(TransformerSettings Settings, string ModelS
 /// <summary>The engine side of the transform: scores and completes one text at the current width; safe on many threads.</summary>
 internal sealed class AnyPrecisionScorer : IDisposable
 {
-    private readonly OnnxEngine? _onnx;
-    private readonly ConcurrentDictionary<int, ReferenceEngine> _reference = new();
+    private readonly IAnyPrecisionEngine _engine;
     private readonly Tokenizer _tokenizer;
     private readonly GenerationOptions _generation;
     private volatile int _bits;
@@ -226,8 +226,10 @@ internal sealed class AnyPrecisionScorer : IDisposable
             _generation = new GenerationOptions
             {
                 MaxTokens = settings.CompletionTokens, Temperature = settings.Temperature, TopK = settings.TopK, TopP = settings.TopP, Seed = settings.Seed,
+                DraftTokens = settings.DraftTokens,
             }.Validated();
-            if (settings.Engine == AnyPrecisionEngineKind.Onnx) _onnx = new OnnxEngine(Model, new OnnxEngineOptions { Bits = _bits });
+            if (settings.DraftBits is int d) Model.CheckBits(d);
+            _engine = settings.Engine == AnyPrecisionEngineKind.Onnx ? new OnnxEngine(Model, new OnnxEngineOptions { Bits = _bits }) : new AnyPrecisionReferenceEngine(Model, _bits);
         }
         catch
         {
@@ -250,17 +252,12 @@ internal sealed class AnyPrecisionScorer : IDisposable
         set => _bits = Model.CheckBits(value);
     }
 
-    /// <summary>The engine for width <paramref name="bits"/>: the one ONNX session, or that width's reference engine.</summary>
-    private IInferenceEngine Engine(int bits)
-    {
-        if (_onnx is null) return _reference.GetOrAdd(bits, b => new ReferenceEngine(Model.ToWeights(b)));
-        return new FixedWidth(_onnx, bits);
-    }
 
     public void Map(AnyPrecisionInput input, AnyPrecisionOutput output)
     {
         string text = input.Text ?? "";
-        var engine = Engine(_bits);
+        int bits = _bits;
+        var engine = new FixedWidth(_engine, bits);
         // BOS + the text's tokens, once: scored, and measured against the context before generating.
         var tokens = text.Length == 0 ? [] : PerplexityEvaluator.Tokenize(_tokenizer, text, bosPerLine: false);
         (output.TokenCount, output.LogLikelihood, output.Perplexity) = (0, 0f, float.NaN);
@@ -272,22 +269,26 @@ internal sealed class AnyPrecisionScorer : IDisposable
             output.Perplexity = (float)r.Perplexity;
         }
         output.Completion = _generation.MaxTokens > 0 && tokens.Count < Model.Config.MaxSeqLen
-            ? new TextGenerator(engine, _tokenizer).Generate(text, _generation).Text
+            ? new TextGenerator(engine, _tokenizer).Generate(text, Settings.DraftBits < bits ? _generation with { DraftBits = Settings.DraftBits } : _generation).Text
             : "";
     }
 
     public void Dispose()
     {
-        _onnx?.Dispose();
+        _engine.Dispose();
         Model.Dispose();
     }
 
-    /// <summary>The shared ONNX engine pinned to one width for one row (so a Bits change mid-row cannot mix widths).</summary>
-    private sealed class FixedWidth(OnnxEngine engine, int bits) : IInferenceEngine
+    /// <summary>The shared engine pinned to one width for one row (so a Bits change mid-row cannot mix widths).</summary>
+    private sealed class FixedWidth(IAnyPrecisionEngine engine, int bits) : IAnyPrecisionEngine
     {
         public LlamaConfig Config => engine.Config;
+        public int SeedBits => engine.SeedBits;
+        public int ParentBits => engine.ParentBits;
+        public int Bits { get => bits; set => throw new InvalidOperationException("this row's engine is pinned to one width."); }
         public KvCache CreateCache(int capacity = 0) => engine.CreateCache(capacity);
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits) => engine.Forward(tokens, cache, logits, bits);
+        public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int width) => engine.Forward(tokens, cache, logits, width);
         public void Dispose() { }
     }
 }

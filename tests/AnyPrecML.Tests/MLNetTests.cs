@@ -256,6 +256,26 @@ public sealed class MLNetTests
         Assert.IsLessThan(0f, p.LogLikelihood);
     }
 
+    [TestMethod]
+    public void SpeculativeCompletionsEqualTargetOnlyCompletions()
+    {
+        var ml = new MLContext();
+        var rows = ml.Data.TakeRows(_data, 6);
+        string[] Completions(int? draftBits, int bits)
+        {
+            using var t = ml.Transforms.AnyPrecisionQuantize(new AnyPrecisionQuantizeOptions
+            {
+                ModelPath = _model.ModelDirectory, InputColumnName = "Story", Bits = bits, CompletionTokens = 24, ScoreText = false,
+                Engine = AnyPrecisionEngineKind.Reference, DraftBits = draftBits, DraftTokens = 4,
+            }).Fit(rows);
+            return t.Transform(rows).GetColumn<string>("Completion").ToArray();
+        }
+        var plain = Completions(null, 8);
+        Assert.IsTrue(plain.All(c => c.Length > 0));
+        CollectionAssert.AreEqual(plain, Completions(3, 8), "greedy completions drafted at 3 bits and verified at 8");
+        CollectionAssert.AreEqual(Completions(null, 3), Completions(3, 3), "at Bits ≤ DraftBits rows decode target-only");
+    }
+
     public sealed class Prediction
     {
         public float LogLikelihood { get; set; }

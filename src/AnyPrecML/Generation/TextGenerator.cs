@@ -11,16 +11,23 @@ namespace AnyPrecML.Generation;
 /// <param name="PromptTokens">Tokens of the prompt, BOS included.</param>
 /// <param name="Seconds">Wall time of prefill and decode.</param>
 /// <param name="StopReason">Why it stopped: "eos", "max_tokens" or "context".</param>
-public sealed record GenerationResult(string Text, int Tokens, int PromptTokens, double Seconds, string StopReason)
+/// <param name="Speculation">Drafted and accepted tokens and target passes of speculative decoding; null without a draft.</param>
+public sealed record GenerationResult(string Text, int Tokens, int PromptTokens, double Seconds, string StopReason, SpeculationStats? Speculation = null)
 {
     /// <summary>Generated tokens per second of wall time (prefill included).</summary>
     public double TokensPerSecond => Seconds > 0 ? Tokens / Seconds : 0;
+    /// <summary>Generated tokens per verify pass of the target (speculative decoding; 0 otherwise).</summary>
+    public double TokensPerTargetStep => Speculation is { TargetSteps: > 0 } s ? (double)Tokens / s.TargetSteps : 0;
 }
 
 /// <summary>One step of generation: the token, the text it added, and the stop reason on the last step.</summary>
 public readonly record struct GeneratedToken(int Id, string Text, string? StopReason);
 
-/// <summary>Generates text with any <see cref="IInferenceEngine"/>: prefill of the prompt, then one token at a time.</summary>
+/// <summary>
+/// Generates text with any <see cref="IInferenceEngine"/>: prefill of the prompt, then one token at a time, or, with
+/// <see cref="GenerationOptions.DraftBits"/> on an <see cref="IAnyPrecisionEngine"/>, in speculative rounds
+/// (<see cref="SpeculativeGenerator"/>) with the engine's width as the target.
+/// </summary>
 public sealed class TextGenerator
 {
     private readonly IInferenceEngine _engine;
@@ -37,10 +44,19 @@ public sealed class TextGenerator
     /// Generates token by token. Each step carries the text that token added (empty while a multi-byte
     /// character is incomplete); the last step carries the stop reason.
     /// </summary>
-    public IEnumerable<GeneratedToken> GenerateTokens(string prompt, GenerationOptions options, CancellationToken cancellationToken = default)
+    public IEnumerable<GeneratedToken> GenerateTokens(string prompt, GenerationOptions options, CancellationToken cancellationToken = default) =>
+        GenerateTokens(prompt, options, null, cancellationToken);
+
+    /// <summary>
+    /// <see cref="GenerateTokens(string, GenerationOptions, CancellationToken)"/>, handing speculative decoding's counters to
+    /// <paramref name="speculation"/> when decoding starts (they grow as it goes; not called without a draft width).
+    /// </summary>
+    public IEnumerable<GeneratedToken> GenerateTokens(string prompt, GenerationOptions options, Action<SpeculationStats>? speculation, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(prompt);
         options.Validated();
+        if (options.DraftBits is not null && _engine is not IAnyPrecisionEngine)
+            throw new ArgumentException("speculative decoding (a draft width) needs an any-precision model and engine.", nameof(options));
         var c = _engine.Config;
         List<int> ids = [.. _tokenizer.EncodeToIds(prompt)];
         if (ids.Count == 0 || ids[0] != c.BosTokenId) ids.Insert(0, c.BosTokenId);
@@ -50,14 +66,12 @@ public sealed class TextGenerator
         int promptCount = ids.Count;
         string promptText = _tokenizer.Decode(ids);
         var sampler = new Sampler(options);
-        var cache = _engine.CreateCache(Math.Min(c.MaxSeqLen, promptCount + options.MaxTokens));
-        var logits = new float[c.VocabSize];
-        _engine.Forward(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(ids), cache, logits);
-        int emittedChars = 0;
-        for (int step = 0; ; step++)
+        int limit = Math.Min(c.MaxSeqLen, promptCount + options.MaxTokens);
+        var tokens = options.DraftBits is null ? TargetOnly([.. ids], sampler, limit) : Speculative([.. ids], options, sampler, limit, speculation);
+        int emittedChars = 0, step = 0;
+        foreach (int next in tokens)
         {
             cancellationToken.ThrowIfCancellationRequested();
-            int next = sampler.Next(logits);
             if (options.StopAtEos && next == c.EosTokenId) { yield return new GeneratedToken(next, "", "eos"); yield break; }
             ids.Add(next);
             // Decode the whole sequence and emit what is new: SentencePiece joins pieces and bytes
@@ -69,12 +83,37 @@ public sealed class TextGenerator
                 piece = completion[emittedChars..];
                 emittedChars = completion.Length;
             }
-            string? stop = step + 1 >= options.MaxTokens ? "max_tokens" : ids.Count >= cache.Capacity ? "context" : null;
+            string? stop = ++step >= options.MaxTokens ? "max_tokens" : ids.Count >= limit ? "context" : null;
             if (stop is not null && emittedChars < completion.Length) { piece += completion[emittedChars..]; emittedChars = completion.Length; }
             yield return new GeneratedToken(next, piece, stop);
             if (stop is not null) yield break;
+        }
+    }
+
+    /// <summary>Target-only decoding: one forward pass per token.</summary>
+    private IEnumerable<int> TargetOnly(int[] prompt, Sampler sampler, int capacity)
+    {
+        var cache = _engine.CreateCache(capacity);
+        var logits = new float[_engine.Config.VocabSize];
+        _engine.Forward(prompt, cache, logits);
+        while (true)
+        {
+            int next = sampler.Next(logits);
+            yield return next;
             _engine.Forward([next], cache, logits);
         }
+    }
+
+    /// <summary>Speculative decoding at the engine's width with a narrower draft: rounds of 1..k + 1 tokens.</summary>
+    private IEnumerable<int> Speculative(int[] prompt, GenerationOptions options, Sampler sampler, int limit, Action<SpeculationStats>? speculation)
+    {
+        // Room for a whole round past the last token emitted.
+        int capacity = Math.Min(_engine.Config.MaxSeqLen, limit + options.DraftTokens);
+        var generator = new SpeculativeGenerator((IAnyPrecisionEngine)_engine, prompt, options, sampler, capacity: capacity);
+        speculation?.Invoke(generator.Stats);
+        while (true)
+            foreach (int next in generator.NextRound())
+                yield return next;
     }
 
     /// <summary>Streams the completion of <paramref name="prompt"/> piece by piece as tokens come.</summary>
@@ -94,14 +133,15 @@ public sealed class TextGenerator
         var text = new System.Text.StringBuilder();
         int tokens = 0;
         string stop = "max_tokens";
-        foreach (var step in GenerateTokens(prompt, options, cancellationToken))
+        SpeculationStats? speculation = null;
+        foreach (var step in GenerateTokens(prompt, options, s => speculation = s, cancellationToken))
         {
             text.Append(step.Text);
             if (step.StopReason != "eos") tokens++;
             if (step.StopReason is not null) stop = step.StopReason;
         }
         int promptTokens = _tokenizer.EncodeToIds(prompt).Count;
-        return new GenerationResult(text.ToString(), tokens, Math.Max(promptTokens, 1), sw.Elapsed.TotalSeconds, stop);
+        return new GenerationResult(text.ToString(), tokens, Math.Max(promptTokens, 1), sw.Elapsed.TotalSeconds, stop, speculation);
     }
 
     private string Completion(string promptText, List<int> ids)

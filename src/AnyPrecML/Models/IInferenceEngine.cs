@@ -20,6 +20,22 @@ public interface IInferenceEngine : IDisposable
     void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits);
 }
 
+/// <summary>
+/// An engine over an any-precision model: it serves every width seed..parent from one copy of the weights, the width
+/// chosen per call, so a draft and a target (self-speculative decoding) share the engine and the weights.
+/// </summary>
+public interface IAnyPrecisionEngine : IInferenceEngine
+{
+    /// <summary>Narrowest width served.</summary>
+    int SeedBits { get; }
+    /// <summary>Parent width: the widest served.</summary>
+    int ParentBits { get; }
+    /// <summary>Width that <see cref="IInferenceEngine.Forward"/> runs at (seed..parent).</summary>
+    int Bits { get; set; }
+    /// <summary><see cref="IInferenceEngine.Forward"/> at width <paramref name="bits"/> (seed..parent), whatever <see cref="Bits"/> is.</summary>
+    void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int bits);
+}
+
 /// <summary>An engine's key/value cache: the positions already processed for one sequence.</summary>
 public abstract class KvCache
 {
@@ -28,14 +44,25 @@ public abstract class KvCache
     /// <summary>Positions already in the cache (the next token's position).</summary>
     public int Length { get; protected set; }
     /// <summary>Empties the cache for reuse.</summary>
-    public virtual void Reset() => Length = 0;
-    /// <summary>Truncates the cache to its first <paramref name="length"/> positions (to roll back rejected speculative tokens).</summary>
-    public virtual void Truncate(int length)
+    public void Reset() => Truncate(0);
+
+    /// <summary>
+    /// Rolls the cache back to its first <paramref name="length"/> positions (rejected speculative tokens): the
+    /// positions dropped are zeroed, so the cache is exactly what it was before they were appended.
+    /// </summary>
+    public void Truncate(int length)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(length);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(length, Length);
+        Erase(length, Length);
         Length = length;
     }
+
+    /// <summary>Zeroes the keys and values of positions <paramref name="from"/>..<paramref name="to"/> (exclusive) in every layer.</summary>
+    protected abstract void Erase(int from, int to);
+
+    /// <summary>The raw key and value buffers, whole capacity (for tests comparing caches).</summary>
+    internal abstract IReadOnlyList<float[]> Buffers { get; }
 }
 
 /// <summary>The argument checks every <see cref="IInferenceEngine.Forward"/> makes, in one place.</summary>

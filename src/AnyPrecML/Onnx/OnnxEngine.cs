@@ -40,7 +40,7 @@ public enum OnnxDevice
 /// call (<see cref="Bits"/>, or the <c>bits</c> argument of <see cref="Forward(ReadOnlySpan{int}, KvCache, Span{float}, int)"/>),
 /// so one session and one copy of the weights serve every b. Same contract as the reference engine.
 /// </summary>
-public sealed unsafe class OnnxEngine : IInferenceEngine
+public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
 {
     private readonly AnyPrecisionModel _model;
     private readonly BitplaneOperator _op;
@@ -116,6 +116,12 @@ public sealed unsafe class OnnxEngine : IInferenceEngine
 
     /// <summary>The bitplane operator (its counters give the time spent in kernels).</summary>
     public BitplaneOperator Operator => _op;
+
+    /// <inheritdoc/>
+    public int SeedBits => _model.SeedBits;
+
+    /// <inheritdoc/>
+    public int ParentBits => _model.ParentBits;
 
     /// <summary>Width used by <see cref="Forward(ReadOnlySpan{int}, KvCache, Span{float})"/>; validated against seed..n.</summary>
     public int Bits
@@ -228,4 +234,15 @@ internal sealed unsafe class OnnxKvCache : KvCache
     /// <summary>present.{l}.key/value outputs over the same memory.</summary>
     public OrtValue[] Present { get; }
     public void Advance(int n) => Length += n;
+
+    protected override void Erase(int from, int to)
+    {
+        // [1, kv_heads, capacity, head_dim]: each head's positions are contiguous.
+        int hd = Owner.HeadDim;
+        foreach (var buffer in _buffers)
+            for (int h = 0; h < Owner.KvHeads; h++)
+                buffer.AsSpan((h * Capacity + from) * hd, (to - from) * hd).Clear();
+    }
+
+    internal override IReadOnlyList<float[]> Buffers => _buffers;
 }

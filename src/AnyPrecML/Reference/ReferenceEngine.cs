@@ -248,4 +248,16 @@ internal sealed class ReferenceKvCache : KvCache
     public float[][] Keys { get; }
     public float[][] Values { get; }
     public void Advance(int n) => Length += n;
+
+    protected override void Erase(int from, int to)
+    {
+        int kvDim = Owner.KvDim;
+        for (int l = 0; l < Owner.Layers; l++)
+        {
+            Keys[l].AsSpan(from * kvDim, (to - from) * kvDim).Clear();
+            Values[l].AsSpan(from * kvDim, (to - from) * kvDim).Clear();
+        }
+    }
+
+    internal override IReadOnlyList<float[]> Buffers => [.. Keys, .. Values];
 }

@@ -1,0 +1,86 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using AnyPrecML.Generation;
+using AnyPrecML.Models;
+using AnyPrecML.Quantization;
+
+namespace AnyPrecML.Tests;
+
+[TestClass]
+public sealed class PrecisionRouterTests
+{
+    private static readonly PrecisionCosts Costs = new("test machine", 32,
+    [
+        new(3, null, 0, 1.0), new(4, null, 0, 2.0), new(5, null, 0, 4.0),
+        new(4, 3, 4, 1.5), new(5, 3, 4, 2.5), new(5, 4, 4, 3.0),
+    ]);
+
+    [TestMethod]
+    public void ChooseTakesTheWidestTargetMeetingTheBudgetAloneFirstThenByItsFastestPair()
+    {
+        (int Bits, int? Draft) Pick(double ms) { var r = PrecisionRouter.Choose(Costs, ms).Route; return (r.Bits, r.DraftBits); }
+        Assert.AreEqual((5, (int?)null), Pick(10));
+        Assert.AreEqual((5, (int?)3), Pick(3));
+        Assert.AreEqual((4, (int?)null), Pick(2));
+        Assert.AreEqual((4, (int?)3), Pick(1.6));
+        Assert.AreEqual((3, (int?)null), Pick(1.2));
+        // Against brute force over a sweep of budgets: the route meets the budget, and no route meeting it has a wider target.
+        for (double ms = 1; ms < 6; ms += 0.05)
+        {
+            var chosen = PrecisionRouter.Choose(Costs, ms).Route;
+            Assert.IsLessThanOrEqualTo(ms, chosen.MsPerToken);
+            Assert.AreEqual(Costs.Routes.Where(r => r.MsPerToken <= ms).Max(r => r.Bits), chosen.Bits, $"{ms} ms");
+        }
+        var e = Assert.ThrowsExactly<ArgumentException>(() => PrecisionRouter.Choose(Costs, 0.5));
+        Assert.AreEqual("no width meets a budget of 0.5 ms per token: the fastest, 3 bits, takes 1 ms on this machine.", e.Message);
+        Assert.ThrowsExactly<ArgumentException>(() => PrecisionRouter.Choose(Costs, 0));
+    }
+
+    [TestMethod]
+    public void GenerateRoutesByBudgetWithCostsMeasuredOnceAndCachedForThisMachine()
+    {
+        using var dir = TestData.NewTempDir();
+        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
+            AnyPrecisionQuantizer.Quantize(source, dir["ap"], new UniformSensitivity(), new QuantizerOptions { SeedBits = 3, ParentBits = 5 });
+        JsonElement Route(double budget, out int code, out string err)
+        {
+            var (c, output, e) = Cli.Run("generate", "--model", dir["ap"], "--engine", "reference", "--max-tokens", "16", "--latency-budget-ms", budget.ToString(System.Globalization.CultureInfo.InvariantCulture), "--json");
+            (code, err) = (c, e);
+            return c == 0 ? JsonDocument.Parse(output).RootElement.GetProperty("route").Clone() : default;
+        }
+
+        // First run measures (every width and pair) and caches; a generous budget gets the parent width alone.
+        var first = Route(1e6, out int code, out string err);
+        Assert.AreEqual(0, code, err);
+        Assert.AreEqual("measured now", first.GetProperty("costs").GetString());
+        Assert.AreEqual(5, first.GetProperty("bits").GetInt32());
+        Assert.AreEqual(JsonValueKind.Null, first.GetProperty("draft_bits").ValueKind);
+        string cache = dir["ap/" + PrecisionRouter.CacheFileName];
+        var saved = JsonNode.Parse(File.ReadAllText(cache))!;
+        Assert.HasCount(3 + 3, saved["Routes"]!.AsArray(), "3 widths and 3 pairs d < t");
+        Assert.AreEqual("cached", Route(1e6, out _, out _).GetProperty("costs").GetString());
+
+        // With known costs in the cache (this machine's fingerprint kept), two budgets in two requests get two widths.
+        saved["Routes"] = JsonSerializer.SerializeToNode(Costs.Routes);
+        File.WriteAllText(cache, saved.ToJsonString());
+        var tight = Route(1.2, out code, out err);
+        Assert.AreEqual(0, code, err);
+        Assert.AreEqual(3, tight.GetProperty("bits").GetInt32());
+        var pair = Route(2.6, out _, out _);
+        Assert.AreEqual((5, 3), (pair.GetProperty("bits").GetInt32(), pair.GetProperty("draft_bits").GetInt32()));
+        StringAssert.Contains(pair.GetProperty("reason").GetString(), "drafting at 3 bits");
+
+        Route(0.5, out code, out err);
+        Assert.AreEqual(1, code);
+        Assert.AreEqual("error: no width meets a budget of 0.5 ms per token: the fastest, 3 bits, takes 1 ms on this machine.", err.Trim());
+
+        // Another machine's costs are not trusted: a foreign fingerprint is measured again.
+        saved["Fingerprint"] = "another machine";
+        File.WriteAllText(cache, saved.ToJsonString());
+        Assert.AreEqual("measured now", Route(1e6, out _, out _).GetProperty("costs").GetString());
+
+        var (c2, _, e2) = Cli.Run("generate", "--model", dir["ap"], "--bits", "4", "--latency-budget-ms", "5");
+        Assert.AreEqual(1, c2);
+        StringAssert.Contains(e2, "drop --bits");
+    }
+}
