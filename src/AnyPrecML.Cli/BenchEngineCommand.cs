@@ -22,90 +22,129 @@ internal static class BenchEngineCommand
     {
         var model = new Option<string>("--model", "-m") { Description = "An any-precision model directory.", Required = true };
         var tokens = new Option<int>("--tokens", "-n") { Description = "Decode steps timed per width.", DefaultValueFactory = _ => 64 };
+        var bitsOption = new Option<int[]>("--bits") { Description = "Widths to measure (default: every width the parent serves).", AllowMultipleArgumentsPerToken = true };
+        var prefill = new Option<int>("--prefill") { Description = "Also time one prefill of a prompt this long at each width (0: skip).", DefaultValueFactory = _ => 0 };
+        var reference = new Option<bool>("--reference") { Description = "Also time the managed reference engine on each width's dequantized weights (one fp32 copy at a time: 4 bytes per weight)." };
         var accuracy = CommonOptions.Accuracy();
         var json = CommonOptions.Json();
-        var command = new Command("engine", "Decode tokens/s: ONNX engine vs reference engine vs kernel-only bound, op overhead, memory with one vs all widths.") { model, tokens, accuracy, json };
+        var command = new Command("engine", "Decode (and prefill) tokens/s of the ONNX engine at every width with its kernel/rest split, the kernel-only bound, op overhead, memory with one vs all widths.")
+        {
+            model, tokens, bitsOption, prefill, reference, accuracy, json,
+        };
         command.SetAction((r, ct) =>
         {
             var err = r.Err();
             using var ap = AnyPrecisionModel.Open(r.GetValue(model)!);
             var c = ap.Config;
+            int prompt = Math.Max(0, r.GetValue(prefill));
             int steps = Math.Min(r.GetValue(tokens), c.MaxSeqLen - 8);
+            if (prompt + 8 > c.MaxSeqLen) throw new ArgumentException($"--prefill {prompt} does not fit the model's context of {c.MaxSeqLen} tokens.");
+            var widths = r.GetValue(bitsOption) is { Length: > 0 } chosen ? chosen.Select(ap.CheckBits).ToArray() : ap.SupportedBits.ToArray();
             var backend = CommonOptions.Backend(r.GetValue(accuracy)) ?? BitplaneBackend.Default;
             using var engine = new OnnxEngine(ap, new OnnxEngineOptions { Backend = backend });
             err.WriteLine($"{c.Layers} layers, dim {c.Dim}, {c.ParameterCount / 1e6:F1}M parameters; bitplane backend: {backend.Name}");
 
-            // Memory first: the parent width alone, then every other width through the same session.
             // Memory first, on a fresh engine: the narrowest width alone, then every width through the same session.
             // The weights are the mapped model file, so its resident pages show what was read; private memory
-            // (anonymous RSS) shows that no width made a copy.
+            // (anonymous RSS) shows that no width made a copy. This also warms every path, so no figure below
+            // includes JIT compilation.
             string dir = Path.GetFullPath(r.GetValue(model)!);
-            Decode(engine, ap.SeedBits, steps, out _);
+            Decode(engine, widths.Min(), Math.Min(steps, 4), out _);
             GC.Collect();
             var (fileOne, anonOne) = (MappedRss(dir), AnonRss());
-            foreach (int b in ap.SupportedBits) Decode(engine, b, steps, out _);
+            foreach (int b in widths) Decode(engine, b, Math.Min(steps, 4), out _);
             GC.Collect();
             var (fileAll, anonAll) = (MappedRss(dir), AnonRss());
-            // Then warm every path, so no figure below includes JIT compilation.
-            foreach (int b in ap.SupportedBits) KernelOnlyMs(ap, b, backend);
-            Decode(new ReferenceEngine(ap.ToWeights(ap.ParentBits)), ap.ParentBits, steps, out _);
 
             var rows = new List<Row>();
-            foreach (int b in ap.SupportedBits)
+            foreach (int b in widths)
             {
                 ct.ThrowIfCancellationRequested();
-                long ticks0 = engine.Operator.KernelTicks, calls0 = engine.Operator.KernelCalls;
-                double onnx = Decode(engine, b, steps, out double seconds);
-                double kernelMsPerToken = Stopwatch.GetElapsedTime(0, engine.Operator.KernelTicks - ticks0).TotalMilliseconds / steps;
-                long callsPerToken = (engine.Operator.KernelCalls - calls0) / steps;
+                double onnx = Decode(engine, b, steps, out var split);
+                double kernelMsPerToken = split.KernelMs / steps;
                 double bound = 1000 / KernelOnlyMs(ap, b, backend);
-                var reference = new ReferenceEngine(ap.ToWeights(b));
-                Decode(reference, b, Math.Min(steps, 16), out _); // warm-up
-                double refTps = Decode(reference, b, steps, out _);
-                var row = new Row(b, Math.Round(onnx, 1), Math.Round(refTps, 1), Math.Round(bound, 1), Math.Round(1000 / onnx, 3),
-                    Math.Round(kernelMsPerToken, 3), Math.Round(1000 / onnx - kernelMsPerToken, 3), callsPerToken);
+                double? prefillTps = prompt > 0 ? Prefill(engine, b, prompt) : null;
+                double? refTps = null;
+                if (r.GetValue(reference))
+                {
+                    // One dequantized copy at a time: made, timed and dropped before the next width.
+                    var dense = new ReferenceEngine(ap.ToWeights(b));
+                    Decode(dense, b, Math.Min(steps, 4), out _); // warm-up
+                    refTps = Math.Round(Decode(dense, b, steps, out _), 1);
+                    dense = null;
+                    GC.Collect();
+                }
+                var row = new Row(b, Math.Round(onnx, 1), prefillTps is double p ? Math.Round(p, 1) : null, refTps, Math.Round(bound, 1), Math.Round(1000 / onnx, 3),
+                    Math.Round(kernelMsPerToken, 3), Math.Round(1000 / onnx - kernelMsPerToken, 3), split.Calls / steps);
                 rows.Add(row);
-                err.WriteLine($"  b={b}: onnx {row.onnx_tokens_per_second} tok/s (kernels {row.kernel_ms_per_token} ms + rest {row.rest_ms_per_token} ms per token), reference {row.reference_tokens_per_second} tok/s, kernel-only bound {row.kernel_only_tokens_per_second} tok/s");
+                err.WriteLine($"  b={b}: onnx {row.onnx_tokens_per_second} tok/s (kernels {row.kernel_ms_per_token} ms + rest {row.rest_ms_per_token} ms per token)"
+                    + (prefillTps is null ? "" : $", prefill {row.prefill_tokens_per_second} tok/s")
+                    + (refTps is null ? "" : $", reference {refTps} tok/s") + $", kernel-only bound {row.kernel_only_tokens_per_second} tok/s");
             }
             var (opUs, directUs) = OperatorOverhead(ap, backend);
             var result = new
             {
-                model = Path.GetFileName(Path.GetFullPath(r.GetValue(model)!)), layers = c.Layers, dim = c.Dim, parameters = c.ParameterCount,
-                backend = backend.Name, decode_steps = steps, rows,
+                model = Path.GetFileName(dir), layers = c.Layers, dim = c.Dim, parameters = c.ParameterCount,
+                backend = backend.Name, decode_steps = steps, prefill_tokens = prompt, rows,
                 op_call_us = Math.Round(opUs, 2), direct_call_us = Math.Round(directUs, 2), op_overhead_us = Math.Round(opUs - directUs, 2),
                 model_file_mb = Mb(new DirectoryInfo(dir).EnumerateFiles("*.safetensors").Sum(f => f.Length)),
                 seed_width_model_resident_mb = Mb(fileOne), all_widths_model_resident_mb = Mb(fileAll),
                 seed_width_private_mb = Mb(anonOne), all_widths_private_mb = Mb(anonAll),
+                peak_resident_mb = Mb(PeakRss()),
             };
             if (r.GetValue(json)) { r.WriteJson(result); return Task.FromResult(0); }
             var o = r.Out();
-            o.WriteLine("| bits | ONNX engine tok/s | reference tok/s | kernel-only bound tok/s | kernel ms/token | rest ms/token |\n|---:|---:|---:|---:|---:|---:|");
+            o.WriteLine("| bits | decode tok/s | prefill tok/s | reference tok/s | kernel-only bound tok/s | kernel ms/token | rest ms/token |\n|---:|---:|---:|---:|---:|---:|---:|");
             foreach (var x in rows)
-                o.WriteLine($"| {x.bits} | {x.onnx_tokens_per_second} | {x.reference_tokens_per_second} | {x.kernel_only_tokens_per_second} | {x.kernel_ms_per_token} | {x.rest_ms_per_token} |");
+                o.WriteLine($"| {x.bits} | {x.onnx_tokens_per_second} | {x.prefill_tokens_per_second?.ToString() ?? "-"} | {x.reference_tokens_per_second?.ToString() ?? "-"} | {x.kernel_only_tokens_per_second} | {x.kernel_ms_per_token} | {x.rest_ms_per_token} |");
             o.WriteLine($"BitplaneLinear through ORT {result.op_call_us} µs per call vs {result.direct_call_us} µs direct: overhead {result.op_overhead_us} µs");
-            o.WriteLine($"model file {result.model_file_mb} MB: resident {result.seed_width_model_resident_mb} MB after serving {ap.SeedBits} bits, {result.all_widths_model_resident_mb} MB after all {ap.SupportedBits.Count} widths; private memory {result.seed_width_private_mb} MB then {result.all_widths_private_mb} MB");
+            o.WriteLine($"model file {result.model_file_mb} MB: resident {result.seed_width_model_resident_mb} MB after serving {widths.Min()} bits, {result.all_widths_model_resident_mb} MB after all {widths.Length} widths; private memory {result.seed_width_private_mb} MB then {result.all_widths_private_mb} MB; peak resident {result.peak_resident_mb} MB");
             return Task.FromResult(0);
         });
         return command;
     }
 
-    private sealed record Row(int bits, double onnx_tokens_per_second, double reference_tokens_per_second, double kernel_only_tokens_per_second,
+    private sealed record Row(int bits, double onnx_tokens_per_second, double? prefill_tokens_per_second, double? reference_tokens_per_second, double kernel_only_tokens_per_second,
         double onnx_ms_per_token, double kernel_ms_per_token, double rest_ms_per_token, long kernel_calls_per_token);
 
-    /// <summary>Greedy decode of <paramref name="steps"/> tokens after a short prompt; tokens per second of the decode alone.</summary>
-    private static double Decode(IInferenceEngine engine, int bits, int steps, out double seconds)
+    private readonly record struct KernelSplit(double KernelMs, long Calls);
+
+    /// <summary>
+    /// Greedy decode of <paramref name="steps"/> tokens after a short prompt; tokens per second of the decode alone, and
+    /// the kernel time and calls of those decode steps only (the prompt's are not counted).
+    /// </summary>
+    private static double Decode(IInferenceEngine engine, int bits, int steps, out KernelSplit split)
     {
         var c = engine.Config;
-        if (engine is OnnxEngine onnx) onnx.Bits = bits;
+        var onnx = engine as OnnxEngine;
+        if (onnx is not null) onnx.Bits = bits;
         var cache = engine.CreateCache(Math.Min(c.MaxSeqLen, steps + 8));
         var logits = new float[c.VocabSize];
         int[] prompt = [c.BosTokenId, 3 % c.VocabSize, 5 % c.VocabSize, 7 % c.VocabSize];
         engine.Forward(prompt, cache, logits);
+        long ticks0 = onnx?.Operator.KernelTicks ?? 0, calls0 = onnx?.Operator.KernelCalls ?? 0;
         var sw = Stopwatch.StartNew();
         for (int i = 0; i < steps; i++)
             engine.Forward([System.Numerics.Tensors.TensorPrimitives.IndexOfMax(logits)], cache, logits);
-        seconds = sw.Elapsed.TotalSeconds;
+        double seconds = sw.Elapsed.TotalSeconds;
+        split = onnx is null ? default : new KernelSplit(Stopwatch.GetElapsedTime(0, onnx.Operator.KernelTicks - ticks0).TotalMilliseconds, onnx.Operator.KernelCalls - calls0);
         return steps / seconds;
+    }
+
+    /// <summary>Tokens per second of one prefill of <paramref name="length"/> tokens from an empty cache (after one warm-up prefill).</summary>
+    private static double Prefill(OnnxEngine engine, int bits, int length)
+    {
+        var c = engine.Config;
+        engine.Bits = bits;
+        var tokens = new int[length];
+        tokens[0] = c.BosTokenId;
+        for (int i = 1; i < length; i++) tokens[i] = (int)((i * 2654435761u) % (uint)c.VocabSize);
+        var logits = new float[c.VocabSize];
+        engine.Forward(tokens.AsSpan(0, Math.Min(length, 16)), engine.CreateCache(length + 8), logits);
+        var cache = engine.CreateCache(length + 8);
+        var sw = Stopwatch.StartNew();
+        engine.Forward(tokens, cache, logits);
+        return length / sw.Elapsed.TotalSeconds;
     }
 
     /// <summary>Milliseconds per token of the linear layers alone, run back to back by the backend (median of passes).</summary>
@@ -164,6 +203,17 @@ internal static class BenchEngineCommand
                 total += long.Parse(line.AsSpan(4).Trim().TrimEnd("kB").Trim(), System.Globalization.CultureInfo.InvariantCulture) * 1024;
         }
         return total;
+    }
+
+    /// <summary>The process's peak resident bytes (VmHWM on Linux; the peak working set elsewhere).</summary>
+    private static long PeakRss()
+    {
+        if (File.Exists("/proc/self/status"))
+            foreach (var line in File.ReadLines("/proc/self/status"))
+                if (line.StartsWith("VmHWM:", StringComparison.Ordinal))
+                    return long.Parse(line.AsSpan(6).Trim().TrimEnd("kB").Trim(), System.Globalization.CultureInfo.InvariantCulture) * 1024;
+        using var p = Process.GetCurrentProcess();
+        return p.PeakWorkingSet64;
     }
 
     /// <summary>Private resident bytes (RssAnon on Linux; the private working set elsewhere).</summary>

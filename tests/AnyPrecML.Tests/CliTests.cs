@@ -59,7 +59,7 @@ public sealed class CliTests
         Assert.AreEqual(1.7, doc.RootElement.GetProperty("nll").GetDouble(), 0.2);
 
         (code, _, err) = Run("perplexity", "--model", TestData.Stories260K, "--text", dir["eval.txt"], "--truncate", "256");
-        Assert.AreEqual(1, code);
+        Assert.AreEqual(2, code, "bad input exits 2");
         StringAssert.StartsWith(err, "error: --truncate scores each line as a document: give --bos-per-line too.");
     }
 

@@ -209,3 +209,43 @@ public sealed class KernelTests
         }
     }
 }
+
+/// <summary>
+/// The kernel suite again in child processes with instruction sets hidden from .NET, so that every path and every
+/// instruction-set branch inside a path (AVX-VNNI or not, AVX2 under an AVX-512 CPU, 128-bit only) runs on any CI
+/// machine: a path the CPU lacks is tested wherever it can run, and none is skipped where it can.
+/// </summary>
+[TestClass]
+public sealed class KernelIsaLevelTests
+{
+    public static IEnumerable<object[]> Levels =>
+    [
+        ["DOTNET_EnableAVX512=0"],                          // AVX2 (+ AVX-VNNI where present) as on Zen 3 / client CPUs
+        ["DOTNET_EnableAVX512=0;DOTNET_EnableAVXVNNI=0"],   // AVX2 + FMA only (Zen 2/3)
+        ["DOTNET_EnableAVX2=0"],                            // 128-bit vectors only (the ARM64-like path)
+    ];
+
+    [TestMethod]
+    [DynamicData(nameof(Levels))]
+    public void KernelSuitePassesWithInstructionSetsHidden(string environment)
+    {
+        if (Environment.GetEnvironmentVariable("ANYPREC_KERNEL_CHILD") is not null) return; // the child runs the suite, not this
+        var psi = new System.Diagnostics.ProcessStartInfo("dotnet", [typeof(KernelTests).Assembly.Location,
+            "--filter", "FullyQualifiedName~AnyPrecML.Tests.KernelTests.Every|FullyQualifiedName~AnyPrecML.Tests.KernelTests.Int8", "--output", "Detailed"])
+        { RedirectStandardOutput = true, RedirectStandardError = true };
+        psi.Environment["ANYPREC_KERNEL_CHILD"] = "1";
+        foreach (var pair in environment.Split(';')) psi.Environment[pair.Split('=')[0]] = pair.Split('=')[1];
+        using var child = System.Diagnostics.Process.Start(psi)!;
+        var stderr = child.StandardError.ReadToEndAsync();
+        string output = child.StandardOutput.ReadToEnd();
+        child.WaitForExit();
+        Assert.AreEqual(0, child.ExitCode, $"{environment}:\n{output}\n{stderr.Result}");
+        var ran = output.Split('\n').Where(l => l.Contains("int8 paths checked")).Select(l => l.Trim()).Distinct().ToList();
+        Assert.IsNotEmpty(ran, $"{environment}: the child ran no int8 path check:\n{output}");
+        Console.WriteLine($"{environment}: {ran[0]}");
+        StringAssert.Contains(output, "succeeded:", environment);
+        if (environment.Contains("EnableAVX2=0")) Assert.DoesNotContain("Vector256", ran[0], "AVX2 hidden: no 256-bit path may run");
+        else Assert.DoesNotContain("Vector512", ran[0], "AVX-512 hidden: no 512-bit path may run");
+        if (environment.Contains("AVXVNNI=0")) Assert.DoesNotContain("VNNI", ran[0]);
+    }
+}

@@ -309,7 +309,7 @@ public sealed class OpenAIServerTests
     public void ServeRefusesWhatIsNotAnAnyPrecisionDirectory()
     {
         var (code, _, err) = Cli.Run("serve", "--model", TestData.Stories260K, "--port", "0");
-        Assert.AreEqual(1, code);
+        Assert.AreEqual(2, code, "bad input exits 2");
         StringAssert.StartsWith(err, "error: ");
         StringAssert.Contains(err, "not an any-precision model directory");
     }

@@ -71,8 +71,8 @@ public sealed class PrecisionRouterTests
         StringAssert.Contains(pair.GetProperty("reason").GetString(), "drafting at 3 bits");
 
         Route(0.5, out code, out err);
-        Assert.AreEqual(1, code);
-        Assert.AreEqual("error: no width meets a budget of 0.5 ms per token: the fastest, 3 bits, takes 1 ms on this machine.", err.Trim());
+        Assert.AreEqual(2, code, "bad input exits 2");
+        Assert.AreEqual("error: no width meets a budget of 0.5 ms per token: the fastest, 3 bits, takes 1 ms on this machine.", err.Trim().Split('\n')[^1], "the last line of stderr is the error (an engine line may precede it)");
 
         // Another machine's costs are not trusted: a foreign fingerprint is measured again.
         saved["Fingerprint"] = "another machine";
@@ -80,7 +80,7 @@ public sealed class PrecisionRouterTests
         Assert.AreEqual("measured now", Route(1e6, out _, out _).GetProperty("costs").GetString());
 
         var (c2, _, e2) = Cli.Run("generate", "--model", dir["ap"], "--bits", "4", "--latency-budget-ms", "5");
-        Assert.AreEqual(1, c2);
+        Assert.AreEqual(2, c2, "bad input exits 2");
         StringAssert.Contains(e2, "drop --bits");
     }
 }

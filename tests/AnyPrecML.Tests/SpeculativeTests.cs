@@ -322,10 +322,10 @@ public sealed class SpeculativeTests
         Assert.AreEqual(JsonValueKind.Null, plain.RootElement.GetProperty("speculative").ValueKind);
 
         (code, _, err) = Cli.Run([.. common, "--draft-bits", "8"]);
-        Assert.AreEqual(1, code);
-        Assert.StartsWith("error: --draft-bits 8 must be in 3..7", err);
+        Assert.AreEqual(2, code, "bad input exits 2");
+        Assert.StartsWith("error: --draft-bits 8 must be in 3..7", err.Trim().Split('\n')[^1]);
         (code, _, err) = Cli.Run("generate", "--model", TestData.Stories260K, "--draft-bits", "3");
-        Assert.AreEqual(1, code);
+        Assert.AreEqual(2, code, "bad input exits 2");
         StringAssert.Contains(err, "--draft-bits applies to any-precision models");
     }
 
@@ -358,7 +358,7 @@ public sealed class SpeculativeTests
             Assert.AreEqual(expected, row.GetProperty("tokens_per_second").GetDouble(), expected * 0.01 + 0.01);
         }
         var (bad, _, badErr) = Cli.Run("bench", "speculative", "-m", _dir["ap"], "--engine", "reference", "--acceptance", "3=1.5");
-        Assert.AreEqual(1, bad);
+        Assert.AreEqual(2, bad, "bad input exits 2");
         StringAssert.Contains(badErr, "--acceptance '3=1.5'");
     }
 
