@@ -198,11 +198,13 @@ if [[ $skip_anyprec == 0 ]]; then
 fi
 
 # ---- 6. one table --------------------------------------------------------------------------------
-cpu=$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//')
+field() { grep -m1 "^$1" /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//'; }
+isa_flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' | grep -xE 'avx2|fma|f16c|avx_vnni|avx512f|avx512bw|avx512vbmi|avx512_vnni|gfni' | tr '\n' ' ' || true)
+cpu="$(field 'model name') (family $(field 'cpu family'), model $(field 'model'); ${isa_flags% })"
 dotnet_path="${DOTNET_EnableAVX512:+DOTNET_EnableAVX512=$DOTNET_EnableAVX512 }"
 [[ $avx2 == 1 ]] && dotnet_path="DOTNET_EnableAVX512=0 "
 "${python:-python3}" - "$results" "$types" "$prefill" "$threads" "$isa" "$cpu" "$dotnet_path" "$tokens" "$(nproc)" <<'EOF'
-import json, os, sys
+import json, os, re, sys
 results, types, prefill, threads, isa, cpu, dotnet_env, tokens, ncpu = sys.argv[1:]
 prefill = prefill == "1"
 by_bits = {"Q2_K": 2, "Q3_K_M": 3, "Q4_K_M": 4, "Q5_K_M": 5, "Q6_K": 6, "Q8_0": 8}
@@ -224,6 +226,9 @@ if os.path.exists(path):
         tg = row.get("onnx_tokens_per_second", row.get("tokens_per_second"))
         pp = next((v for k, v in row.items() if "prefill" in k and k.endswith("tokens_per_second")), None)
         anyprec[row["bits"]] = (tg, pp)
+elif os.path.exists(os.path.join(results, "anyprec.log")):  # failed or stopped: its first line still names the path
+    m = re.search(r"bitplane backend: ([^\n]*)", open(os.path.join(results, "anyprec.log")).read())
+    backend = m and m.group(1) + " (the bench did not finish)"
 
 def cell(x, sd=None):
     if x is None:
@@ -233,7 +238,7 @@ def cell(x, sd=None):
 def ratio(a, l):
     return f"{a / l:.2f}×" if a is not None and l else "–"
 
-print(f"CPU: {cpu} ({ncpu} CPUs), {threads} threads for both")
+print(f"CPU: {cpu}; {ncpu} CPUs, {threads} thread{'s' if threads != '1' else ''} for both")
 if info:
     print(f"llama.cpp: build {info.get('build_number')} ({info.get('build_commit')}), {isa} build, backends {info.get('backends')}, cpu_info {info.get('cpu_info')}")
 print(f".NET path: {dotnet_env}bitplane backend {backend or '(anyprec did not run)'}")
