@@ -29,7 +29,7 @@ public class KernelBenchmarks
     public void Setup()
     {
         _pool = new KernelThreadPool(2);
-        _fp32 = new CpuBitplaneBackend(pool: _pool);
+        _fp32 = new CpuBitplaneBackend(pool: _pool, accuracy: KernelAccuracy.Float32);
         _int8 = new CpuBitplaneBackend(pool: _pool, accuracy: KernelAccuracy.Int8);
         var rng = new Random(1);
         int words = (Cols + 31) / 32;
