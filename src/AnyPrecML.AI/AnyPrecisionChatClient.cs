@@ -55,6 +55,12 @@ public sealed class AnyPrecisionChatClient : IChatClient
     /// <summary>Key of <see cref="ChatOptions.AdditionalProperties"/> that sets the width.</summary>
     public const string BitsProperty = "bits";
 
+    /// <summary>Key of <see cref="ChatOptions.AdditionalProperties"/> that turns on self-speculative decoding with this draft width (below the width served).</summary>
+    public const string DraftBitsProperty = "draft_bits";
+
+    /// <summary>Key of <see cref="ChatOptions.AdditionalProperties"/> for the tokens drafted per round (default 4).</summary>
+    public const string DraftTokensProperty = "draft_tokens";
+
     private readonly AnyPrecisionModel _model;
     private readonly OnnxEngine _engine;
     private readonly Tokenizer _tokenizer;
@@ -196,6 +202,15 @@ public sealed class AnyPrecisionChatClient : IChatClient
             TopK = options?.TopK ?? 0,
             Seed = options?.Seed is long seed ? unchecked((ulong)seed) : null,
         };
+        if (IntProperty(options?.AdditionalProperties, DraftBitsProperty) is int draft)
+        {
+            // The draft reads the top planes of the same parent: it must be narrower than the width served.
+            if (draft < Metadata.SupportedBits[0] || draft >= bits)
+                throw new ArgumentException($"'{DraftBitsProperty}' {draft} must be in {Metadata.SupportedBits[0]}..{bits - 1} (below the {bits} bits served).");
+            int k = IntProperty(options?.AdditionalProperties, DraftTokensProperty) ?? 4;
+            if (k < 1 || k > 16) throw new ArgumentException($"'{DraftTokensProperty}' must be in 1..16, not {k}.");
+            generation = generation with { DraftBits = draft, DraftTokens = k };
+        }
         try { generation.Validated(); }
         catch (ArgumentOutOfRangeException e)
         {
@@ -228,23 +243,26 @@ public sealed class AnyPrecisionChatClient : IChatClient
                     : throw new UnknownModelException($"unknown width in model '{modelId}'; this parent holds {Metadata.SupportedBits[0]}..{Metadata.SupportedBits[^1]} bits.");
             }
         }
-        int? fromProperty = null;
-        if (properties is not null && properties.TryGetValue(BitsProperty, out object? value) && value is not null)
-        {
-            fromProperty = value switch
-            {
-                int i => i,
-                long l when l is >= int.MinValue and <= int.MaxValue => (int)l,
-                System.Text.Json.JsonElement { ValueKind: System.Text.Json.JsonValueKind.Number } j when j.TryGetInt32(out int i) => i,
-                string s when int.TryParse(s, NumberStyles.None, CultureInfo.InvariantCulture, out int i) => i,
-                _ => throw new ArgumentException($"'{BitsProperty}' must be an integer width, not '{value}'."),
-            };
-            if (!Metadata.SupportedBits.Contains(fromProperty.Value))
-                throw new ArgumentException($"bits {fromProperty} is outside this parent's {Metadata.SupportedBits[0]}..{Metadata.SupportedBits[^1]}.");
-        }
+        int? fromProperty = IntProperty(properties, BitsProperty);
+        if (fromProperty is not null && !Metadata.SupportedBits.Contains(fromProperty.Value))
+            throw new ArgumentException($"bits {fromProperty} is outside this parent's {Metadata.SupportedBits[0]}..{Metadata.SupportedBits[^1]}.");
         if (fromId is not null && fromProperty is not null && fromId != fromProperty)
             throw new ArgumentException($"model '{modelId}' and bits {fromProperty} ask for different widths.");
         return fromId ?? fromProperty ?? Metadata.DefaultBits;
+    }
+
+    /// <summary>An integer in <paramref name="properties"/> under <paramref name="key"/> (int, long, JSON number or digits), or null when absent.</summary>
+    private static int? IntProperty(AdditionalPropertiesDictionary? properties, string key)
+    {
+        if (properties is null || !properties.TryGetValue(key, out object? value) || value is null) return null;
+        return value switch
+        {
+            int i => i,
+            long l when l is >= int.MinValue and <= int.MaxValue => (int)l,
+            System.Text.Json.JsonElement { ValueKind: System.Text.Json.JsonValueKind.Number } j when j.TryGetInt32(out int i) => i,
+            string s when int.TryParse(s, NumberStyles.None, CultureInfo.InvariantCulture, out int i) => i,
+            _ => throw new ArgumentException($"'{key}' must be an integer, not '{value}'."),
+        };
     }
 
     /// <summary>
@@ -351,9 +369,13 @@ public sealed class AnyPrecisionChatClient : IChatClient
     }
 
     /// <summary>The shared engine fixed at one width, so <see cref="TextGenerator"/> runs it as it is and concurrent requests keep their widths.</summary>
-    private sealed class WidthEngine(OnnxEngine engine, int bits) : IInferenceEngine
+    private sealed class WidthEngine(OnnxEngine engine, int bits) : IAnyPrecisionEngine
     {
         public LlamaConfig Config => engine.Config;
+        public int SeedBits => engine.SeedBits;
+        public int ParentBits => engine.ParentBits;
+        public int Bits { get => bits; set => throw new NotSupportedException("a width view serves one width"); }
+        public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int width) => engine.Forward(tokens, cache, logits, width);
         public KvCache CreateCache(int capacity = 0) => engine.CreateCache(capacity);
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits) => engine.Forward(tokens, cache, logits, bits);
         public void Dispose() { } // the engine is the client's

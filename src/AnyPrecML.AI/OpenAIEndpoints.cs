@@ -207,6 +207,8 @@ public static class OpenAIEndpoints
             StopSequences = Stops(body),
         };
         if (Integer(body, "bits") is int bits) (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.BitsProperty] = bits;
+        if (Integer(body, "draft_bits") is int draft) (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.DraftBitsProperty] = draft;
+        if (Integer(body, "draft_tokens") is int k) (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.DraftTokensProperty] = k;
         if (Integer(body, "n") is int n && n != 1) throw new ArgumentException($"'n' must be 1 (one choice per request), not {n}.");
         bool stream = body.TryGetProperty("stream", out var st) && st.ValueKind switch
         {

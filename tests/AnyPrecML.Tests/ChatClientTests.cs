@@ -73,6 +73,23 @@ public sealed class ChatClientTests
     }
 
     [TestMethod]
+    public async Task DraftBitsPropertyDecodesSpeculativelyWithTheTargetsGreedyText()
+    {
+        // Self-speculative decoding from the same parent: greedy output is the 8-bit model's, token for token.
+        var plain = await _client.GetResponseAsync(User(ChatFixture.Prompt), new ChatOptions { ModelId = "stories260K@8bit", MaxOutputTokens = MaxTokens });
+        var drafted = await _client.GetResponseAsync(User(ChatFixture.Prompt), new ChatOptions
+        {
+            ModelId = "stories260K@8bit", MaxOutputTokens = MaxTokens,
+            AdditionalProperties = new() { [AnyPrecisionChatClient.DraftBitsProperty] = 4, [AnyPrecisionChatClient.DraftTokensProperty] = 3 },
+        });
+        Assert.AreEqual(_cli8, plain.Text);
+        Assert.AreEqual(plain.Text, drafted.Text);
+        var e = await Assert.ThrowsExactlyAsync<ArgumentException>(() => _client.GetResponseAsync(User(ChatFixture.Prompt),
+            new ChatOptions { ModelId = "stories260K@4bit", AdditionalProperties = new() { [AnyPrecisionChatClient.DraftBitsProperty] = 4 } }));
+        StringAssert.Contains(e.Message, "draft_bits");
+    }
+
+    [TestMethod]
     public async Task SampledChatFollowsTheSeedLikeGenerate()
     {
         var (code, output, err) = Cli.Run("generate", "--model", _fixture.ModelDirectory, "--bits", "4", "--prompt", ChatFixture.Prompt,
