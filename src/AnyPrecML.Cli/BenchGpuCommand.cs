@@ -71,7 +71,7 @@ internal static class BenchGpuCommand
                 o.WriteLine($"| copy bandwidth | {(isQuick ? 1 : 512)} MiB | - | - | {bandwidth:G3} GB/s |");
                 foreach (var s in gemv) o.WriteLine($"| GEMV | {s.rows}×{s.cols} | {s.bits} | 1 | {s.ms:F3} ms, {s.gb_per_s:G3} GB/s, {s.fraction_of_bandwidth:P0} of copy bandwidth |");
             }
-            if (!passed) err.WriteLine("error: the GPU kernel disagrees with the reference (FAIL rows above)");
+            if (!passed) err.WriteLine($"error: {checks.Count(c => !c.pass)} kernel checks and {generation.Count(g => !g.match)} generation checks failed (the FAIL rows; {backend.Name})");
             return Task.FromResult(passed ? 0 : 1);
         });
         return command;
