@@ -91,8 +91,8 @@ public static unsafe partial class BitplaneKernels
     }
 
     /// <summary>
-    /// One token's activations to int8 in <paramref name="order"/>: x8, |x8| and sign(x8) (0 or −1 per byte), each
-    /// <see cref="Int8Stride"/> bytes with the padding zeroed. Returns the scale and the sum of the int8 values.
+    /// One token's activations to int8 in <paramref name="order"/>: x8, and where the order's kernels read them |x8|
+    /// and sign(x8) (0 or −1 per byte), each <see cref="Int8Stride"/> bytes with the padding zeroed. Returns the scale and the sum of the int8 values.
     /// </summary>
     [SkipLocalsInit]
     internal static (float Scale, int Sum) QuantizeActivations(ReadOnlySpan<float> x, Span<sbyte> x8, Span<byte> abs, Span<sbyte> sign, Int8ColumnOrder order)
@@ -118,7 +118,12 @@ public static unsafe partial class BitplaneKernels
                 q[(blocks * GfniBlock)..].CopyTo(x8[(blocks * GfniBlock)..cols]);
                 break;
         }
-        for (int j = 0; j < stride; j++) { abs[j] = (byte)Math.Abs(x8[j]); sign[j] = (sbyte)(x8[j] >> 7); }
+        // |x| feeds the unsigned side of vpmaddubsw/vpdpbusd on the vector paths; the sign mask only the 512-bit path
+        // (AVX-512 has no vpsignb). The scalar reference multiplies x8 directly.
+        if (order != Int8ColumnOrder.Natural)
+            for (int j = 0; j < stride; j++) abs[j] = (byte)Math.Abs(x8[j]);
+        if (order == Int8ColumnOrder.Gfni512)
+            for (int j = 0; j < stride; j++) sign[j] = (sbyte)(x8[j] >> 7);
         return (s, sum);
     }
 
