@@ -81,7 +81,7 @@ internal static class CommonOptions
                     : new OnnxEngine(ap, new OnnxEngineOptions { Bits = b, Backend = Backend(accuracy), Device = Enum.Parse<OnnxDevice>(device, ignoreCase: true) });
                 if (e is OnnxEngine { DeviceFallback: { } why }) log?.WriteLine($"warning: {why}");
                 // Which kernels run is never silent: the path, its instruction set and the arithmetic.
-                log?.WriteLine(e is OnnxEngine onnx ? $"engine: onnx, {b} bits, bitplane kernels: {onnx.Operator.Backend.Name}" : $"engine: reference (fp32, {b}-bit weights dequantized)");
+                log?.WriteLine(e is OnnxEngine onnx ? $"engine: onnx, {b} bits, bitplane kernels: {onnx.Operator.Backend.Name}, head {(onnx.Int8Head ? "int8" : "fp32")}" : $"engine: reference (fp32, {b}-bit weights dequantized)");
                 return new LoadedModel(ap.Checkpoint, e, tokenizer);
             }
             catch

@@ -167,6 +167,91 @@ public sealed class KernelTests
         Assert.Contains(new CpuBitplaneBackend(pool: pool).Name, ran, "the path this machine uses by default must be among those checked");
     }
 
+    /// <summary>
+    /// The dense int8 head: every vector path equals the scalar int8 reference bit for bit, at 1..9 tokens, with
+    /// partial 32-byte rows; the reference stays within the int8 bound of the float64 product of the fp32 matrix
+    /// (½·s_x·Σ|w| + ½·s_w·Σ|x|, s_w = max|w_r|/127); and a token's outputs do not depend on the other tokens in the call.
+    /// </summary>
+    [TestMethod]
+    public void Int8DenseHeadPathsEqualTheScalarReferenceWhichStaysWithinItsBound()
+    {
+        using var pool = new KernelThreadPool(2);
+        var ran = new List<string>();
+        foreach (var (rows, cols) in new[] { (37, 100), (5, 543), (33, 64), (70, 2081) })
+        {
+            var w = RandomX(rows * cols, rows * 31 + cols);
+            var m = Int8Matrix.Quantize("head", w, rows, cols);
+            var reference = new CpuBitplaneBackend(KernelPath.Scalar, pool);
+            foreach (int tokens in new[] { 1, 3, 8, 9 })
+            {
+                var x = RandomX(tokens * cols, 7 * tokens + cols);
+                var expected = new float[tokens * rows];
+                reference.Multiply(m, x, tokens, expected);
+                for (int t = 0; t < tokens; t++)
+                {
+                    var xt = x.AsSpan(t * cols, cols);
+                    double sx = Math.Abs(System.Numerics.Tensors.TensorPrimitives.MaxMagnitude(xt)) / 127.0, sumAbsX = 0;
+                    foreach (float v in xt) sumAbsX += Math.Abs(v);
+                    var alone = new float[rows];
+                    reference.Multiply(m, xt, 1, alone);
+                    for (int r = 0; r < rows; r++)
+                    {
+                        double exact = 0, sumAbsW = 0, sw = 0;
+                        for (int j = 0; j < cols; j++) { exact += (double)w[r * cols + j] * xt[j]; sumAbsW += Math.Abs(w[r * cols + j]); sw = Math.Max(sw, Math.Abs(w[r * cols + j])); }
+                        double bound = 0.5 * sx * sumAbsW + 0.5 * sw / 127 * sumAbsX + 1e-5 * sumAbsW * sx * 127;
+                        Assert.IsLessThanOrEqualTo(bound, Math.Abs(expected[t * rows + r] - exact), $"row {r} token {t} of {tokens}, {rows}x{cols}");
+                        Assert.AreEqual(alone[r], expected[t * rows + r], $"token {t} alone vs among {tokens}, row {r}");
+                    }
+                }
+                foreach (var path in BitplaneKernels.SupportedPaths.Where(p => p != KernelPath.Scalar))
+                {
+                    var backend = new CpuBitplaneBackend(path, pool);
+                    var y = new float[tokens * rows];
+                    backend.Multiply(m, x, tokens, y);
+                    CollectionAssert.AreEqual(expected, y, $"{path}: M={tokens} {rows}x{cols}");
+                    if (tokens == 1 && rows == 37) ran.Add(path.ToString());
+                }
+            }
+        }
+        Console.WriteLine($"int8 head paths checked against the scalar reference: {string.Join(", ", ran)}");
+        Assert.Contains(BitplaneKernels.Best.ToString(), ran.Append("Scalar"), "the path this machine uses must be among those checked");
+    }
+
+    /// <summary>
+    /// The vectorised activation quantizer writes the same bytes, scale and sum as its scalar reference in every
+    /// column order, on lengths with whole and partial blocks, with exact half steps (round half to even) and zeros.
+    /// </summary>
+    [TestMethod]
+    public void Int8ActivationQuantizerEqualsItsScalarReference()
+    {
+        var rng = new Random(5);
+        foreach (int cols in new[] { 1, 7, 64, 100, 255, 256, 257, 543, 1040, 2081, 5632 })
+            foreach (var order in Enum.GetValues<Int8ColumnOrder>())
+                foreach (int kind in new[] { 0, 1, 2 })
+                {
+                    // kind 0: Gaussian; 1: max 127 and half steps (inv = 1, ties round to even); 2: all zero.
+                    var x = Enumerable.Range(0, cols).Select(j => kind switch
+                    {
+                        0 => (float)TestData.Gaussian(rng),
+                        1 => j == cols / 2 ? 127f : (rng.Next(-127, 127) + 0.5f),
+                        _ => 0f,
+                    }).ToArray();
+                    int stride = BitplaneKernels.Int8Stride(order, cols);
+                    sbyte[] x8 = Fill<sbyte>(stride, 77), x8r = Fill<sbyte>(stride, -5), sign = Fill<sbyte>(stride, 3), signR = Fill<sbyte>(stride, 4);
+                    byte[] abs = Fill<byte>(stride, 9), absR = Fill<byte>(stride, 200);
+                    var got = BitplaneKernels.QuantizeActivations(x, x8, abs, sign, order);
+                    var want = BitplaneKernels.QuantizeActivationsScalar(x, x8r, absR, signR, order);
+                    string what = $"{order} cols={cols} kind={kind}";
+                    Assert.AreEqual(want, got, what);
+                    CollectionAssert.AreEqual(x8r, x8, what);
+                    CollectionAssert.AreEqual(absR, abs, what);
+                    CollectionAssert.AreEqual(signR, sign, what);
+                    if (kind == 1) Assert.AreEqual(x.Sum(v => (int)Math.Round(v, MidpointRounding.ToEven)), got.Sum, what);
+                }
+
+        static T[] Fill<T>(int n, T value) => Enumerable.Repeat(value, n).ToArray();
+    }
+
     private static void AssertWithinInt8Bound(BitplaneMatrix m, int bits, float[] x, int tokens, float[] y)
     {
         int rows = m.Rows, cols = m.Cols;

@@ -1,5 +1,8 @@
 using System.Numerics.Tensors;
 using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 using AnyPrecML.Quantization;
 
 namespace AnyPrecML.Kernels;
@@ -92,15 +95,37 @@ public static unsafe partial class BitplaneKernels
 
     /// <summary>
     /// One token's activations to int8 in <paramref name="order"/>: x8, and where the order's kernels read them |x8|
-    /// and sign(x8) (0 or −1 per byte), each <see cref="Int8Stride"/> bytes with the padding zeroed. Returns the scale and the sum of the int8 values.
+    /// and sign(x8) (0 or −1 per byte; pass an empty span to skip either), each <see cref="Int8Stride"/> bytes with
+    /// the padding zeroed. Returns the scale and the sum of the int8 values. On x86 with AVX the rounding, narrowing
+    /// and the Slice256 scatter run in 256-bit registers (a serial step before every product: 9.3 µs scalar at 2048
+    /// columns in Slice256 order, 1/20 of a 2048×2048 product at 3 bits); the result equals
+    /// <see cref="QuantizeActivationsScalar"/> byte for byte (both round half to even).
     /// </summary>
     [SkipLocalsInit]
     internal static (float Scale, int Sum) QuantizeActivations(ReadOnlySpan<float> x, Span<sbyte> x8, Span<byte> abs, Span<sbyte> sign, Int8ColumnOrder order)
     {
+        if (!Vector256.IsHardwareAccelerated || !Avx.IsSupported || order == Int8ColumnOrder.Gfni512) return QuantizeActivationsScalar(x, x8, abs, sign, order);
         int cols = x.Length, stride = Int8Stride(order, cols);
+        float s = ActivationScale(x), inv = 1 / s;
+        int sum = order == Int8ColumnOrder.Slice256 ? QuantizeSlice256Avx(x, inv, x8[..stride]) : QuantizeNaturalVector(x, inv, x8[..cols]);
+        if (abs.Length > 0) TensorPrimitives.Abs(x8[..stride], MemoryMarshal.Cast<byte, sbyte>(abs[..stride])); // |v| ≤ 127: no overflow
+        if (sign.Length > 0) TensorPrimitives.ShiftRightArithmetic(x8[..stride], 7, sign[..stride]);
+        return (s, sum);
+    }
+
+    /// <summary>The activation scale max|x|/127 (1 for an all-zero token).</summary>
+    private static float ActivationScale(ReadOnlySpan<float> x)
+    {
         float max = Math.Abs(TensorPrimitives.MaxMagnitude(x)); // MaxMagnitude keeps the sign
-        float s = max > 0 ? max / 127f : 1f, inv = 1 / s;
-        Span<sbyte> q = order == Int8ColumnOrder.Natural ? x8 : cols <= 16384 ? stackalloc sbyte[cols] : new sbyte[cols];
+        return max > 0 ? max / 127f : 1f;
+    }
+
+    /// <summary>The reference of <see cref="QuantizeActivations"/>, one column at a time.</summary>
+    internal static (float Scale, int Sum) QuantizeActivationsScalar(ReadOnlySpan<float> x, Span<sbyte> x8, Span<byte> abs, Span<sbyte> sign, Int8ColumnOrder order)
+    {
+        int cols = x.Length, stride = Int8Stride(order, cols);
+        float s = ActivationScale(x), inv = 1 / s;
+        Span<sbyte> q = order == Int8ColumnOrder.Natural ? x8 : new sbyte[cols];
         int sum = 0;
         // |x·inv| ≤ 127 by construction; any rounding keeps the stated bound (half a step).
         for (int j = 0; j < cols; j++) { int v = (int)MathF.Round(x[j] * inv); q[j] = (sbyte)v; sum += v; }
@@ -118,13 +143,93 @@ public static unsafe partial class BitplaneKernels
                 q[(blocks * GfniBlock)..].CopyTo(x8[(blocks * GfniBlock)..cols]);
                 break;
         }
-        // |x| feeds the unsigned side of vpmaddubsw/vpdpbusd on the vector paths; the sign mask only the 512-bit path
-        // (AVX-512 has no vpsignb). The scalar reference multiplies x8 directly.
-        if (order != Int8ColumnOrder.Natural)
-            for (int j = 0; j < stride; j++) abs[j] = (byte)Math.Abs(x8[j]);
-        if (order == Int8ColumnOrder.Gfni512)
-            for (int j = 0; j < stride; j++) sign[j] = (sbyte)(x8[j] >> 7);
+        for (int j = 0; j < abs.Length && j < stride; j++) abs[j] = (byte)Math.Abs(x8[j]);
+        for (int j = 0; j < sign.Length && j < stride; j++) sign[j] = (sbyte)(x8[j] >> 7);
         return (s, sum);
+    }
+
+    /// <summary>Natural order: round(x·inv) 32 columns per step (Vector256.Round rounds half to even, as MathF.Round).</summary>
+    private static int QuantizeNaturalVector(ReadOnlySpan<float> x, float inv, Span<sbyte> x8)
+    {
+        int cols = x.Length, j = 0;
+        var scale = Vector256.Create(inv);
+        var acc = Vector256<int>.Zero;
+        ref float src = ref MemoryMarshal.GetReference(x);
+        ref sbyte dst = ref MemoryMarshal.GetReference(x8);
+        for (; j + 32 <= cols; j += 32)
+        {
+            var a = Vector256.ConvertToInt32(Vector256.Round(Vector256.LoadUnsafe(ref src, (nuint)j) * scale));
+            var b = Vector256.ConvertToInt32(Vector256.Round(Vector256.LoadUnsafe(ref src, (nuint)j + 8) * scale));
+            var c = Vector256.ConvertToInt32(Vector256.Round(Vector256.LoadUnsafe(ref src, (nuint)j + 16) * scale));
+            var d = Vector256.ConvertToInt32(Vector256.Round(Vector256.LoadUnsafe(ref src, (nuint)j + 24) * scale));
+            acc += (a + b) + (c + d);
+            Vector256.Narrow(Vector256.Narrow(a, b), Vector256.Narrow(c, d)).StoreUnsafe(ref dst, (nuint)j);
+        }
+        int sum = Vector256.Sum(acc);
+        for (; j < cols; j++) { int v = (int)MathF.Round(x[j] * inv); x8[j] = (sbyte)v; sum += v; }
+        return sum;
+    }
+
+    /// <summary>
+    /// Slice256 order: each 256-column block is 32 rows of 8 columns; slice k (columns 8i + k) goes to bytes 32k..32k+31.
+    /// Eight rows at a time are transposed in registers (the 8×8 float transpose), so slice k of rows i..i+7 is one
+    /// vector, rounded, and four of them narrow to slice k's 32 bytes. A partial last block goes through a zeroed copy.
+    /// </summary>
+    [SkipLocalsInit]
+    private static int QuantizeSlice256Avx(ReadOnlySpan<float> x, float inv, Span<sbyte> x8)
+    {
+        int cols = x.Length, full = cols & ~255;
+        var scale = Vector256.Create(inv);
+        var acc = Vector256<int>.Zero;
+        Span<int> slices = stackalloc int[256]; // [slice k][row i] of one block, as int32
+        fixed (float* x0 = x)
+        fixed (sbyte* out0 = x8)
+        fixed (int* q = slices)
+        {
+            float* pad = stackalloc float[256];
+            for (int block = 0; block < x8.Length; block += 256)
+            {
+                float* src = x0 + block;
+                if (block >= full)
+                {
+                    new Span<float>(pad, 256).Clear();
+                    x.Slice(block).CopyTo(new Span<float>(pad, 256));
+                    src = pad;
+                }
+                for (int i = 0; i < 32; i += 8)
+                {
+                    float* r = src + 8 * i;
+                    var (c0, c1, c2, c3, c4, c5, c6, c7) = Transpose8(Avx.LoadVector256(r), Avx.LoadVector256(r + 8), Avx.LoadVector256(r + 16), Avx.LoadVector256(r + 24),
+                        Avx.LoadVector256(r + 32), Avx.LoadVector256(r + 40), Avx.LoadVector256(r + 48), Avx.LoadVector256(r + 56));
+                    acc += Store(q + i, c0, scale) + Store(q + 32 + i, c1, scale) + Store(q + 64 + i, c2, scale) + Store(q + 96 + i, c3, scale)
+                        + Store(q + 128 + i, c4, scale) + Store(q + 160 + i, c5, scale) + Store(q + 192 + i, c6, scale) + Store(q + 224 + i, c7, scale);
+                }
+                for (int k = 0; k < 256; k += 32)
+                    Vector256.Narrow(Vector256.Narrow(Vector256.Load(q + k), Vector256.Load(q + k + 8)), Vector256.Narrow(Vector256.Load(q + k + 16), Vector256.Load(q + k + 24)))
+                        .Store(out0 + block + k);
+            }
+        }
+        return Vector256.Sum(acc);
+
+        static Vector256<int> Store(int* dst, Vector256<float> v, Vector256<float> scale)
+        {
+            var r = Vector256.ConvertToInt32(Vector256.Round(v * scale));
+            r.Store(dst);
+            return r;
+        }
+    }
+
+    /// <summary>The 8×8 float transpose: column k of rows r0..r7 as one vector.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static (Vector256<float>, Vector256<float>, Vector256<float>, Vector256<float>, Vector256<float>, Vector256<float>, Vector256<float>, Vector256<float>) Transpose8(
+        Vector256<float> r0, Vector256<float> r1, Vector256<float> r2, Vector256<float> r3, Vector256<float> r4, Vector256<float> r5, Vector256<float> r6, Vector256<float> r7)
+    {
+        var t0 = Avx.UnpackLow(r0, r1); var t1 = Avx.UnpackHigh(r0, r1); var t2 = Avx.UnpackLow(r2, r3); var t3 = Avx.UnpackHigh(r2, r3);
+        var t4 = Avx.UnpackLow(r4, r5); var t5 = Avx.UnpackHigh(r4, r5); var t6 = Avx.UnpackLow(r6, r7); var t7 = Avx.UnpackHigh(r6, r7);
+        var u0 = Avx.Shuffle(t0, t2, 0x44); var u1 = Avx.Shuffle(t0, t2, 0xEE); var u2 = Avx.Shuffle(t1, t3, 0x44); var u3 = Avx.Shuffle(t1, t3, 0xEE);
+        var u4 = Avx.Shuffle(t4, t6, 0x44); var u5 = Avx.Shuffle(t4, t6, 0xEE); var u6 = Avx.Shuffle(t5, t7, 0x44); var u7 = Avx.Shuffle(t5, t7, 0xEE);
+        return (Avx.Permute2x128(u0, u4, 0x20), Avx.Permute2x128(u1, u5, 0x20), Avx.Permute2x128(u2, u6, 0x20), Avx.Permute2x128(u3, u7, 0x20),
+            Avx.Permute2x128(u0, u4, 0x31), Avx.Permute2x128(u1, u5, 0x31), Avx.Permute2x128(u2, u6, 0x31), Avx.Permute2x128(u3, u7, 0x31));
     }
 
     /// <summary>

@@ -114,16 +114,13 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
         var path = _int8Path == KernelPath.Vector512 && (tokens > 1 || bits <= 4) ? KernelPath.Vector256 : _int8Path;
         var order = BitplaneKernels.Int8Order(path);
         int stride = BitplaneKernels.Int8Stride(order, cols);
-        if (job.X8.Length < (long)tokens * stride + 64)
-        {
-            // + 64: whole-register loads past the last partial word read zeros, never another object.
-            job.X8 = GC.AllocateArray<sbyte>(tokens * stride + 64, pinned: true);
-            job.XAbs = GC.AllocateArray<byte>(tokens * stride + 64, pinned: true);
-            job.XSign = GC.AllocateArray<sbyte>(tokens * stride + 64, pinned: true);
-        }
-        if (job.XScale.Length < tokens) { job.XScale = GC.AllocateArray<float>(tokens, pinned: true); job.XSum = GC.AllocateArray<int>(tokens, pinned: true); }
+        job.EnsureInt8(tokens, stride);
+        // |x| feeds the unsigned side of vpmaddubsw/vpdpbusd on the vector paths; the sign mask only the 512-bit path
+        // (AVX-512 has no vpsignb). The scalar reference multiplies x8 directly.
+        bool abs = order != Int8ColumnOrder.Natural, sign = order == Int8ColumnOrder.Gfni512;
         for (int t = 0; t < tokens; t++)
-            (job.XScale[t], job.XSum[t]) = BitplaneKernels.QuantizeActivations(x.Slice(t * cols, cols), job.X8.AsSpan(t * stride, stride), job.XAbs.AsSpan(t * stride, stride), job.XSign.AsSpan(t * stride, stride), order);
+            (job.XScale[t], job.XSum[t]) = BitplaneKernels.QuantizeActivations(x.Slice(t * cols, cols), job.X8.AsSpan(t * stride, stride),
+                abs ? job.XAbs.AsSpan(t * stride, stride) : default, sign ? job.XSign.AsSpan(t * stride, stride) : default, order);
         job.Tables = BitplaneKernels.Int8TablesOf(weight, bits);
         fixed (float* yp = y)
         {
@@ -131,6 +128,33 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
             job.Path = path; job.Y = yp; job.Tokens = tokens; job.Int8 = true; job.X8Stride = stride;
             _pool.Run(job, weight.Rows, Chunk(weight, bits, tokens));
             job.Y = null; job.Int8 = false; job.Tables = null;
+        }
+    }
+
+    /// <summary>
+    /// y[t, r] = Σ_j W[r, j]·x[t, j] for a dense int8 matrix (the LM head): each token's activations to int8 as for the
+    /// bitplane int8 kernels, exact integer products, one rescale per output (y = s_x·Scale[r]·Σ Q·x8). Every token
+    /// is quantized on its own, so a row of several tokens gives each token the bits it gets alone (speculative
+    /// verification stays exact). Runs at the int8 level whatever <see cref="Accuracy"/> says: the matrix is int8.
+    /// </summary>
+    public void Multiply(Int8Matrix weight, ReadOnlySpan<float> x, int tokens, Span<float> y)
+    {
+        ArgumentNullException.ThrowIfNull(weight);
+        ArgumentOutOfRangeException.ThrowIfLessThan(tokens, 1);
+        if (x.Length != (long)tokens * weight.Cols) throw new ArgumentException($"x holds {x.Length} floats; {tokens} tokens × {weight.Cols} columns expected.", nameof(x));
+        if (y.Length != (long)tokens * weight.Rows) throw new ArgumentException($"y holds {y.Length} floats; {tokens} tokens × {weight.Rows} rows expected.", nameof(y));
+        var job = t_job ??= new RowsJob();
+        int cols = weight.Cols, stride = weight.Stride;
+        job.EnsureInt8(tokens, stride);
+        bool abs = Path != KernelPath.Scalar && Path != KernelPath.Vector128;
+        for (int t = 0; t < tokens; t++)
+            (job.XScale[t], job.XSum[t]) = BitplaneKernels.QuantizeActivations(x.Slice(t * cols, cols), job.X8.AsSpan(t * stride, cols),
+                abs ? job.XAbs.AsSpan(t * stride, cols) : default, default, Int8ColumnOrder.Natural);
+        fixed (float* yp = y)
+        {
+            job.Dense = weight; job.Path = Path; job.Y = yp; job.Tokens = tokens;
+            _pool.Run(job, weight.Rows, (long)weight.Rows * weight.Cols * tokens < 1 << 15 ? weight.Rows : Math.Max(16, weight.Rows / (_pool.Threads * 8)));
+            job.Y = null; job.Dense = null;
         }
     }
 
@@ -160,8 +184,38 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
         public float* X, Y;
         public int Tokens;
 
+        public Int8Matrix? Dense;
+
+        /// <summary>Room for <paramref name="tokens"/> tokens of int8 activations <paramref name="stride"/> bytes apart.</summary>
+        public void EnsureInt8(int tokens, int stride)
+        {
+            if (X8.Length < (long)tokens * stride + 64)
+            {
+                // + 64: whole-register loads past the last partial word stay inside this array. Bytes between a token's
+                // columns and its stride may hold an earlier call's values: in natural order they meet Int8Matrix's
+                // zero padding; the Slice256 quantizer writes its padding as zeros itself.
+                X8 = GC.AllocateArray<sbyte>(tokens * stride + 64, pinned: true);
+                XAbs = GC.AllocateArray<byte>(tokens * stride + 64, pinned: true);
+                XSign = GC.AllocateArray<sbyte>(tokens * stride + 64, pinned: true);
+            }
+            if (XScale.Length < tokens) { XScale = GC.AllocateArray<float>(tokens, pinned: true); XSum = GC.AllocateArray<int>(tokens, pinned: true); }
+        }
+
         public void Execute(int start, int end)
         {
+            if (Dense is { } dense)
+            {
+                fixed (sbyte* q = dense.Values, x8 = X8)
+                fixed (byte* xAbs = XAbs)
+                    BitplaneKernels.RowsDenseInt8(Path, dense, q, x8, xAbs, Tokens, Y, start, end);
+                for (int t = 0; t < Tokens; t++)
+                    for (int r = start; r < end; r++)
+                    {
+                        ref float o = ref Y[(long)t * dense.Rows + r];
+                        o = XScale[t] * dense.Scale[r] * o;
+                    }
+                return;
+            }
             if (Int8)
             {
                 int bytes = BitplaneKernels.Int8ScratchBytes(Operand.Cols);

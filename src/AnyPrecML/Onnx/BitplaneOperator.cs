@@ -14,6 +14,9 @@ namespace AnyPrecML.Onnx;
 /// <see cref="AnyPrecisionModel"/>, so the bitplanes stay where the model mapped them: one copy however many
 /// sessions or widths use them. Exceptions never cross into native code: they become ORT error statuses,
 /// which ONNX Runtime raises as <see cref="OnnxRuntimeException"/> with the message.
+/// The same domain holds <c>ai.anyprecml.Int8Linear</c>, the LM head at the int8 level: its <c>weight</c> attribute
+/// names a float tensor of the model's checkpoint (the head, or the embedding when tied), quantized once per model
+/// into an <see cref="Int8Matrix"/>; its one input is x [..., cols] and its output W·x [..., rows].
 /// </summary>
 public sealed unsafe class BitplaneOperator : IDisposable
 {
@@ -21,11 +24,15 @@ public sealed unsafe class BitplaneOperator : IDisposable
     public const string Domain = "ai.anyprecml";
     /// <summary>The operator's type name.</summary>
     public const string OpType = "BitplaneLinear";
+    /// <summary>The int8 dense linear's type name (the LM head at the int8 level).</summary>
+    public const string Int8OpType = "Int8Linear";
 
-    private static readonly byte* OpName = Utf8(OpType);
+    private static readonly byte* OpName = Utf8(OpType), Int8OpName = Utf8(Int8OpType);
     private static readonly byte* CpuProvider = Utf8("CPUExecutionProvider");
+    // One int8 copy of a model's head however many engines serve it.
+    private static readonly ConditionalWeakTable<AnyPrecisionModel, Dictionary<string, Int8Matrix>> Int8Heads = new();
 
-    private readonly OpBlock* _op;
+    private readonly OpBlock* _op, _int8Op;
     private GCHandle _self;
     private void* _domain;
 
@@ -35,9 +42,19 @@ public sealed unsafe class BitplaneOperator : IDisposable
         Model = model ?? throw new ArgumentNullException(nameof(model));
         Backend = backend ?? BitplaneBackend.Default;
         _self = GCHandle.Alloc(this);
-        _op = (OpBlock*)NativeMemory.AllocZeroed((nuint)sizeof(OpBlock));
-        _op->Owner = GCHandle.ToIntPtr(_self);
-        ref var op = ref _op->Op;
+        _op = NewOp(GCHandle.ToIntPtr(_self), int8: false);
+        _int8Op = NewOp(GCHandle.ToIntPtr(_self), int8: true);
+        _domain = OrtApiTable.CreateCustomOpDomain(Domain);
+        OrtApiTable.CustomOpDomainAdd(_domain, _op);
+        OrtApiTable.CustomOpDomainAdd(_domain, _int8Op);
+    }
+
+    private static OpBlock* NewOp(nint owner, bool int8)
+    {
+        var block = (OpBlock*)NativeMemory.AllocZeroed((nuint)sizeof(OpBlock));
+        block->Owner = owner;
+        block->Int8 = int8 ? 1 : 0;
+        ref var op = ref block->Op;
         op.Version = OrtApiTable.ApiVersion;
         op.CreateKernel = &CreateKernelV1;
         op.GetName = &GetName;
@@ -59,8 +76,7 @@ public sealed unsafe class BitplaneOperator : IDisposable
         op.KernelComputeV2 = &KernelComputeV2;
         op.GetStartVersion = &StartVersion;
         op.GetEndVersion = &EndVersion;
-        _domain = OrtApiTable.CreateCustomOpDomain(Domain);
-        OrtApiTable.CustomOpDomainAdd(_domain, _op);
+        return block;
     }
 
     /// <summary>The model whose layers the kernels run.</summary>
@@ -75,7 +91,28 @@ public sealed unsafe class BitplaneOperator : IDisposable
     /// <summary>Stopwatch ticks spent inside <see cref="BitplaneBackend.Multiply"/> so far.</summary>
     public long KernelTicks => Interlocked.Read(ref _ticks);
 
-    private long _calls, _ticks;
+    /// <summary>Stopwatch ticks spent in <see cref="Int8OpType"/> products (the int8 head) so far.</summary>
+    public long HeadTicks => Interlocked.Read(ref _headTicks);
+
+    private long _calls, _ticks, _headTicks;
+    private CpuBitplaneBackend? _cpu;
+
+    /// <summary>The backend of the int8 head: <see cref="Backend"/> when it is the CPU's, else a CPU backend of its own.</summary>
+    private CpuBitplaneBackend Cpu => Backend as CpuBitplaneBackend ?? LazyInitializer.EnsureInitialized(ref _cpu, () => new CpuBitplaneBackend());
+
+    /// <summary>The int8 copy of the checkpoint tensor <paramref name="name"/>, made on first use and shared per model.</summary>
+    private Int8Matrix Int8Head(string name)
+    {
+        var heads = Int8Heads.GetValue(Model, _ => new Dictionary<string, Int8Matrix>());
+        lock (heads)
+        {
+            if (heads.TryGetValue(name, out var head)) return head;
+            if (!Model.Checkpoint.Contains(name)) throw new ArgumentException($"{Int8OpType}: the model has no tensor '{name}'.");
+            var t = Model.Checkpoint[name];
+            if (t.Shape.Count != 2) throw new ArgumentException($"{Int8OpType}: '{name}' has {t.Shape.Count} dimensions, not 2.");
+            return heads[name] = Int8Matrix.Quantize(name, t.ToFloatArray(), checked((int)t.Shape[0]), checked((int)t.Shape[1]));
+        }
+    }
 
     /// <summary>Adds the operator's domain to <paramref name="options"/>; keep this object alive while sessions made with them run.</summary>
     public void Register(SessionOptions options)
@@ -92,23 +129,53 @@ public sealed unsafe class BitplaneOperator : IDisposable
         OrtApiTable.ReleaseCustomOpDomain(_domain);
         _domain = null;
         NativeMemory.Free(_op);
+        NativeMemory.Free(_int8Op);
         _self.Free();
     }
 
-    /// <summary>One layer's kernel: its matrix, resolved once when the session is created.</summary>
-    private sealed class Kernel(BitplaneOperator owner, BitplaneMatrix weight)
+    /// <summary>A node's kernel, resolved once when the session is created.</summary>
+    private abstract class Kernel
     {
-        public void Compute(void* context)
+        public abstract void Compute(void* context);
+
+        /// <summary>x's data and token count, after checking that its last dimension is <paramref name="cols"/>; dims becomes y's shape.</summary>
+        protected static ReadOnlySpan<float> Input(void* context, string name, int cols, int rows, Span<long> dims, out int rank, out long tokens)
         {
             void* xv = OrtApiTable.KernelInput(context, 0);
+            rank = OrtApiTable.Shape(xv, dims);
+            if (rank == 0 || dims[rank - 1] != cols)
+                throw new ArgumentException($"{name}: input of shape [{string.Join(", ", dims[..rank].ToArray())}] does not end in its {cols} columns.");
+            tokens = 1;
+            for (int i = 0; i < rank - 1; i++) tokens *= dims[i];
+            dims[rank - 1] = rows;
+            return new ReadOnlySpan<float>(OrtApiTable.TensorData(xv), checked((int)(tokens * cols)));
+        }
+    }
+
+    /// <summary>The int8 head: y = W·x through <see cref="CpuBitplaneBackend.Multiply(Int8Matrix, ReadOnlySpan{float}, int, Span{float})"/>.</summary>
+    private sealed class Int8Kernel(BitplaneOperator owner, Int8Matrix weight) : Kernel
+    {
+        public override void Compute(void* context)
+        {
+            Span<long> dims = stackalloc long[8];
+            var x = Input(context, weight.Name, weight.Cols, weight.Rows, dims, out int rank, out long tokens);
+            void* yv = OrtApiTable.KernelOutput(context, 0, dims[..rank]);
+            if (tokens == 0) return;
+            var y = new Span<float>(OrtApiTable.TensorData(yv), checked((int)(tokens * weight.Rows)));
+            long start = System.Diagnostics.Stopwatch.GetTimestamp();
+            owner.Cpu.Multiply(weight, x, (int)tokens, y);
+            Interlocked.Add(ref owner._headTicks, System.Diagnostics.Stopwatch.GetTimestamp() - start);
+        }
+    }
+
+    /// <summary>One layer's kernel: its matrix.</summary>
+    private sealed class BitplaneKernel(BitplaneOperator owner, BitplaneMatrix weight) : Kernel
+    {
+        public override void Compute(void* context)
+        {
             void* bv = OrtApiTable.KernelInput(context, 1);
             Span<long> dims = stackalloc long[8];
-            int rank = OrtApiTable.Shape(xv, dims);
-            dims = dims[..rank];
-            if (rank == 0 || dims[^1] != weight.Cols)
-                throw new ArgumentException($"{weight.Name}: input of shape [{string.Join(", ", dims.ToArray())}] does not end in its {weight.Cols} columns.");
-            long tokens = 1;
-            for (int i = 0; i < rank - 1; i++) tokens *= dims[i];
+            var x = Input(context, weight.Name, weight.Cols, weight.Rows, dims, out int rank, out long tokens);
             Span<long> bitsDims = stackalloc long[8];
             long bitsCount = 1;
             foreach (long d in bitsDims[..OrtApiTable.Shape(bv, bitsDims)]) bitsCount *= d;
@@ -116,10 +183,8 @@ public sealed unsafe class BitplaneOperator : IDisposable
             int bits = *(int*)OrtApiTable.TensorData(bv);
             if (bits < weight.SeedBits || bits > weight.ParentBits)
                 throw new ArgumentOutOfRangeException("bits", bits, $"bits {bits} is outside this model's {weight.SeedBits}..{weight.ParentBits}.");
-            dims[^1] = weight.Rows;
-            void* yv = OrtApiTable.KernelOutput(context, 0, dims);
+            void* yv = OrtApiTable.KernelOutput(context, 0, dims[..rank]);
             if (tokens == 0) return;
-            var x = new ReadOnlySpan<float>(OrtApiTable.TensorData(xv), checked((int)(tokens * weight.Cols)));
             var y = new Span<float>(OrtApiTable.TensorData(yv), checked((int)(tokens * weight.Rows)));
             long start = System.Diagnostics.Stopwatch.GetTimestamp();
             owner.Backend.Multiply(weight, bits, x, (int)tokens, y);
@@ -133,6 +198,15 @@ public sealed unsafe class BitplaneOperator : IDisposable
     private static Kernel NewKernel(OrtCustomOp* op, void* info)
     {
         var owner = Owner(op);
+        if (((OpBlock*)op)->Int8 != 0)
+        {
+            string tensor = OrtApiTable.KernelInfoString(info, "weight")
+                ?? throw new ArgumentException($"an {Int8OpType} node has no 'weight' attribute naming its tensor.");
+            var head = owner.Int8Head(tensor);
+            if (OrtApiTable.KernelInfoInt64(info, "rows") is long hr && hr != head.Rows || OrtApiTable.KernelInfoInt64(info, "cols") is long hc && hc != head.Cols)
+                throw new ArgumentException($"{Int8OpType} node for '{tensor}' expects [{OrtApiTable.KernelInfoInt64(info, "rows")}, {OrtApiTable.KernelInfoInt64(info, "cols")}]; the tensor is [{head.Rows}, {head.Cols}].");
+            return new Int8Kernel(owner, head);
+        }
         string layer = OrtApiTable.KernelInfoString(info, "layer")
             ?? throw new ArgumentException($"a {OpType} node has no 'layer' attribute naming its weight.");
         BitplaneMatrix weight;
@@ -145,7 +219,7 @@ public sealed unsafe class BitplaneOperator : IDisposable
         if (OrtApiTable.KernelInfoInt64(info, "rows") is long rows && rows != weight.Rows
             || OrtApiTable.KernelInfoInt64(info, "cols") is long cols && cols != weight.Cols)
             throw new ArgumentException($"{OpType} node for '{layer}' expects [{OrtApiTable.KernelInfoInt64(info, "rows")}, {OrtApiTable.KernelInfoInt64(info, "cols")}]; the model's layer is [{weight.Rows}, {weight.Cols}].");
-        return new Kernel(owner, weight);
+        return new BitplaneKernel(owner, weight);
     }
 
     [UnmanagedCallersOnly]
@@ -196,11 +270,13 @@ public sealed unsafe class BitplaneOperator : IDisposable
         if (kernel != null) GCHandle.FromIntPtr((nint)kernel).Free();
     }
 
-    [UnmanagedCallersOnly] private static byte* GetName(OrtCustomOp* op) => OpName;
+    private static bool IsInt8(OrtCustomOp* op) => ((OpBlock*)op)->Int8 != 0;
+
+    [UnmanagedCallersOnly] private static byte* GetName(OrtCustomOp* op) => IsInt8(op) ? Int8OpName : OpName;
     [UnmanagedCallersOnly] private static byte* GetExecutionProviderType(OrtCustomOp* op) => CpuProvider;
     // ONNXTensorElementDataType: 1 = float, 6 = int32.
     [UnmanagedCallersOnly] private static int GetInputType(OrtCustomOp* op, nuint index) => index == 0 ? 1 : 6;
-    [UnmanagedCallersOnly] private static nuint GetInputTypeCount(OrtCustomOp* op) => 2;
+    [UnmanagedCallersOnly] private static nuint GetInputTypeCount(OrtCustomOp* op) => IsInt8(op) ? 1u : 2u;
     [UnmanagedCallersOnly] private static int GetOutputType(OrtCustomOp* op, nuint index) => 1;
     [UnmanagedCallersOnly] private static nuint GetOutputTypeCount(OrtCustomOp* op) => 1;
     [UnmanagedCallersOnly] private static int Required(OrtCustomOp* op, nuint index) => 0; // INPUT_OUTPUT_REQUIRED
@@ -247,11 +323,12 @@ public sealed unsafe class BitplaneOperator : IDisposable
         public void* GetMayInplace, ReleaseMayInplace, GetAliasMap, ReleaseAliasMap;
     }
 
-    /// <summary>The struct ORT sees, followed by the handle of the managed operator it belongs to.</summary>
+    /// <summary>The struct ORT sees, followed by the handle of the managed operator it belongs to and which op it is.</summary>
     [StructLayout(LayoutKind.Sequential)]
     private struct OpBlock
     {
         public OrtCustomOp Op;
         public nint Owner;
+        public int Int8; // 1: Int8Linear, 0: BitplaneLinear
     }
 }

@@ -9,7 +9,7 @@ namespace AnyPrecML.Onnx;
 /// <summary>
 /// Writes the whole Llama decoder of an any-precision model as one ONNX graph. The non-linear parts are
 /// ONNX Runtime's own operators (Gather, SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization,
-/// RotaryEmbedding, GroupQueryAttention, Sigmoid/Mul for SwiGLU, Gemm for the head); every quantized linear is a
+/// RotaryEmbedding, GroupQueryAttention, Sigmoid/Mul for SwiGLU, Gemm for an fp32 head); every quantized linear is a
 /// <see cref="BitplaneOperator"/> node naming its layer, so the graph holds no bitplanes at all, only the float
 /// tensors (embedding, norms, head). The width is the graph input <c>bits</c>, so one session serves every b.
 /// </summary>
@@ -33,8 +33,13 @@ public static class DecoderGraph
     /// <summary>Present key (or value) output of block <paramref name="layer"/>.</summary>
     public static string Present(int layer, bool value) => $"present.{layer}.{(value ? "value" : "key")}";
 
-    /// <summary>The ONNX model of <paramref name="model"/>'s decoder.</summary>
-    public static ModelProto Export(AnyPrecisionModel model)
+    /// <summary>
+    /// The ONNX model of <paramref name="model"/>'s decoder. With <paramref name="int8Head"/> the LM head is an
+    /// <see cref="BitplaneOperator.Int8OpType"/> node (int8 weights per row, int8 activations per token: the int8 level's
+    /// arithmetic, a quarter of the fp32 head's bytes per token) instead of an fp32 Gemm, and the graph holds no fp32 copy
+    /// of an untied head.
+    /// </summary>
+    public static ModelProto Export(AnyPrecisionModel model, bool int8Head = false)
     {
         ArgumentNullException.ThrowIfNull(model);
         var c = model.Config;
@@ -56,7 +61,8 @@ public static class DecoderGraph
 
         float[] Tensor(string name) => cp[name].ToFloatArray();
         string embedding = g.Initializer(LlamaTensorNames.Embedding, Tensor(LlamaTensorNames.Embedding), c.VocabSize, c.Dim);
-        string head = c.TiedEmbeddings ? embedding : g.Initializer(LlamaTensorNames.Head, Tensor(LlamaTensorNames.Head), c.VocabSize, c.Dim);
+        string headTensor = c.TiedEmbeddings ? LlamaTensorNames.Embedding : LlamaTensorNames.Head;
+        string head = c.TiedEmbeddings ? embedding : int8Head ? "" : g.Initializer(LlamaTensorNames.Head, Tensor(LlamaTensorNames.Head), c.VocabSize, c.Dim);
         var (cos, sin) = Reference.ReferenceEngine.RopeTables(c, 0, c.MaxSeqLen); // the reference engine's own angles
         g.Initializer("rope.cos_cache", cos, c.MaxSeqLen, c.HeadDim / 2);
         g.Initializer("rope.sin_cache", sin, c.MaxSeqLen, c.HeadDim / 2);
@@ -110,11 +116,17 @@ public static class DecoderGraph
         g.Initializer("slice.end", [long.MaxValue], 1);
         g.Initializer("slice.axis", [1L], 1);
         g.Node("Slice", ["final_norm.out", LogitsStart, "slice.end", "slice.axis"], ["head.in"], name: "logits_slice");
-        g.Initializer("shape.rows", [-1L, c.Dim], 2);
-        g.Initializer("shape.logits", [1L, -1L, c.VocabSize], 3);
-        g.Node("Reshape", ["head.in", "shape.rows"], ["head.in2d"], name: "head_reshape_in");
-        g.Node("Gemm", ["head.in2d", head], ["logits2d"], name: "lm_head", attributes: ("transB", 1L));
-        g.Node("Reshape", ["logits2d", "shape.logits"], [Logits], name: "head_reshape_out");
+        if (int8Head)
+            g.Node(BitplaneOperator.Int8OpType, ["head.in"], [Logits], BitplaneOperator.Domain, "lm_head",
+                ("weight", headTensor), ("rows", (long)c.VocabSize), ("cols", (long)c.Dim));
+        else
+        {
+            g.Initializer("shape.rows", [-1L, c.Dim], 2);
+            g.Initializer("shape.logits", [1L, -1L, c.VocabSize], 3);
+            g.Node("Reshape", ["head.in", "shape.rows"], ["head.in2d"], name: "head_reshape_in");
+            g.Node("Gemm", ["head.in2d", head], ["logits2d"], name: "lm_head", attributes: ("transB", 1L));
+            g.Node("Reshape", ["logits2d", "shape.logits"], [Logits], name: "head_reshape_out");
+        }
 
         var proto = g.Build((BitplaneOperator.Domain, 1), ("com.microsoft", 1));
         proto.DocString = $"AnyPrecML any-precision decoder: {c.Layers} layers, bits {model.SeedBits}..{model.ParentBits} chosen per run by the 'bits' input.";

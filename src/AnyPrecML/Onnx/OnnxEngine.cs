@@ -59,9 +59,12 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
         _op = new BitplaneOperator(model, options.Backend);
         try
         {
-            byte[]? graph = options.GraphPath is null ? Google.Protobuf.MessageExtensions.ToByteArray(DecoderGraph.Export(model)) : null;
+            // The int8 level on the CPU runs the head in int8 too; on CUDA the fp32 Gemm stays with the provider.
+            bool int8Cpu = _op.Backend is CpuBitplaneBackend { Accuracy: KernelAccuracy.Int8 };
             InferenceSession Session(bool cuda)
             {
+                Int8Head = options.GraphPath is null && int8Cpu && !cuda;
+                byte[]? graph = options.GraphPath is null ? Google.Protobuf.MessageExtensions.ToByteArray(DecoderGraph.Export(model, Int8Head)) : null;
                 using var so = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL, InterOpNumThreads = 1 };
                 if (options.IntraOpThreads > 0) so.IntraOpNumThreads = options.IntraOpThreads;
                 // The bitplane kernels have their own pool: ORT's idle threads spinning beside it tripled kernel time
@@ -110,6 +113,9 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
 
     /// <summary>"CUDA" or "CPU": where the session runs.</summary>
     public string ExecutionProvider { get; } = "CPU";
+
+    /// <summary>True when the LM head runs in int8 (<see cref="BitplaneOperator.Int8OpType"/>): the CPU int8 level on an exported graph.</summary>
+    public bool Int8Head { get; private set; }
 
     /// <summary>Why <see cref="OnnxDevice.Auto"/> fell back to the CPU although the CUDA provider was there; null when it did not.</summary>
     public string? DeviceFallback { get; }

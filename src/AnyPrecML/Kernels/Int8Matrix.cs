@@ -1,0 +1,66 @@
+using System.Runtime.InteropServices;
+
+namespace AnyPrecML.Kernels;
+
+/// <summary>
+/// A dense matrix of signed bytes with one fp32 scale per row: W ≈ Scale[r]·Q[r, j], |Q| ≤ 127 (symmetric, round half
+/// to even). It holds the LM head for the int8 level: the head is no bitplane matrix (the paper keeps it in 16 bits),
+/// and in fp32 it was the largest single read of a decode step (TinyLlama: 32000×2048, 262 MB per token, 4× the int8
+/// bytes). Rows are padded with zeros to <see cref="Stride"/> bytes so every vector load is whole.
+/// </summary>
+public sealed class Int8Matrix
+{
+    private Int8Matrix(string name, int rows, int cols, sbyte[] values, float[] scale)
+    {
+        Name = name; Rows = rows; Cols = cols; Values = values; Scale = scale;
+    }
+
+    /// <summary>The tensor's name, for messages.</summary>
+    public string Name { get; }
+
+    /// <summary>Output rows.</summary>
+    public int Rows { get; }
+
+    /// <summary>Input columns.</summary>
+    public int Cols { get; }
+
+    /// <summary>Bytes from one row to the next: <see cref="Cols"/> rounded up to 32 (one 256-bit load).</summary>
+    public int Stride => StrideOf(Cols);
+
+    /// <summary>The bytes, [rows, stride] (pinned, with 64 bytes of zero after the last row).</summary>
+    internal sbyte[] Values { get; }
+
+    /// <summary>Per-row scales: W[r, j] ≈ Scale[r]·Values[r, j].</summary>
+    internal float[] Scale { get; }
+
+    /// <summary>Bytes held (values and scales).</summary>
+    public long Bytes => Values.LongLength + 4L * Scale.Length;
+
+    internal static int StrideOf(int cols) => (cols + 31) & ~31;
+
+    /// <summary>Quantizes the fp32 matrix <paramref name="weights"/> ([rows, cols], row-major), rows in parallel.</summary>
+    public static Int8Matrix Quantize(string name, float[] weights, int rows, int cols)
+    {
+        ArgumentNullException.ThrowIfNull(weights);
+        ArgumentOutOfRangeException.ThrowIfLessThan(rows, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(cols, 1);
+        if (weights.LongLength != (long)rows * cols) throw new ArgumentException($"{name}: {weights.LongLength} values for a {rows}×{cols} matrix.", nameof(weights));
+        foreach (float w in weights)
+            if (!float.IsFinite(w)) throw new ArgumentException($"{name} holds a non-finite value.", nameof(weights));
+        int stride = StrideOf(cols);
+        var values = GC.AllocateArray<sbyte>(checked(rows * stride + 64), pinned: true);
+        var scale = new float[rows];
+        // The activation quantizer's rule (max|w|/127, round half to even) is the one wanted per row.
+        Parallel.For(0, rows, r =>
+            scale[r] = BitplaneKernels.QuantizeActivations(weights.AsSpan(r * cols, cols), values.AsSpan(r * stride, cols), default, default, Int8ColumnOrder.Natural).Scale);
+        return new Int8Matrix(name, rows, cols, values, scale);
+    }
+
+    /// <summary>Row <paramref name="r"/> dequantized (for tests and references).</summary>
+    public float[] DequantizeRow(int r)
+    {
+        var row = new float[Cols];
+        for (int j = 0; j < Cols; j++) row[j] = Scale[r] * Values[r * Stride + j];
+        return row;
+    }
+}
