@@ -42,8 +42,8 @@ public sealed class ChatClientTests
         return ids.Count > 0 && ids[0] == 1 ? ids.Count : ids.Count + 1;
     }
 
-    /// <summary>Forward passes the engine ran since <paramref name="kernelCalls"/>: one bitplane product per block linear each.</summary>
-    private static long Forwards(long kernelCalls) => (_client.Engine.Operator.KernelCalls - kernelCalls) / (7 * _client.Engine.Config.Layers);
+    /// <summary>Forward passes the engine ran since <paramref name="kernelCalls"/>: four bitplane nodes per block each (q,k,v fused; o; gate,up fused; down).</summary>
+    private static long Forwards(long kernelCalls) => (_client.Engine.Operator.KernelCalls - kernelCalls) / (4 * _client.Engine.Config.Layers);
 
     [TestMethod]
     public async Task GreedyChatAtTwoWidthsMatchesAnyprecGenerate()

@@ -168,6 +168,41 @@ public sealed class KernelTests
     }
 
     /// <summary>
+    /// Fused products (q,k,v or gate,up: one x, several matrices of different rows) equal the separate products bit for
+    /// bit, concatenated per token, on every path and both accuracies, for one and several tokens.
+    /// </summary>
+    [TestMethod]
+    public void FusedProductsEqualTheSeparateProductsConcatenatedPerToken()
+    {
+        using var pool = new KernelThreadPool(2);
+        BitplaneMatrix[] ws = [RandomMatrix(40, 300, 1, seedBits: 2), RandomMatrix(8, 300, 2, seedBits: 2), RandomMatrix(13, 300, 3, seedBits: 2)];
+        int total = ws.Sum(w => w.Rows);
+        foreach (var accuracy in Enum.GetValues<KernelAccuracy>())
+            foreach (var path in BitplaneKernels.SupportedPaths)
+            {
+                var backend = new CpuBitplaneBackend(path, pool, accuracy);
+                foreach (int tokens in new[] { 1, 5 })
+                    foreach (int bits in new[] { 2, 3, 5, 8 })
+                    {
+                        var x = RandomX(tokens * 300, tokens + bits);
+                        var fused = new float[tokens * total];
+                        backend.Multiply(ws, bits, x, tokens, fused);
+                        int offset = 0;
+                        foreach (var w in ws)
+                        {
+                            var alone = new float[tokens * w.Rows];
+                            backend.Multiply(w, bits, x, tokens, alone);
+                            for (int t = 0; t < tokens; t++)
+                                CollectionAssert.AreEqual(alone.AsSpan(t * w.Rows, w.Rows).ToArray(), fused.AsSpan(t * total + offset, w.Rows).ToArray(),
+                                    $"{backend.Name}: b={bits} M={tokens} matrix at {offset}, token {t}");
+                            offset += w.Rows;
+                        }
+                    }
+            }
+        Assert.Throws<ArgumentException>(() => new CpuBitplaneBackend(pool: pool).Multiply([ws[0], RandomMatrix(4, 64, 9)], 3, new float[300], 1, new float[44]));
+    }
+
+    /// <summary>
     /// The dense int8 head: every vector path equals the scalar int8 reference bit for bit, at 1..9 tokens, with
     /// partial 32-byte rows; the reference stays within the int8 bound of the float64 product of the fp32 matrix
     /// (½·s_x·Σ|w| + ½·s_w·Σ|x|, s_w = max|w_r|/127); and a token's outputs do not depend on the other tokens in the call.

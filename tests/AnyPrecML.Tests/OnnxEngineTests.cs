@@ -263,7 +263,7 @@ public sealed class OnnxEngineTests
         node.Attribute.Single(a => a.Name == "cols").I += 1;
         OnnxGraphBuilder.Save(proto, path);
         e = Assert.ThrowsExactly<OnnxRuntimeException>(() => new OnnxEngine(_model, new OnnxEngineOptions { GraphPath = path }));
-        StringAssert.Contains(e.Message, "the model's layer is");
+        StringAssert.Contains(e.Message, "the model's layers are");
     }
 
     [TestMethod]

@@ -19,6 +19,43 @@ public abstract class BitplaneBackend
     /// <summary>y[t, r] = Σ_j W_b[r, j] · x[t, j]; x is [tokens, cols], y is [tokens, rows].</summary>
     public abstract void Multiply(BitplaneMatrix weight, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y);
 
+    /// <summary>
+    /// Several matrices of the same width over the same x (q/k/v, or gate/up): y[t] is W_0·x_t, W_1·x_t, … concatenated,
+    /// so y is [tokens, Σ rows]. Here one product after another; the CPU backend quantizes x once and runs every row of
+    /// every matrix in one pass of its pool.
+    /// </summary>
+    public virtual void Multiply(IReadOnlyList<BitplaneMatrix> weights, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
+    {
+        int total = CheckAll(weights, bits, x, tokens, y);
+        if (weights.Count == 1) { Multiply(weights[0], bits, x, tokens, y); return; }
+        int offset = 0;
+        foreach (var w in weights)
+        {
+            var part = new float[(long)tokens * w.Rows];
+            Multiply(w, bits, x, tokens, part);
+            for (int t = 0; t < tokens; t++) part.AsSpan(t * w.Rows, w.Rows).CopyTo(y.Slice(t * total + offset, w.Rows));
+            offset += w.Rows;
+        }
+    }
+
+    /// <summary>Throws unless the matrices share their columns and the shapes fit; returns Σ rows.</summary>
+    protected static int CheckAll(IReadOnlyList<BitplaneMatrix> weights, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
+    {
+        ArgumentNullException.ThrowIfNull(weights);
+        if (weights.Count == 0) throw new ArgumentException("no matrices to multiply.", nameof(weights));
+        int total = 0;
+        foreach (var w in weights)
+        {
+            w.CheckBits(bits);
+            if (w.Cols != weights[0].Cols) throw new ArgumentException($"{w.Name} has {w.Cols} columns, {weights[0].Name} {weights[0].Cols}: fused matrices share x.", nameof(weights));
+            total += w.Rows;
+        }
+        ArgumentOutOfRangeException.ThrowIfLessThan(tokens, 1);
+        if (x.Length != (long)tokens * weights[0].Cols) throw new ArgumentException($"x holds {x.Length} floats; {tokens} tokens × {weights[0].Cols} columns expected.", nameof(x));
+        if (y.Length != (long)tokens * total) throw new ArgumentException($"y holds {y.Length} floats; {tokens} tokens × {total} rows expected.", nameof(y));
+        return total;
+    }
+
     /// <summary>Throws unless the shapes fit.</summary>
     protected static void Check(BitplaneMatrix weight, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
     {
@@ -86,7 +123,8 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
         var job = t_job ??= new RowsJob();
         if (Accuracy == KernelAccuracy.Int8)
         {
-            MultiplyInt8(job, weight, bits, x, tokens, y);
+            job.One[0] = weight;
+            MultiplyInt8(job, job.One, weight.Rows, bits, x, tokens, y);
             return;
         }
         if (BitplaneKernels.PermutesColumns(Path))
@@ -101,13 +139,27 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
         {
             job.Operand = new BitplaneOperand(weight, bits);
             job.Path = Path; job.X = xp; job.Y = yp; job.Tokens = tokens;
-            _pool.Run(job, weight.Rows, Chunk(weight, bits, tokens));
+            _pool.Run(job, weight.Rows, Chunk(weight.Rows, weight.Cols, bits, tokens));
             job.X = job.Y = null;
         }
     }
 
-    private void MultiplyInt8(RowsJob job, BitplaneMatrix weight, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
+    /// <inheritdoc/>
+    public override void Multiply(IReadOnlyList<BitplaneMatrix> weights, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
     {
+        int total = CheckAll(weights, bits, x, tokens, y);
+        if (Accuracy != KernelAccuracy.Int8 || weights.Count == 1) { base.Multiply(weights, bits, x, tokens, y); return; }
+        MultiplyInt8(t_job ??= new RowsJob(), weights, total, bits, x, tokens, y);
+    }
+
+    /// <summary>
+    /// The int8 products of one or more matrices over the same x: x quantized once, then every row of every matrix in
+    /// one pass of the pool. One token's outputs are concatenated as they come; several tokens' go through a buffer
+    /// (each matrix's own [tokens, rows]) and are interleaved into y after.
+    /// </summary>
+    private void MultiplyInt8(RowsJob job, IReadOnlyList<BitplaneMatrix> weights, int totalRows, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
+    {
+        var weight = weights[0];
         int cols = weight.Cols;
         // On AVX-512 the AVX2 slice kernels beat the GFNI transpose except for one token at b ≥ 5, where vpermb's
         // 64-entry lookups win (bench kernels, 4096×4096: b=3 0.34 vs 0.48 ms, M=64 11.6 vs 33.7 ms; b=8 M=1 2.9 vs 0.6 ms).
@@ -121,13 +173,34 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
         for (int t = 0; t < tokens; t++)
             (job.XScale[t], job.XSum[t]) = BitplaneKernels.QuantizeActivations(x.Slice(t * cols, cols), job.X8.AsSpan(t * stride, stride),
                 abs ? job.XAbs.AsSpan(t * stride, stride) : default, sign ? job.XSign.AsSpan(t * stride, stride) : default, order);
-        job.Tables = BitplaneKernels.Int8TablesOf(weight, bits);
-        fixed (float* yp = y)
+        bool split = tokens > 1 && weights.Count > 1;
+        if (split && job.Split.Length < (long)tokens * totalRows) job.Split = GC.AllocateArray<float>(tokens * totalRows, pinned: true);
+        fixed (float* yp = y, sp = job.Split)
         {
-            job.Operand = new BitplaneOperand(weight, bits);
-            job.Path = path; job.Y = yp; job.Tokens = tokens; job.Int8 = true; job.X8Stride = stride;
-            _pool.Run(job, weight.Rows, Chunk(weight, bits, tokens));
-            job.Y = null; job.Int8 = false; job.Tables = null;
+            if (job.Parts.Length < weights.Count) job.Parts = new RowsJob.Part[weights.Count];
+            int offset = 0;
+            foreach (var w in weights)
+            {
+                job.Parts[job.PartCount++] = new RowsJob.Part(new BitplaneOperand(w, bits), BitplaneKernels.Int8TablesOf(w, bits), offset,
+                    split ? sp + (long)tokens * offset : yp + offset);
+                offset += w.Rows;
+            }
+            job.Path = path; job.Tokens = tokens; job.Int8 = true; job.X8Stride = stride;
+            try { _pool.Run(job, totalRows, Chunk(totalRows, cols, bits, tokens)); }
+            finally
+            {
+                Array.Clear(job.Parts, 0, job.PartCount);
+                job.PartCount = 0; job.Int8 = false;
+            }
+        }
+        if (split)
+        {
+            int offset = 0;
+            foreach (var w in weights)
+            {
+                for (int t = 0; t < tokens; t++) job.Split.AsSpan(tokens * offset + t * w.Rows, w.Rows).CopyTo(y.Slice(t * totalRows + offset, w.Rows));
+                offset += w.Rows;
+            }
         }
     }
 
@@ -163,20 +236,32 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
     /// small to pay for waking the pool (a stories260K layer at 3 bits). Each row costs its weights times tokens
     /// plus its table of 2^b centroids, which dominates small rows at high b.
     /// </summary>
-    private int Chunk(BitplaneMatrix weight, int bits, int tokens) =>
-        (long)weight.Rows * ((long)weight.Cols * tokens + (8L << bits)) < 1 << 15 ? weight.Rows : Math.Max(4, weight.Rows / (_pool.Threads * 8));
+    private int Chunk(int rows, int cols, int bits, int tokens) =>
+        (long)rows * ((long)cols * tokens + (8L << bits)) < 1 << 15 ? rows : Math.Max(4, rows / (_pool.Threads * 8));
 
     /// <summary>One call's arguments, reused by the calling thread (no allocation per call).</summary>
     private sealed class RowsJob : IRangeJob
     {
+        /// <summary>One matrix of an int8 call: its operand and tables, its first row among all, where its outputs go.</summary>
+        public readonly struct Part(BitplaneOperand operand, BitplaneKernels.Int8Tables tables, int offset, float* y)
+        {
+            public readonly BitplaneOperand Operand = operand;
+            public readonly BitplaneKernels.Int8Tables Tables = tables;
+            public readonly int Offset = offset;
+            public readonly float* Y = y;
+        }
+
         public bool Int8;
+        public Part[] Parts = [];
+        public int PartCount;
+        public readonly BitplaneMatrix[] One = new BitplaneMatrix[1];
+        public float[] Split = [];
         public sbyte[] X8 = [], XSign = [];
         public byte[] XAbs = [];
         public float[] XScale = [];
         public int[] XSum = [];
         public int X8Stride;
         [ThreadStatic] private static byte[]? t_scratch8;
-        public BitplaneKernels.Int8Tables? Tables;
         [ThreadStatic] private static float[]? t_scratch;
         public BitplaneOperand Operand;
         public KernelPath Path;
@@ -218,14 +303,21 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
             }
             if (Int8)
             {
-                int bytes = BitplaneKernels.Int8ScratchBytes(Operand.Cols);
+                int bytes = BitplaneKernels.Int8ScratchBytes(Parts[0].Operand.Cols);
                 if (t_scratch8 is null || t_scratch8.Length < bytes) t_scratch8 = GC.AllocateArray<byte>(bytes, pinned: true);
                 fixed (sbyte* x8 = X8, xSign = XSign)
                 fixed (byte* xAbs = XAbs)
                 fixed (float* scale = XScale)
                 fixed (int* sum = XSum)
                 fixed (byte* scratch = t_scratch8)
-                    BitplaneKernels.RowsInt8(Path, Operand, Tables!, x8, xAbs, xSign, X8Stride, scale, sum, Tokens, Y, start, end, scratch);
+                    for (int i = 0; i < PartCount; i++)
+                    {
+                        // A chunk may straddle two matrices: each gets its own rows of it.
+                        ref readonly var p = ref Parts[i];
+                        int from = Math.Max(start, p.Offset), to = Math.Min(end, p.Offset + p.Operand.Rows);
+                        if (from < to)
+                            BitplaneKernels.RowsInt8(Path, p.Operand, p.Tables, x8, xAbs, xSign, X8Stride, scale, sum, Tokens, p.Y, from - p.Offset, to - p.Offset, scratch);
+                    }
                 return;
             }
             int need = BitplaneKernels.ScratchFloats(Operand.Cols);

@@ -1,3 +1,4 @@
+using System.Numerics.Tensors;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using AnyPrecML.Kernels;
@@ -9,7 +10,8 @@ namespace AnyPrecML.Onnx;
 /// <summary>
 /// The <c>ai.anyprecml.BitplaneLinear</c> operator, written in C# and registered in ONNX Runtime through its C
 /// function table (an <c>OrtCustomOp</c> of <c>[UnmanagedCallersOnly]</c> callbacks; no native shim). A node
-/// names its layer in the <c>layer</c> attribute; its inputs are the activations x [..., cols] (fp32) and the
+/// names its layer in the <c>layer</c> attribute (or several, comma-separated, sharing x: q,k,v or gate,up, whose
+/// outputs are concatenated; <c>activation = "swiglu"</c> turns gate,up into silu(gate)·up); its inputs are the activations x [..., cols] (fp32) and the
 /// graph's <c>bits</c> (int32 scalar), and its output is W_b·x [..., rows]. Each kernel looks its layer up in an
 /// <see cref="AnyPrecisionModel"/>, so the bitplanes stay where the model mapped them: one copy however many
 /// sessions or widths use them. Exceptions never cross into native code: they become ORT error statuses,
@@ -168,26 +170,52 @@ public sealed unsafe class BitplaneOperator : IDisposable
         }
     }
 
-    /// <summary>One layer's kernel: its matrix.</summary>
-    private sealed class BitplaneKernel(BitplaneOperator owner, BitplaneMatrix weight) : Kernel
+    /// <summary>
+    /// One node's kernel: its matrices (one, or several sharing x, whose outputs are concatenated), and with
+    /// <c>activation = "swiglu"</c> (two matrices, gate then up) the output silu(gate)·up instead of both.
+    /// </summary>
+    private sealed class BitplaneKernel(BitplaneOperator owner, BitplaneMatrix[] weights, bool swiglu) : Kernel
     {
+        private readonly int _rows = weights.Sum(w => w.Rows), _cols = weights[0].Cols;
+        private readonly string _name = string.Join(",", weights.Select(w => w.Name));
+        [ThreadStatic] private static float[]? t_both; // sessions may run concurrently: a buffer per calling thread
+
         public override void Compute(void* context)
         {
             void* bv = OrtApiTable.KernelInput(context, 1);
             Span<long> dims = stackalloc long[8];
-            var x = Input(context, weight.Name, weight.Cols, weight.Rows, dims, out int rank, out long tokens);
+            int outRows = swiglu ? weights[0].Rows : _rows;
+            var x = Input(context, _name, _cols, outRows, dims, out int rank, out long tokens);
             Span<long> bitsDims = stackalloc long[8];
             long bitsCount = 1;
             foreach (long d in bitsDims[..OrtApiTable.Shape(bv, bitsDims)]) bitsCount *= d;
-            if (bitsCount != 1) throw new ArgumentException($"{weight.Name}: 'bits' must hold one int32, not {bitsCount} values.");
+            if (bitsCount != 1) throw new ArgumentException($"{_name}: 'bits' must hold one int32, not {bitsCount} values.");
             int bits = *(int*)OrtApiTable.TensorData(bv);
-            if (bits < weight.SeedBits || bits > weight.ParentBits)
-                throw new ArgumentOutOfRangeException("bits", bits, $"bits {bits} is outside this model's {weight.SeedBits}..{weight.ParentBits}.");
+            if (bits < weights[0].SeedBits || bits > weights[0].ParentBits)
+                throw new ArgumentOutOfRangeException("bits", bits, $"bits {bits} is outside this model's {weights[0].SeedBits}..{weights[0].ParentBits}.");
             void* yv = OrtApiTable.KernelOutput(context, 0, dims[..rank]);
             if (tokens == 0) return;
-            var y = new Span<float>(OrtApiTable.TensorData(yv), checked((int)(tokens * weight.Rows)));
+            int m = checked((int)tokens);
+            var y = new Span<float>(OrtApiTable.TensorData(yv), checked(m * outRows));
             long start = System.Diagnostics.Stopwatch.GetTimestamp();
-            owner.Backend.Multiply(weight, bits, x, (int)tokens, y);
+            if (!swiglu) owner.Backend.Multiply(weights, bits, x, m, y);
+            else
+            {
+                if (t_both is null || t_both.Length < m * _rows) t_both = new float[m * _rows];
+                var both = t_both.AsSpan(0, m * _rows);
+                owner.Backend.Multiply(weights, bits, x, m, both);
+                int h = outRows;
+                for (int t = 0; t < m; t++)
+                {
+                    // Token by token, so each token's values go through the same vector lanes whatever m is.
+                    var gate = both.Slice(t * _rows, h);
+                    var up = both.Slice(t * _rows + h, h);
+                    var o = y.Slice(t * h, h);
+                    TensorPrimitives.Sigmoid(gate, o);
+                    TensorPrimitives.Multiply(o, gate, o);
+                    TensorPrimitives.Multiply(o, up, o);
+                }
+            }
             Interlocked.Add(ref owner._ticks, System.Diagnostics.Stopwatch.GetTimestamp() - start);
             Interlocked.Increment(ref owner._calls);
         }
@@ -209,17 +237,31 @@ public sealed unsafe class BitplaneOperator : IDisposable
         }
         string layer = OrtApiTable.KernelInfoString(info, "layer")
             ?? throw new ArgumentException($"a {OpType} node has no 'layer' attribute naming its weight.");
-        BitplaneMatrix weight;
-        try { weight = owner.Model.Linear(layer); }
-        catch (Exception e) when (e is KeyNotFoundException or ArgumentException)
+        var weights = new List<BitplaneMatrix>();
+        foreach (string name in layer.Split(','))
         {
-            throw new ArgumentException($"{OpType}: unknown layer '{layer}': the any-precision model has no such quantized linear.", e);
+            try { weights.Add(owner.Model.Linear(name)); }
+            catch (Exception e) when (e is KeyNotFoundException or ArgumentException)
+            {
+                throw new ArgumentException($"{OpType}: unknown layer '{name}': the any-precision model has no such quantized linear.", e);
+            }
         }
-        // The exporter records each layer's shape: a graph written for another model fails here, not mid-run.
-        if (OrtApiTable.KernelInfoInt64(info, "rows") is long rows && rows != weight.Rows
-            || OrtApiTable.KernelInfoInt64(info, "cols") is long cols && cols != weight.Cols)
-            throw new ArgumentException($"{OpType} node for '{layer}' expects [{OrtApiTable.KernelInfoInt64(info, "rows")}, {OrtApiTable.KernelInfoInt64(info, "cols")}]; the model's layer is [{weight.Rows}, {weight.Cols}].");
-        return new BitplaneKernel(owner, weight);
+        if (weights.Any(w => w.Cols != weights[0].Cols))
+            throw new ArgumentException($"{OpType} node for '{layer}': fused layers must share their columns ({string.Join(", ", weights.Select(w => w.Cols))}).");
+        string activation = OrtApiTable.KernelInfoString(info, "activation") ?? "";
+        bool swiglu = activation switch
+        {
+            "" => false,
+            "swiglu" when weights.Count == 2 && weights[0].Rows == weights[1].Rows => true,
+            "swiglu" => throw new ArgumentException($"{OpType} node for '{layer}': swiglu needs two layers (gate, up) of equal rows."),
+            _ => throw new ArgumentException($"{OpType} node for '{layer}': unknown activation '{activation}' (none or swiglu)."),
+        };
+        // The exporter records the node's shape: a graph written for another model fails here, not mid-run.
+        int rowsAll = weights.Sum(w => w.Rows);
+        if (OrtApiTable.KernelInfoInt64(info, "rows") is long rows && rows != rowsAll
+            || OrtApiTable.KernelInfoInt64(info, "cols") is long cols && cols != weights[0].Cols)
+            throw new ArgumentException($"{OpType} node for '{layer}' expects [{OrtApiTable.KernelInfoInt64(info, "rows")}, {OrtApiTable.KernelInfoInt64(info, "cols")}]; the model's layers are [{rowsAll}, {weights[0].Cols}].");
+        return new BitplaneKernel(owner, [.. weights], swiglu);
     }
 
     [UnmanagedCallersOnly]

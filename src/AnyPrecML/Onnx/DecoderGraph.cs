@@ -9,8 +9,8 @@ namespace AnyPrecML.Onnx;
 /// <summary>
 /// Writes the whole Llama decoder of an any-precision model as one ONNX graph. The non-linear parts are
 /// ONNX Runtime's own operators (Gather, SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization,
-/// RotaryEmbedding, GroupQueryAttention, Sigmoid/Mul for SwiGLU, Gemm for an fp32 head); every quantized linear is a
-/// <see cref="BitplaneOperator"/> node naming its layer, so the graph holds no bitplanes at all, only the float
+/// RotaryEmbedding, GroupQueryAttention, Split, Gemm for an fp32 head); every quantized linear is in a
+/// <see cref="BitplaneOperator"/> node naming its layers (q,k,v in one; gate,up in one that also applies SwiGLU), so the graph holds no bitplanes at all, only the float
 /// tensors (embedding, norms, head). The width is the graph input <c>bits</c>, so one session serves every b.
 /// </summary>
 /// <remarks>
@@ -69,14 +69,18 @@ public static class DecoderGraph
         long interleaved = c.RopeLayout == RopeLayout.Interleaved ? 1 : 0;
         float eps = c.RmsNormEps;
 
-        string Linear(int l, string part, string input)
+        // One node per group of linears that read the same x (q,k,v; gate,up): x is quantized once and every row of
+        // the group runs in one pass of the kernel pool, where separate nodes paid each of those per matrix.
+        string Linear(int l, string output, string input, string activation, params string[] parts)
         {
-            string name = AnyPrecisionModel.LinearName(l, part);
-            var w = model.Linear(l, part);
-            g.Node(BitplaneOperator.OpType, [input, Bits], [name], BitplaneOperator.Domain, name,
-                ("layer", name), ("rows", (long)w.Rows), ("cols", (long)w.Cols));
+            var ws = parts.Select(part => model.Linear(l, part)).ToArray();
+            string name = $"model.layers.{l}.{output}";
+            var attributes = new List<(string, object)> { ("layer", string.Join(",", ws.Select(w => w.Name))), ("rows", (long)ws.Sum(w => w.Rows)), ("cols", (long)ws[0].Cols) };
+            if (activation.Length > 0) attributes.Add(("activation", activation));
+            g.Node(BitplaneOperator.OpType, [input, Bits], [name], BitplaneOperator.Domain, name, [.. attributes]);
             return name;
         }
+        g.Initializer("split.qkv", [(long)c.QDim, c.KvDim, c.KvDim], 3);
         string Norm(string name) => g.Initializer(name, Tensor(name), c.Dim);
 
         g.Node("Gather", [embedding, InputIds], ["embedded"], name: "embed_tokens", attributes: ("axis", 0L));
@@ -94,21 +98,21 @@ public static class DecoderGraph
                 g.Node("SkipSimplifiedLayerNormalization", [residual, pending, attnNorm], [normed, "", "", $"{p}.residual_in"], "com.microsoft", $"{p}.input_layernorm", ("epsilon", eps));
                 residual = $"{p}.residual_in";
             }
-            string q = Linear(l, "self_attn.q_proj", normed), k = Linear(l, "self_attn.k_proj", normed), v = Linear(l, "self_attn.v_proj", normed);
+            string qkv = Linear(l, "self_attn.qkv_proj", normed, "", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj");
+            string q = $"{p}.self_attn.q", k = $"{p}.self_attn.k", v = $"{p}.self_attn.v";
+            g.Node("Split", [qkv, "split.qkv"], [q, k, v], name: $"{p}.self_attn.qkv_split", attributes: ("axis", -1L));
             g.Node("RotaryEmbedding", [q, PositionIds, "rope.cos_cache", "rope.sin_cache"], [$"{p}.q_rot"], "com.microsoft", $"{p}.q_rotary", ("interleaved", interleaved));
             g.Node("RotaryEmbedding", [k, PositionIds, "rope.cos_cache", "rope.sin_cache"], [$"{p}.k_rot"], "com.microsoft", $"{p}.k_rotary", ("interleaved", interleaved));
             g.Node("GroupQueryAttention", [$"{p}.q_rot", $"{p}.k_rot", v, Past(l, false), Past(l, true), SeqLensK, TotalSequenceLength],
                 [$"{p}.attention", Present(l, false), Present(l, true)], "com.microsoft", $"{p}.self_attn",
                 ("num_heads", (long)c.Heads), ("kv_num_heads", (long)c.KvHeads), ("scale", 1f / MathF.Sqrt(c.HeadDim)));
-            string o = Linear(l, "self_attn.o_proj", $"{p}.attention");
+            string o = Linear(l, "self_attn.o_proj", $"{p}.attention", "", "self_attn.o_proj");
             string ffnNorm = Norm(LlamaTensorNames.Layer(l, "post_attention_layernorm"));
             g.Node("SkipSimplifiedLayerNormalization", [residual, o, ffnNorm], [$"{p}.post_attention_layernorm.out", "", "", $"{p}.residual_mid"], "com.microsoft", $"{p}.post_attention_layernorm", ("epsilon", eps));
             residual = $"{p}.residual_mid";
-            string gate = Linear(l, "mlp.gate_proj", $"{p}.post_attention_layernorm.out"), up = Linear(l, "mlp.up_proj", $"{p}.post_attention_layernorm.out");
-            g.Node("Sigmoid", [gate], [$"{p}.mlp.sigmoid"], name: $"{p}.mlp.sigmoid");
-            g.Node("Mul", [gate, $"{p}.mlp.sigmoid"], [$"{p}.mlp.silu"], name: $"{p}.mlp.silu");
-            g.Node("Mul", [$"{p}.mlp.silu", up], [$"{p}.mlp.swiglu"], name: $"{p}.mlp.swiglu");
-            pending = Linear(l, "mlp.down_proj", $"{p}.mlp.swiglu");
+            // silu(gate)·up in the same node: the two products and the activation, no Sigmoid/Mul nodes between.
+            string swiglu = Linear(l, "mlp.gate_up_proj", $"{p}.post_attention_layernorm.out", "swiglu", "mlp.gate_proj", "mlp.up_proj");
+            pending = Linear(l, "mlp.down_proj", swiglu, "", "mlp.down_proj");
         }
         string finalNorm = Norm(LlamaTensorNames.FinalNorm);
         g.Node("SkipSimplifiedLayerNormalization", [residual, pending, finalNorm], ["final_norm.out"], "com.microsoft", "model.norm", ("epsilon", eps));
