@@ -58,7 +58,7 @@ public static unsafe partial class BitplaneKernels
         int stride = w.Stride;
         if (m > 1)
         {
-            TileInt8Avx2((byte*)q + (long)rowStart * stride, rowEnd - rowStart, stride, x8, xAbs, m, y + rowStart, w.Rows);
+            TileInt8Avx2<SignedBytes>((byte*)q + (long)rowStart * stride, rowEnd - rowStart, stride, x8, xAbs, null, m, y + rowStart, w.Rows);
             return;
         }
         int r = rowStart;
@@ -77,6 +77,6 @@ public static unsafe partial class BitplaneKernels
             }
             y[r] = Vector256.Sum(a0); y[r + 1] = Vector256.Sum(a1); y[r + 2] = Vector256.Sum(a2); y[r + 3] = Vector256.Sum(a3);
         }
-        for (; r < rowEnd; r++) y[r] = DotBytesAvx2((byte*)q + (long)r * stride, x8, xAbs, stride);
+        for (; r < rowEnd; r++) y[r] = DotBytesAvx2<SignedBytes>((byte*)q + (long)r * stride, x8, xAbs, stride);
     }
 }

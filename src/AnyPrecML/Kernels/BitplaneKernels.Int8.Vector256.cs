@@ -30,29 +30,30 @@ public static unsafe partial class BitplaneKernels
     private const int Int8RowGroup = 16;
 
     /// <summary>Int8 rows on AVX2: y[t, r] = Σ_j U[r, c_j]·x8[t, j] (the caller rescales); x8 in Slice256 order.</summary>
-    private static void RowsInt8Avx2(in BitplaneOperand w, byte* u, sbyte* x8, byte* xAbs, int xStride, int m, float* y, int rowStart, int rowEnd, byte* scratch)
+    private static void RowsInt8Avx2(in BitplaneOperand w, byte* u, sbyte* x8, byte* xAbs, int* xSum, int xStride, int m, float* y, int rowStart, int rowEnd, byte* scratch)
     {
         switch (w.Bits)
         {
-            case 2: RowsInt8Avx2<Width2>(w, u, x8, xAbs, xStride, m, y, rowStart, rowEnd, scratch); break;
-            case 3: RowsInt8Avx2<Width3>(w, u, x8, xAbs, xStride, m, y, rowStart, rowEnd, scratch); break;
-            case 4: RowsInt8Avx2<Width4>(w, u, x8, xAbs, xStride, m, y, rowStart, rowEnd, scratch); break;
-            case 5: RowsInt8Avx2<Width5>(w, u, x8, xAbs, xStride, m, y, rowStart, rowEnd, scratch); break;
-            case 6: RowsInt8Avx2<Width6>(w, u, x8, xAbs, xStride, m, y, rowStart, rowEnd, scratch); break;
-            case 7: RowsInt8Avx2<Width7>(w, u, x8, xAbs, xStride, m, y, rowStart, rowEnd, scratch); break;
-            default: RowsInt8Avx2<Width8>(w, u, x8, xAbs, xStride, m, y, rowStart, rowEnd, scratch); break;
+            case 2: RowsInt8Avx2<Width2>(w, u, x8, xAbs, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+            case 3: RowsInt8Avx2<Width3>(w, u, x8, xAbs, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+            case 4: RowsInt8Avx2<Width4>(w, u, x8, xAbs, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+            case 5: RowsInt8Avx2<Width5>(w, u, x8, xAbs, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+            case 6: RowsInt8Avx2<Width6>(w, u, x8, xAbs, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+            case 7: RowsInt8Avx2<Width7>(w, u, x8, xAbs, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+            default: RowsInt8Avx2<Width8>(w, u, x8, xAbs, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
         }
     }
 
-    private static void RowsInt8Avx2<TW>(in BitplaneOperand w, byte* u0, sbyte* x8, byte* xAbs, int xStride, int m, float* y, int rowStart, int rowEnd, byte* scratch)
+    private static void RowsInt8Avx2<TW>(in BitplaneOperand w, byte* u0, sbyte* x8, byte* xAbs, int* xSum, int xStride, int m, float* y, int rowStart, int rowEnd, byte* scratch)
         where TW : struct, IWidth
     {
         int k = 1 << TW.Bits, blocks = xStride >> 8;
         byte* tail = scratch; // b planes × 32 bytes: the last, partial block's words, zero-padded
         if (m == 1)
         {
+            int offset = TableBytes.Offset ? 128 * xSum[0] : 0;
             for (int r = rowStart; r < rowEnd; r++)
-                y[r] = DotInt8Avx2<TW>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, x8, xAbs, blocks, tail);
+                y[r] = DotInt8Avx2<TW>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, x8, xAbs, blocks, tail) - offset;
             return;
         }
         byte* decoded = scratch + 256; // Int8RowGroup rows × xStride bytes
@@ -61,7 +62,7 @@ public static unsafe partial class BitplaneKernels
             int rows = Math.Min(Int8RowGroup, rowEnd - g);
             for (int i = 0; i < rows; i++)
                 DecodeInt8Avx2<TW>(w, w.Planes + (long)(g + i) * w.Words, u0 + (long)(g + i) * k, decoded + (long)i * xStride, blocks, tail);
-            TileInt8Avx2(decoded, rows, xStride, x8, xAbs, m, y + g, w.Rows);
+            TileInt8Avx2<TableBytes>(decoded, rows, xStride, x8, xAbs, xSum, m, y + g, w.Rows);
         }
     }
 
@@ -167,6 +168,26 @@ public static unsafe partial class BitplaneKernels
     private static Vector256<byte> Pick64(byte* u, int h, Vector256<byte> index, Vector256<byte> bit4, Vector256<byte> bit5) =>
         Avx2.BlendVariable(Pick32(u, 2 * h, index, bit4), Pick32(u, 2 * h + 1, index, bit4), bit5);
 
+    /// <summary>How a kernel's weight bytes meet x8: signed (|x|·(v·sign x)) or offset by 128 (vpdpbusd on x8 as it is).</summary>
+    private interface IWeightBytes { static abstract bool Offset { get; } }
+
+    /// <summary>Signed bytes (the dense int8 head): always |x|·(v·sign x).</summary>
+    private struct SignedBytes : IWeightBytes { public static bool Offset => false; }
+
+    /// <summary>
+    /// Table bytes (the bitplane kernels). With AVX-VNNI the tables are read offset by 128 (<see cref="Int8Tables.U"/> =
+    /// V + 128, unsigned): vpdpbusd multiplies them with x8 as it is, with no vpsignb and no |x| load (per 32 weights
+    /// one op and one load fewer; in the 2×4 tiles half the ops), and Σ U·x8 = Σ V·x8 + 128·Σ x8 is corrected in
+    /// integers before the float, so the result is the same integer. Without VNNI (Zen 2/3) vpmaddubsw would saturate
+    /// pairs of 255·127, so the signed form stays.
+    /// </summary>
+    private struct TableBytes : IWeightBytes { public static bool Offset => AvxVnni.IsSupported; }
+
+    /// <summary>acc += Σ of each 4 adjacent products of a weight vector with x8 (at <paramref name="x"/>; |x8| at <paramref name="xa"/>), in <typeparamref name="TB"/>'s form.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector256<int> WeightMultiplyAdd<TB>(Vector256<int> acc, Vector256<byte> v, sbyte* x, byte* xa) where TB : struct, IWeightBytes =>
+        TB.Offset ? AvxVnni.MultiplyWideningAndAdd(acc, v, Vector256.Load(x)) : MultiplyAdd(acc, v, Vector256.Load(x), Vector256.Load(xa));
+
     /// <summary>
     /// acc += Σ of each 4 adjacent products v·x, as |x|·(v·sign x): an unsigned and a signed byte, as vpmaddubsw and
     /// vpdpbusd want; |v|, |x| ≤ 127 so a pair sum cannot saturate.
@@ -181,7 +202,7 @@ public static unsafe partial class BitplaneKernels
 
     /// <summary>One row against one token (decode).</summary>
     [SkipLocalsInit]
-    private static float DotInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, int blocks, byte* tail) where TW : struct, IWidth
+    private static int DotInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, int blocks, byte* tail) where TW : struct, IWidth
     {
         int b = TW.Bits;
         var acc0 = Vector256<int>.Zero;
@@ -196,24 +217,24 @@ public static unsafe partial class BitplaneKernels
             {
                 var (p0, p1, p2, p3) = LowPlanes<TW>(src, stride);
                 var (l0, h0) = SplitNibbles<TW>(NibbleCodes<TW>(p0, p1, p2, p3, 0));
-                acc0 = MultiplyAdd(acc0, Avx2.Shuffle(table, l0), Vector256.Load(x), Vector256.Load(xa));
-                acc1 = MultiplyAdd(acc1, Avx2.Shuffle(table, h0), Vector256.Load(x + 128), Vector256.Load(xa + 128));
+                acc0 = WeightMultiplyAdd<TableBytes>(acc0, Avx2.Shuffle(table, l0), x, xa);
+                acc1 = WeightMultiplyAdd<TableBytes>(acc1, Avx2.Shuffle(table, h0), x + 128, xa + 128);
                 var (l1, h1) = SplitNibbles<TW>(NibbleCodes<TW>(p0, p1, p2, p3, 1));
-                acc2 = MultiplyAdd(acc2, Avx2.Shuffle(table, l1), Vector256.Load(x + 32), Vector256.Load(xa + 32));
-                acc3 = MultiplyAdd(acc3, Avx2.Shuffle(table, h1), Vector256.Load(x + 160), Vector256.Load(xa + 160));
+                acc2 = WeightMultiplyAdd<TableBytes>(acc2, Avx2.Shuffle(table, l1), x + 32, xa + 32);
+                acc3 = WeightMultiplyAdd<TableBytes>(acc3, Avx2.Shuffle(table, h1), x + 160, xa + 160);
                 var (l2, h2) = SplitNibbles<TW>(NibbleCodes<TW>(p0, p1, p2, p3, 2));
-                acc0 = MultiplyAdd(acc0, Avx2.Shuffle(table, l2), Vector256.Load(x + 64), Vector256.Load(xa + 64));
-                acc1 = MultiplyAdd(acc1, Avx2.Shuffle(table, h2), Vector256.Load(x + 192), Vector256.Load(xa + 192));
+                acc0 = WeightMultiplyAdd<TableBytes>(acc0, Avx2.Shuffle(table, l2), x + 64, xa + 64);
+                acc1 = WeightMultiplyAdd<TableBytes>(acc1, Avx2.Shuffle(table, h2), x + 192, xa + 192);
                 var (l3, h3) = SplitNibbles<TW>(NibbleCodes<TW>(p0, p1, p2, p3, 3));
-                acc2 = MultiplyAdd(acc2, Avx2.Shuffle(table, l3), Vector256.Load(x + 96), Vector256.Load(xa + 96));
-                acc3 = MultiplyAdd(acc3, Avx2.Shuffle(table, h3), Vector256.Load(x + 224), Vector256.Load(xa + 224));
+                acc2 = WeightMultiplyAdd<TableBytes>(acc2, Avx2.Shuffle(table, l3), x + 96, xa + 96);
+                acc3 = WeightMultiplyAdd<TableBytes>(acc3, Avx2.Shuffle(table, h3), x + 224, xa + 224);
             }
             else
             {
                 for (int k = 0; k < 8; k += 2)
                 {
-                    acc0 = MultiplyAdd(acc0, LookupWide<TW>(u, SliceCodes<TW>(src, stride, k)), Vector256.Load(x + 32 * k), Vector256.Load(xa + 32 * k));
-                    acc1 = MultiplyAdd(acc1, LookupWide<TW>(u, SliceCodes<TW>(src, stride, k + 1)), Vector256.Load(x + 32 * k + 32), Vector256.Load(xa + 32 * k + 32));
+                    acc0 = WeightMultiplyAdd<TableBytes>(acc0, LookupWide<TW>(u, SliceCodes<TW>(src, stride, k)), x + 32 * k, xa + 32 * k);
+                    acc1 = WeightMultiplyAdd<TableBytes>(acc1, LookupWide<TW>(u, SliceCodes<TW>(src, stride, k + 1)), x + 32 * k + 32, xa + 32 * k + 32);
                 }
             }
         }
@@ -249,10 +270,11 @@ public static unsafe partial class BitplaneKernels
     }
 
     /// <summary>
-    /// y[t, r] = Σ_j d[r, j]·x8[t, j] for decoded rows d (<paramref name="rows"/> × <paramref name="stride"/> bytes):
-    /// tiles of 2 rows × 4 tokens keep eight accumulators in registers and load each byte once per tile.
+    /// y[t, r] = Σ_j d[r, j]·x8[t, j] for decoded rows d (<paramref name="rows"/> × <paramref name="stride"/> bytes, in
+    /// <typeparamref name="TB"/>'s form; offset bytes are corrected by 128·xSum[t]): tiles of 2 rows × 4 tokens keep eight
+    /// accumulators in registers and load each byte once per tile.
     /// </summary>
-    private static void TileInt8Avx2(byte* d, int rows, int stride, sbyte* x8, byte* xAbs, int m, float* y, int yStride)
+    private static void TileInt8Avx2<TB>(byte* d, int rows, int stride, sbyte* x8, byte* xAbs, int* xSum, int m, float* y, int yStride) where TB : struct, IWeightBytes
     {
         int r = 0;
         for (; r + 2 <= rows; r += 2)
@@ -268,31 +290,35 @@ public static unsafe partial class BitplaneKernels
                 {
                     var w0 = Vector256.Load(d0 + j);
                     var w1 = Vector256.Load(d1 + j);
-                    var v0 = Vector256.Load(x0 + j); var z0v = Vector256.Load(z0 + j); a00 = MultiplyAdd(a00, w0, v0, z0v); a10 = MultiplyAdd(a10, w1, v0, z0v);
-                    var v1 = Vector256.Load(x1 + j); var z1v = Vector256.Load(z1 + j); a01 = MultiplyAdd(a01, w0, v1, z1v); a11 = MultiplyAdd(a11, w1, v1, z1v);
-                    var v2 = Vector256.Load(x2 + j); var z2v = Vector256.Load(z2 + j); a02 = MultiplyAdd(a02, w0, v2, z2v); a12 = MultiplyAdd(a12, w1, v2, z2v);
-                    var v3 = Vector256.Load(x3 + j); var z3v = Vector256.Load(z3 + j); a03 = MultiplyAdd(a03, w0, v3, z3v); a13 = MultiplyAdd(a13, w1, v3, z3v);
+                    a00 = WeightMultiplyAdd<TB>(a00, w0, x0 + j, z0 + j); a10 = WeightMultiplyAdd<TB>(a10, w1, x0 + j, z0 + j);
+                    a01 = WeightMultiplyAdd<TB>(a01, w0, x1 + j, z1 + j); a11 = WeightMultiplyAdd<TB>(a11, w1, x1 + j, z1 + j);
+                    a02 = WeightMultiplyAdd<TB>(a02, w0, x2 + j, z2 + j); a12 = WeightMultiplyAdd<TB>(a12, w1, x2 + j, z2 + j);
+                    a03 = WeightMultiplyAdd<TB>(a03, w0, x3 + j, z3 + j); a13 = WeightMultiplyAdd<TB>(a13, w1, x3 + j, z3 + j);
                 }
                 float* yt = y + (long)t * yStride + r;
-                yt[0] = Vector256.Sum(a00); yt[1] = Vector256.Sum(a10); yt += yStride;
-                yt[0] = Vector256.Sum(a01); yt[1] = Vector256.Sum(a11); yt += yStride;
-                yt[0] = Vector256.Sum(a02); yt[1] = Vector256.Sum(a12); yt += yStride;
-                yt[0] = Vector256.Sum(a03); yt[1] = Vector256.Sum(a13);
+                yt[0] = Vector256.Sum(a00) - Offset<TB>(xSum, t); yt[1] = Vector256.Sum(a10) - Offset<TB>(xSum, t); yt += yStride;
+                yt[0] = Vector256.Sum(a01) - Offset<TB>(xSum, t + 1); yt[1] = Vector256.Sum(a11) - Offset<TB>(xSum, t + 1); yt += yStride;
+                yt[0] = Vector256.Sum(a02) - Offset<TB>(xSum, t + 2); yt[1] = Vector256.Sum(a12) - Offset<TB>(xSum, t + 2); yt += yStride;
+                yt[0] = Vector256.Sum(a03) - Offset<TB>(xSum, t + 3); yt[1] = Vector256.Sum(a13) - Offset<TB>(xSum, t + 3);
             }
             for (; t < m; t++)
             {
-                y[(long)t * yStride + r] = DotBytesAvx2(d0, x8 + (long)t * stride, xAbs + (long)t * stride, stride);
-                y[(long)t * yStride + r + 1] = DotBytesAvx2(d1, x8 + (long)t * stride, xAbs + (long)t * stride, stride);
+                y[(long)t * yStride + r] = DotBytesAvx2<TB>(d0, x8 + (long)t * stride, xAbs + (long)t * stride, stride) - Offset<TB>(xSum, t);
+                y[(long)t * yStride + r + 1] = DotBytesAvx2<TB>(d1, x8 + (long)t * stride, xAbs + (long)t * stride, stride) - Offset<TB>(xSum, t);
             }
         }
         for (; r < rows; r++)
-            for (int t = 0; t < m; t++) y[(long)t * yStride + r] = DotBytesAvx2(d + (long)r * stride, x8 + (long)t * stride, xAbs + (long)t * stride, stride);
+            for (int t = 0; t < m; t++) y[(long)t * yStride + r] = DotBytesAvx2<TB>(d + (long)r * stride, x8 + (long)t * stride, xAbs + (long)t * stride, stride) - Offset<TB>(xSum, t);
     }
 
-    private static float DotBytesAvx2(byte* d, sbyte* x, byte* xa, int n)
+    /// <summary>What offset bytes add to token t's sum: 128·Σ x8 (0 for signed bytes).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static int Offset<TB>(int* xSum, int t) where TB : struct, IWeightBytes => TB.Offset ? 128 * xSum[t] : 0;
+
+    private static int DotBytesAvx2<TB>(byte* d, sbyte* x, byte* xa, int n) where TB : struct, IWeightBytes
     {
         var acc = Vector256<int>.Zero;
-        for (int j = 0; j < n; j += 32) acc = MultiplyAdd(acc, Vector256.Load(d + j), Vector256.Load(x + j), Vector256.Load(xa + j));
+        for (int j = 0; j < n; j += 32) acc = WeightMultiplyAdd<TB>(acc, Vector256.Load(d + j), x + j, xa + j);
         return Vector256.Sum(acc);
     }
 }

@@ -63,6 +63,7 @@ public static unsafe partial class BitplaneKernels
     internal sealed class Int8Tables
     {
         public required byte[] V;      // [rows, 2^b] signed values as bytes, padded by 64 bytes (whole-register loads)
+        public required byte[] U;      // V + 128 as unsigned bytes, for vpdpbusd (see TableBytes)
         public required float[] Scale, Mid;
 
         public static Int8Tables Build(BitplaneMatrix m, int bits)
@@ -80,7 +81,9 @@ public static unsafe partial class BitplaneKernels
                 scale[r] = s; mid[r] = center;
                 for (int c = 0; c < k; c++) v[r * k + c] = (byte)(sbyte)Math.Clamp(MathF.Round(((float)table[r * k + c] - center) / s), -127, 127);
             }
-            return new Int8Tables { V = v, Scale = scale, Mid = mid };
+            var u = GC.AllocateArray<byte>(v.Length, pinned: true);
+            for (int i = 0; i < v.Length; i++) u[i] = (byte)(v[i] ^ 0x80);
+            return new Int8Tables { V = v, U = u, Scale = scale, Mid = mid };
         }
     }
 
@@ -239,12 +242,12 @@ public static unsafe partial class BitplaneKernels
     internal static void RowsInt8(KernelPath path, in BitplaneOperand w, Int8Tables tables, sbyte* x8, byte* xAbs, sbyte* xSign, int xStride,
         float* xScale, int* xSum, int m, float* y, int rowStart, int rowEnd, byte* scratch)
     {
-        fixed (byte* v = tables.V)
+        fixed (byte* v = tables.V, u = tables.U)
         {
             switch (path)
             {
                 case KernelPath.Vector512: RowsInt8Gfni512(w, v, x8, xAbs, xSign, xStride, m, y, rowStart, rowEnd); break;
-                case KernelPath.Vector256: RowsInt8Avx2(w, v, x8, xAbs, xStride, m, y, rowStart, rowEnd, scratch); break;
+                case KernelPath.Vector256: RowsInt8Avx2(w, TableBytes.Offset ? u : v, x8, xAbs, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
                 case KernelPath.Vector128: RowsInt8Vector128(w, (sbyte*)v, x8, xStride, m, y, rowStart, rowEnd, scratch); break;
                 default: RowsInt8Scalar(w, (sbyte*)v, x8, xStride, m, y, rowStart, rowEnd); break;
             }
