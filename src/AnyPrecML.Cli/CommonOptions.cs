@@ -19,7 +19,7 @@ internal static class CommonOptions
 
     public static Option<string?> Tokenizer() => new("--tokenizer")
     {
-        Description = "tokenizer.model to use (default: the one beside the model).",
+        Description = "Tokenizer to use: a SentencePiece tokenizer.model or a llama2.c tokenizer.bin (default: the one beside the model).",
     };
 
     public static Option<int?> Bits() => new("--bits", "-b")

@@ -77,7 +77,7 @@ public static class SyntheticModel
             SafetensorsWriter.Write(Path.Combine(dir, "model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "pt", ["synthetic"] = "true" });
             JsonObject cfg = HuggingFaceExport.ConfigJson(c, dtype);
             AtomicFile.WriteText(Path.Combine(dir, "config.json"), cfg.ToJsonString(new() { WriteIndented = true }));
-            if (tokenizerPath is not null) File.Copy(tokenizerPath, Path.Combine(dir, "tokenizer.model"));
+            if (tokenizerPath is not null) Llama2cTokenizerFile.CopyAsSentencePieceModel(tokenizerPath, Path.Combine(dir, "tokenizer.model"));
         });
     }
 }
