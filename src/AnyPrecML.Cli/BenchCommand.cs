@@ -33,7 +33,7 @@ internal static class BenchCommand
             var weights = Reference.LlamaWeights.FromCheckpoint(source);
             long before = Environment.WorkingSet;
             var sw = Stopwatch.StartNew();
-            var progress = new ConsoleProgress<(int Done, int Total)>(r.Err(), "fisher", p => (p.Done, p.Total));
+            var progress = ConsoleProgress.Steps(r.Err(), "fisher", "sequences");
             var fisher = FisherSensitivity.Collect(weights, set, progress, ct);
             double seconds = sw.Elapsed.TotalSeconds;
             long peak = System.Diagnostics.Process.GetCurrentProcess().PeakWorkingSet64;
@@ -75,9 +75,14 @@ internal static class BenchCommand
             if (r.GetValue(bf16)) for (long i = 0; i < w.Length; i++) w[i] = BitConverter.UInt32BitsToSingle((uint)TensorEncoding.ToBFloat16(w[i]) << 16);
             var ones = Enumerable.Repeat(1f, C).ToArray();
             var results = new RowQuantization[R];
+            var progress = new ConsoleProgress<long>(r.Err(), "bench quantize", done => (done, R), "rows");
+            long rowsDone = 0;
             var sw = Stopwatch.StartNew();
             Parallel.For(0, R, new ParallelOptions { MaxDegreeOfParallelism = r.GetValue(threads) }, i =>
-                results[i] = RowQuantizer.Quantize(w.AsSpan((int)((long)i * C), C), ones, seed, parent, (ulong)i, method));
+            {
+                results[i] = RowQuantizer.Quantize(w.AsSpan((int)((long)i * C), C), ones, seed, parent, (ulong)i, method);
+                progress.Report(Interlocked.Increment(ref rowsDone));
+            });
             double seconds = sw.Elapsed.TotalSeconds;
             if (r.GetValue(json)) r.WriteJson(new { rows = R, cols = C, threads = r.GetValue(threads), seed_bits = seed, parent_bits = parent, seed_method = r.GetValue(seedMethod), bf16 = r.GetValue(bf16), seconds = Math.Round(seconds, 3) });
             else r.Out().WriteLine($"{R}x{C}, {seed}->{parent} bits, {r.GetValue(seedMethod)} seed{(r.GetValue(bf16) ? ", bf16" : "")}, {r.GetValue(threads)} thread(s): {seconds:F2} s ({seconds / R * 1e6:F0} us/row)");
@@ -149,6 +154,8 @@ internal static class BenchCommand
             int widths = parent - seed + 1;
             var results = new List<object>();
             var text = new System.Text.StringBuilder();
+            long rowsDone = 0, rowsTotal = 2 * jobs.Sum(j => (long)(j.Values.Length / j.Cols));
+            var progress = new ConsoleProgress<long>(r.Err(), "bench kmeans", done => (done, rowsTotal), "rows");
             foreach (bool weighted in new[] { false, true })
             {
                 // [b - seed]: any-precision from the exact seed, from the k-means seed; independent exact, independent k-means.
@@ -172,6 +179,7 @@ internal static class BenchCommand
                             local[b - seed, 3] = Independent(v, w, b, SeedMethod.KMeans, (ulong)i);
                         }
                         lock (gate) for (int b = 0; b < widths; b++) for (int k = 0; k < 4; k++) sums[b, k] += local[b, k];
+                        progress.Report(Interlocked.Increment(ref rowsDone));
                     });
                 }
                 string label = weighted ? $"weighted ({weightedKind})" : "unweighted";

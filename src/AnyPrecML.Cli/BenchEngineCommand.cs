@@ -57,6 +57,7 @@ internal static class BenchEngineCommand
             var (fileAll, anonAll) = (MappedRss(dir), AnonRss());
 
             var rows = new List<Row>();
+            var progress = new ConsoleProgress<int>(err, "bench engine", done => (done, widths.Length), "widths");
             foreach (int b in widths)
             {
                 ct.ThrowIfCancellationRequested();
@@ -77,7 +78,8 @@ internal static class BenchEngineCommand
                 var row = new Row(b, Math.Round(onnx, 1), prefillTps is double p ? Math.Round(p, 1) : null, refTps, Math.Round(bound, 1), Math.Round(1000 / onnx, 3),
                     Math.Round(kernelMsPerToken, 3), Math.Round(headMsPerToken, 3), Math.Round(1000 / onnx - kernelMsPerToken - headMsPerToken, 3), split.Calls / steps);
                 rows.Add(row);
-                err.WriteLine($"  b={b}: onnx {row.onnx_tokens_per_second} tok/s (kernels {row.kernel_ms_per_token} ms + int8 head {row.head_ms_per_token} ms + rest {row.rest_ms_per_token} ms per token)"
+                progress.Report(rows.Count);
+                progress.Line($"  b={b}: onnx {row.onnx_tokens_per_second} tok/s (kernels {row.kernel_ms_per_token} ms + int8 head {row.head_ms_per_token} ms + rest {row.rest_ms_per_token} ms per token)"
                     + (prefillTps is null ? "" : $", prefill {row.prefill_tokens_per_second} tok/s")
                     + (refTps is null ? "" : $", reference {refTps} tok/s") + $", kernel-only bound {row.kernel_only_tokens_per_second} tok/s");
             }

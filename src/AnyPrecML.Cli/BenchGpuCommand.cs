@@ -52,13 +52,17 @@ internal static class BenchGpuCommand
                 : IlgpuBitplaneBackend.CreateCpu();
             var err = r.Err();
             err.WriteLine($"accelerator: {backend.Name}");
-
-            var checks = CheckKernel(backend, err);
-            var generation = CheckGeneration(backend, r.GetValue(model)!, cuda, isQuick ? 8 : 80, err, ct);
-            double bandwidth = CopyBandwidth(cuda, (isQuick ? 1L : 512L) << 20);
-            err.WriteLine($"  copy bandwidth: {bandwidth:G3} GB/s");
             (int Rows, int Cols)[] shapes = isQuick ? [(64, 256), (64, 688), (172, 256)] : [(4096, 4096), (4096, 11008), (11008, 4096)];
-            var gemv = Benchmark(backend, shapes, bandwidth, err);
+            // Steps: 7 widths x 4 M kernel checks, 2 generation checks, 6 widths per GEMV shape.
+            var progress = new ConsoleProgress<int>(err, "bench gpu", done => (done, 7 * 4 + 2 + 6 * shapes.Length), "steps");
+            int steps = 0;
+            void Step(string line) { progress.Report(++steps); progress.Line(line); }
+
+            var checks = CheckKernel(backend, Step);
+            var generation = CheckGeneration(backend, r.GetValue(model)!, cuda, isQuick ? 8 : 80, Step, line => progress.Line(line), ct);
+            double bandwidth = CopyBandwidth(cuda, (isQuick ? 1L : 512L) << 20);
+            progress.Line($"  copy bandwidth: {bandwidth:G3} GB/s");
+            var gemv = Benchmark(backend, shapes, bandwidth, Step);
             bool passed = checks.All(c => c.pass) && generation.All(g => g.match);
 
             if (r.GetValue(json)) r.WriteJson(new { accelerator = backend.Name, passed, checks, generation, bandwidth_gb_per_s = bandwidth, gemv });
@@ -81,7 +85,7 @@ internal static class BenchGpuCommand
     private const int CheckRows = 40, CheckCols = 1000;
 
     /// <summary>y = W_b·x on the accelerator against a float64 dequantize-then-multiply, b = 2..8, M = 1, 4, 8, 64.</summary>
-    private static List<KernelCheck> CheckKernel(IlgpuBitplaneBackend backend, TextWriter err)
+    private static List<KernelCheck> CheckKernel(IlgpuBitplaneBackend backend, Action<string> step)
     {
         var matrix = QuantizedMatrix(CheckRows, CheckCols);
         var results = new List<KernelCheck>();
@@ -108,7 +112,7 @@ internal static class BenchGpuCommand
                     }
                 var c = new KernelCheck(bits, m, worst, worst < Tolerance);
                 results.Add(c);
-                err.WriteLine($"  kernel b={bits} M={m,-2}: {(c.pass ? "PASS" : "FAIL")} worst relative error {worst:E2}");
+                step($"  kernel b={bits} M={m,-2}: {(c.pass ? "PASS" : "FAIL")} worst relative error {worst:E2}");
             }
         }
         return results;
@@ -130,7 +134,7 @@ internal static class BenchGpuCommand
     }
 
     /// <summary>Greedy text with the bitplane products on the accelerator against the same engine on the CPU fp32 kernels, at the seed and parent widths.</summary>
-    private static List<GenerationCheck> CheckGeneration(IlgpuBitplaneBackend backend, string modelPath, bool cuda, int tokens, TextWriter err, CancellationToken ct)
+    private static List<GenerationCheck> CheckGeneration(IlgpuBitplaneBackend backend, string modelPath, bool cuda, int tokens, Action<string> step, Action<string> note, CancellationToken ct)
     {
         string? temp = null;
         try
@@ -146,7 +150,7 @@ internal static class BenchGpuCommand
             var tokenizer = LlamaTokenizerLoader.Load(model.Checkpoint);
             using var device = new OnnxEngine(model, new OnnxEngineOptions { Backend = backend, Device = cuda ? OnnxDevice.Auto : OnnxDevice.Cpu });
             using var cpu = new OnnxEngine(model, new OnnxEngineOptions { Backend = new CpuBitplaneBackend(accuracy: KernelAccuracy.Float32), Device = OnnxDevice.Cpu });
-            err.WriteLine($"  generation: ONNX Runtime on {device.ExecutionProvider}, bitplane products on {backend.Name}");
+            note($"  generation: ONNX Runtime on {device.ExecutionProvider}, bitplane products on {backend.Name}");
             var options = new GenerationOptions { MaxTokens = tokens, Temperature = 0 };
             var results = new List<GenerationCheck>();
             foreach (int bits in new[] { model.SeedBits, model.ParentBits })
@@ -155,7 +159,7 @@ internal static class BenchGpuCommand
                 var text = new TextGenerator(device, tokenizer).Generate("Once upon a time", options, ct);
                 string expected = new TextGenerator(cpu, tokenizer).Generate("Once upon a time", options, ct).Text;
                 results.Add(new GenerationCheck(bits, text.Tokens, text.Text == expected, text.Text, expected));
-                err.WriteLine($"  generation b={bits}: {(text.Text == expected ? "PASS" : "FAIL")} ({text.Tokens} tokens)");
+                step($"  generation b={bits}: {(text.Text == expected ? "PASS" : "FAIL")} ({text.Tokens} tokens)");
             }
             return results;
         }
@@ -166,7 +170,7 @@ internal static class BenchGpuCommand
     }
 
     /// <summary>Median GEMV (M = 1) time at b = 3..8; the bytes counted are the b planes (padded words) and the b-bit fp32 table, as the kernel reads them.</summary>
-    private static List<Gemv> Benchmark(IlgpuBitplaneBackend backend, (int Rows, int Cols)[] shapes, double bandwidth, TextWriter err)
+    private static List<Gemv> Benchmark(IlgpuBitplaneBackend backend, (int Rows, int Cols)[] shapes, double bandwidth, Action<string> step)
     {
         var results = new List<Gemv>();
         foreach (var (rows, cols) in shapes)
@@ -181,7 +185,7 @@ internal static class BenchGpuCommand
                 double gbs = bytes / (ms * 1e6);
                 var g = new Gemv(rows, cols, bits, Math.Round(ms, 4), gbs, gbs / bandwidth);
                 results.Add(g);
-                err.WriteLine($"  gemv {rows}x{cols} b={bits}: {ms:F3} ms, {gbs:G3} GB/s");
+                step($"  gemv {rows}x{cols} b={bits}: {ms:F3} ms, {gbs:G3} GB/s");
             }
         }
         return results;

@@ -31,6 +31,9 @@ internal static class BenchKernelsCommand
             err.WriteLine($"bitplane fp32: {backend.Name}; int8: {int8.Name}; ONNX Runtime {t} intra-op threads");
             (int Rows, int Cols)[] shapes = r.GetValue(quick) ? [(4096, 4096)] : [(4096, 4096), (11008, 4096), (4096, 11008)];
             int[] ms = r.GetValue(quick) ? [1] : [1, 8, 64];
+            int n = r.GetValue(layers);
+            bool beyondCache = n > 0 && !r.GetValue(quick);
+            var progress = new ConsoleProgress<int>(err, "bench kernels", done => (done, shapes.Length * ms.Length * 16 + (beyondCache ? 14 : 0)), "measurements");
             foreach (var (rows, cols) in shapes)
             {
                 var matrix = RandomMatrix(rows, cols, 2, 8, 1);
@@ -41,15 +44,14 @@ internal static class BenchKernelsCommand
                 {
                     var x = RandomFloats((long)m * cols, 3);
                     var y = new float[m * rows];
-                    for (int b = 3; b <= 8; b++) Add(results, err, new Result("bitplane", rows, cols, m, b, Median(new BitplaneBenchmarkLinear(matrix, b, backend), x, m, y)));
-                    for (int b = 2; b <= 8; b++) Add(results, err, new Result("bitplane-int8", rows, cols, m, b, Median(new BitplaneBenchmarkLinear(matrix, b, int8), x, m, y)));
-                    Add(results, err, new Result("dense-fp32", rows, cols, m, null, Median(dense, x, m, y)));
-                    Add(results, err, new Result("matmulnbits4-acc0", rows, cols, m, 4, Median(nbits0, x, m, y)));
-                    Add(results, err, new Result("matmulnbits4-acc4", rows, cols, m, 4, Median(nbits4, x, m, y)));
+                    for (int b = 3; b <= 8; b++) Add(results, progress, new Result("bitplane", rows, cols, m, b, Median(new BitplaneBenchmarkLinear(matrix, b, backend), x, m, y)));
+                    for (int b = 2; b <= 8; b++) Add(results, progress, new Result("bitplane-int8", rows, cols, m, b, Median(new BitplaneBenchmarkLinear(matrix, b, int8), x, m, y)));
+                    Add(results, progress, new Result("dense-fp32", rows, cols, m, null, Median(dense, x, m, y)));
+                    Add(results, progress, new Result("matmulnbits4-acc0", rows, cols, m, 4, Median(nbits0, x, m, y)));
+                    Add(results, progress, new Result("matmulnbits4-acc4", rows, cols, m, 4, Median(nbits4, x, m, y)));
                 }
             }
-            int n = r.GetValue(layers);
-            if (n > 0 && !r.GetValue(quick)) BeyondCache(results, err, n, backend, int8, pool, t);
+            if (beyondCache) BeyondCache(results, progress, n, backend, int8, pool, t);
 
             if (r.GetValue(json)) r.WriteJson(new { backend = backend.Name, int8_backend = int8.Name, threads = t, results });
             else
@@ -64,7 +66,7 @@ internal static class BenchKernelsCommand
     }
 
     /// <summary>A working set far beyond the last-level cache: every call runs all the layers once, as one decode step would.</summary>
-    private static void BeyondCache(List<Result> results, TextWriter err, int n, BitplaneBackend backend, CpuBitplaneBackend int8, KernelThreadPool pool, int threads)
+    private static void BeyondCache(List<Result> results, ConsoleProgress<int> progress, int n, BitplaneBackend backend, CpuBitplaneBackend int8, KernelThreadPool pool, int threads)
     {
         const int Rows = 4096, Cols = 11008;
         var x = RandomFloats(Cols, 5);
@@ -73,23 +75,24 @@ internal static class BenchKernelsCommand
         for (int b = 3; b <= 8; b++)
         {
             var ls = matrices.Select(m => (IBenchmarkLinear)new BitplaneBenchmarkLinear(m, b, backend)).ToArray();
-            Add(results, err, new Result("bitplane", Rows, Cols, 1, b, Median(ls, x, 1, y), n));
-            Add(results, err, new Result("bitplane-int8", Rows, Cols, 1, b, Median(matrices.Select(m => (IBenchmarkLinear)new BitplaneBenchmarkLinear(m, b, int8)).ToArray(), x, 1, y), n));
+            Add(results, progress, new Result("bitplane", Rows, Cols, 1, b, Median(ls, x, 1, y), n));
+            Add(results, progress, new Result("bitplane-int8", Rows, Cols, 1, b, Median(matrices.Select(m => (IBenchmarkLinear)new BitplaneBenchmarkLinear(m, b, int8)).ToArray(), x, 1, y), n));
         }
         matrices = null;
         GC.Collect();
         // One session holding all the layers: separate sessions would each bring a spinning thread pool.
         using (var nbits = new MatMulNBitsLinear(Rows, Cols, 4, threads, 20, layers: n))
-            Add(results, err, new Result("matmulnbits4-acc4", Rows, Cols, 1, 4, Median(nbits, x, 1, y), n));
+            Add(results, progress, new Result("matmulnbits4-acc4", Rows, Cols, 1, 4, Median(nbits, x, 1, y), n));
         GC.Collect();
         var dense = Enumerable.Range(0, n).Select(i => (IBenchmarkLinear)new DenseLinear(RandomFloats((long)Rows * Cols, 30 + i), Rows, Cols, pool)).ToArray();
-        Add(results, err, new Result("dense-fp32", Rows, Cols, 1, null, Median(dense, x, 1, y), n));
+        Add(results, progress, new Result("dense-fp32", Rows, Cols, 1, null, Median(dense, x, 1, y), n));
     }
 
-    private static void Add(List<Result> results, TextWriter err, Result r)
+    private static void Add(List<Result> results, ConsoleProgress<int> progress, Result r)
     {
         results.Add(r);
-        err.WriteLine($"  {r.kernel,-18} {r.rows}x{r.cols} M={r.m,-2} b={r.bits?.ToString() ?? "-"}{(r.layers is int l ? $" x{l} layers" : "")}: {r.ms:F3} ms");
+        progress.Report(results.Count);
+        progress.Line($"  {r.kernel,-18} {r.rows}x{r.cols} M={r.m,-2} b={r.bits?.ToString() ?? "-"}{(r.layers is int l ? $" x{l} layers" : "")}: {r.ms:F3} ms");
     }
 
     private static double Median(IBenchmarkLinear linear, float[] x, int m, float[] y) => Median([linear], x, m, y);

@@ -47,6 +47,8 @@ internal static class BenchServeCommand
             var rows = new List<object>();
             if (!r.GetValue(json)) r.Out().WriteLine($"{meta.ModelName}, widths {string.Join(",", bits)}, {r.GetValue(maxTokens)} tokens per request, {server.MaxConcurrentRequests} server slots, {Environment.ProcessorCount} cores\n"
                 + "| clients | requests | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms |\n|---|---|---|---|---|---|");
+            long requestsDone = 0;
+            var progress = new ConsoleProgress<long>(r.Err(), "bench serve", done => (done, levels.Sum(l => (long)l * r.GetValue(requests))), "requests");
             foreach (int level in levels)
             {
                 var sw = Stopwatch.StartNew();
@@ -54,7 +56,11 @@ internal static class BenchServeCommand
                 {
                     string id = AnyPrecisionChatClient.ModelId(meta.ModelName, bits[client % bits.Length]);
                     var mine = new List<(double Ttft, int Tokens)>();
-                    for (int i = 0; i < r.GetValue(requests); i++) mine.Add(await Request(http, completions, id, r.GetValue(maxTokens), ct));
+                    for (int i = 0; i < r.GetValue(requests); i++)
+                    {
+                        mine.Add(await Request(http, completions, id, r.GetValue(maxTokens), ct));
+                        progress.Report(Interlocked.Increment(ref requestsDone));
+                    }
                     return mine;
                 }));
                 double seconds = sw.Elapsed.TotalSeconds;
@@ -69,7 +75,7 @@ internal static class BenchServeCommand
                     ttft_p99_ms = Math.Round(Percentile(ttft, 0.99), 1),
                 };
                 rows.Add(row);
-                if (!r.GetValue(json)) r.Out().WriteLine($"| {row.clients} | {row.requests} | {row.requests_per_second} | {row.tokens_per_second} | {row.ttft_p50_ms} | {row.ttft_p99_ms} |");
+                if (!r.GetValue(json)) progress.Line($"| {row.clients} | {row.requests} | {row.requests_per_second} | {row.tokens_per_second} | {row.ttft_p50_ms} | {row.ttft_p99_ms} |", r.Out());
             }
             long peak = Process.GetCurrentProcess().PeakWorkingSet64;
             if (r.GetValue(json)) r.WriteJson(new { model = meta.ModelName, widths = bits, max_tokens = r.GetValue(maxTokens), rows, peak_working_set_mb = peak >> 20 });

@@ -68,15 +68,18 @@ internal static class BenchSpeculativeCommand
 
             var rows = new List<Row>();
             var best = new List<object>();
+            int[] DraftWidths(int t) => r.GetValue(drafts) is { Length: > 0 } dw ? dw.Where(d => d >= e.SeedBits && d < t).ToArray() : Enumerable.Range(e.SeedBits, t - e.SeedBits).ToArray();
+            int runs = 0;
+            var progress = new ConsoleProgress<int>(err, "bench speculative", done => (done, targetWidths.Sum(t => 1 + DraftWidths(t).Length * kValues.Length)), "runs");
             foreach (int t in targetWidths)
             {
                 var plainSw = Stopwatch.StartNew();
                 var expected = ids.Select(p => SpeculativeGenerator.TargetOnlyGreedy(e, t, p, n)).ToList();
                 double plainTps = ids.Count * n / plainSw.Elapsed.TotalSeconds;
-                err.WriteLine($"t={t}: target-only {plainTps:F1} tok/s");
+                progress.Report(++runs);
+                progress.Line($"t={t}: target-only {plainTps:F1} tok/s");
                 Row? top = null;
-                int[] draftWidths = r.GetValue(drafts) is { Length: > 0 } dw ? dw.Where(d => d >= e.SeedBits && d < t).ToArray() : Enumerable.Range(e.SeedBits, t - e.SeedBits).ToArray();
-                foreach (int d in draftWidths)
+                foreach (int d in DraftWidths(t))
                     foreach (int k in kValues)
                     {
                         ct.ThrowIfCancellationRequested();
@@ -93,7 +96,8 @@ internal static class BenchSpeculativeCommand
                         var row = new Row(t, d, k, Math.Round((double)accepted / (accepted + rejected), 4), Math.Round((double)accepted / drafted, 4), Math.Round((double)ids.Count * n / steps, 3),
                             Math.Round(tps, 1), Math.Round(plainTps, 1), Math.Round(tps / plainTps, 3), same);
                         rows.Add(row);
-                        err.WriteLine($"  d={d} k={k}: acceptance {row.acceptance_rate:P1}, {row.tokens_per_target_step} tokens/target step, {row.tokens_per_second} tok/s ({row.speedup}x){(same ? "" : ", OUTPUT DIFFERS")}");
+                        progress.Report(++runs);
+                        progress.Line($"  d={d} k={k}: acceptance {row.acceptance_rate:P1}, {row.tokens_per_target_step} tokens/target step, {row.tokens_per_second} tok/s ({row.speedup}x){(same ? "" : ", OUTPUT DIFFERS")}");
                         if (same && (top is null || row.tokens_per_second > top.tokens_per_second)) top = row;
                     }
                 if (top is not null) best.Add(new { target_bits = t, draft_bits = top.draft_bits, draft_tokens = top.draft_tokens, speedup = top.speedup });

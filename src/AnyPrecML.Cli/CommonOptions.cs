@@ -19,7 +19,7 @@ internal static class CommonOptions
 
     public static Option<string?> Tokenizer() => new("--tokenizer")
     {
-        Description = "tokenizer.model to use (default: the one beside the model).",
+        Description = "Tokenizer to use: a SentencePiece tokenizer.model or a llama2.c tokenizer.bin (default: the one beside the model).",
     };
 
     public static Option<int?> Bits() => new("--bits", "-b")
@@ -103,29 +103,5 @@ internal static class CommonOptions
             checkpoint.Dispose();
             throw;
         }
-    }
-}
-
-/// <summary>Progress on standard error: a redrawn bar on a terminal, a line per tenth when redirected.</summary>
-internal sealed class ConsoleProgress<T>(TextWriter writer, string label, Func<T, (long Done, long Total)> measure) : IProgress<T>
-{
-    private long _lastTenth = -1;
-    private readonly bool _terminal = ReferenceEquals(writer, Console.Error) && !Console.IsErrorRedirected;
-
-    public void Report(T value)
-    {
-        var (done, total) = measure(value);
-        if (total <= 0) return;
-        if (_terminal)
-        {
-            int width = 30, filled = (int)(width * done / total);
-            writer.Write($"\r{label} [{new string('#', filled)}{new string('.', width - filled)}] {done}/{total}");
-            if (done == total) writer.WriteLine();
-            return;
-        }
-        long tenth = 10 * done / total;
-        if (tenth == _lastTenth) return;
-        _lastTenth = tenth;
-        writer.WriteLine($"{label}: {done}/{total}");
     }
 }

@@ -25,7 +25,7 @@ internal static class ConvertCommand
             var dt = r.GetValue(dtype) switch { "f16" => DType.F16, "bf16" => DType.BF16, _ => DType.F32 };
             string? tok = r.GetValue(tokenizer) ?? cp.TokenizerPath;
             string outDir = r.GetValue(output)!;
-            HuggingFaceExport.Write(cp, outDir, dt, tok, overwrite: r.GetValue(overwrite));
+            HuggingFaceExport.Write(cp, outDir, dt, tok, overwrite: r.GetValue(overwrite), progress: ConsoleProgress.Bytes(r.Err(), "convert"));
             if (r.GetValue(json)) r.WriteJson(new { output = Path.GetFullPath(outDir), dtype = dt.Name(), tokenizer = tok is not null });
             else r.Out().WriteLine($"wrote {Path.GetFullPath(outDir)} ({dt.Name()}{(tok is null ? ", no tokenizer found to copy" : "")})");
             return 0;

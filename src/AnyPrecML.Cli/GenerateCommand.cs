@@ -44,7 +44,8 @@ internal static class GenerateCommand
             {
                 if (m.Engine is not IAnyPrecisionEngine routed) throw new ArgumentException($"--latency-budget-ms routes between the widths of an any-precision model; '{r.GetValue(model)}' is not one.");
                 if (r.GetValue(bits) is not null || options.DraftBits is not null) throw new ArgumentException("--latency-budget-ms chooses the width itself: drop --bits and --draft-bits.");
-                var costs = PrecisionRouter.Load(routed, m.Checkpoint.SourcePath, $"{routed.GetType().Name} {r.GetValue(accuracy)}", out bool measured);
+                var costs = PrecisionRouter.Load(routed, m.Checkpoint.SourcePath, $"{routed.GetType().Name} {r.GetValue(accuracy)}", out bool measured,
+                    progress: ConsoleProgress.Steps(r.Err(), "measuring route costs", "routes"));
                 var decision = PrecisionRouter.Choose(costs, ms);
                 routed.Bits = decision.Route.Bits;
                 options = options with { DraftBits = decision.Route.DraftBits, DraftTokens = decision.Route.DraftBits is null ? options.DraftTokens : decision.Route.DraftTokens };

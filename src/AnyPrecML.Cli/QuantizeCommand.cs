@@ -61,7 +61,7 @@ internal static class QuantizeCommand
             using var source = LlamaCheckpoint.Open(r.GetValue(model)!);
             var (sens, summary) = CreateSensitivity(r, source, r.GetValue(sensitivity)!, r.GetValue(calibration), r.GetValue(tokenizer), r.GetValue(samples), r.GetValue(seqLen), ct);
             string outDir = r.GetValue(output)!;
-            var progress = new ConsoleProgress<QuantizeProgress>(r.Err(), "quantize", p => (p.Done, p.Total));
+            var progress = new ConsoleProgress<QuantizeProgress>(r.Err(), "quantize", p => (p.Done, p.Total), "layers");
             AnyPrecisionQuantizer.Quantize(source, outDir, sens, options, summary, progress, r.GetValue(overwrite), ct);
             long bytes = Directory.GetFiles(outDir).Sum(f => new FileInfo(f).Length);
             int? documents = summary?["samples"]?.GetValue<int>();
@@ -88,7 +88,7 @@ internal static class QuantizeCommand
         var tokenizer = LlamaTokenizerLoader.Load(source, tokenizerPath);
         string text = File.ReadAllText(calibrationPath);
         var set = CalibrationSet.FromText(tokenizer, text, samples, seqLen, source.Config.MaxSeqLen, Path.GetFullPath(calibrationPath));
-        var progress = new ConsoleProgress<(int Done, int Total)>(r.Err(), $"{kind} calibration", p => (p.Done, p.Total));
+        var progress = ConsoleProgress.Steps(r.Err(), $"{kind} calibration", "sequences");
         var (sens, summary) = SensitivitySources.Create(kind, ReferenceEngine.FromCheckpoint(source), set, progress, ct);
         summary!["sha256"] = Convert.ToHexStringLower(SHA256.HashData(File.ReadAllBytes(calibrationPath)));
         return (sens, summary);

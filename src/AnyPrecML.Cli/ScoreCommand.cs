@@ -68,6 +68,9 @@ internal static class ScoreCommand
             var rows = ScoreInput.Read(inPath, col, limits).Skip(checked((int)done)).Select(x => new Row { Text = x.Text ?? "", Index = x.Index, Line = x.Line, Problem = x.Problem ?? "", Truncated = x.Truncated });
             var view = transformer.Transform(ml.Data.LoadFromEnumerable(rows));
             var err = r.Err();
+            // A first pass counts the rows (cheap beside running the model on each) so the progress has a total and an ETA.
+            long total = ScoreInput.Read(inPath, col, limits).LongCount();
+            var progress = new ConsoleProgress<long>(err, "score", n => (n, total - done), "rows");
             var sw = Stopwatch.StartNew();
             long written = 0, rejected = 0, consumed = done;
             using (var cursor = view.GetRowCursor(view.Schema))
@@ -90,13 +93,13 @@ internal static class ScoreCommand
                     {
                         // The model is not run for an invalid row: its output getters are never called.
                         job.WriteError(AnyPrecCli.ToJsonLine(new { row = iv, line = lv, error = pv.ToString() }));
-                        err.WriteLine($"warning: row {iv} rejected: {pv} ({inPath}:{lv})");
+                        progress.Line($"warning: row {iv} rejected: {pv} ({inPath}:{lv})");
                         rejected++;
                     }
                     else
                     {
                         truncated(ref tv);
-                        if (tv) err.WriteLine($"warning: row {iv} is longer than --max-row-chars {limits.MaxChars}; its first {limits.MaxChars} characters are scored ({inPath}:{lv})");
+                        if (tv) progress.Line($"warning: row {iv} is longer than --max-row-chars {limits.MaxChars}; its first {limits.MaxChars} characters are scored ({inPath}:{lv})");
                         ll(ref llv); n(ref nv); ppl(ref pplv); comp(ref cv);
                         job.WriteOutput(AnyPrecCli.ToJsonLine(new
                         {
@@ -106,7 +109,7 @@ internal static class ScoreCommand
                     }
                     consumed++;
                     if ((consumed - done) % every == 0) job.Checkpoint(consumed, complete: false);
-                    if ((consumed - done) % 100 == 0) err.WriteLine($"score: {consumed} rows ({(consumed - done) / sw.Elapsed.TotalSeconds:F1} rows/s)");
+                    progress.Report(consumed - done);
                 }
             }
             job.Checkpoint(consumed, complete: true);

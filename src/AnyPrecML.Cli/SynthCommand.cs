@@ -25,7 +25,7 @@ internal static class SynthCommand
             var c = SyntheticModel.ShapeNamed(r.GetValue(shape)!);
             if (r.GetValue(layers) is int n) c = c with { Layers = n };
             var dt = r.GetValue(dtype) switch { "f32" => DType.F32, "f16" => DType.F16, _ => DType.BF16 };
-            SyntheticModel.Write(c, r.GetValue(output)!, dt, r.GetValue(tokenizer), overwrite: r.GetValue(overwrite));
+            SyntheticModel.Write(c, r.GetValue(output)!, dt, r.GetValue(tokenizer), overwrite: r.GetValue(overwrite), progress: ConsoleProgress.Bytes(r.Err(), "synth"));
             r.Out().WriteLine($"wrote {Path.GetFullPath(r.GetValue(output)!)}: {r.GetValue(shape)} ({c.ParameterCount:N0} parameters, {dt.Name()})");
             return 0;
         });

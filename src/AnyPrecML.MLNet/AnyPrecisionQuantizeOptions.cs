@@ -21,7 +21,7 @@ public sealed class AnyPrecisionQuantizeOptions
     /// <summary>Where the quantized model is written (default: beside the source, named &lt;source&gt;.anyprec). Existing output is replaced.</summary>
     public string? OutputDirectory { get; set; }
 
-    /// <summary>tokenizer.model to use (default: the one beside the model).</summary>
+    /// <summary>Tokenizer to use: a SentencePiece tokenizer.model or a llama2.c tokenizer.bin (default: the one beside the model).</summary>
     public string? TokenizerPath { get; set; }
 
     /// <summary>The text column: calibration text for Fit, the rows scored by Transform.</summary>

@@ -203,4 +203,59 @@ public sealed class AnyPrecisionModelTests
         File.WriteAllBytes(dir["truncated/model.safetensors"], bytes[..(bytes.Length / 2)]);
         Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["truncated"]));
     }
+
+    [TestMethod]
+    public void InfoJsonReportsWidthsCalibrationAndBytesThatTheFileAndShapeConfirm()
+    {
+        var (code, output, err) = Cli.Run("info", "--model", Hessian, "--json");
+        Assert.AreEqual(0, code, err);
+        var info = System.Text.Json.JsonDocument.Parse(output).RootElement;
+        Assert.AreEqual("AnyPrecision", info.GetProperty("format").GetString());
+        Assert.AreEqual((3, 8), (info.GetProperty("seed_bits").GetInt32(), info.GetProperty("parent_bits").GetInt32()));
+        CollectionAssert.AreEqual(new[] { 3, 4, 5, 6, 7, 8 }, info.GetProperty("widths").EnumerateArray().Select(e => e.GetInt32()).ToArray());
+        Assert.AreEqual("hessian", info.GetProperty("sensitivity").GetString());
+        var calibration = info.GetProperty("calibration");
+        Assert.AreEqual("first 6 stories", calibration.GetProperty("source").GetString());
+        Assert.AreEqual(6, calibration.GetProperty("samples").GetInt32());
+
+        // Independently: every width's bytes from the shapes (planes are [n, rows, ceil(cols/32)] U32, tables [rows, 2^b] F16)...
+        var c = LlamaCheckpoint.Open(TestData.Stories260K).Config;
+        long[] shape(string part) => LlamaTensorNames.ShapeOf(c, part);
+        long unquantized = ((long)c.VocabSize * c.Dim + (2L * c.Layers + 1) * c.Dim) * 4;   // fp32 embedding (tied head) and norms
+        var bytes = info.GetProperty("bytes");
+        long separate = 0;
+        foreach (var w in bytes.GetProperty("per_width").EnumerateArray())
+        {
+            int b = w.GetProperty("bits").GetInt32();
+            long planes = c.Layers * LlamaTensorNames.BlockLinears.Sum(p => b * shape(p)[0] * ((shape(p)[1] + 31) / 32) * 4);
+            long table = c.Layers * LlamaTensorNames.BlockLinears.Sum(p => shape(p)[0] * (1L << b) * 2);
+            Assert.AreEqual(planes, w.GetProperty("planes").GetInt64(), $"b={b}");
+            Assert.AreEqual(table, w.GetProperty("table").GetInt64(), $"b={b}");
+            Assert.AreEqual(planes + table + unquantized, w.GetProperty("model").GetInt64(), $"b={b}");
+            separate += planes + table + unquantized;
+        }
+        Assert.AreEqual(unquantized, bytes.GetProperty("unquantized").GetInt64());
+        Assert.AreEqual(separate, bytes.GetProperty("separate_models").GetInt64());
+        // ...and the parent is every tensor of the file: its size less the safetensors header (8-byte length + JSON).
+        string file = Path.Combine(Hessian, "model.safetensors");
+        using var fs = File.OpenRead(file);
+        var length = new byte[8];
+        fs.ReadExactly(length);
+        long parent = new FileInfo(file).Length - 8 - BitConverter.ToInt64(length);
+        Assert.AreEqual(parent, bytes.GetProperty("parent").GetInt64());
+        Assert.IsLessThan(separate, parent);
+    }
+
+    [TestMethod]
+    public void InfoTextShowsTheTableAndTheParentBesideSeparateModels()
+    {
+        var (code, output, err) = Cli.Run("info", "--model", Uniform);
+        Assert.AreEqual(0, code, err);
+        using var ap = AnyPrecisionModel.Open(Uniform);
+        var (planes, table) = ap.LinearBytes(5);
+        StringAssert.Contains(output, "widths 3..8: one 8-bit parent, seed 3 bits (exact)");
+        StringAssert.Contains(output, "sensitivity uniform; calibration: none");
+        StringAssert.Contains(output, $"| 5 | {planes:N0} | {table:N0} | {planes + table + ap.UnquantizedBytes:N0} |");
+        StringAssert.Contains(output, $"one 8-bit parent serving 3..8: {ap.StoredBytes:N0} bytes");
+    }
 }

@@ -49,9 +49,10 @@ public static class PrecisionRouter
     /// <summary>
     /// The costs cached in <paramref name="modelDirectory"/> when their fingerprint is this machine's, else measured now
     /// (<paramref name="tokens"/> greedy tokens per route) and cached (written to a temporary name, then renamed; a
-    /// read-only directory just goes uncached). <paramref name="measured"/> says which.
+    /// read-only directory just goes uncached). <paramref name="measured"/> says which; <paramref name="progress"/> counts the routes measured.
     /// </summary>
-    public static PrecisionCosts Load(IAnyPrecisionEngine engine, string modelDirectory, string engineDescription, out bool measured, int tokens = 32)
+    public static PrecisionCosts Load(IAnyPrecisionEngine engine, string modelDirectory, string engineDescription, out bool measured, int tokens = 32,
+        IProgress<(int Done, int Total)>? progress = null)
     {
         string fingerprint = Fingerprint(engine, engineDescription), path = Path.Combine(modelDirectory, CacheFileName);
         if (File.Exists(path))
@@ -63,7 +64,7 @@ public static class PrecisionRouter
             }
             catch (JsonException) { } // a damaged cache is measured again and overwritten
         }
-        var costs = Measure(engine, fingerprint, tokens);
+        var costs = Measure(engine, fingerprint, tokens, progress);
         try
         {
             string temp = path + ".tmp";
@@ -76,21 +77,24 @@ public static class PrecisionRouter
     }
 
     /// <summary>Times greedy decoding of <paramref name="tokens"/> tokens from BOS for every width and every pair d &lt; t (k = <see cref="PairDraftTokens"/>), after one untimed warm-up each.</summary>
-    public static PrecisionCosts Measure(IAnyPrecisionEngine engine, string fingerprint, int tokens = 32)
+    public static PrecisionCosts Measure(IAnyPrecisionEngine engine, string fingerprint, int tokens = 32, IProgress<(int Done, int Total)>? progress = null)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(tokens, 2);
         var c = engine.Config;
         tokens = Math.Min(tokens, c.MaxSeqLen - PairDraftTokens - 2);
         int[] prompt = [c.BosTokenId];
         var routes = new List<RouteCost>();
+        int widths = engine.ParentBits - engine.SeedBits + 1, total = widths + widths * (widths - 1) / 2;
         for (int t = engine.SeedBits; t <= engine.ParentBits; t++)
         {
             int bits = t;
             routes.Add(new RouteCost(t, null, 0, Time(() => SpeculativeGenerator.TargetOnlyGreedy(engine, bits, prompt, tokens)) / tokens));
+            progress?.Report((routes.Count, total));
             for (int d = engine.SeedBits; d < t; d++)
             {
                 int draft = d;
                 routes.Add(new RouteCost(t, d, PairDraftTokens, Time(() => SpeculativeGenerator.Greedy(engine, draft, bits, PairDraftTokens, prompt, tokens)) / tokens));
+                progress?.Report((routes.Count, total));
             }
         }
         return new PrecisionCosts(fingerprint, tokens, routes);

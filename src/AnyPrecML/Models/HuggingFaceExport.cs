@@ -14,10 +14,12 @@ public static class HuggingFaceExport
     /// <param name="source">The opened checkpoint.</param>
     /// <param name="outputDirectory">Directory to create; replaced only with <paramref name="overwrite"/>.</param>
     /// <param name="dtype">F32, F16 or BF16.</param>
-    /// <param name="tokenizerPath">tokenizer.model to copy in, or null for the one found beside the source.</param>
+    /// <param name="tokenizerPath">tokenizer.model to copy in (a llama2.c tokenizer.bin is converted to one), or null for the one found beside the source.</param>
     /// <param name="maxShardBytes">Split into shards of at most this many bytes (0: one file).</param>
     /// <param name="overwrite">Replace an existing non-empty directory.</param>
-    public static void Write(LlamaCheckpoint source, string outputDirectory, DType dtype = DType.F32, string? tokenizerPath = null, long maxShardBytes = 0, bool overwrite = false)
+    /// <param name="progress">Receives the bytes written after each tensor.</param>
+    public static void Write(LlamaCheckpoint source, string outputDirectory, DType dtype = DType.F32, string? tokenizerPath = null, long maxShardBytes = 0, bool overwrite = false,
+        IProgress<WriteProgress>? progress = null)
     {
         if (dtype is not (DType.F32 or DType.F16 or DType.BF16)) throw new ArgumentException($"dtype must be F32, F16 or BF16, not {dtype.Name()}.", nameof(dtype));
         var c = source.Config;
@@ -45,7 +47,7 @@ public static class HuggingFaceExport
         {
             var shards = new List<List<TensorToWrite>> { new() };
             long size = 0;
-            foreach (var t in tensors)
+            foreach (var t in SafetensorsWriter.Reporting(tensors, progress))
             {
                 if (maxShardBytes > 0 && size > 0 && size + t.ByteLength > maxShardBytes) { shards.Add([]); size = 0; }
                 shards[^1].Add(t);
@@ -66,7 +68,7 @@ public static class HuggingFaceExport
                 AtomicFile.WriteText(Path.Combine(dir, "model.safetensors.index.json"), index.ToJsonString(new() { WriteIndented = true }));
             }
             AtomicFile.WriteText(Path.Combine(dir, "config.json"), ConfigJson(c, dtype).ToJsonString(new() { WriteIndented = true }));
-            if (tokenizerPath is not null) File.Copy(tokenizerPath, Path.Combine(dir, "tokenizer.model"));
+            if (tokenizerPath is not null) Llama2cTokenizerFile.CopyAsSentencePieceModel(tokenizerPath, Path.Combine(dir, "tokenizer.model"));
         });
     }
 

@@ -66,7 +66,7 @@ public sealed class LlamaCheckpoint : IDisposable
     public CheckpointFormat Format { get; }
     /// <summary>The model's configuration.</summary>
     public LlamaConfig Config { get; }
-    /// <summary>tokenizer.model found beside the model, or null.</summary>
+    /// <summary>The tokenizer found beside the model (tokenizer.model; beside a llama2.c file also tok{vocab}.model, tokenizer.bin, tok{vocab}.bin), or null.</summary>
     public string? TokenizerPath { get; }
     /// <summary>All tensor names.</summary>
     public IReadOnlyCollection<string> TensorNames => _tensors.Keys;
@@ -223,7 +223,9 @@ public sealed class LlamaCheckpoint : IDisposable
                 throw new ModelFormatException($"{path}: the llama2.c header implies {offset} bytes but the file has {file.Length}; the header does not describe this file.");
 
             string dir = Path.GetDirectoryName(Path.GetFullPath(path))!;
-            string? tok = new[] { Path.Combine(dir, "tokenizer.model"), Path.Combine(dir, $"tok{config.VocabSize}.model") }.FirstOrDefault(File.Exists);
+            // A SentencePiece model first, then llama2.c's own tokenizer.bin (Llama2cTokenizerFile rebuilds the model from it).
+            string? tok = new[] { "tokenizer.model", $"tok{config.VocabSize}.model", "tokenizer.bin", $"tok{config.VocabSize}.bin" }
+                .Select(name => Path.Combine(dir, name)).FirstOrDefault(File.Exists);
             return new LlamaCheckpoint(path, CheckpointFormat.Llama2c, config, [file], tensors, tok).Validated();
         }
         catch

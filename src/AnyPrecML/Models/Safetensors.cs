@@ -107,8 +107,22 @@ public sealed record TensorToWrite(string Name, DType DType, long[] Shape, Actio
 }
 
 /// <summary>Writes safetensors files. The file appears under its name only once complete.</summary>
+/// <summary>Progress of writing a model's tensors: bytes of data written of the total, and the tensor just written.</summary>
+public readonly record struct WriteProgress(long Done, long Total, string Tensor);
+
 public static class SafetensorsWriter
 {
+    /// <summary>
+    /// <paramref name="tensors"/>, each reporting to <paramref name="progress"/> once its data is written: bytes of all of
+    /// them so far, across every file they are split into.
+    /// </summary>
+    public static IReadOnlyList<TensorToWrite> Reporting(IReadOnlyList<TensorToWrite> tensors, IProgress<WriteProgress>? progress)
+    {
+        if (progress is null) return tensors;
+        long total = tensors.Sum(t => t.ByteLength), done = 0;
+        return [.. tensors.Select(t => t with { WriteData = s => { t.WriteData(s); progress.Report(new WriteProgress(done += t.ByteLength, total, t.Name)); } })];
+    }
+
     /// <summary>Writes <paramref name="tensors"/> in order to <paramref name="path"/> (through a temporary file and a rename).</summary>
     public static void Write(string path, IReadOnlyList<TensorToWrite> tensors, IReadOnlyDictionary<string, string>? metadata = null)
     {

@@ -32,7 +32,8 @@ public static class SyntheticModel
     /// Writes a Hugging Face directory of shape <paramref name="config"/> with weights ~ N(0, 0.02²)
     /// (an Irwin–Hall approximation) and unit norms, one tensor in memory at a time.
     /// </summary>
-    public static void Write(LlamaConfig config, string directory, DType dtype, string? tokenizerPath = null, ulong seed = 1, bool overwrite = false)
+    public static void Write(LlamaConfig config, string directory, DType dtype, string? tokenizerPath = null, ulong seed = 1, bool overwrite = false,
+        IProgress<WriteProgress>? progress = null)
     {
         var c = config.Validated("synthetic shape");
         var tensors = new List<TensorToWrite>();
@@ -74,10 +75,10 @@ public static class SyntheticModel
 
         AtomicFile.WriteDirectory(directory, overwrite, dir =>
         {
-            SafetensorsWriter.Write(Path.Combine(dir, "model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "pt", ["synthetic"] = "true" });
+            SafetensorsWriter.Write(Path.Combine(dir, "model.safetensors"), SafetensorsWriter.Reporting(tensors, progress), new Dictionary<string, string> { ["format"] = "pt", ["synthetic"] = "true" });
             JsonObject cfg = HuggingFaceExport.ConfigJson(c, dtype);
             AtomicFile.WriteText(Path.Combine(dir, "config.json"), cfg.ToJsonString(new() { WriteIndented = true }));
-            if (tokenizerPath is not null) File.Copy(tokenizerPath, Path.Combine(dir, "tokenizer.model"));
+            if (tokenizerPath is not null) Llama2cTokenizerFile.CopyAsSentencePieceModel(tokenizerPath, Path.Combine(dir, "tokenizer.model"));
         });
     }
 }

@@ -143,6 +143,32 @@ public sealed class AnyPrecisionModel : IDisposable
         return Convert.ToHexStringLower(hash.GetHashAndReset());
     }
 
+    /// <summary>
+    /// Bytes a <paramref name="bits"/>-bit model reads of the quantized linears, from the tensors as stored: planes
+    /// 0..b-1 (the first b of each [n, rows, W] plane tensor) and the b-bit centroid table of every linear.
+    /// </summary>
+    public (long Planes, long Table) LinearBytes(int bits)
+    {
+        CheckBits(bits);
+        long planes = 0, table = 0;
+        foreach (var name in QuantizedNames())
+        {
+            planes += Checkpoint[name + ".bitplanes"].ByteLength / ParentBits * bits;
+            table += Checkpoint[$"{name}.centroids.{bits}"].ByteLength;
+        }
+        return (planes, table);
+    }
+
+    /// <summary>Bytes of every tensor in the file: the parent's memory (all planes, every table, the unquantized tensors).</summary>
+    public long StoredBytes => Checkpoint.TensorNames.Sum(n => Checkpoint[n].ByteLength);
+
+    /// <summary>Bytes of the tensors kept unquantized (embedding, norms, untied head), which every width reads whole.</summary>
+    public long UnquantizedBytes => StoredBytes - QuantizedNames().Sum(name => Checkpoint[name + ".bitplanes"].ByteLength
+        + SupportedBits.Sum(b => Checkpoint[$"{name}.centroids.{b}"].ByteLength));
+
+    private IEnumerable<string> QuantizedNames() =>
+        Enumerable.Range(0, Config.Layers).SelectMany(l => LlamaTensorNames.BlockLinears.Select(part => LinearName(l, part)));
+
     /// <summary>Bytes of one linear layer's tensors in this format with planes for <paramref name="parentBits"/> and tables for seed..parent.</summary>
     public static long LayerBytes(long rows, long cols, int seedBits, int parentBits)
     {

@@ -116,7 +116,7 @@ public static class AnyPrecisionQuantizer
         {
             SafetensorsWriter.Write(Path.Combine(dir, "model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "anyprecision" });
             AtomicFile.WriteText(Path.Combine(dir, "config.json"), config.ToJsonString(new() { WriteIndented = true }));
-            if (source.TokenizerPath is not null) File.Copy(source.TokenizerPath, Path.Combine(dir, "tokenizer.model"));
+            if (source.TokenizerPath is not null) Llama2cTokenizerFile.CopyAsSentencePieceModel(source.TokenizerPath, Path.Combine(dir, "tokenizer.model"));
             // The chat template travels with the tokenizer (AnyPrecML.AI reads it from here).
             string chatConfig = Path.Combine(source.SourcePath, "tokenizer_config.json");
             if (Directory.Exists(source.SourcePath) && File.Exists(chatConfig)) File.Copy(chatConfig, Path.Combine(dir, "tokenizer_config.json"));
