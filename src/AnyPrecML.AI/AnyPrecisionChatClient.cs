@@ -376,6 +376,7 @@ public sealed class AnyPrecisionChatClient : IChatClient
         public int ParentBits => engine.ParentBits;
         public int Bits { get => bits; set => throw new NotSupportedException("a width view serves one width"); }
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int width) => engine.Forward(tokens, cache, logits, width);
+        public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, IReadOnlyList<int> widths) => engine.Forward(tokens, cache, logits, widths);
         public KvCache CreateCache(int capacity = 0) => engine.CreateCache(capacity);
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits) => engine.Forward(tokens, cache, logits, bits);
         public void Dispose() { } // the engine is the client's

@@ -289,6 +289,7 @@ internal sealed class AnyPrecisionScorer : IDisposable
         public KvCache CreateCache(int capacity = 0) => engine.CreateCache(capacity);
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits) => engine.Forward(tokens, cache, logits, bits);
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int width) => engine.Forward(tokens, cache, logits, width);
+        public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, IReadOnlyList<int> widths) => engine.Forward(tokens, cache, logits, widths);
         public void Dispose() { }
     }
 }

@@ -10,7 +10,7 @@ namespace AnyPrecML.Onnx;
 /// The <c>ai.anyprecml.BitplaneLinear</c> operator, written in C# and registered in ONNX Runtime through its C
 /// function table (an <c>OrtCustomOp</c> of <c>[UnmanagedCallersOnly]</c> callbacks; no native shim). A node
 /// names its layer in the <c>layer</c> attribute; its inputs are the activations x [..., cols] (fp32) and the
-/// graph's <c>bits</c> (int32 scalar), and its output is W_b·x [..., rows]. Each kernel looks its layer up in an
+/// graph's <c>bits</c> (int32: one width, or one per linear of which it reads its layer's), and its output is W_b·x [..., rows]. Each kernel looks its layer up in an
 /// <see cref="AnyPrecisionModel"/>, so the bitplanes stay where the model mapped them: one copy however many
 /// sessions or widths use them. Exceptions never cross into native code: they become ORT error statuses,
 /// which ONNX Runtime raises as <see cref="OnnxRuntimeException"/> with the message.
@@ -96,7 +96,7 @@ public sealed unsafe class BitplaneOperator : IDisposable
     }
 
     /// <summary>One layer's kernel: its matrix, resolved once when the session is created.</summary>
-    private sealed class Kernel(BitplaneOperator owner, BitplaneMatrix weight)
+    private sealed class Kernel(BitplaneOperator owner, BitplaneMatrix weight, int index)
     {
         public void Compute(void* context)
         {
@@ -112,8 +112,10 @@ public sealed unsafe class BitplaneOperator : IDisposable
             Span<long> bitsDims = stackalloc long[8];
             long bitsCount = 1;
             foreach (long d in bitsDims[..OrtApiTable.Shape(bv, bitsDims)]) bitsCount *= d;
-            if (bitsCount != 1) throw new ArgumentException($"{weight.Name}: 'bits' must hold one int32, not {bitsCount} values.");
-            int bits = *(int*)OrtApiTable.TensorData(bv);
+            // One width for every linear, or one per linear (a precision profile), of which this layer reads its own.
+            if (bitsCount != 1 && bitsCount != owner.Model.LinearCount)
+                throw new ArgumentException($"{weight.Name}: 'bits' must hold one int32 or one per linear ({owner.Model.LinearCount}), not {bitsCount} values.");
+            int bits = ((int*)OrtApiTable.TensorData(bv))[bitsCount == 1 ? 0 : index];
             if (bits < weight.SeedBits || bits > weight.ParentBits)
                 throw new ArgumentOutOfRangeException("bits", bits, $"bits {bits} is outside this model's {weight.SeedBits}..{weight.ParentBits}.");
             dims[^1] = weight.Rows;
@@ -136,7 +138,8 @@ public sealed unsafe class BitplaneOperator : IDisposable
         string layer = OrtApiTable.KernelInfoString(info, "layer")
             ?? throw new ArgumentException($"a {OpType} node has no 'layer' attribute naming its weight.");
         BitplaneMatrix weight;
-        try { weight = owner.Model.Linear(layer); }
+        int index;
+        try { weight = owner.Model.Linear(index = owner.Model.LinearIndex(layer)); }
         catch (Exception e) when (e is KeyNotFoundException or ArgumentException)
         {
             throw new ArgumentException($"{OpType}: unknown layer '{layer}': the any-precision model has no such quantized linear.", e);
@@ -145,7 +148,7 @@ public sealed unsafe class BitplaneOperator : IDisposable
         if (OrtApiTable.KernelInfoInt64(info, "rows") is long rows && rows != weight.Rows
             || OrtApiTable.KernelInfoInt64(info, "cols") is long cols && cols != weight.Cols)
             throw new ArgumentException($"{OpType} node for '{layer}' expects [{OrtApiTable.KernelInfoInt64(info, "rows")}, {OrtApiTable.KernelInfoInt64(info, "cols")}]; the model's layer is [{weight.Rows}, {weight.Cols}].");
-        return new Kernel(owner, weight);
+        return new Kernel(owner, weight, index);
     }
 
     [UnmanagedCallersOnly]
