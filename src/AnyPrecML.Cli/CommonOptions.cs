@@ -43,19 +43,23 @@ internal static class CommonOptions
     /// (in <paramref name="directory"/>), or null for a uniform width: a whole --bits is one width; a fractional one is
     /// the profile saved beside the model for that average.
     /// </summary>
-    public static PrecisionProfile? ResolveProfile(AnyPrecisionModel model, string directory, double? bits, string? profilePath)
+    public static PrecisionProfile? ResolveProfile(AnyPrecisionModel model, string directory, double? bits, string? profilePath) =>
+        ProfilePath(directory, bits, profilePath) is { } path ? PrecisionProfile.Load(model, path) : null;
+
+    /// <summary>The profile file <see cref="ResolveProfile"/> reads, or null for a uniform width.</summary>
+    public static string? ProfilePath(string directory, double? bits, string? profilePath)
     {
         if (profilePath is not null)
         {
             if (bits is not null) throw new ArgumentException("--bits and --profile both choose the widths; give one.");
-            return PrecisionProfile.Load(model, profilePath);
+            return profilePath;
         }
         if (bits is not double b || b == Math.Floor(b)) return null;
         string path = Path.Combine(directory, PrecisionProfile.FileName(b));
         if (!File.Exists(path))
             throw new ArgumentException(string.Create(System.Globalization.CultureInfo.InvariantCulture,
                 $"--bits {b}: no precision profile for that average beside the model ({path}); make one with `anyprec profile --model {directory} --bits {b} --calibration TEXT`, or give a whole width."));
-        return PrecisionProfile.Load(model, path);
+        return path;
     }
 
     /// <summary>A whole --bits as a width (null when absent); a fractional one has a profile and no width.</summary>

@@ -1,0 +1,94 @@
+using System.Text.Json;
+using AnyPrecML.Generation;
+using AnyPrecML.Models;
+using AnyPrecML.Onnx;
+using AnyPrecML.Quantization;
+
+namespace AnyPrecML.Tests;
+
+/// <summary>The precision router per row (score, ML.NET) and per request (chat, serve), on costs seeded into the router's cache.</summary>
+[TestClass]
+public sealed class RouterSurfaceTests
+{
+    private static TestData.TempDir _dir = null!;
+
+    /// <summary>Known costs (ms per token): 3, 4 and 5 bits alone, and the three draft/target pairs.</summary>
+    internal static readonly RouteCost[] Costs = [new(3, null, 0, 1.0), new(4, null, 0, 2.0), new(5, null, 0, 4.0), new(4, 3, 4, 1.5), new(5, 3, 4, 2.5), new(5, 4, 4, 3.0)];
+
+    [ClassInitialize]
+    public static void QuantizeOnce(TestContext _)
+    {
+        _dir = TestData.NewTempDir();
+        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
+            AnyPrecisionQuantizer.Quantize(source, _dir["ap"], new UniformSensitivity(), new QuantizerOptions { SeedBits = 3, ParentBits = 5 });
+        SeedCosts(_dir["ap"]);
+    }
+
+    /// <summary>
+    /// Writes <see cref="Costs"/> as the router's cache of <paramref name="directory"/> with this machine's fingerprint for the
+    /// ONNX engine at the default accuracy, as `generate` and the ML.NET transformer describe it, so nothing is measured.
+    /// </summary>
+    internal static void SeedCosts(string directory)
+    {
+        using var model = AnyPrecisionModel.Open(directory);
+        using var engine = new OnnxEngine(model);
+        var costs = new PrecisionCosts(PrecisionRouter.Fingerprint(engine, "OnnxEngine int8"), 32, Costs);
+        File.WriteAllText(Path.Combine(directory, PrecisionRouter.CacheFileName), JsonSerializer.Serialize(costs));
+    }
+
+    [ClassCleanup]
+    public static void Cleanup() => _dir.Dispose();
+
+    private static List<JsonElement> Lines(string path) => File.ReadAllLines(path).Select(l => JsonDocument.Parse(l).RootElement.Clone()).ToList();
+
+    [TestMethod]
+    public void ScoreRoutesEachRowByItsOwnBudgetAndRefusesABudgetNothingMeets()
+    {
+        string text = File.ReadLines(TestData.TinyStories).First()[..200];
+        File.WriteAllLines(_dir["in.jsonl"],
+        [
+            JsonSerializer.Serialize(new { text, budget = 1.2 }),  // only 3 bits alone costs ≤ 1.2 ms
+            JsonSerializer.Serialize(new { text, budget = 10 }),   // every route: 5 bits alone
+            JsonSerializer.Serialize(new { text, budget = 2.6 }),  // 5 bits only by drafting at 3
+            JsonSerializer.Serialize(new { text }),                // no budget: --bits
+            JsonSerializer.Serialize(new { text, budget = "fast" }),
+        ]);
+        var (code, _, err) = Cli.Run("score", "--model", _dir["ap"], "--input", _dir["in.jsonl"], "--budget-column", "budget", "--bits", "4", "--completion-tokens", "8", "--output", _dir["out.jsonl"]);
+        Assert.AreEqual(0, code, err);
+        var rows = Lines(_dir["out.jsonl"]);
+        Assert.HasCount(4, rows);
+        int Bits(JsonElement row) => row.GetProperty("bits").GetInt32();
+        Assert.AreEqual((3, 5, 5, 4), (Bits(rows[0]), Bits(rows[1]), Bits(rows[2]), Bits(rows[3])), "two budgets in one run, two widths");
+        Assert.AreEqual(3, rows[0].GetProperty("route").GetProperty("bits").GetInt32());
+        StringAssert.Contains(rows[0].GetProperty("route").GetProperty("reason").GetString(), "3 bits is the widest meeting 1.2 ms per token");
+        Assert.AreEqual(3, rows[2].GetProperty("route").GetProperty("draft_bits").GetInt32());
+        Assert.AreEqual(JsonValueKind.Null, rows[3].GetProperty("route").ValueKind);
+        StringAssert.Contains(File.ReadAllText(_dir["out.jsonl.errors.jsonl"]), "budget column 'budget' holds 'fast', not a positive number");
+
+        // What ran is what the line says: the routed rows score as --bits 3 and --bits 5 do, and drafting leaves the greedy completion unchanged.
+        double Scored(int bits, out string completion)
+        {
+            var (c, _, e) = Cli.Run("score", "--model", _dir["ap"], "--input", _dir["in.jsonl"], "--bits", bits.ToString(System.Globalization.CultureInfo.InvariantCulture), "--completion-tokens", "8", "--output", _dir[$"b{bits}.jsonl"]);
+            Assert.AreEqual(0, c, e);
+            var first = Lines(_dir[$"b{bits}.jsonl"])[0];
+            completion = first.GetProperty("completion").GetString()!;
+            return first.GetProperty("log_likelihood").GetDouble();
+        }
+        Assert.AreEqual(Scored(3, out _), rows[0].GetProperty("log_likelihood").GetDouble());
+        Assert.AreEqual(Scored(5, out string five), rows[1].GetProperty("log_likelihood").GetDouble());
+        Assert.AreEqual(five, rows[2].GetProperty("completion").GetString());
+        Assert.AreNotEqual(rows[0].GetProperty("log_likelihood").GetDouble(), rows[1].GetProperty("log_likelihood").GetDouble());
+
+        // A budget no width meets: one clear error by default; the fastest route with a warning by option.
+        File.WriteAllLines(_dir["tight.jsonl"], [JsonSerializer.Serialize(new { text, budget = 0.5 })]);
+        (code, _, err) = Cli.Run("score", "--model", _dir["ap"], "--input", _dir["tight.jsonl"], "--budget-column", "budget", "--output", _dir["tight-out.jsonl"]);
+        Assert.AreEqual(2, code, err);
+        Assert.AreEqual("error: no width meets a budget of 0.5 ms per token: the fastest, 3 bits, takes 1 ms on this machine.", err.Trim().Split('\n')[^1]);
+        (code, _, err) = Cli.Run("score", "--model", _dir["ap"], "--input", _dir["tight.jsonl"], "--budget-column", "budget", "--over-budget", "fastest", "--output", _dir["fast-out.jsonl"]);
+        Assert.AreEqual(0, code, err);
+        var fast = Lines(_dir["fast-out.jsonl"])[0];
+        Assert.AreEqual(3, fast.GetProperty("bits").GetInt32());
+        StringAssert.StartsWith(fast.GetProperty("route").GetProperty("reason").GetString(), "warning: no width meets a budget of 0.5 ms");
+        StringAssert.Contains(err, "warning: no width meets a budget of 0.5 ms");
+    }
+}
