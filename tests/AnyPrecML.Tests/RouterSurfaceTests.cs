@@ -1,8 +1,11 @@
+using System.Text;
 using System.Text.Json;
+using AnyPrecML.AI;
 using AnyPrecML.Generation;
 using AnyPrecML.Models;
 using AnyPrecML.Onnx;
 using AnyPrecML.Quantization;
+using Microsoft.Extensions.AI;
 
 namespace AnyPrecML.Tests;
 
@@ -90,5 +93,55 @@ public sealed class RouterSurfaceTests
         Assert.AreEqual(3, fast.GetProperty("bits").GetInt32());
         StringAssert.StartsWith(fast.GetProperty("route").GetProperty("reason").GetString(), "warning: no width meets a budget of 0.5 ms");
         StringAssert.Contains(err, "warning: no width meets a budget of 0.5 ms");
+    }
+
+    [TestMethod]
+    public async Task ChatAndServeRouteEachRequestByItsLatencyBudget()
+    {
+        using var client = new AnyPrecisionChatClient(_dir["ap"]);
+        async Task<ChatResponse> Ask(double budget, string? over = null)
+        {
+            var properties = new AdditionalPropertiesDictionary { [AnyPrecisionChatClient.LatencyBudgetProperty] = budget };
+            if (over is not null) properties[AnyPrecisionChatClient.OverBudgetProperty] = over;
+            return await client.GetResponseAsync("Once upon a time", new ChatOptions { MaxOutputTokens = 12, AdditionalProperties = properties });
+        }
+        async Task<string> At(int bits) => (await client.GetResponseAsync("Once upon a time", new ChatOptions { ModelId = $"ap@{bits}bit", MaxOutputTokens = 12 })).Text;
+
+        var tight = await Ask(1.2);
+        var loose = await Ask(10);
+        Assert.AreEqual(("ap@3bit", "ap@5bit"), (tight.ModelId, loose.ModelId), "two budgets, two widths");
+        Assert.AreEqual(await At(3), tight.Text);
+        Assert.AreEqual(await At(5), loose.Text);
+        var decision = (RouteDecision)tight.AdditionalProperties![AnyPrecisionChatClient.RouteProperty]!;
+        Assert.AreEqual(3, decision.Route.Bits);
+        var drafted = await Ask(2.6);
+        Assert.AreEqual(3, ((RouteDecision)drafted.AdditionalProperties![AnyPrecisionChatClient.RouteProperty]!).Route.DraftBits);
+        Assert.AreEqual(await At(5), drafted.Text, "drafting keeps the 5-bit greedy text");
+        var e = await Assert.ThrowsExactlyAsync<ArgumentException>(() => Ask(0.5));
+        Assert.AreEqual("no width meets a budget of 0.5 ms per token: the fastest, 3 bits, takes 1 ms on this machine.", e.Message);
+        var over = await Ask(0.5, "fastest");
+        StringAssert.StartsWith(((RouteDecision)over.AdditionalProperties![AnyPrecisionChatClient.RouteProperty]!).Reason, "warning: ");
+        await Assert.ThrowsExactlyAsync<ArgumentException>(() => client.GetResponseAsync("x", new ChatOptions
+        {
+            ModelId = "ap@4bit", AdditionalProperties = new() { [AnyPrecisionChatClient.LatencyBudgetProperty] = 10.0 },
+        }));
+
+        // Over HTTP: the body field, and the decision in the response (an extension field beside usage).
+        await using var server = await LoopbackServer.StartAsync(_dir["ap"], new AnyPrecisionServerOptions());
+        using var http = new HttpClient();
+        async Task<(int Status, JsonElement Body)> Post(string body)
+        {
+            using var response = await http.PostAsync(new Uri(server.Address, "v1/completions"), new StringContent(body, Encoding.UTF8, "application/json"));
+            return ((int)response.StatusCode, JsonDocument.Parse(await response.Content.ReadAsStringAsync()).RootElement.Clone());
+        }
+        var (status, fast) = await Post("""{"model": "ap", "prompt": "Once upon a time", "max_tokens": 12, "latency_budget_ms": 1.2}""");
+        Assert.AreEqual(200, status, fast.ToString());
+        Assert.AreEqual("ap@3bit", fast.GetProperty("model").GetString());
+        Assert.AreEqual(3, fast.GetProperty("route").GetProperty("bits").GetInt32());
+        var (_, slow) = await Post("""{"model": "ap", "prompt": "Once upon a time", "max_tokens": 12, "latency_budget_ms": 10}""");
+        Assert.AreEqual(5, slow.GetProperty("route").GetProperty("bits").GetInt32());
+        var (bad, error) = await Post("""{"model": "ap", "prompt": "Once upon a time", "latency_budget_ms": 0.5}""");
+        Assert.AreEqual(400, bad);
+        StringAssert.Contains(error.GetProperty("error").GetProperty("message").GetString(), "no width meets a budget of 0.5 ms per token");
     }
 }
