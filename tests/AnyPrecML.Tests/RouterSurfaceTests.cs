@@ -1,11 +1,15 @@
 using System.Text;
 using System.Text.Json;
 using AnyPrecML.AI;
+using AnyPrecML.Evaluation;
 using AnyPrecML.Generation;
+using AnyPrecML.MLNet;
 using AnyPrecML.Models;
 using AnyPrecML.Onnx;
 using AnyPrecML.Quantization;
 using Microsoft.Extensions.AI;
+using Microsoft.ML;
+using Microsoft.ML.Data;
 
 namespace AnyPrecML.Tests;
 
@@ -143,5 +147,47 @@ public sealed class RouterSurfaceTests
         var (bad, error) = await Post("""{"model": "ap", "prompt": "Once upon a time", "latency_budget_ms": 0.5}""");
         Assert.AreEqual(400, bad);
         StringAssert.Contains(error.GetProperty("error").GetProperty("message").GetString(), "no width meets a budget of 0.5 ms per token");
+    }
+
+    private sealed class BudgetRow
+    {
+        public string Text { get; set; } = "";
+        public double Budget { get; set; }
+    }
+
+    [TestMethod]
+    public void MLNetTransformerRoutesByABudgetColumnAndSavesAProfilesWidths()
+    {
+        var ml = new MLContext(seed: 0);
+        string text = File.ReadLines(TestData.TinyStories).First()[..160];
+        var data = ml.Data.LoadFromEnumerable(new[] { new BudgetRow { Text = text, Budget = 1.2 }, new BudgetRow { Text = text, Budget = 10 }, new BudgetRow { Text = text, Budget = double.NaN } });
+        using var routed = ml.Transforms.AnyPrecisionQuantize(new AnyPrecisionQuantizeOptions { ModelPath = _dir["ap"], Bits = 4, BudgetColumnName = "Budget" }).Fit(data);
+        var view = routed.Transform(data);
+        CollectionAssert.AreEqual(new[] { 3f, 5f, 4f }, view.GetColumn<float>("Bits").ToArray(), "a budget per row: 1.2 ms → 3 bits, 10 ms → 5 bits, none → Bits");
+        var reasons = view.GetColumn<string>("Route").ToArray();
+        StringAssert.Contains(reasons[0], "3 bits is the widest meeting 1.2 ms");
+        Assert.AreEqual("", reasons[2]);
+        var ll = view.GetColumn<float>("LogLikelihood").ToArray();
+        using var at3 = ml.Transforms.AnyPrecisionQuantize(new AnyPrecisionQuantizeOptions { ModelPath = _dir["ap"], Bits = 3 }).Fit(data);
+        Assert.AreEqual(at3.Transform(data).GetColumn<float>("LogLikelihood").First(), ll[0], "the routed row ran at 3 bits");
+
+        // A profile: rows run at its widths, a saved pipeline keeps them (no file needed beside the model), and Bits returns to one width.
+        string path = _dir["p.json"];
+        PrecisionProfile profile;
+        using (var model = AnyPrecisionModel.Open(_dir["ap"]))
+        {
+            profile = PrecisionProfileSearch.Random(model, 4.5, seed: 2);
+            profile.Save(model, path);
+        }
+        using var profiled = ml.Transforms.AnyPrecisionQuantize(new AnyPrecisionQuantizeOptions { ModelPath = _dir["ap"], ProfilePath = path }).Fit(data);
+        var scored = profiled.Transform(data).GetColumn<float>("LogLikelihood").ToArray();
+        Assert.AreEqual((float)profile.AverageBits, profiled.Transform(data).GetColumn<float>("Bits").Last(), 1e-6);
+        ml.Model.Save(profiled, data.Schema, _dir["profiled.zip"]);
+        File.Delete(path);
+        var loaded = new MLContext().Model.Load(_dir["profiled.zip"], out _);
+        CollectionAssert.AreEqual(scored, loaded.Transform(data).GetColumn<float>("LogLikelihood").ToArray());
+        profiled.Bits = 4;
+        Assert.IsNull(profiled.Profile);
+        Assert.AreNotEqual(scored[2], profiled.Transform(data).GetColumn<float>("LogLikelihood").Last());
     }
 }
