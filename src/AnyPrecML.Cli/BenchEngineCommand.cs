@@ -26,11 +26,12 @@ internal static class BenchEngineCommand
         var profiles = new Option<string[]>("--profile") { Description = "Precision profiles (anyprec profile) measured too, in the same run, after the widths.", AllowMultipleArgumentsPerToken = true };
         var prefill = new Option<int>("--prefill") { Description = "Also time one prefill of a prompt this long at each width (0: skip).", DefaultValueFactory = _ => 0 };
         var reference = new Option<bool>("--reference") { Description = "Also time the managed reference engine on each width's dequantized weights (one fp32 copy at a time: 4 bytes per weight)." };
+        var rounds = new Option<int>("--rounds") { Description = "Decode timings per width, taken round-robin over the widths and profiles, the median kept (a loaded machine's drift then falls on all alike).", DefaultValueFactory = _ => 1 };
         var accuracy = CommonOptions.Accuracy();
         var json = CommonOptions.Json();
         var command = new Command("engine", "Decode (and prefill) tokens/s of the ONNX engine at every width with its kernel/rest split, the kernel-only bound, op overhead, memory with one vs all widths.")
         {
-            model, tokens, bitsOption, profiles, prefill, reference, accuracy, json,
+            model, tokens, bitsOption, profiles, rounds, prefill, reference, accuracy, json,
         };
         command.SetAction((r, ct) =>
         {
@@ -64,11 +65,20 @@ internal static class BenchEngineCommand
                     (Bits: Math.Round(p.AverageBits, 3), Profile: (string?)Path.GetFileName(r.GetValue(profiles)![i]), View: (IInferenceEngine)new ProfiledEngine(engine, p), p.Widths)))
                 .ToList();
             foreach (var run in runs.Where(x => x.Profile is not null)) Decode(run.View, 0, Math.Min(steps, 4), out _); // warm-up, as the widths above
-            foreach (var (bits, profile, view, linearWidths) in runs)
+            int roundCount = r.GetValue(rounds);
+            if (roundCount < 1) throw new ArgumentException($"--rounds {roundCount} must be at least 1.");
+            var timings = runs.Select(_ => new List<(double Tps, KernelSplit Split)>()).ToArray();
+            for (int round = 0; round < roundCount; round++)
+                for (int i = 0; i < runs.Count; i++)
+                {
+                    ct.ThrowIfCancellationRequested();
+                    timings[i].Add((Decode(runs[i].View, (int)runs[i].Bits, steps, out var s), s));
+                }
+            for (int i = 0; i < runs.Count; i++)
             {
-                ct.ThrowIfCancellationRequested();
+                var (bits, profile, view, linearWidths) = runs[i];
                 int b = (int)bits;
-                double onnx = Decode(view, b, steps, out var split);
+                var (onnx, split) = timings[i].OrderBy(t => t.Tps).ElementAt(roundCount / 2); // the median round
                 double kernelMsPerToken = split.KernelMs / steps;
                 double bound = 1000 / KernelOnlyMs(ap, linearWidths, backend);
                 double? prefillTps = prompt > 0 ? Prefill(view, b, prompt) : null;
@@ -93,7 +103,7 @@ internal static class BenchEngineCommand
             var result = new
             {
                 model = Path.GetFileName(dir), layers = c.Layers, dim = c.Dim, parameters = c.ParameterCount,
-                backend = backend.Name, decode_steps = steps, prefill_tokens = prompt, rows,
+                backend = backend.Name, decode_steps = steps, rounds = roundCount, prefill_tokens = prompt, rows,
                 op_call_us = Math.Round(opUs, 2), direct_call_us = Math.Round(directUs, 2), op_overhead_us = Math.Round(opUs - directUs, 2),
                 model_file_mb = Mb(new DirectoryInfo(dir).EnumerateFiles("*.safetensors").Sum(f => f.Length)),
                 seed_width_model_resident_mb = Mb(fileOne), all_widths_model_resident_mb = Mb(fileAll),
