@@ -17,7 +17,8 @@ namespace AnyPrecML.MLNet;
 /// The fitted any-precision model in an ML.NET pipeline. <see cref="Transform"/> is lazy and streaming: for each row of
 /// the text column it adds <c>LogLikelihood</c> (float: the summed log-probability of the text's tokens after BOS),
 /// <c>TokenCount</c> (int: tokens scored), <c>Perplexity</c> (float) and <c>Completion</c> (text), computed at
-/// <see cref="Bits"/> when the row is read. Parallel cursors and <c>PredictionEngine</c> work.
+/// <see cref="Bits"/> (or <see cref="Profile"/>, or the width the router picks for the row's budget) when the row is
+/// read, and <c>Bits</c> (float: the width, or a profile's average), <c>DraftBits</c> and <c>Route</c> saying what ran. Parallel cursors and <c>PredictionEngine</c> work.
 /// </summary>
 /// <remarks>
 /// Defined values: an empty or missing text has TokenCount 0, LogLikelihood 0 and Perplexity NaN, and its completion
