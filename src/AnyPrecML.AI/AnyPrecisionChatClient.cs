@@ -61,6 +61,19 @@ public sealed class AnyPrecisionChatClient : IChatClient
     /// <summary>Key of <see cref="ChatOptions.AdditionalProperties"/> for the tokens drafted per round (default 4).</summary>
     public const string DraftTokensProperty = "draft_tokens";
 
+    /// <summary>
+    /// Key of <see cref="ChatOptions.AdditionalProperties"/> with a per-token latency budget in milliseconds: the request runs at
+    /// the widest width, or draft/target pair, whose cost measured on this machine meets it (<see cref="PrecisionRouter"/>;
+    /// costs cached beside the model). Replaces the width in the model id, <see cref="BitsProperty"/> and <see cref="DraftBitsProperty"/>.
+    /// </summary>
+    public const string LatencyBudgetProperty = "latency_budget_ms";
+
+    /// <summary>Key of <see cref="ChatOptions.AdditionalProperties"/>: "error" (default) refuses a budget no width meets; "fastest" runs the fastest route with a warning in the route.</summary>
+    public const string OverBudgetProperty = "over_budget";
+
+    /// <summary>Key of the response's <see cref="ChatResponse.AdditionalProperties"/> (and the last streamed update's) with the router's decision, a <see cref="RouteDecision"/>, when the request had a budget.</summary>
+    public const string RouteProperty = "route";
+
     private readonly AnyPrecisionModel _model;
     private readonly OnnxEngine _engine;
     private readonly Tokenizer _tokenizer;
@@ -68,6 +81,7 @@ public sealed class AnyPrecisionChatClient : IChatClient
     private readonly int _defaultMaxTokens;
     private readonly ChatClientMetadata _metadata;
     private readonly Dictionary<int, TextGenerator> _generators;
+    private readonly Lazy<PrecisionCosts> _costs;
     private int _disposed;
 
     /// <summary>Opens the any-precision model in <paramref name="modelDirectory"/> and serves it; disposing the client closes it.</summary>
@@ -103,6 +117,9 @@ public sealed class AnyPrecisionChatClient : IChatClient
             _metadata = new ChatClientMetadata("AnyPrecML", new Uri(fullDirectory), ModelId(name, defaultBits));
             _engine = new OnnxEngine(model, new OnnxEngineOptions { Bits = defaultBits, Backend = options.Backend });
             _generators = model.SupportedBits.ToDictionary(b => b, b => new TextGenerator(new WidthEngine(_engine, b), _tokenizer));
+            // Measured the first time a request has a budget, with the fingerprint `anyprec generate` gives the same engine.
+            string accuracy = options.Backend is CpuBitplaneBackend { Accuracy: KernelAccuracy.Float32 } ? "fp32" : "int8";
+            _costs = new Lazy<PrecisionCosts>(() => PrecisionRouter.Load(_engine, fullDirectory, $"{nameof(OnnxEngine)} {accuracy}", out _));
         }
         catch
         {
@@ -137,6 +154,7 @@ public sealed class AnyPrecisionChatClient : IChatClient
             FinishReason = last.FinishReason,
             Usage = Usage(request, last),
             CreatedAt = DateTimeOffset.UtcNow,
+            AdditionalProperties = request.Route is { } route ? new() { [RouteProperty] = route } : null,
         };
     }
 
@@ -152,6 +170,7 @@ public sealed class AnyPrecisionChatClient : IChatClient
             {
                 update.FinishReason = finish;
                 update.Contents.Add(new UsageContent(Usage(request, step)));
+                if (request.Route is { } route) update.AdditionalProperties = new() { [RouteProperty] = route };
             }
             yield return update;
         }
@@ -179,7 +198,7 @@ public sealed class AnyPrecisionChatClient : IChatClient
     }
 
     /// <summary>A request checked and resolved: everything that can be wrong with it is found here, before any token runs.</summary>
-    internal sealed record PreparedRequest(string Prompt, int Bits, string ModelId, GenerationOptions Generation, IReadOnlyList<string> Stops, int PromptTokens);
+    internal sealed record PreparedRequest(string Prompt, int Bits, string ModelId, GenerationOptions Generation, IReadOnlyList<string> Stops, int PromptTokens, RouteDecision? Route = null);
 
     /// <summary>One step of a run: the text it adds, and on the last step the finish reason and the tokens generated.</summary>
     internal readonly record struct CompletionStep(string Text, ChatFinishReason? FinishReason, int OutputTokens);
@@ -191,7 +210,9 @@ public sealed class AnyPrecisionChatClient : IChatClient
     /// <exception cref="ArgumentException">Something in the request is out of range or unknown; the message names it.</exception>
     internal PreparedRequest Prepare(string prompt, ChatOptions? options, bool chat)
     {
-        int bits = ResolveBits(options?.ModelId, options?.AdditionalProperties);
+        var properties = options?.AdditionalProperties;
+        var route = Route(options?.ModelId, properties);
+        int bits = route?.Route.Bits ?? ResolveBits(options?.ModelId, properties);
         int maxTokens = options?.MaxOutputTokens ?? _defaultMaxTokens;
         if (maxTokens < 0) throw new ArgumentException($"max tokens must be 0 or more, not {maxTokens}.");
         var generation = new GenerationOptions
@@ -211,6 +232,7 @@ public sealed class AnyPrecisionChatClient : IChatClient
             if (k < 1 || k > 16) throw new ArgumentException($"'{DraftTokensProperty}' must be in 1..16, not {k}.");
             generation = generation with { DraftBits = draft, DraftTokens = k };
         }
+        if (route?.Route.DraftBits is int routedDraft) generation = generation with { DraftBits = routedDraft, DraftTokens = route.Route.DraftTokens };
         try { generation.Validated(); }
         catch (ArgumentOutOfRangeException e)
         {
@@ -223,7 +245,30 @@ public sealed class AnyPrecisionChatClient : IChatClient
         int promptTokens = PromptTokens(prompt);
         if (promptTokens >= Metadata.ContextLength)
             throw new ArgumentException($"the prompt has {promptTokens} tokens; the model's context is {Metadata.ContextLength} (at least one token must be left to generate).");
-        return new PreparedRequest(prompt, bits, ModelId(Metadata.ModelName, bits), generation, stops, promptTokens);
+        return new PreparedRequest(prompt, bits, ModelId(Metadata.ModelName, bits), generation, stops, promptTokens, route);
+    }
+
+    /// <summary>The router's decision for a request with a latency budget; null without one.</summary>
+    private RouteDecision? Route(string? modelId, AdditionalPropertiesDictionary? properties)
+    {
+        if (properties is null || !properties.TryGetValue(LatencyBudgetProperty, out object? value) || value is null) return null;
+        double budget = value switch
+        {
+            double d => d, float f => f, int i => i, long l => l,
+            System.Text.Json.JsonElement { ValueKind: System.Text.Json.JsonValueKind.Number } j => j.GetDouble(),
+            string s when double.TryParse(s, NumberStyles.Float, CultureInfo.InvariantCulture, out double d) => d,
+            _ => throw new ArgumentException($"'{LatencyBudgetProperty}' must be a number of milliseconds, not '{value}'."),
+        };
+        if (modelId?.Contains('@') == true || properties.ContainsKey(BitsProperty) || properties.ContainsKey(DraftBitsProperty))
+            throw new ArgumentException($"'{LatencyBudgetProperty}' chooses the width itself: drop the width from the model id and '{BitsProperty}'/'{DraftBitsProperty}'.");
+        ResolveBits(modelId, null); // the name must still be this model's
+        bool fastest = properties.TryGetValue(OverBudgetProperty, out object? over) && over?.ToString() switch
+        {
+            "fastest" => true,
+            "error" or null => false,
+            var other => throw new ArgumentException($"'{OverBudgetProperty}' must be \"error\" or \"fastest\", not '{other}'."),
+        };
+        return PrecisionRouter.Choose(_costs.Value, budget, fastest);
     }
 
     /// <summary>The width a request asks for: <c>name@{b}bit</c> (or <c>name@{b}</c>) in the model id, else the bits property, else the default.</summary>
@@ -376,6 +421,7 @@ public sealed class AnyPrecisionChatClient : IChatClient
         public int ParentBits => engine.ParentBits;
         public int Bits { get => bits; set => throw new NotSupportedException("a width view serves one width"); }
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int width) => engine.Forward(tokens, cache, logits, width);
+        public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, IReadOnlyList<int> widths) => engine.Forward(tokens, cache, logits, widths);
         public KvCache CreateCache(int capacity = 0) => engine.CreateCache(capacity);
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits) => engine.Forward(tokens, cache, logits, bits);
         public void Dispose() { } // the engine is the client's

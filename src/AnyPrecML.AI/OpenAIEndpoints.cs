@@ -151,6 +151,7 @@ public static class OpenAIEndpoints
             model = shape.Model,
             choices = new[] { choice },
             usage = Usage(request, last),
+            route = Route(request),
         });
     }
 
@@ -180,11 +181,16 @@ public static class OpenAIEndpoints
             if (step.FinishReason is null) continue;
             await WriteEvent(ctx, Chunk(null, FinishReason(step), first: false), ct);
             // OpenAI sends usage in a last chunk with no choices; it is always sent here.
-            await WriteEvent(ctx, new { id = shape.Id, @object = kind, created = shape.Created, model = shape.Model, choices = Array.Empty<object>(), usage = Usage(request, step) }, ct);
+            await WriteEvent(ctx, new { id = shape.Id, @object = kind, created = shape.Created, model = shape.Model, choices = Array.Empty<object>(), usage = Usage(request, step), route = Route(request) }, ct);
         }
         await ctx.Response.WriteAsync("data: [DONE]\n\n", ct);
         await ctx.Response.Body.FlushAsync(ct);
     }
+
+    /// <summary>The router's decision for a request with "latency_budget_ms" (an extension field; OpenAI clients ignore it), else null.</summary>
+    private static object? Route(AnyPrecisionChatClient.PreparedRequest request) => request.Route is { } r
+        ? new { budget_ms = r.BudgetMs, bits = r.Route.Bits, draft_bits = r.Route.DraftBits, draft_tokens = r.Route.DraftTokens, ms_per_token = Math.Round(r.Route.MsPerToken, 4), reason = r.Reason }
+        : null;
 
     /// <summary>The fields of a chat or completion request this server reads, checked for type.</summary>
     private sealed record ParsedRequest(List<ChatMessage>? Messages, string? RawPrompt, ChatOptions Options, bool Stream)
@@ -209,6 +215,8 @@ public static class OpenAIEndpoints
         if (Integer(body, "bits") is int bits) (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.BitsProperty] = bits;
         if (Integer(body, "draft_bits") is int draft) (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.DraftBitsProperty] = draft;
         if (Integer(body, "draft_tokens") is int k) (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.DraftTokensProperty] = k;
+        if (Number(body, "latency_budget_ms") is double budget) (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.LatencyBudgetProperty] = budget;
+        if (String(body, "over_budget") is { } over) (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.OverBudgetProperty] = over;
         if (Integer(body, "n") is int n && n != 1) throw new ArgumentException($"'n' must be 1 (one choice per request), not {n}.");
         bool stream = body.TryGetProperty("stream", out var st) && st.ValueKind switch
         {

@@ -17,6 +17,7 @@ public static class AnyPrecCli
         GenerateCommand.Create(),
         PerplexityCommand.Create(),
         QuantizeCommand.Create(),
+        ProfileCommand.Create(),
         EvalCommand.Create(),
         ExportCommand.Create(),
         ScoreCommand.Create(),

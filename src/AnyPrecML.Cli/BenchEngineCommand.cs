@@ -23,13 +23,15 @@ internal static class BenchEngineCommand
         var model = new Option<string>("--model", "-m") { Description = "An any-precision model directory.", Required = true };
         var tokens = new Option<int>("--tokens", "-n") { Description = "Decode steps timed per width.", DefaultValueFactory = _ => 64 };
         var bitsOption = new Option<int[]>("--bits") { Description = "Widths to measure (default: every width the parent serves).", AllowMultipleArgumentsPerToken = true };
+        var profiles = new Option<string[]>("--profile") { Description = "Precision profiles (anyprec profile) measured too, in the same run, after the widths.", AllowMultipleArgumentsPerToken = true };
         var prefill = new Option<int>("--prefill") { Description = "Also time one prefill of a prompt this long at each width (0: skip).", DefaultValueFactory = _ => 0 };
         var reference = new Option<bool>("--reference") { Description = "Also time the managed reference engine on each width's dequantized weights (one fp32 copy at a time: 4 bytes per weight)." };
+        var rounds = new Option<int>("--rounds") { Description = "Decode timings per width, taken round-robin over the widths and profiles, the median kept (a loaded machine's drift then falls on all alike).", DefaultValueFactory = _ => 1 };
         var accuracy = CommonOptions.Accuracy();
         var json = CommonOptions.Json();
         var command = new Command("engine", "Decode (and prefill) tokens/s of the ONNX engine at every width with its kernel/rest split, the kernel-only bound, op overhead, memory with one vs all widths.")
         {
-            model, tokens, bitsOption, prefill, reference, accuracy, json,
+            model, tokens, bitsOption, profiles, rounds, prefill, reference, accuracy, json,
         };
         command.SetAction((r, ct) =>
         {
@@ -57,16 +59,32 @@ internal static class BenchEngineCommand
             var (fileAll, anonAll) = (MappedRss(dir), AnonRss());
 
             var rows = new List<Row>();
-            var progress = new ConsoleProgress<int>(err, "bench engine", done => (done, widths.Length), "widths");
-            foreach (int b in widths)
+            // Every width, then every profile: a profile runs through the same engine, each linear at its own width.
+            var runs = widths.Select(b => (Bits: (double)b, Profile: (string?)null, View: (IInferenceEngine)engine, Widths: PrecisionProfile.Uniform(ap, b).Widths))
+                .Concat((r.GetValue(profiles) ?? []).Select(path => PrecisionProfile.Load(ap, path)).Select((p, i) =>
+                    (Bits: Math.Round(p.AverageBits, 3), Profile: (string?)Path.GetFileName(r.GetValue(profiles)![i]), View: (IInferenceEngine)new ProfiledEngine(engine, p), p.Widths)))
+                .ToList();
+            foreach (var run in runs.Where(x => x.Profile is not null)) Decode(run.View, 0, Math.Min(steps, 4), out _); // warm-up, as the widths above
+            int roundCount = r.GetValue(rounds);
+            if (roundCount < 1) throw new ArgumentException($"--rounds {roundCount} must be at least 1.");
+            var timings = runs.Select(_ => new List<(double Tps, KernelSplit Split)>()).ToArray();
+            for (int round = 0; round < roundCount; round++)
+                for (int i = 0; i < runs.Count; i++)
+                {
+                    ct.ThrowIfCancellationRequested();
+                    timings[i].Add((Decode(runs[i].View, (int)runs[i].Bits, steps, out var s), s));
+                }
+            var progress = new ConsoleProgress<int>(err, "bench engine", done => (done, runs.Count), "runs");
+            for (int i = 0; i < runs.Count; i++)
             {
-                ct.ThrowIfCancellationRequested();
-                double onnx = Decode(engine, b, steps, out var split);
+                var (bits, profile, view, linearWidths) = runs[i];
+                int b = (int)bits;
+                var (onnx, split) = timings[i].OrderBy(t => t.Tps).ElementAt(roundCount / 2); // the median round
                 double kernelMsPerToken = split.KernelMs / steps, headMsPerToken = split.HeadMs / steps;
-                double bound = 1000 / KernelOnlyMs(ap, b, backend);
-                double? prefillTps = prompt > 0 ? Prefill(engine, b, prompt) : null;
+                double bound = 1000 / KernelOnlyMs(ap, linearWidths, backend);
+                double? prefillTps = prompt > 0 ? Prefill(view, b, prompt) : null;
                 double? refTps = null;
-                if (r.GetValue(reference))
+                if (r.GetValue(reference) && profile is null)
                 {
                     // One dequantized copy at a time: made, timed and dropped before the next width.
                     var dense = new ReferenceEngine(ap.ToWeights(b));
@@ -75,11 +93,11 @@ internal static class BenchEngineCommand
                     dense = null;
                     GC.Collect();
                 }
-                var row = new Row(b, Math.Round(onnx, 1), prefillTps is double p ? Math.Round(p, 1) : null, refTps, Math.Round(bound, 1), Math.Round(1000 / onnx, 3),
+                var row = new Row(bits, profile, Math.Round(onnx, 1), prefillTps is double p ? Math.Round(p, 1) : null, refTps, Math.Round(bound, 1), Math.Round(1000 / onnx, 3),
                     Math.Round(kernelMsPerToken, 3), Math.Round(headMsPerToken, 3), Math.Round(1000 / onnx - kernelMsPerToken - headMsPerToken, 3), split.Calls / steps);
                 rows.Add(row);
                 progress.Report(rows.Count);
-                progress.Line($"  b={b}: onnx {row.onnx_tokens_per_second} tok/s (kernels {row.kernel_ms_per_token} ms + int8 head {row.head_ms_per_token} ms + rest {row.rest_ms_per_token} ms per token)"
+                progress.Line($"  {profile ?? "b"}={bits}: onnx {row.onnx_tokens_per_second} tok/s (kernels {row.kernel_ms_per_token} ms + int8 head {row.head_ms_per_token} ms + rest {row.rest_ms_per_token} ms per token)"
                     + (prefillTps is null ? "" : $", prefill {row.prefill_tokens_per_second} tok/s")
                     + (refTps is null ? "" : $", reference {refTps} tok/s") + $", kernel-only bound {row.kernel_only_tokens_per_second} tok/s");
             }
@@ -87,7 +105,7 @@ internal static class BenchEngineCommand
             var result = new
             {
                 model = Path.GetFileName(dir), layers = c.Layers, dim = c.Dim, parameters = c.ParameterCount,
-                backend = backend.Name, head = engine.Int8Head ? "int8" : "fp32", decode_steps = steps, prefill_tokens = prompt, rows,
+                backend = backend.Name, head = engine.Int8Head ? "int8" : "fp32", decode_steps = steps, rounds = roundCount, prefill_tokens = prompt, rows,
                 op_call_us = Math.Round(opUs, 2), direct_call_us = Math.Round(directUs, 2), op_overhead_us = Math.Round(opUs - directUs, 2),
                 model_file_mb = Mb(new DirectoryInfo(dir).EnumerateFiles("*.safetensors").Sum(f => f.Length)),
                 seed_width_model_resident_mb = Mb(fileOne), all_widths_model_resident_mb = Mb(fileAll),
@@ -98,7 +116,7 @@ internal static class BenchEngineCommand
             var o = r.Out();
             o.WriteLine("| bits | decode tok/s | prefill tok/s | reference tok/s | kernel-only bound tok/s | kernel ms/token | int8 head ms/token | rest ms/token |\n|---:|---:|---:|---:|---:|---:|---:|---:|");
             foreach (var x in rows)
-                o.WriteLine($"| {x.bits} | {x.onnx_tokens_per_second} | {x.prefill_tokens_per_second?.ToString() ?? "-"} | {x.reference_tokens_per_second?.ToString() ?? "-"} | {x.kernel_only_tokens_per_second} | {x.kernel_ms_per_token} | {x.head_ms_per_token} | {x.rest_ms_per_token} |");
+                o.WriteLine($"| {x.bits}{(x.profile is null ? "" : $" ({x.profile})")} | {x.onnx_tokens_per_second} | {x.prefill_tokens_per_second?.ToString() ?? "-"} | {x.reference_tokens_per_second?.ToString() ?? "-"} | {x.kernel_only_tokens_per_second} | {x.kernel_ms_per_token} | {x.head_ms_per_token} | {x.rest_ms_per_token} |");
             o.WriteLine($"BitplaneLinear through ORT {result.op_call_us} µs per call vs {result.direct_call_us} µs direct: overhead {result.op_overhead_us} µs");
             o.WriteLine($"model file {result.model_file_mb} MB: resident {result.seed_width_model_resident_mb} MB after serving {widths.Min()} bits, {result.all_widths_model_resident_mb} MB after all {widths.Length} widths; private memory {result.seed_width_private_mb} MB then {result.all_widths_private_mb} MB; peak resident {result.peak_resident_mb} MB");
             return Task.FromResult(0);
@@ -106,7 +124,7 @@ internal static class BenchEngineCommand
         return command;
     }
 
-    private sealed record Row(int bits, double onnx_tokens_per_second, double? prefill_tokens_per_second, double? reference_tokens_per_second, double kernel_only_tokens_per_second,
+    private sealed record Row(double bits, string? profile, double onnx_tokens_per_second, double? prefill_tokens_per_second, double? reference_tokens_per_second, double kernel_only_tokens_per_second,
         double onnx_ms_per_token, double kernel_ms_per_token, double head_ms_per_token, double rest_ms_per_token, long kernel_calls_per_token);
 
     /// <summary>Decode time in the bitplane kernels and in the int8 head (0 with an fp32 head: that Gemm is in the rest), and bitplane calls.</summary>
@@ -119,8 +137,8 @@ internal static class BenchEngineCommand
     private static double Decode(IInferenceEngine engine, int bits, int steps, out KernelSplit split)
     {
         var c = engine.Config;
-        var onnx = engine as OnnxEngine;
-        if (onnx is not null) onnx.Bits = bits;
+        var onnx = engine as OnnxEngine ?? (engine as ProfiledEngine)?.Engine as OnnxEngine; // a profile runs at its own widths
+        if (engine is OnnxEngine uniform) uniform.Bits = bits;
         var cache = engine.CreateCache(Math.Min(c.MaxSeqLen, steps + 8));
         var logits = new float[c.VocabSize];
         int[] prompt = [c.BosTokenId, 3 % c.VocabSize, 5 % c.VocabSize, 7 % c.VocabSize];
@@ -136,10 +154,10 @@ internal static class BenchEngineCommand
     }
 
     /// <summary>Tokens per second of one prefill of <paramref name="length"/> tokens from an empty cache (after one warm-up prefill).</summary>
-    private static double Prefill(OnnxEngine engine, int bits, int length)
+    private static double Prefill(IInferenceEngine engine, int bits, int length)
     {
         var c = engine.Config;
-        engine.Bits = bits;
+        if (engine is OnnxEngine uniform) uniform.Bits = bits;
         var tokens = new int[length];
         tokens[0] = c.BosTokenId;
         for (int i = 1; i < length; i++) tokens[i] = (int)((i * 2654435761u) % (uint)c.VocabSize);
@@ -152,14 +170,14 @@ internal static class BenchEngineCommand
     }
 
     /// <summary>Milliseconds per token of the linear layers alone, run back to back by the backend (median of passes).</summary>
-    private static double KernelOnlyMs(AnyPrecisionModel ap, int bits, BitplaneBackend backend)
+    private static double KernelOnlyMs(AnyPrecisionModel ap, IReadOnlyList<int> widths, BitplaneBackend backend)
     {
         var c = ap.Config;
-        var layers = Enumerable.Range(0, c.Layers).SelectMany(l => LlamaTensorNames.BlockLinears.Select(p => ap.Linear(l, p))).ToArray();
+        var layers = Enumerable.Range(0, ap.LinearCount).Select(i => ap.Linear(i)).ToArray();
         var x = new float[Math.Max(c.Dim, c.HiddenDim)];
         var y = new float[Math.Max(Math.Max(c.Dim, c.HiddenDim), c.QDim)];
         for (int i = 0; i < x.Length; i++) x[i] = MathF.Sin(i) * 0.1f;
-        void Pass() { foreach (var w in layers) backend.Multiply(w, bits, x.AsSpan(0, w.Cols), 1, y.AsSpan(0, w.Rows)); }
+        void Pass() { for (int i = 0; i < layers.Length; i++) backend.Multiply(layers[i], widths[i], x.AsSpan(0, layers[i].Cols), 1, y.AsSpan(0, layers[i].Rows)); }
         return BenchTiming.MedianMs(Pass);
     }
 

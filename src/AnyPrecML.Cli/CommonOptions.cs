@@ -27,6 +27,44 @@ internal static class CommonOptions
         Description = "Bit-width to run an any-precision model at (seed..parent; default: the parent width).",
     };
 
+    /// <summary>--bits for the commands that also run precision profiles: a width, or an average width such as 3.5.</summary>
+    public static Option<double?> Width() => new("--bits", "-b")
+    {
+        Description = "Bits to run an any-precision model at: a width seed..parent (default: the parent), or an average width such as 3.5, run by the precision profile saved beside the model for it (made by `anyprec profile`).",
+    };
+
+    public static Option<string?> Profile() => new("--profile")
+    {
+        Description = "A precision profile file (one width per linear, made by `anyprec profile`) to run the any-precision model at, instead of --bits.",
+    };
+
+    /// <summary>
+    /// The profile that --bits <paramref name="bits"/> or --profile <paramref name="profilePath"/> names for <paramref name="model"/>
+    /// (in <paramref name="directory"/>), or null for a uniform width: a whole --bits is one width; a fractional one is
+    /// the profile saved beside the model for that average.
+    /// </summary>
+    public static PrecisionProfile? ResolveProfile(AnyPrecisionModel model, string directory, double? bits, string? profilePath) =>
+        ProfilePath(directory, bits, profilePath) is { } path ? PrecisionProfile.Load(model, path) : null;
+
+    /// <summary>The profile file <see cref="ResolveProfile"/> reads, or null for a uniform width.</summary>
+    public static string? ProfilePath(string directory, double? bits, string? profilePath)
+    {
+        if (profilePath is not null)
+        {
+            if (bits is not null) throw new ArgumentException("--bits and --profile both choose the widths; give one.");
+            return profilePath;
+        }
+        if (bits is not double b || b == Math.Floor(b)) return null;
+        string path = Path.Combine(directory, PrecisionProfile.FileName(b));
+        if (!File.Exists(path))
+            throw new ArgumentException(string.Create(System.Globalization.CultureInfo.InvariantCulture,
+                $"--bits {b}: no precision profile for that average beside the model ({path}); make one with `anyprec profile --model {directory} --bits {b} --calibration TEXT`, or give a whole width."));
+        return path;
+    }
+
+    /// <summary>A whole --bits as a width (null when absent); a fractional one has a profile and no width.</summary>
+    public static int? WholeBits(double? bits, PrecisionProfile? profile) => profile is null && bits is double b ? checked((int)b) : null;
+
     public static Option<string?> Engine() => new Option<string?>("--engine", "-e")
     {
         Description = "Engine for an any-precision model: onnx (ONNX Runtime with the bitplane operator; default) or reference (the managed engine on that width's dequantized weights).",
@@ -67,8 +105,8 @@ internal static class CommonOptions
     /// <paramref name="bits"/> (default: its parent width) into <paramref name="engine"/>: "onnx" (default) or
     /// "reference" (that width dequantized into the managed engine).
     /// </summary>
-    public static LoadedModel Load(string modelPath, string? tokenizerPath, int? bits = null, string? engine = null, string? accuracy = null,
-        string device = "auto", TextWriter? log = null)
+    public static LoadedModel Load(string modelPath, string? tokenizerPath, double? bits = null, string? engine = null, string? accuracy = null,
+        string device = "auto", TextWriter? log = null, string? profilePath = null)
     {
         if (Directory.Exists(modelPath) && LlamaCheckpoint.IsAnyPrecision(modelPath))
         {
@@ -76,13 +114,15 @@ internal static class CommonOptions
             try
             {
                 var tokenizer = LlamaTokenizerLoader.Load(ap.Checkpoint, tokenizerPath);
-                int b = ap.CheckBits(bits ?? ap.ParentBits);
-                IInferenceEngine e = engine == "reference" ? new AnyPrecisionReferenceEngine(ap, b)
+                var profile = ResolveProfile(ap, modelPath, bits, profilePath);
+                int b = ap.CheckBits(WholeBits(bits, profile) ?? ap.ParentBits);
+                IAnyPrecisionEngine e = engine == "reference" ? new AnyPrecisionReferenceEngine(ap, b)
                     : new OnnxEngine(ap, new OnnxEngineOptions { Bits = b, Backend = Backend(accuracy), Device = Enum.Parse<OnnxDevice>(device, ignoreCase: true) });
                 if (e is OnnxEngine { DeviceFallback: { } why }) log?.WriteLine($"warning: {why}");
                 // Which kernels run is never silent: the path, its instruction set and the arithmetic.
-                log?.WriteLine(e is OnnxEngine onnx ? $"engine: onnx, {b} bits, bitplane kernels: {onnx.Operator.Backend.Name}, head {(onnx.Int8Head ? "int8" : "fp32")}" : $"engine: reference (fp32, {b}-bit weights dequantized)");
-                return new LoadedModel(ap.Checkpoint, e, tokenizer);
+                string widths = profile?.ToString() ?? $"{b} bits";
+                log?.WriteLine(e is OnnxEngine onnx ? $"engine: onnx, {widths}, bitplane kernels: {onnx.Operator.Backend.Name}, head {(onnx.Int8Head ? "int8" : "fp32")}" : $"engine: reference (fp32, {widths}, weights dequantized)");
+                return new LoadedModel(ap.Checkpoint, profile is null ? e : new ProfiledEngine(e, profile, ownsEngine: true), tokenizer);
             }
             catch
             {
@@ -90,7 +130,7 @@ internal static class CommonOptions
                 throw;
             }
         }
-        if (bits is not null) throw new ArgumentException($"--bits applies to any-precision models; '{modelPath}' is not one.");
+        if (bits is not null || profilePath is not null) throw new ArgumentException($"--bits and --profile apply to any-precision models; '{modelPath}' is not one.");
         if (engine == "onnx") throw new ArgumentException($"--engine onnx runs any-precision models; '{modelPath}' is not one (quantize it with `anyprec quantize`).");
         var checkpoint = LlamaCheckpoint.Open(modelPath);
         try

@@ -12,7 +12,8 @@ internal static class GenerateCommand
         var model = CommonOptions.Model();
         var tokenizer = CommonOptions.Tokenizer();
         var json = CommonOptions.Json();
-        var bits = CommonOptions.Bits();
+        var bits = CommonOptions.Width();
+        var profile = CommonOptions.Profile();
         var engine = CommonOptions.Engine();
         var accuracy = CommonOptions.Accuracy();
         var device = CommonOptions.Device();
@@ -28,11 +29,11 @@ internal static class GenerateCommand
         var budget = new Option<double?>("--latency-budget-ms") { Description = "Per-token latency budget: runs the widest width (or draft/target pair) whose cost, measured on this machine and cached beside the model, meets it. Replaces --bits and --draft-bits." };
         var command = new Command("generate", "Generate text from a prompt.")
         {
-            model, tokenizer, bits, engine, accuracy, device, prompt, maxTokens, temperature, topK, topP, seed, draftBits, draftTokens, draftThreshold, budget, json,
+            model, tokenizer, bits, profile, engine, accuracy, device, prompt, maxTokens, temperature, topK, topP, seed, draftBits, draftTokens, draftThreshold, budget, json,
         };
         command.SetAction((r, ct) =>
         {
-            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), r.GetValue(device)!, r.Err());
+            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), r.GetValue(device)!, r.Err(), r.GetValue(profile));
             var options = new GenerationOptions
             {
                 MaxTokens = r.GetValue(maxTokens), Temperature = r.GetValue(temperature),
@@ -42,8 +43,8 @@ internal static class GenerateCommand
             object? route = null;
             if (r.GetValue(budget) is double ms)
             {
+                if (r.GetValue(bits) is not null || r.GetValue(profile) is not null || options.DraftBits is not null) throw new ArgumentException("--latency-budget-ms chooses the width itself: drop --bits, --profile and --draft-bits.");
                 if (m.Engine is not IAnyPrecisionEngine routed) throw new ArgumentException($"--latency-budget-ms routes between the widths of an any-precision model; '{r.GetValue(model)}' is not one.");
-                if (r.GetValue(bits) is not null || options.DraftBits is not null) throw new ArgumentException("--latency-budget-ms chooses the width itself: drop --bits and --draft-bits.");
                 var costs = PrecisionRouter.Load(routed, m.Checkpoint.SourcePath, $"{routed.GetType().Name} {r.GetValue(accuracy)}", out bool measured,
                     progress: ConsoleProgress.Steps(r.Err(), "measuring route costs", "routes"));
                 var decision = PrecisionRouter.Choose(costs, ms);
@@ -56,6 +57,8 @@ internal static class GenerateCommand
                 };
                 r.Err().WriteLine($"route: {decision.Reason} (costs {(measured ? "measured now" : "cached")})");
             }
+            if (options.DraftBits is not null && m.Engine is Quantization.ProfiledEngine)
+                throw new ArgumentException("--draft-bits drafts and verifies at whole widths; a precision profile (--profile, or a fractional --bits) has no draft yet.");
             if (options.DraftBits is not null && m.Engine is not IAnyPrecisionEngine)
                 throw new ArgumentException($"--draft-bits applies to any-precision models; '{r.GetValue(model)}' is not one (quantize it with `anyprec quantize`).");
             if (options.DraftBits is int d && m.Engine is IAnyPrecisionEngine ape && (d < ape.SeedBits || d >= ape.Bits))
@@ -68,7 +71,7 @@ internal static class GenerateCommand
                 {
                     text = result.Text, tokens = result.Tokens, tokens_per_second = Math.Round(result.TokensPerSecond, 2), stop_reason = result.StopReason,
                     speculative = result.Speculation is { } s ? Json(s, options, result.TokensPerTargetStep) : null,
-                    route,
+                    route, widths = PerplexityCommand.Widths(m.Engine),
                 });
                 return Task.FromResult(0);
             }

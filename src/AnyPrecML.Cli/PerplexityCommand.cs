@@ -11,7 +11,8 @@ internal static class PerplexityCommand
         var model = CommonOptions.Model();
         var tokenizer = CommonOptions.Tokenizer();
         var json = CommonOptions.Json();
-        var bits = CommonOptions.Bits();
+        var bits = CommonOptions.Width();
+        var profile = CommonOptions.Profile();
         var engine = CommonOptions.Engine();
         var accuracy = CommonOptions.Accuracy();
         var text = new Option<string>("--text") { Description = "Text file to evaluate.", Required = true };
@@ -20,11 +21,11 @@ internal static class PerplexityCommand
         var truncate = Truncate();
         var command = new Command("perplexity", "Perplexity of a text in non-overlapping windows of the context length, or (--bos-per-line --truncate N) of each line on its first N tokens.")
         {
-            model, tokenizer, bits, engine, accuracy, text, context, bosPerLine, truncate, json,
+            model, tokenizer, bits, profile, engine, accuracy, text, context, bosPerLine, truncate, json,
         };
         command.SetAction((r, ct) =>
         {
-            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), log: r.Err());
+            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), log: r.Err(), profilePath: r.GetValue(profile));
             string path = r.GetValue(text)!;
             if (!File.Exists(path)) throw new FileNotFoundException($"Text file '{path}' does not exist.", path);
             var progress = new ConsoleProgress<EvaluationProgress>(r.Err(), "perplexity", p => (p.Done, p.Total));
@@ -33,7 +34,7 @@ internal static class PerplexityCommand
             var result = PerplexityEvaluator.EvaluateSequences(m.Engine, sequences, progress, ct);
             string framing = cut > 0 ? "documents" : "windows";
             if (r.GetValue(json))
-                r.WriteJson(new { tokens = result.Tokens, nll = Math.Round(result.Nll, 6), perplexity = Math.Round(result.Perplexity, 4), framing, windows = result.Windows, context = result.ContextLength });
+                r.WriteJson(new { tokens = result.Tokens, nll = Math.Round(result.Nll, 6), perplexity = Math.Round(result.Perplexity, 4), framing, windows = result.Windows, context = result.ContextLength, widths = Widths(m.Engine) });
             else if (cut > 0)
                 r.Out().WriteLine($"{result.Tokens} tokens scored in {result.Windows} documents (first {cut} tokens each, BOS included): nll {result.Nll:F4} nats/token, perplexity {result.Perplexity:F3} ({result.Seconds:F1} s)");
             else
@@ -42,6 +43,14 @@ internal static class PerplexityCommand
         });
         return command;
     }
+
+    /// <summary>What widths ran, for --json: {"bits", "average_bits", "profile"} of an any-precision model, else null.</summary>
+    public static object? Widths(Models.IInferenceEngine engine) => engine switch
+    {
+        Quantization.ProfiledEngine p => new { bits = (int?)null, average_bits = Math.Round(p.Profile.AverageBits, 4), profile = (IReadOnlyList<int>?)p.Profile.Widths },
+        Models.IAnyPrecisionEngine e => new { bits = (int?)e.Bits, average_bits = (double)e.Bits, profile = (IReadOnlyList<int>?)null },
+        _ => null,
+    };
 
     public static Option<int> Truncate() => new("--truncate")
     {

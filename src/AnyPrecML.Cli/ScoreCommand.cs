@@ -20,7 +20,11 @@ internal static class ScoreCommand
         var model = new Option<string>("--model", "-m") { Description = "An any-precision model directory.", Required = true };
         var input = new Option<string>("--input", "-i") { Description = "Rows to score: .csv or .tsv (with a header) or .jsonl.", Required = true };
         var column = new Option<string>("--column", "-c") { Description = "The text column (CSV/TSV header name or JSON property).", DefaultValueFactory = _ => "text" };
-        var bits = CommonOptions.Bits();
+        var bits = CommonOptions.Width();
+        var profile = CommonOptions.Profile();
+        var budgetColumn = new Option<string?>("--budget-column") { Description = "A column of per-row latency budgets (ms per generated token; empty: none): such a row runs at the widest width, or draft/target pair, whose cost measured on this machine meets it; its line says which and why." };
+        var overBudget = new Option<string>("--over-budget") { Description = "A row whose budget no width meets: error (stop the run, naming the row) or fastest (run the fastest route; its line carries a warning).", DefaultValueFactory = _ => "error" };
+        overBudget.AcceptOnlyFromAmong("error", "fastest");
         var output = new Option<string>("--output", "-o") { Description = "JSON lines written: {row, token_count, log_likelihood, perplexity, completion}.", Required = true };
         var completion = new Option<int>("--completion-tokens") { Description = "Tokens to generate per row (0: score only).", DefaultValueFactory = _ => 0 };
         var engine = CommonOptions.Engine();
@@ -34,7 +38,7 @@ internal static class ScoreCommand
         var json = CommonOptions.Json();
         var command = new Command("score", "Score (and optionally complete) every row of a file at one width; locked, checkpointed, resumable.")
         {
-            model, input, column, bits, output, completion, engine, resume, errors, checkpointRows, maxRowChars, longRows, maxRowBytes, json,
+            model, input, column, bits, profile, budgetColumn, overBudget, output, completion, engine, resume, errors, checkpointRows, maxRowChars, longRows, maxRowBytes, json,
         };
         command.SetAction((r, ct) =>
         {
@@ -45,7 +49,8 @@ internal static class ScoreCommand
             if (every < 1) throw new ArgumentException($"--checkpoint-rows {every} must be at least 1.");
             if (limits.MaxChars < 1 || limits.MaxBytes < 1) throw new ArgumentException("--max-row-chars and --max-row-bytes must be at least 1.");
             if (!File.Exists(inPath)) throw new FileNotFoundException($"{inPath}: no input file there.", inPath);
-            ScoreInput.Check(inPath, col);
+            string? budgetCol = r.GetValue(budgetColumn);
+            ScoreInput.Check(inPath, col, budgetCol);
             string modelPath = r.GetValue(model)!;
             if (!Directory.Exists(modelPath) || !Models.LlamaCheckpoint.IsAnyPrecision(modelPath))
                 throw new ArgumentException($"'{modelPath}' is not an any-precision model directory (make one with `anyprec quantize`).");
@@ -53,19 +58,24 @@ internal static class ScoreCommand
             // The lock comes first: a second writer is refused before it reads or changes anything.
             using var job = ScoreJob.Lock(outPath, errPath);
             var ml = new MLContext(seed: 0);
+            string? profilePath = CommonOptions.ProfilePath(modelPath, r.GetValue(bits), r.GetValue(profile));
             var options = new AnyPrecisionQuantizeOptions
             {
-                ModelPath = modelPath, InputColumnName = "Text", Bits = r.GetValue(bits), CompletionTokens = r.GetValue(completion),
+                ModelPath = modelPath, InputColumnName = "Text", CompletionTokens = r.GetValue(completion),
+                Bits = profilePath is null && r.GetValue(bits) is double whole ? checked((int)whole) : null, ProfilePath = profilePath,
+                BudgetColumnName = budgetCol is null ? null : "Budget", FastestWhenOverBudget = r.GetValue(overBudget) == "fastest",
                 Engine = r.GetValue(engine) == "reference" ? AnyPrecisionEngineKind.Reference : AnyPrecisionEngineKind.Onnx,
             };
             using var transformer = ml.Transforms.AnyPrecisionQuantize(options).Fit(ml.Data.LoadFromEnumerable(Array.Empty<Row>()));
             var identity = new ScoreManifest.JobIdentity(
                 Quantization.AnyPrecisionModel.ContentHash(modelPath), transformer.Bits, Path.GetFullPath(inPath), ScoreJob.Sha256(inPath),
-                col, options.CompletionTokens, options.Engine.ToString().ToLowerInvariant(), limits.MaxChars, limits.Reject ? "reject" : "truncate", limits.MaxBytes);
+                col, options.CompletionTokens, options.Engine.ToString().ToLowerInvariant(), limits.MaxChars, limits.Reject ? "reject" : "truncate", limits.MaxBytes,
+                $"profile [{string.Join(",", transformer.Profile?.Widths ?? [])}], budget column {budgetCol ?? "none"}, over budget {r.GetValue(overBudget)}");
             long done = job.Start(identity, r.GetValue(resume));
 
             // Rows stream from the file into the lazy transform and out to the files; nothing holds them all.
-            var rows = ScoreInput.Read(inPath, col, limits).Skip(checked((int)done)).Select(x => new Row { Text = x.Text ?? "", Index = x.Index, Line = x.Line, Problem = x.Problem ?? "", Truncated = x.Truncated });
+            var rows = ScoreInput.Read(inPath, col, limits, budgetCol).Skip(checked((int)done))
+                .Select(x => new Row { Text = x.Text ?? "", Index = x.Index, Line = x.Line, Problem = x.Problem ?? "", Truncated = x.Truncated, Budget = (float)(x.Budget ?? double.NaN) });
             var view = transformer.Transform(ml.Data.LoadFromEnumerable(rows));
             var err = r.Err();
             // A first pass counts the rows (cheap beside running the model on each) so the progress has a total and an ETA.
@@ -83,8 +93,12 @@ internal static class ScoreCommand
                 var line = cursor.GetGetter<long>(view.Schema["Line"]);
                 var problem = cursor.GetGetter<ReadOnlyMemory<char>>(view.Schema["Problem"]);
                 var truncated = cursor.GetGetter<bool>(view.Schema["Truncated"]);
-                float llv = 0, pplv = 0; int nv = 0; long iv = 0, lv = 0; bool tv = false;
-                ReadOnlyMemory<char> cv = default, pv = default;
+                var width = cursor.GetGetter<float>(view.Schema["Bits"]);
+                var draft = cursor.GetGetter<int>(view.Schema["DraftBits"]);
+                var route = cursor.GetGetter<ReadOnlyMemory<char>>(view.Schema["Route"]);
+                var budget = cursor.GetGetter<float>(view.Schema["Budget"]);
+                float llv = 0, pplv = 0, wv = 0, bv = 0; int nv = 0, dv = 0; long iv = 0, lv = 0; bool tv = false;
+                ReadOnlyMemory<char> cv = default, pv = default, rv = default;
                 while (cursor.MoveNext())
                 {
                     ct.ThrowIfCancellationRequested();
@@ -100,10 +114,13 @@ internal static class ScoreCommand
                     {
                         truncated(ref tv);
                         if (tv) progress.Line($"warning: row {iv} is longer than --max-row-chars {limits.MaxChars}; its first {limits.MaxChars} characters are scored ({inPath}:{lv})");
-                        ll(ref llv); n(ref nv); ppl(ref pplv); comp(ref cv);
+                        ll(ref llv); n(ref nv); ppl(ref pplv); comp(ref cv); width(ref wv); draft(ref dv); route(ref rv); budget(ref bv);
+                        // The width each row ran at is in its line; a budgeted row also says what the router chose and why.
+                        object? routed = float.IsNaN(bv) ? null : new { budget_ms = bv, bits = (int)wv, draft_bits = dv == 0 ? (int?)null : dv, reason = rv.ToString() };
+                        if (rv.Span.StartsWith("warning: ")) progress.Line($"{rv} (row {iv}, {inPath}:{lv})");
                         job.WriteOutput(AnyPrecCli.ToJsonLine(new
                         {
-                            row = iv, token_count = nv, log_likelihood = Round(llv), perplexity = Round(pplv), completion = cv.ToString(),
+                            row = iv, token_count = nv, log_likelihood = Round(llv), perplexity = Round(pplv), completion = cv.ToString(), bits = Math.Round(wv, 4), route = routed,
                         }));
                         written++;
                     }
@@ -116,11 +133,11 @@ internal static class ScoreCommand
             double seconds = sw.Elapsed.TotalSeconds;
             var summary = new
             {
-                output = outPath, rows = written, rejected, errors = errPath, skipped = done, bits = transformer.Bits, seconds = Math.Round(seconds, 2),
+                output = outPath, rows = written, rejected, errors = errPath, skipped = done, bits = transformer.Profile is { } p ? Math.Round(p.AverageBits, 4) : transformer.Bits, seconds = Math.Round(seconds, 2),
                 rows_per_second = Math.Round((consumed - done) / Math.Max(seconds, 1e-9), 2), peak_resident_bytes = PeakResidentBytes(),
             };
             if (r.GetValue(json)) r.WriteJson(summary);
-            else r.Out().WriteLine($"scored {written} rows at {transformer.Bits} bits in {seconds:F1} s ({summary.rows_per_second} rows/s){(done > 0 ? $", after {done} already done" : "")}{(rejected > 0 ? $"; {rejected} rejected into {errPath}" : "")} → {outPath}");
+            else r.Out().WriteLine($"scored {written} rows at {summary.bits} bits{(budgetCol is null ? "" : " (rows with a budget: as routed)")} in {seconds:F1} s ({summary.rows_per_second} rows/s){(done > 0 ? $", after {done} already done" : "")}{(rejected > 0 ? $"; {rejected} rejected into {errPath}" : "")} → {outPath}");
             return Task.FromResult(0);
         });
         return command;
@@ -133,6 +150,7 @@ internal static class ScoreCommand
         public long Line { get; set; }
         public string Problem { get; set; } = "";
         public bool Truncated { get; set; }
+        public float Budget { get; set; } = float.NaN;
     }
 
     private static double Round(float v) => float.IsFinite(v) ? Math.Round(v, 5) : v;

@@ -8,7 +8,8 @@ namespace AnyPrecML.Cli;
 internal sealed record RowLimits(int MaxChars, bool Reject, int MaxBytes);
 
 /// <summary>One input record: its text, or the problem that makes it invalid, with its place in the file.</summary>
-internal readonly record struct InputRecord(long Index, long Line, string? Text, string? Problem, bool Truncated);
+/// <remarks><see cref="Budget"/>: the row's latency budget in ms per token when a budget column is read and the row has one.</remarks>
+internal readonly record struct InputRecord(long Index, long Line, string? Text, string? Problem, bool Truncated, double? Budget = null);
 
 /// <summary>
 /// `score`'s input readers (.jsonl, .csv, .tsv), streaming record by record. Memory is bounded per record: a record is
@@ -20,18 +21,31 @@ internal readonly record struct InputRecord(long Index, long Line, string? Text,
 internal static class ScoreInput
 {
     /// <summary>Checks the extension and, for CSV/TSV, that the header names <paramref name="column"/>.</summary>
-    public static void Check(string path, string column)
+    public static void Check(string path, string column, string? budgetColumn = null)
     {
         if (Separator(path) is not char sep) return;
         using var reader = new StreamReader(path);
         long line = 1;
         var header = ReadRecord(reader, sep, int.MaxValue, ref line) ?? throw new FormatException($"{path}: the file is empty; a header row naming '{column}' is expected.");
-        if (header.Fields!.IndexOf(column) < 0) throw new FormatException($"{path}:1: no column '{column}' in the header ({string.Join(", ", header.Fields)}).");
+        foreach (var name in new[] { column, budgetColumn })
+            if (name is not null && header.Fields!.IndexOf(name) < 0) throw new FormatException($"{path}:1: no column '{name}' in the header ({string.Join(", ", header.Fields)}).");
     }
 
-    /// <summary>The records of <paramref name="path"/>, in order; blank JSONL lines are not records.</summary>
-    public static IEnumerable<InputRecord> Read(string path, string column, RowLimits limits) =>
-        Separator(path) is char sep ? ReadDelimited(path, column, sep, limits) : ReadJsonLines(path, column, limits);
+    /// <summary>The records of <paramref name="path"/>, in order, with each row's budget from <paramref name="budgetColumn"/> when given; blank JSONL lines are not records.</summary>
+    public static IEnumerable<InputRecord> Read(string path, string column, RowLimits limits, string? budgetColumn = null) =>
+        Separator(path) is char sep ? ReadDelimited(path, column, sep, limits, budgetColumn) : ReadJsonLines(path, column, limits, budgetColumn);
+
+    /// <summary>
+    /// A record with its budget: an empty or absent value is no budget; anything but a positive number makes the row
+    /// invalid (it goes to the errors file), never a silent default.
+    /// </summary>
+    private static InputRecord WithBudget(InputRecord record, string? budgetColumn, string? raw, bool present)
+    {
+        if (budgetColumn is null || record.Problem is not null || !present || string.IsNullOrWhiteSpace(raw)) return record;
+        return double.TryParse(raw, System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out double ms) && ms > 0 && double.IsFinite(ms)
+            ? record with { Budget = ms }
+            : record with { Text = null, Problem = $"budget column '{budgetColumn}' holds '{raw}', not a positive number of milliseconds", Truncated = false };
+    }
 
     private static char? Separator(string path) => Path.GetExtension(path).ToLowerInvariant() switch
     {
@@ -49,7 +63,7 @@ internal static class ScoreInput
         return new(index, line, text[..cut], null, true);
     }
 
-    private static IEnumerable<InputRecord> ReadJsonLines(string path, string column, RowLimits limits)
+    private static IEnumerable<InputRecord> ReadJsonLines(string path, string column, RowLimits limits, string? budgetColumn)
     {
         using var fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1);
         var lines = new ByteLineReader(fs, limits.MaxBytes);
@@ -62,25 +76,27 @@ internal static class ScoreInput
                 continue;
             }
             if (IsBlank(bytes.Span)) continue;
-            yield return ParseJsonRecord(index++, lines.LineNumber, bytes, column, limits);
+            yield return ParseJsonRecord(index++, lines.LineNumber, bytes, column, limits, budgetColumn);
         }
     }
 
     private static bool IsBlank(ReadOnlySpan<byte> line) => line.IndexOfAnyExcept(" \t\r"u8) < 0;
 
-    private static InputRecord ParseJsonRecord(long index, long line, ReadOnlyMemory<byte> bytes, string column, RowLimits limits)
+    private static InputRecord ParseJsonRecord(long index, long line, ReadOnlyMemory<byte> bytes, string column, RowLimits limits, string? budgetColumn)
     {
         try
         {
             using var doc = JsonDocument.Parse(bytes);
             if (doc.RootElement.ValueKind != JsonValueKind.Object) return new(index, line, null, $"not a JSON object but {Kind(doc.RootElement.ValueKind)}", false);
             if (!doc.RootElement.TryGetProperty(column, out var v)) return new(index, line, null, $"no property '{column}'", false);
-            return v.ValueKind switch
+            var record = v.ValueKind switch
             {
                 JsonValueKind.String => WithText(index, line, v.GetString()!, limits),
                 JsonValueKind.Null => new(index, line, "", null, false),
                 _ => new(index, line, null, $"property '{column}' is {Kind(v.ValueKind)}, not a string", false),
             };
+            if (budgetColumn is null || !doc.RootElement.TryGetProperty(budgetColumn, out var budget) || budget.ValueKind == JsonValueKind.Null) return record;
+            return WithBudget(record, budgetColumn, budget.ValueKind == JsonValueKind.String ? budget.GetString() : budget.GetRawText(), present: true);
         }
         catch (JsonException e)
         {
@@ -99,13 +115,14 @@ internal static class ScoreInput
         JsonValueKind.True or JsonValueKind.False => "a boolean", JsonValueKind.String => "a string", _ => "null",
     };
 
-    private static IEnumerable<InputRecord> ReadDelimited(string path, string column, char sep, RowLimits limits)
+    private static IEnumerable<InputRecord> ReadDelimited(string path, string column, char sep, RowLimits limits, string? budgetColumn)
     {
         using var reader = new StreamReader(path);
         long line = 1;
         var header = ReadRecord(reader, sep, int.MaxValue, ref line) ?? throw new FormatException($"{path}: the file is empty; a header row naming '{column}' is expected.");
         int col = header.Fields!.IndexOf(column);
         if (col < 0) throw new FormatException($"{path}:1: no column '{column}' in the header ({string.Join(", ", header.Fields)}).");
+        int budgetCol = budgetColumn is null ? -1 : header.Fields.IndexOf(budgetColumn);
         long index = 0;
         while (true)
         {
@@ -113,7 +130,8 @@ internal static class ScoreInput
             if (ReadRecord(reader, sep, limits.MaxBytes, ref line) is not { } record) yield break;
             if (record.Fields is null) yield return new(index++, start, null, $"the record is over --max-row-bytes {limits.MaxBytes} characters", false);
             else if (col >= record.Fields.Count) yield return new(index++, start, null, $"the record has {record.Fields.Count} fields; column '{column}' is field {col + 1}", false);
-            else yield return WithText(index++, start, record.Fields[col], limits);
+            else yield return WithBudget(WithText(index++, start, record.Fields[col], limits), budgetColumn,
+                budgetCol >= 0 && budgetCol < record.Fields.Count ? record.Fields[budgetCol] : null, budgetCol >= 0 && budgetCol < record.Fields.Count);
         }
     }
 

@@ -125,7 +125,7 @@ internal sealed record ScoreManifest(ScoreManifest.JobIdentity Identity, long Ro
 
     /// <summary>Everything that decides an output row: resuming with any of it changed would mix two jobs in one file.</summary>
     public sealed record JobIdentity(string ModelSha256, int Bits, string Input, string InputSha256, string Column, int CompletionTokens,
-        string Engine, int MaxRowChars, string LongRows, int MaxRowBytes)
+        string Engine, int MaxRowChars, string LongRows, int MaxRowBytes, string? Widths = null)
     {
         /// <summary>Throws naming the first difference (the input is compared by content; its path may change).</summary>
         public void CheckSameJob(JobIdentity now, string manifestPath)
@@ -136,6 +136,7 @@ internal sealed record ScoreManifest(ScoreManifest.JobIdentity Identity, long Ro
                 ("input (content SHA-256)", $"{InputSha256} of {Input}", $"{now.InputSha256} of {now.Input}"), ("--column", Column, now.Column),
                 ("--completion-tokens", CompletionTokens, now.CompletionTokens), ("--engine", Engine, now.Engine),
                 ("--max-row-chars", MaxRowChars, now.MaxRowChars), ("--long-rows", LongRows, now.LongRows), ("--max-row-bytes", MaxRowBytes, now.MaxRowBytes),
+                ("widths (--profile, --budget-column, --over-budget)", Widths ?? "", now.Widths ?? ""),
             ];
             foreach (var (what, then, current) in fields)
             {

@@ -54,13 +54,14 @@ public sealed class AnyPrecisionEstimator : IEstimator<AnyPrecisionTransformer>
             ModelDirectory = directory, TokenizerPath = o.TokenizerPath, InputColumnName = o.InputColumnName, Bits = o.Bits ?? 0,
             ScoreText = o.ScoreText, CompletionTokens = o.CompletionTokens, Temperature = o.Temperature, TopK = o.TopK, TopP = o.TopP,
             Seed = o.Seed, Engine = o.Engine, DraftBits = o.DraftBits, DraftTokens = o.DraftTokens,
+            ProfilePath = o.ProfilePath, BudgetColumnName = o.BudgetColumnName, FastestWhenOverBudget = o.FastestWhenOverBudget,
         };
         return new AnyPrecisionTransformer(_ml, settings);
     }
 
     /// <summary>The input schema plus LogLikelihood, TokenCount, Perplexity and Completion.</summary>
     public SchemaShape GetOutputSchema(SchemaShape inputSchema) =>
-        AnyPrecisionTransformer.BuildPipeline(_ml, _options.InputColumnName, "", static (_, _) => { }).GetOutputSchema(inputSchema);
+        AnyPrecisionTransformer.BuildPipeline(_ml, _options.InputColumnName, _options.BudgetColumnName, "", static (_, _) => { }).GetOutputSchema(inputSchema);
 
     private void Quantize(IDataView input, string directory)
     {

@@ -45,6 +45,24 @@ public sealed class AnyPrecisionQuantizeOptions
     /// <summary>Width Transform uses at first (default: the parent width); change it later with <see cref="AnyPrecisionTransformer.Bits"/>.</summary>
     public int? Bits { get; set; }
 
+    /// <summary>
+    /// A precision profile file (one width per linear, written by <c>anyprec profile</c> or <see cref="Quantization.PrecisionProfile.Save"/>):
+    /// rows run at it instead of at <see cref="Bits"/>, a model of its average width from the same parent. Its widths are
+    /// kept in a saved pipeline. Setting <see cref="AnyPrecisionTransformer.Bits"/> later returns to one width.
+    /// </summary>
+    public string? ProfilePath { get; set; }
+
+    /// <summary>
+    /// An optional column of per-row latency budgets (milliseconds per generated token, any numeric type; missing, NaN or
+    /// ≤ 0: no budget). A row with a budget runs at the widest width, or draft/target pair, whose cost measured on this
+    /// machine meets it (<see cref="Generation.PrecisionRouter"/>; costs cached beside the model); the <c>Bits</c> and
+    /// <c>Route</c> output columns say what ran and why.
+    /// </summary>
+    public string? BudgetColumnName { get; set; }
+
+    /// <summary>A budget no width meets: false (default) throws naming the fastest route and its cost; true runs the fastest route and says so in <c>Route</c> ("warning: …").</summary>
+    public bool FastestWhenOverBudget { get; set; }
+
     /// <summary>Add the LogLikelihood, TokenCount and Perplexity columns (one prefill per row).</summary>
     public bool ScoreText { get; set; } = true;
 

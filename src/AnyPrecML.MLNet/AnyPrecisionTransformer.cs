@@ -17,7 +17,8 @@ namespace AnyPrecML.MLNet;
 /// The fitted any-precision model in an ML.NET pipeline. <see cref="Transform"/> is lazy and streaming: for each row of
 /// the text column it adds <c>LogLikelihood</c> (float: the summed log-probability of the text's tokens after BOS),
 /// <c>TokenCount</c> (int: tokens scored), <c>Perplexity</c> (float) and <c>Completion</c> (text), computed at
-/// <see cref="Bits"/> when the row is read. Parallel cursors and <c>PredictionEngine</c> work.
+/// <see cref="Bits"/> (or <see cref="Profile"/>, or the width the router picks for the row's budget) when the row is
+/// read, and <c>Bits</c> (float: the width, or a profile's average), <c>DraftBits</c> and <c>Route</c> saying what ran. Parallel cursors and <c>PredictionEngine</c> work.
 /// </summary>
 /// <remarks>
 /// Defined values: an empty or missing text has TokenCount 0, LogLikelihood 0 and Perplexity NaN, and its completion
@@ -40,6 +41,9 @@ public sealed class AnyPrecisionTransformer : ITransformer, IDisposable
     /// <summary>Column holding the saved settings (a constant, dropped after the mapping).</summary>
     internal const string SettingsColumn = "AnyPrecisionSettings";
 
+    /// <summary>Column the mapping reads a row's latency budget from (the budget column as float, or −1 without one; dropped after the mapping).</summary>
+    internal const string MappingBudgetColumn = "AnyPrecisionBudget";
+
     private readonly MLContext _ml;
     private readonly AnyPrecisionScorer _scorer;
     private readonly ITransformer _inner;
@@ -48,7 +52,7 @@ public sealed class AnyPrecisionTransformer : ITransformer, IDisposable
     {
         _ml = ml;
         _scorer = new AnyPrecisionScorer(settings);
-        _inner = BuildPipeline(ml, settings.InputColumnName, "", _scorer.Map).Fit(EmptyInput(ml, settings.InputColumnName));
+        _inner = BuildPipeline(ml, settings.InputColumnName, settings.BudgetColumnName, "", _scorer.Map).Fit(EmptyInput(ml, settings.InputColumnName, settings.BudgetColumnName));
     }
 
     /// <summary>Width used by <see cref="Transform"/> for rows read from now on; validated against seed..n.</summary>
@@ -57,6 +61,16 @@ public sealed class AnyPrecisionTransformer : ITransformer, IDisposable
     {
         get => _scorer.Bits;
         set => _scorer.Bits = value;
+    }
+
+    /// <summary>
+    /// Per-linear widths rows are read at from now on (null: every linear at <see cref="Bits"/>); setting <see cref="Bits"/> clears it.
+    /// </summary>
+    /// <exception cref="ArgumentException">The profile is not one of this model's.</exception>
+    public PrecisionProfile? Profile
+    {
+        get => _scorer.Profile;
+        set => _scorer.Profile = value;
     }
 
     /// <summary>Every width the model serves: seed..n.</summary>
@@ -92,9 +106,10 @@ public sealed class AnyPrecisionTransformer : ITransformer, IDisposable
     /// </summary>
     void ICanSaveModel.Save(ModelSaveContext ctx)
     {
-        var saved = new SavedSettings(_scorer.Settings with { Bits = Bits }, _scorer.ContentHash);
+        var saved = new SavedSettings(_scorer.Settings with { Bits = Bits, ProfileWidths = Profile?.Widths.ToArray() }, _scorer.ContentHash);
         string encoded = Convert.ToBase64String(JsonSerializer.SerializeToUtf8Bytes(saved));
-        var pipeline = BuildPipeline(_ml, _scorer.Settings.InputColumnName, encoded, MapSaved).Fit(EmptyInput(_ml, _scorer.Settings.InputColumnName));
+        var s = _scorer.Settings;
+        var pipeline = BuildPipeline(_ml, s.InputColumnName, s.BudgetColumnName, encoded, MapSaved).Fit(EmptyInput(_ml, s.InputColumnName, s.BudgetColumnName));
         ((ICanSaveModel)pipeline).Save(ctx);
     }
 
@@ -135,22 +150,28 @@ public sealed class AnyPrecisionTransformer : ITransformer, IDisposable
         return new AnyPrecisionScorer(saved.Settings);
     }
 
-    internal static IEstimator<ITransformer> BuildPipeline(MLContext ml, string inputColumn, string savedSettings, Action<AnyPrecisionInput, AnyPrecisionOutput> map) =>
+    internal static IEstimator<ITransformer> BuildPipeline(MLContext ml, string inputColumn, string? budgetColumn, string savedSettings, Action<AnyPrecisionInput, AnyPrecisionOutput> map) =>
         ml.Transforms.Expression(SettingsColumn, $"x => \"{savedSettings}\"", inputColumn)
             .Append(ml.Transforms.CopyColumns(MappingInputColumn, inputColumn))
+            .Append<ITransformer>(budgetColumn is null
+                ? ml.Transforms.Expression(MappingBudgetColumn, "x => -1.0", inputColumn)
+                : ml.Transforms.Conversion.ConvertType(MappingBudgetColumn, budgetColumn, DataKind.Single))
             .Append(ml.Transforms.CustomMapping(map, ContractName))
-            .Append(ml.Transforms.DropColumns(MappingInputColumn, SettingsColumn));
+            .Append(ml.Transforms.DropColumns(MappingInputColumn, SettingsColumn, MappingBudgetColumn));
 
-    private static IDataView EmptyInput(MLContext ml, string inputColumn)
+    private static IDataView EmptyInput(MLContext ml, string inputColumn, string? budgetColumn)
     {
-        var definition = SchemaDefinition.Create(typeof(TextOnly));
+        var definition = SchemaDefinition.Create(typeof(TextAndBudget));
         definition[0].ColumnName = inputColumn;
-        return ml.Data.LoadFromEnumerable(Array.Empty<TextOnly>(), definition);
+        if (budgetColumn is null) definition.RemoveAt(1);
+        else definition[1].ColumnName = budgetColumn;
+        return ml.Data.LoadFromEnumerable(Array.Empty<TextAndBudget>(), definition);
     }
 
-    private sealed class TextOnly
+    private sealed class TextAndBudget
     {
         public string? Text { get; set; }
+        public float Budget { get; set; }
     }
 }
 
@@ -164,6 +185,10 @@ public sealed class AnyPrecisionInput
     /// <summary>The saved settings (base64 JSON) of a saved pipeline; empty in a fitted one.</summary>
     [ColumnName(AnyPrecisionTransformer.SettingsColumn)]
     public string? Settings { get; set; }
+
+    /// <summary>The row's latency budget in ms per token (NaN or ≤ 0: none).</summary>
+    [ColumnName(AnyPrecisionTransformer.MappingBudgetColumn)]
+    public float Budget { get; set; }
 }
 
 /// <summary>The columns the transform adds.</summary>
@@ -177,6 +202,12 @@ public sealed class AnyPrecisionOutput
     public float Perplexity { get; set; }
     /// <summary>Generated continuation ("" when completions are off).</summary>
     public string Completion { get; set; } = "";
+    /// <summary>Bits per weight the row ran at: its width, or a precision profile's average.</summary>
+    public float Bits { get; set; }
+    /// <summary>Why the row ran at that width when it had a latency budget ("" without one; "warning: …" when over budget by option).</summary>
+    public string Route { get; set; } = "";
+    /// <summary>Draft width the row's completion was drafted at (0: none).</summary>
+    public int DraftBits { get; set; }
 }
 
 /// <summary>Lets ML.NET find the mapping when it loads a saved pipeline.</summary>
@@ -203,6 +234,10 @@ internal sealed record TransformerSettings
     public AnyPrecisionEngineKind Engine { get; init; }
     public int? DraftBits { get; init; }
     public int DraftTokens { get; init; } = 4;
+    public string? ProfilePath { get; init; }
+    public int[]? ProfileWidths { get; init; }
+    public string? BudgetColumnName { get; init; }
+    public bool FastestWhenOverBudget { get; init; }
 }
 
 /// <summary>What a saved pipeline carries: the settings and the content hash of the model they were used with.</summary>
@@ -215,6 +250,8 @@ internal sealed class AnyPrecisionScorer : IDisposable
     private readonly Tokenizer _tokenizer;
     private readonly GenerationOptions _generation;
     private volatile int _bits;
+    private volatile PrecisionProfile? _profile;
+    private readonly Lazy<PrecisionCosts> _costs;
 
     public AnyPrecisionScorer(TransformerSettings settings)
     {
@@ -229,6 +266,8 @@ internal sealed class AnyPrecisionScorer : IDisposable
                 DraftTokens = settings.DraftTokens,
             }.Validated();
             if (settings.DraftBits is int d) Model.CheckBits(d);
+            _profile = settings.ProfilePath is { } path ? PrecisionProfile.Load(Model, path)
+                : settings.ProfileWidths is { } widths ? new PrecisionProfile(Model, widths) : null;
             _engine = settings.Engine == AnyPrecisionEngineKind.Onnx ? new OnnxEngine(Model, new OnnxEngineOptions { Bits = _bits }) : new AnyPrecisionReferenceEngine(Model, _bits);
         }
         catch
@@ -236,7 +275,10 @@ internal sealed class AnyPrecisionScorer : IDisposable
             Model.Dispose();
             throw;
         }
-        Settings = settings with { ModelDirectory = Path.GetFullPath(settings.ModelDirectory) };
+        // The profile's widths travel in the settings (a saved pipeline needs no file beside the model).
+        Settings = settings with { ModelDirectory = Path.GetFullPath(settings.ModelDirectory), ProfilePath = null, ProfileWidths = _profile?.Widths.ToArray() };
+        // Measured on this machine the first time a row has a budget (with the CLI's fingerprint, so `generate` shares the cache).
+        _costs = new Lazy<PrecisionCosts>(() => PrecisionRouter.Load(_engine, Settings.ModelDirectory, $"{_engine.GetType().Name} int8", out _));
     }
 
     public TransformerSettings Settings { get; }
@@ -249,15 +291,37 @@ internal sealed class AnyPrecisionScorer : IDisposable
     public int Bits
     {
         get => _bits;
-        set => _bits = Model.CheckBits(value);
+        set
+        {
+            _bits = Model.CheckBits(value);
+            _profile = null;
+        }
     }
 
+    public PrecisionProfile? Profile
+    {
+        get => _profile;
+        set => _profile = value is null ? null : new PrecisionProfile(Model, value.Widths); // checked against this model
+    }
 
     public void Map(AnyPrecisionInput input, AnyPrecisionOutput output)
     {
         string text = input.Text ?? "";
         int bits = _bits;
-        var engine = new FixedWidth(_engine, bits);
+        var profile = _profile;
+        int? draft = Settings.DraftBits < bits ? Settings.DraftBits : null;
+        var generation = _generation;
+        output.Route = "";
+        if (input.Budget > 0)
+        {
+            var decision = PrecisionRouter.Choose(_costs.Value, input.Budget, Settings.FastestWhenOverBudget);
+            (bits, draft, profile, output.Route) = (decision.Route.Bits, decision.Route.DraftBits, null, decision.Reason);
+            if (draft is not null) generation = generation with { DraftTokens = decision.Route.DraftTokens };
+        }
+        if (profile is not null) draft = null; // drafting runs whole widths
+        output.Bits = profile is null ? bits : (float)profile.AverageBits;
+        output.DraftBits = draft ?? 0;
+        IInferenceEngine engine = profile is null ? new FixedWidth(_engine, bits) : new ProfiledEngine(_engine, profile);
         // BOS + the text's tokens, once: scored, and measured against the context before generating.
         var tokens = text.Length == 0 ? [] : PerplexityEvaluator.Tokenize(_tokenizer, text, bosPerLine: false);
         (output.TokenCount, output.LogLikelihood, output.Perplexity) = (0, 0f, float.NaN);
@@ -268,8 +332,8 @@ internal sealed class AnyPrecisionScorer : IDisposable
             output.LogLikelihood = (float)(-r.Nll * r.Tokens);
             output.Perplexity = (float)r.Perplexity;
         }
-        output.Completion = _generation.MaxTokens > 0 && tokens.Count < Model.Config.MaxSeqLen
-            ? new TextGenerator(engine, _tokenizer).Generate(text, Settings.DraftBits < bits ? _generation with { DraftBits = Settings.DraftBits } : _generation).Text
+        output.Completion = generation.MaxTokens > 0 && tokens.Count < Model.Config.MaxSeqLen
+            ? new TextGenerator(engine, _tokenizer).Generate(text, generation with { DraftBits = draft }).Text
             : "";
     }
 
@@ -289,6 +353,7 @@ internal sealed class AnyPrecisionScorer : IDisposable
         public KvCache CreateCache(int capacity = 0) => engine.CreateCache(capacity);
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits) => engine.Forward(tokens, cache, logits, bits);
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int width) => engine.Forward(tokens, cache, logits, width);
+        public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, IReadOnlyList<int> widths) => engine.Forward(tokens, cache, logits, widths);
         public void Dispose() { }
     }
 }

@@ -228,7 +228,7 @@ public sealed class OnnxEngineTests
             {
                 [DecoderGraph.InputIds] = OrtValue.CreateTensorValueFromMemory(new long[] { 1, 403 }, [1, 2]),
                 [DecoderGraph.PositionIds] = OrtValue.CreateTensorValueFromMemory(new long[] { 0, 1 }, [1, 2]),
-                [DecoderGraph.Bits] = OrtValue.CreateTensorValueFromMemory(new[] { bits }, []),
+                [DecoderGraph.Bits] = OrtValue.CreateTensorValueFromMemory(new[] { bits }, [1]), // one width for every linear
                 [DecoderGraph.SeqLensK] = OrtValue.CreateTensorValueFromMemory(new[] { 1 }, [1]),
                 [DecoderGraph.TotalSequenceLength] = OrtValue.CreateTensorValueFromMemory(new[] { 2 }, []),
                 [DecoderGraph.LogitsStart] = OrtValue.CreateTensorValueFromMemory(new long[] { 0 }, [1]),

@@ -104,15 +104,21 @@ public static class PrecisionRouter
     /// The route for a budget of <paramref name="budgetMs"/> per token: the highest target width some route meets it
     /// with; target-only when that meets it, else its fastest pair.
     /// </summary>
-    /// <exception cref="ArgumentException">No route meets the budget (the message names the fastest and its cost).</exception>
-    public static RouteDecision Choose(PrecisionCosts costs, double budgetMs)
+    /// <param name="costs">The measured costs.</param>
+    /// <param name="budgetMs">Milliseconds per token.</param>
+    /// <param name="fastestWhenUnmet">When no route meets the budget, take the fastest with a reason starting "warning: " instead of throwing.</param>
+    /// <exception cref="ArgumentException">No route meets the budget and <paramref name="fastestWhenUnmet"/> is false (the message names the fastest and its cost).</exception>
+    public static RouteDecision Choose(PrecisionCosts costs, double budgetMs, bool fastestWhenUnmet = false)
     {
+        ArgumentNullException.ThrowIfNull(costs);
         if (!(budgetMs > 0)) throw new ArgumentException($"the latency budget must be positive, not {budgetMs} ms.");
         var meeting = costs.Routes.Where(r => r.MsPerToken <= budgetMs).ToList();
         if (meeting.Count == 0)
         {
             var fastest = costs.Routes.MinBy(r => r.MsPerToken)!;
-            throw new ArgumentException($"no width meets a budget of {budgetMs:0.###} ms per token: the fastest, {Describe(fastest)}, takes {fastest.MsPerToken:0.###} ms on this machine.");
+            string unmet = $"no width meets a budget of {budgetMs:0.###} ms per token: the fastest, {Describe(fastest)}, takes {fastest.MsPerToken:0.###} ms on this machine";
+            if (fastestWhenUnmet) return new RouteDecision(fastest, budgetMs, $"warning: {unmet}; running it, over budget, as asked");
+            throw new ArgumentException(unmet + ".");
         }
         int best = meeting.Max(r => r.Bits);
         var plain = meeting.FirstOrDefault(r => r.Bits == best && r.DraftBits is null);

@@ -34,6 +34,11 @@ public interface IAnyPrecisionEngine : IInferenceEngine
     int Bits { get; set; }
     /// <summary><see cref="IInferenceEngine.Forward"/> at width <paramref name="bits"/> (seed..parent), whatever <see cref="Bits"/> is.</summary>
     void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int bits);
+    /// <summary>
+    /// <see cref="IInferenceEngine.Forward"/> with one width per quantized linear (a precision profile's widths, in the
+    /// model's linear order: layer-major, parts in <see cref="LlamaTensorNames.BlockLinears"/> order), each in seed..parent.
+    /// </summary>
+    void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, IReadOnlyList<int> widths);
 }
 
 /// <summary>An engine's key/value cache: the positions already processed for one sequence.</summary>

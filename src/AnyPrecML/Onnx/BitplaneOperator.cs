@@ -11,8 +11,9 @@ namespace AnyPrecML.Onnx;
 /// The <c>ai.anyprecml.BitplaneLinear</c> operator, written in C# and registered in ONNX Runtime through its C
 /// function table (an <c>OrtCustomOp</c> of <c>[UnmanagedCallersOnly]</c> callbacks; no native shim). A node
 /// names its layer in the <c>layer</c> attribute (or several, comma-separated, sharing x: q,k,v or gate,up, whose
-/// outputs are concatenated; <c>activation = "swiglu"</c> turns gate,up into silu(gate)·up); its inputs are the activations x [..., cols] (fp32) and the
-/// graph's <c>bits</c> (int32 scalar), and its output is W_b·x [..., rows]. Each kernel looks its layer up in an
+/// outputs are concatenated; <c>activation = "swiglu"</c> turns gate,up into silu(gate)·up); its inputs are the
+/// activations x [..., cols] (fp32) and the graph's <c>bits</c> (int32: one width, or one per linear of which each
+/// layer reads its own: a precision profile), and its output is W_b·x [..., rows]. Each kernel looks its layer up in an
 /// <see cref="AnyPrecisionModel"/>, so the bitplanes stay where the model mapped them: one copy however many
 /// sessions or widths use them. Exceptions never cross into native code: they become ORT error statuses,
 /// which ONNX Runtime raises as <see cref="OnnxRuntimeException"/> with the message.
@@ -174,7 +175,7 @@ public sealed unsafe class BitplaneOperator : IDisposable
     /// One node's kernel: its matrices (one, or several sharing x, whose outputs are concatenated), and with
     /// <c>activation = "swiglu"</c> (two matrices, gate then up) the output silu(gate)·up instead of both.
     /// </summary>
-    private sealed class BitplaneKernel(BitplaneOperator owner, BitplaneMatrix[] weights, bool swiglu) : Kernel
+    private sealed class BitplaneKernel(BitplaneOperator owner, BitplaneMatrix[] weights, int[] indices, bool swiglu) : Kernel
     {
         private readonly int _rows = weights.Sum(w => w.Rows), _cols = weights[0].Cols;
         private readonly string _name = string.Join(",", weights.Select(w => w.Name));
@@ -189,21 +190,30 @@ public sealed unsafe class BitplaneOperator : IDisposable
             Span<long> bitsDims = stackalloc long[8];
             long bitsCount = 1;
             foreach (long d in bitsDims[..OrtApiTable.Shape(bv, bitsDims)]) bitsCount *= d;
-            if (bitsCount != 1) throw new ArgumentException($"{_name}: 'bits' must hold one int32, not {bitsCount} values.");
-            int bits = *(int*)OrtApiTable.TensorData(bv);
-            if (bits < weights[0].SeedBits || bits > weights[0].ParentBits)
-                throw new ArgumentOutOfRangeException("bits", bits, $"bits {bits} is outside this model's {weights[0].SeedBits}..{weights[0].ParentBits}.");
+            // One width for every linear, or one per linear (a precision profile), of which each layer reads its own.
+            if (bitsCount != 1 && bitsCount != owner.Model.LinearCount)
+                throw new ArgumentException($"{_name}: 'bits' must hold one int32 or one per linear ({owner.Model.LinearCount}), not {bitsCount} values.");
+            int* widths = (int*)OrtApiTable.TensorData(bv);
+            int bits = widths[bitsCount == 1 ? 0 : indices[0]];
+            bool mixed = false;
+            foreach (int i in indices)
+            {
+                int b = widths[bitsCount == 1 ? 0 : i];
+                if (b < weights[0].SeedBits || b > weights[0].ParentBits)
+                    throw new ArgumentOutOfRangeException("bits", b, $"bits {b} is outside this model's {weights[0].SeedBits}..{weights[0].ParentBits}.");
+                mixed |= b != bits;
+            }
             void* yv = OrtApiTable.KernelOutput(context, 0, dims[..rank]);
             if (tokens == 0) return;
             int m = checked((int)tokens);
             var y = new Span<float>(OrtApiTable.TensorData(yv), checked(m * outRows));
             long start = System.Diagnostics.Stopwatch.GetTimestamp();
-            if (!swiglu) owner.Backend.Multiply(weights, bits, x, m, y);
+            if (!swiglu) Multiply(x, m, y, widths, bitsCount, mixed, bits);
             else
             {
                 if (t_both is null || t_both.Length < m * _rows) t_both = new float[m * _rows];
                 var both = t_both.AsSpan(0, m * _rows);
-                owner.Backend.Multiply(weights, bits, x, m, both);
+                Multiply(x, m, both, widths, bitsCount, mixed, bits);
                 int h = outRows;
                 for (int t = 0; t < m; t++)
                 {
@@ -218,6 +228,20 @@ public sealed unsafe class BitplaneOperator : IDisposable
             }
             Interlocked.Add(ref owner._ticks, System.Diagnostics.Stopwatch.GetTimestamp() - start);
             Interlocked.Increment(ref owner._calls);
+        }
+
+        /// <summary>The node's products, concatenated per token: fused at one width, or matrix by matrix when a profile gives them different widths.</summary>
+        private void Multiply(ReadOnlySpan<float> x, int m, Span<float> y, int* widths, long bitsCount, bool mixed, int bits)
+        {
+            if (!mixed) { owner.Backend.Multiply(weights, bits, x, m, y); return; }
+            int offset = 0;
+            for (int i = 0; i < weights.Length; i++)
+            {
+                var part = new float[m * weights[i].Rows];
+                owner.Backend.Multiply(weights[i], widths[bitsCount == 1 ? 0 : indices[i]], x, m, part);
+                for (int t = 0; t < m; t++) part.AsSpan(t * weights[i].Rows, weights[i].Rows).CopyTo(y.Slice(t * _rows + offset, weights[i].Rows));
+                offset += weights[i].Rows;
+            }
         }
     }
 
@@ -238,9 +262,10 @@ public sealed unsafe class BitplaneOperator : IDisposable
         string layer = OrtApiTable.KernelInfoString(info, "layer")
             ?? throw new ArgumentException($"a {OpType} node has no 'layer' attribute naming its weight.");
         var weights = new List<BitplaneMatrix>();
+        var indices = new List<int>();
         foreach (string name in layer.Split(','))
         {
-            try { weights.Add(owner.Model.Linear(name)); }
+            try { indices.Add(owner.Model.LinearIndex(name)); weights.Add(owner.Model.Linear(indices[^1])); }
             catch (Exception e) when (e is KeyNotFoundException or ArgumentException)
             {
                 throw new ArgumentException($"{OpType}: unknown layer '{name}': the any-precision model has no such quantized linear.", e);
@@ -261,7 +286,7 @@ public sealed unsafe class BitplaneOperator : IDisposable
         if (OrtApiTable.KernelInfoInt64(info, "rows") is long rows && rows != rowsAll
             || OrtApiTable.KernelInfoInt64(info, "cols") is long cols && cols != weights[0].Cols)
             throw new ArgumentException($"{OpType} node for '{layer}' expects [{OrtApiTable.KernelInfoInt64(info, "rows")}, {OrtApiTable.KernelInfoInt64(info, "cols")}]; the model's layers are [{rowsAll}, {weights[0].Cols}].");
-        return new BitplaneKernel(owner, [.. weights], swiglu);
+        return new BitplaneKernel(owner, [.. weights], [.. indices], swiglu);
     }
 
     [UnmanagedCallersOnly]

@@ -14,7 +14,8 @@ namespace AnyPrecML.Onnx;
 /// tensors (embedding, norms, head). The width is the graph input <c>bits</c>, so one session serves every b.
 /// </summary>
 /// <remarks>
-/// Inputs: <c>input_ids</c> int64 [1, S]; <c>position_ids</c> int64 [1, S]; <c>bits</c> int32 scalar;
+/// Inputs: <c>input_ids</c> int64 [1, S]; <c>position_ids</c> int64 [1, S]; <c>bits</c> int32 [1] (every linear's width) or [linears] (one per
+/// linear in <see cref="AnyPrecisionModel.LinearIndex"/> order: a precision profile);
 /// <c>seqlens_k</c> int32 [1] (positions in the cache after this call, minus one); <c>total_sequence_length</c>
 /// int32 scalar; <c>logits_start</c> int64 [1] (first position whose logits are returned: 0 for all, S-1 for the
 /// last); <c>past_key_values.{l}.key|value</c> fp32 [1, kv_heads, capacity, head_dim]. Outputs: <c>logits</c>
@@ -47,7 +48,7 @@ public static class DecoderGraph
         var g = new OnnxGraphBuilder("anyprecision_decoder");
         g.Input(InputIds, DataType.Int64, 1, "sequence");
         g.Input(PositionIds, DataType.Int64, 1, "sequence");
-        g.Input(Bits, DataType.Int32);
+        g.Input(Bits, DataType.Int32, "widths");
         g.Input(SeqLensK, DataType.Int32, 1);
         g.Input(TotalSequenceLength, DataType.Int32);
         g.Input(LogitsStart, DataType.Int64, 1);

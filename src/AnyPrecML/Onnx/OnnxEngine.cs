@@ -150,10 +150,22 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
     /// <see cref="IInferenceEngine.Forward"/> at width <paramref name="bits"/> (for a draft and a target sharing one
     /// engine and one copy of the weights, as in self-speculative decoding).
     /// </summary>
-    public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int bits)
+    public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int bits) => Run(tokens, cache, logits, [_model.CheckBits(bits)]);
+
+    /// <inheritdoc/>
+    public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, IReadOnlyList<int> widths)
+    {
+        ArgumentNullException.ThrowIfNull(widths);
+        // The graph's 'bits' input holds one width for every linear, or one per linear (the operator reads its own).
+        if (widths.Count != _model.LinearCount) throw new ArgumentException($"the model has {_model.LinearCount} linears; {widths.Count} widths given.", nameof(widths));
+        var bitsValue = new int[widths.Count];
+        for (int i = 0; i < bitsValue.Length; i++) bitsValue[i] = _model.CheckBits(widths[i]);
+        Run(tokens, cache, logits, bitsValue);
+    }
+
+    private void Run(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int[] bitsValue)
     {
         var c = Config;
-        _model.CheckBits(bits);
         int n = tokens.Length, vocab = c.VocabSize;
         if (cache is not OnnxKvCache kv || kv.Owner != c) throw new ArgumentException("the cache was not created by this engine.", nameof(cache));
         bool allLogits = ForwardArguments.Check(c, tokens, cache, logits);
@@ -167,7 +179,7 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
             ids[t] = id;
             positions[t] = pos0 + t;
         }
-        int[] bitsValue = [bits], seqLensK = [pos0 + n - 1], total = [pos0 + n];
+        int[] seqLensK = [pos0 + n - 1], total = [pos0 + n];
         long[] logitsStart = [allLogits ? 0 : n - 1];
         var inputs = new List<OrtValue>(_inputNames.Length);
         var outputs = new List<OrtValue>(_outputNames.Length);
@@ -175,7 +187,7 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
         {
             inputs.Add(OrtValue.CreateTensorValueFromMemory(ids, [1, n]));
             inputs.Add(OrtValue.CreateTensorValueFromMemory(positions, [1, n]));
-            inputs.Add(OrtValue.CreateTensorValueFromMemory(bitsValue, []));
+            inputs.Add(OrtValue.CreateTensorValueFromMemory(bitsValue, [bitsValue.Length]));
             inputs.Add(OrtValue.CreateTensorValueFromMemory(seqLensK, [1]));
             inputs.Add(OrtValue.CreateTensorValueFromMemory(total, []));
             inputs.Add(OrtValue.CreateTensorValueFromMemory(logitsStart, [1]));

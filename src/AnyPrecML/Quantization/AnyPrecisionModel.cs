@@ -8,7 +8,7 @@ namespace AnyPrecML.Quantization;
 /// <summary>
 /// An any-precision model on disk (docs/FORMAT.md), opened once: its planes and tables stay in the
 /// memory-mapped safetensors file and are shared by every bit-width served. Nothing is decoded at
-/// open; <see cref="ToWeights"/> dequantizes one width when asked.
+/// open; <see cref="ToWeights(int)"/> dequantizes one width when asked.
 /// </summary>
 public sealed class AnyPrecisionModel : IDisposable
 {
@@ -42,9 +42,25 @@ public sealed class AnyPrecisionModel : IDisposable
         return _linears[layer, i];
     }
 
-    /// <summary>The quantized linear called <paramref name="name"/> (model.layers.{l}.{part}, as <see cref="LinearName"/> writes it).</summary>
+    /// <summary>Quantized linears in the model: layers × <see cref="LlamaTensorNames.BlockLinears"/>.</summary>
+    public int LinearCount => _linears.Length;
+
+    /// <summary>The linear at <paramref name="index"/> of <see cref="LinearIndex"/>'s order (layer-major, parts in <see cref="LlamaTensorNames.BlockLinears"/> order).</summary>
+    public BitplaneMatrix Linear(int index) => _linears[index / _linears.GetLength(1), index % _linears.GetLength(1)];
+
+    /// <summary>The name (model.layers.{l}.{part}) of the linear at <paramref name="index"/>.</summary>
+    public string LinearName(int index) => LinearName(index / _linears.GetLength(1), LlamaTensorNames.BlockLinears[index % _linears.GetLength(1)]);
+
+    /// <summary>The quantized linear called <paramref name="name"/> (model.layers.{l}.{part}, as <see cref="LinearName(int, string)"/> writes it).</summary>
     /// <exception cref="KeyNotFoundException">No quantized linear has that name.</exception>
-    public BitplaneMatrix Linear(string name)
+    public BitplaneMatrix Linear(string name) => Linear(LinearIndex(name));
+
+    /// <summary>
+    /// The position of the linear called <paramref name="name"/> in the order every per-linear list uses (a
+    /// <see cref="PrecisionProfile"/>'s widths, the engine's <c>bits</c> input): layer-major, parts in <see cref="LlamaTensorNames.BlockLinears"/> order.
+    /// </summary>
+    /// <exception cref="KeyNotFoundException">No quantized linear has that name.</exception>
+    public int LinearIndex(string name)
     {
         ArgumentNullException.ThrowIfNull(name);
         const string Prefix = "model.layers.";
@@ -53,7 +69,7 @@ public sealed class AnyPrecisionModel : IDisposable
             int dot = name.IndexOf('.', Prefix.Length);
             if (dot > 0 && int.TryParse(name.AsSpan(Prefix.Length, dot - Prefix.Length), System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int layer)
                 && layer < Config.Layers && Array.IndexOf(LlamaTensorNames.BlockLinears, name[(dot + 1)..]) is int i and >= 0)
-                return _linears[layer, i];
+                return layer * _linears.GetLength(1) + i;
         }
         throw new KeyNotFoundException($"no quantized linear called '{name}' (names look like {LinearName(0, LlamaTensorNames.BlockLinears[0])}).");
     }
@@ -67,6 +83,14 @@ public sealed class AnyPrecisionModel : IDisposable
     {
         CheckBits(bits);
         return LlamaWeights.FromCheckpoint(Checkpoint, (l, part) => Linear(l, part).Dequantize(bits));
+    }
+
+    /// <summary>fp32 weights of <paramref name="profile"/>'s model (each linear dequantized through the table of its own width).</summary>
+    public LlamaWeights ToWeights(PrecisionProfile profile)
+    {
+        ArgumentNullException.ThrowIfNull(profile);
+        int parts = _linears.GetLength(1);
+        return LlamaWeights.FromCheckpoint(Checkpoint, (l, part) => Linear(l, part).Dequantize(profile.Widths[l * parts + Array.IndexOf(LlamaTensorNames.BlockLinears, part)]));
     }
 
     /// <summary>&lt;prefix&gt; of a quantized linear's tensors: model.layers.{l}.{part}.</summary>

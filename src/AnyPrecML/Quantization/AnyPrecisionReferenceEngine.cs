@@ -14,6 +14,7 @@ public sealed class AnyPrecisionReferenceEngine : IAnyPrecisionEngine
 {
     private readonly AnyPrecisionModel _model;
     private readonly ConcurrentDictionary<int, ReferenceEngine> _widths = new();
+    private readonly ConcurrentDictionary<string, ReferenceEngine> _profiles = new(StringComparer.Ordinal);
     private int _bits;
 
     /// <summary>An engine over <paramref name="model"/> (kept open by the caller) running at <paramref name="bits"/> (default: the parent width).</summary>
@@ -48,6 +49,14 @@ public sealed class AnyPrecisionReferenceEngine : IAnyPrecisionEngine
 
     /// <inheritdoc/>
     public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int bits) => AtWidth(bits).Forward(tokens, cache, logits);
+
+    /// <inheritdoc/>
+    public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, IReadOnlyList<int> widths)
+    {
+        ArgumentNullException.ThrowIfNull(widths);
+        string key = string.Join(',', widths);
+        _profiles.GetOrAdd(key, _ => new ReferenceEngine(_model.ToWeights(new PrecisionProfile(_model, widths)))).Forward(tokens, cache, logits);
+    }
 
     /// <summary>Nothing to release (the model is the caller's).</summary>
     public void Dispose() { }
