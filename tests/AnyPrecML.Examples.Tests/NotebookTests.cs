@@ -21,8 +21,18 @@ public sealed class NotebookTests
     public async Task NotebookRunsTopToBottom(string name)
     {
         _ = PackedFeed.Folder;   // the notebooks restore from ../artifacts
+        // The kernel's restore runs `dotnet` as a child of this process: it takes the run's own packages folder.
+        string? previous = Environment.GetEnvironmentVariable("NUGET_PACKAGES");
         Environment.SetEnvironmentVariable("NUGET_PACKAGES", PackedFeed.PackagesFolder);
-        var cells = await NotebookRunner.RunAsync(Repo.At("notebooks", name), TimeSpan.FromMinutes(4));
+        IReadOnlyList<NotebookRunner.Cell> cells;
+        try
+        {
+            cells = await NotebookRunner.RunAsync(Repo.At("notebooks", name), TimeSpan.FromMinutes(4));
+        }
+        finally
+        {
+            Environment.SetEnvironmentVariable("NUGET_PACKAGES", previous);
+        }
         foreach (var c in cells) Console.WriteLine($"cell {c.Number}: {c.Time.TotalSeconds:F1} s");
         string all = string.Concat(cells.Select(c => c.Output));
         // What each notebook is there to show, read from its own output.
