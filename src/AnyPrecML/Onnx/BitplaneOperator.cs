@@ -91,7 +91,7 @@ public sealed unsafe class BitplaneOperator : IDisposable
     /// <summary>Kernel calls so far (all sessions); with <see cref="KernelTicks"/> it separates kernel time from ORT's.</summary>
     public long KernelCalls => Interlocked.Read(ref _calls);
 
-    /// <summary>Stopwatch ticks spent inside <see cref="BitplaneBackend.Multiply"/> so far.</summary>
+    /// <summary>Stopwatch ticks spent inside <see cref="BitplaneBackend.Multiply(IReadOnlyList{BitplaneMatrix}, int, ReadOnlySpan{float}, int, Span{float})"/> so far.</summary>
     public long KernelTicks => Interlocked.Read(ref _ticks);
 
     /// <summary>Stopwatch ticks spent in <see cref="Int8OpType"/> products (the int8 head) so far.</summary>
