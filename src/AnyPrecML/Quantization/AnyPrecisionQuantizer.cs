@@ -63,7 +63,8 @@ public static class AnyPrecisionQuantizer
                 ? pending.Work.GetAwaiter().GetResult()
                 : QuantizeLayer(source, l, part, sensitivity, options, stop.Token);
             current = (l, part, m);
-            next = index + 1 < layers.Count
+            // One thread asked for means no background layer either.
+            next = index + 1 < layers.Count && options.MaxDegreeOfParallelism != 1
                 ? (index + 1, Task.Run(() => QuantizeLayer(source, layers[index + 1].Layer, layers[index + 1].Part, sensitivity, options, stop.Token)))
                 : null;
             progress?.Report(new QuantizeProgress(index + 1, layers.Count, m.Name));
@@ -172,7 +173,7 @@ public static class AnyPrecisionQuantizer
         var results = new RowQuantization[rows];
         Parallel.For(0, rows, new ParallelOptions { MaxDegreeOfParallelism = options.MaxDegreeOfParallelism > 0 ? options.MaxDegreeOfParallelism : -1, CancellationToken = cancellationToken }, r =>
             results[r] = RowQuantizer.Quantize(w.AsSpan(r * cols, cols), s.Row(r), options.SeedBits, options.ParentBits, SplitMix64.Derive(layerSeed, (ulong)r), options.SeedMethod));
-        return BitplaneMatrix.FromRows(AnyPrecisionModel.LinearName(layer, part), results, cols);
+        return BitplaneMatrix.FromRows(AnyPrecisionModel.LinearName(layer, part), results, cols, options.MaxDegreeOfParallelism);
     }
 
     private static int IndexOfNonFinite(ReadOnlySpan<float> values)

@@ -80,8 +80,8 @@ public sealed class BitplaneMatrix
     /// <summary>Bytes a b-bit consumer reads: b planes and the b-bit table.</summary>
     public long BytesRead(int bits) => (long)CheckBits(bits) * Rows * WordsPerRow * 4 + (long)Rows * (1 << bits) * 2;
 
-    /// <summary>Packs quantized rows into planes and fp16 tables.</summary>
-    public static BitplaneMatrix FromRows(string name, IReadOnlyList<RowQuantization> rows, int cols)
+    /// <summary>Packs quantized rows into planes and fp16 tables, rows in parallel on at most <paramref name="maxDegreeOfParallelism"/> threads (≤ 0: all cores).</summary>
+    public static BitplaneMatrix FromRows(string name, IReadOnlyList<RowQuantization> rows, int cols, int maxDegreeOfParallelism = -1)
     {
         if (rows.Count == 0) throw new ArgumentException("no rows.", nameof(rows));
         int seed = rows[0].SeedBits, parent = rows[0].ParentBits, words = (cols + 31) / 32, n = rows.Count;
@@ -93,7 +93,7 @@ public sealed class BitplaneMatrix
             if (rows[r].Codes.Length != cols || rows[r].SeedBits != seed || rows[r].ParentBits != parent) throw new ArgumentException($"row {r} does not match the others.");
         // Rows own disjoint words of every plane, so they pack in parallel: a serial pass here was a fixed
         // share of quantization time that no number of cores shortened.
-        Parallel.For(0, n, r =>
+        Parallel.For(0, n, new ParallelOptions { MaxDegreeOfParallelism = maxDegreeOfParallelism > 0 ? maxDegreeOfParallelism : -1 }, r =>
         {
             var q = rows[r];
             for (int p = 0; p < parent; p++)
