@@ -218,6 +218,101 @@ public sealed class QuantizerTests
     }
 
     [TestMethod]
+    public void ClusteringEveryDistinctValueAloneOrdersTheCodesAsTheValues()
+    {
+        // With at least as many clusters as distinct values each value is its own cluster, so the codes
+        // are the ranks of the values: a check of the row sort on float32 rows (all key bits vary), bf16
+        // rows (two 8-bit passes), signed zeros, subnormals, extremes and a row of one repeated value.
+        var rng = new Random(41);
+        List<float[]> rows =
+        [
+            [0f, -0f, 1e-45f, -1e-45f, float.MaxValue, -float.MaxValue, 1f, -1f, 0.5f, -0.5f, 0f, -2.5e-38f],
+            [3.25f, 3.25f, 3.25f],
+        ];
+        for (int r = 0; r < 6; r++)
+        {
+            var v = new float[rng.Next(2, 240)];
+            for (int i = 0; i < v.Length; i++) v[i] = (float)(TestData.Gaussian(rng) * Math.Pow(10, rng.Next(-6, 3)));
+            if (r % 2 == 1) for (int i = 0; i < v.Length; i++) v[i] = BitConverter.UInt32BitsToSingle(BitConverter.SingleToUInt32Bits(v[i]) & 0xFFFF0000u);
+            rows.Add(v);
+        }
+        foreach (var v in rows)
+        {
+            var (codes, _) = RowQuantizer.Cluster(v, Enumerable.Repeat(1f, v.Length).ToArray(), 256, SeedMethod.Exact, 0);
+            var ranks = v.Distinct().Order().ToList(); // -0 and +0 are one value
+            for (int j = 0; j < v.Length; j++) Assert.AreEqual(ranks.IndexOf(v[j]), codes[j], $"value {v[j]} in a row of {v.Length}");
+        }
+    }
+
+    [TestMethod]
+    public void ExactSeedEqualsAPlainQuadraticDynamicProgramOnWiderRows()
+    {
+        // Rows too wide for brute force but wide enough for every level of the divide-and-conquer recursion:
+        // the reference is the textbook O(k·m²) DP with no monotone-split shortcut, its run costs accumulated
+        // from each run's start (not the quantizer's prefix sums). Values continuous, on a coarse grid (many
+        // ties) and bf16-rounded; weights unit, equal, uniform, χ²-like and partly zero; n below, at and above k.
+        var rng = new Random(29);
+        for (int trial = 0; trial < 120; trial++)
+        {
+            int n = trial % 10 == 0 ? rng.Next(1, 12) : rng.Next(12, 400);
+            int k = new[] { 1, 2, 3, 5, 8, 8, 16, 32, 64, 128 }[rng.Next(10)];
+            int valueKind = trial % 3, weightKind = (trial / 3) % 5;
+            var v = new float[n];
+            var w = new float[n];
+            for (int i = 0; i < n; i++)
+            {
+                double g = TestData.Gaussian(rng) * 0.02;
+                v[i] = valueKind switch
+                {
+                    0 => (float)g,
+                    1 => (float)(Math.Round(g / 0.004) * 0.004),
+                    _ => BitConverter.UInt32BitsToSingle(BitConverter.SingleToUInt32Bits((float)g) & 0xFFFF0000u),
+                };
+                double u = TestData.Gaussian(rng);
+                w[i] = weightKind switch { 0 => 1f, 1 => 0.37f, 2 => (float)rng.NextDouble(), 3 => (float)(u * u), _ => rng.NextDouble() < 0.3 ? 0f : (float)(u * u) };
+            }
+            double reference = QuadraticDp(v, w, k);
+            var (exact, centroids) = RowQuantizer.Cluster(v, w, k, SeedMethod.Exact, 0);
+            double dp = Objective(v, w, exact);
+            Assert.AreEqual(reference, dp, 1e-15 + 1e-9 * reference, $"trial {trial}: n={n} k={k} values kind {valueKind} weights kind {weightKind}");
+            AssertEqualValuesShareCodes(v, exact, $"trial {trial}");
+            Assert.AreEqual(k, centroids.Length);
+        }
+
+        // min over contiguous partitions of the sorted distinct values into at most k runs of Σ w (x − weighted mean)².
+        static double QuadraticDp(float[] v, float[] w, int k)
+        {
+            var groups = v.Select((x, i) => (X: (double)x, W: (double)w[i])).GroupBy(p => p.X).OrderBy(g => g.Key)
+                .Select(g => (X: g.Key, W: g.Sum(p => p.W))).ToArray();
+            int m = groups.Length;
+            var cost = new double[m + 1, m + 1];
+            for (int a = 0; a < m; a++)
+            {
+                double sw = 0, sd = 0, sdd = 0, c = groups[a].X;
+                for (int b = a + 1; b <= m; b++)
+                {
+                    double d = groups[b - 1].X - c, gw = groups[b - 1].W;
+                    sw += gw; sd += gw * d; sdd += gw * d * d;
+                    cost[a, b] = sw > 0 ? Math.Max(0, sdd - sd * sd / sw) : 0;
+                }
+            }
+            var best = new double[m + 1];
+            for (int i = 1; i <= m; i++) best[i] = cost[0, i];
+            for (int j = 2; j <= Math.Min(k, m); j++)
+            {
+                var next = new double[m + 1];
+                for (int i = 0; i <= m; i++)
+                {
+                    next[i] = best[i];
+                    for (int t = j - 1; t < i; t++) next[i] = Math.Min(next[i], best[t] + cost[t, i]);
+                }
+                best = next;
+            }
+            return best[m];
+        }
+    }
+
+    [TestMethod]
     public void ExactSeedIsNeverWorseThanKMeansOnEveryStories260KRowAndTheLlama3Row()
     {
         // Every block linear row of stories260K and the real Llama-3 row, unweighted, weighted by the

@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using System.Text.Json.Nodes;
 using AnyPrecML.Models;
 
@@ -50,15 +49,25 @@ public static class AnyPrecisionQuantizer
         var layers = new List<(int Layer, string Part)>();
         for (int l = 0; l < c.Layers; l++) foreach (var part in LlamaTensorNames.BlockLinears) layers.Add((l, part));
 
-        // One quantized layer is held at a time: computed when its planes are written, dropped after its last table.
+        // The layer being written is held, and the next one is quantized in the background meanwhile, so
+        // reading, packing and writing a layer overlap the row work of the next (two layers in memory at most).
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
         (int Layer, string Part, BitplaneMatrix Matrix)? current = null;
+        (int Index, Task<BitplaneMatrix> Work)? next = null;
         BitplaneMatrix Get(int l, string part)
         {
             if (current is { } cur && cur.Layer == l && cur.Part == part) return cur.Matrix;
             cancellationToken.ThrowIfCancellationRequested();
-            var m = QuantizeLayer(source, l, part, sensitivity, options);
+            int index = layers.IndexOf((l, part));
+            var m = next is { } pending && pending.Index == index
+                ? pending.Work.GetAwaiter().GetResult()
+                : QuantizeLayer(source, l, part, sensitivity, options, stop.Token);
             current = (l, part, m);
-            progress?.Report(new QuantizeProgress(layers.IndexOf((l, part)) + 1, layers.Count, m.Name));
+            // One thread asked for means no background layer either.
+            next = index + 1 < layers.Count && options.MaxDegreeOfParallelism != 1
+                ? (index + 1, Task.Run(() => QuantizeLayer(source, layers[index + 1].Layer, layers[index + 1].Part, sensitivity, options, stop.Token)))
+                : null;
+            progress?.Report(new QuantizeProgress(index + 1, layers.Count, m.Name));
             return m;
         }
 
@@ -111,16 +120,24 @@ public static class AnyPrecisionQuantizer
             ["centroid_layout"] = "F16 [rows, 2^b] per b in seed..n, named <layer>.centroids.<b>",
         };
 
-        var sw = Stopwatch.StartNew();
-        AtomicFile.WriteDirectory(outputDirectory, overwrite, dir =>
+        try
         {
-            SafetensorsWriter.Write(Path.Combine(dir, "model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "anyprecision" });
-            AtomicFile.WriteText(Path.Combine(dir, "config.json"), config.ToJsonString(new() { WriteIndented = true }));
-            if (source.TokenizerPath is not null) Llama2cTokenizerFile.CopyAsSentencePieceModel(source.TokenizerPath, Path.Combine(dir, "tokenizer.model"));
-            // The chat template travels with the tokenizer (AnyPrecML.AI reads it from here).
-            string chatConfig = Path.Combine(source.SourcePath, "tokenizer_config.json");
-            if (Directory.Exists(source.SourcePath) && File.Exists(chatConfig)) File.Copy(chatConfig, Path.Combine(dir, "tokenizer_config.json"));
-        });
+            AtomicFile.WriteDirectory(outputDirectory, overwrite, dir =>
+            {
+                SafetensorsWriter.Write(Path.Combine(dir, "model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "anyprecision" });
+                AtomicFile.WriteText(Path.Combine(dir, "config.json"), config.ToJsonString(new() { WriteIndented = true }));
+                if (source.TokenizerPath is not null) Llama2cTokenizerFile.CopyAsSentencePieceModel(source.TokenizerPath, Path.Combine(dir, "tokenizer.model"));
+                // The chat template travels with the tokenizer (AnyPrecML.AI reads it from here).
+                string chatConfig = Path.Combine(source.SourcePath, "tokenizer_config.json");
+                if (Directory.Exists(source.SourcePath) && File.Exists(chatConfig)) File.Copy(chatConfig, Path.Combine(dir, "tokenizer_config.json"));
+            });
+        }
+        finally
+        {
+            // A write that failed leaves no quantization running behind it (nor its exception unobserved).
+            stop.Cancel();
+            if (next is { } pending) try { pending.Work.Wait(CancellationToken.None); } catch (AggregateException) { }
+        }
     }
 
     /// <summary>What config.json records when q/k rows were permuted from llama2.c order (docs/FORMAT.md gives the formula).</summary>
@@ -139,7 +156,7 @@ public static class AnyPrecisionQuantizer
     }
 
     /// <summary>Quantizes one linear layer of <paramref name="source"/> into planes and tables.</summary>
-    public static BitplaneMatrix QuantizeLayer(LlamaCheckpoint source, int layer, string part, ISensitivitySource sensitivity, QuantizerOptions options)
+    public static BitplaneMatrix QuantizeLayer(LlamaCheckpoint source, int layer, string part, ISensitivitySource sensitivity, QuantizerOptions options, CancellationToken cancellationToken = default)
     {
         var shape = LlamaTensorNames.ShapeOf(source.Config, part);
         int rows = (int)shape[0], cols = (int)shape[1];
@@ -154,9 +171,9 @@ public static class AnyPrecisionQuantizer
                 throw new InvalidDataException($"the {sensitivity.Kind} sensitivity of '{tensor}' is non-finite at [{r}, {sb}] (an overflowing calibration); it cannot weight the k-means.");
         ulong layerSeed = SplitMix64.Derive(options.RandomSeed, (ulong)(layer * LlamaTensorNames.BlockLinears.Length + Array.IndexOf(LlamaTensorNames.BlockLinears, part)));
         var results = new RowQuantization[rows];
-        Parallel.For(0, rows, new ParallelOptions { MaxDegreeOfParallelism = options.MaxDegreeOfParallelism > 0 ? options.MaxDegreeOfParallelism : -1 }, r =>
+        Parallel.For(0, rows, new ParallelOptions { MaxDegreeOfParallelism = options.MaxDegreeOfParallelism > 0 ? options.MaxDegreeOfParallelism : -1, CancellationToken = cancellationToken }, r =>
             results[r] = RowQuantizer.Quantize(w.AsSpan(r * cols, cols), s.Row(r), options.SeedBits, options.ParentBits, SplitMix64.Derive(layerSeed, (ulong)r), options.SeedMethod));
-        return BitplaneMatrix.FromRows(AnyPrecisionModel.LinearName(layer, part), results, cols);
+        return BitplaneMatrix.FromRows(AnyPrecisionModel.LinearName(layer, part), results, cols, options.MaxDegreeOfParallelism);
     }
 
     private static int IndexOfNonFinite(ReadOnlySpan<float> values)

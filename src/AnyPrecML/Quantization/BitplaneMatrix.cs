@@ -80,8 +80,8 @@ public sealed class BitplaneMatrix
     /// <summary>Bytes a b-bit consumer reads: b planes and the b-bit table.</summary>
     public long BytesRead(int bits) => (long)CheckBits(bits) * Rows * WordsPerRow * 4 + (long)Rows * (1 << bits) * 2;
 
-    /// <summary>Packs quantized rows into planes and fp16 tables.</summary>
-    public static BitplaneMatrix FromRows(string name, IReadOnlyList<RowQuantization> rows, int cols)
+    /// <summary>Packs quantized rows into planes and fp16 tables, rows in parallel on at most <paramref name="maxDegreeOfParallelism"/> threads (≤ 0: all cores).</summary>
+    public static BitplaneMatrix FromRows(string name, IReadOnlyList<RowQuantization> rows, int cols, int maxDegreeOfParallelism = -1)
     {
         if (rows.Count == 0) throw new ArgumentException("no rows.", nameof(rows));
         int seed = rows[0].SeedBits, parent = rows[0].ParentBits, words = (cols + 31) / 32, n = rows.Count;
@@ -90,18 +90,27 @@ public sealed class BitplaneMatrix
         var tables = new Half[parent - seed + 1][];
         for (int b = seed; b <= parent; b++) tables[b - seed] = GC.AllocateArray<Half>(n * (1 << b), pinned: true);
         for (int r = 0; r < n; r++)
+            if (rows[r].Codes.Length != cols || rows[r].SeedBits != seed || rows[r].ParentBits != parent) throw new ArgumentException($"row {r} does not match the others.");
+        // Rows own disjoint words of every plane, so they pack in parallel: a serial pass here was a fixed
+        // share of quantization time that no number of cores shortened.
+        Parallel.For(0, n, new ParallelOptions { MaxDegreeOfParallelism = maxDegreeOfParallelism > 0 ? maxDegreeOfParallelism : -1 }, r =>
         {
             var q = rows[r];
-            if (q.Codes.Length != cols || q.SeedBits != seed || q.ParentBits != parent) throw new ArgumentException($"row {r} does not match the others.");
-            for (int j = 0; j < cols; j++)
+            for (int p = 0; p < parent; p++)
             {
-                int code = q.Codes[j];
-                for (int p = 0; p < parent; p++)
-                    planes[((long)p * n + r) * words + (j >> 5)] |= (uint)((code >> (parent - 1 - p)) & 1) << (j & 31);
+                int shift = parent - 1 - p;
+                var dst = planes.AsSpan((int)(((long)p * n + r) * words), words);
+                for (int w = 0; w < words; w++)
+                {
+                    uint word = 0;
+                    int end = Math.Min(32, cols - 32 * w);
+                    for (int bit = 0; bit < end; bit++) word |= (uint)((q.Codes[32 * w + bit] >> shift) & 1) << bit;
+                    dst[w] = word;
+                }
             }
             for (int b = seed; b <= parent; b++)
                 for (int c = 0; c < 1 << b; c++) tables[b - seed][r * (1 << b) + c] = (Half)q.Table(b)[c];
-        }
+        });
         return new BitplaneMatrix(name, n, cols, seed, parent, new ArrayStorage(planes, tables, seed));
     }
 
