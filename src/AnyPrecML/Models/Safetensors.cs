@@ -45,8 +45,8 @@ public static class SafetensorsReader
         var header = file.ReadBytes(8, (int)headerLen, "header");
         // Names are read as strings below; invalid UTF-8 would surface there as a transcoding error (found by ParserMutationTests).
         if (!System.Text.Unicode.Utf8.IsValid(header)) throw new ModelFormatException($"{p}: safetensors header is not valid UTF-8.");
-        try { doc = JsonDocument.Parse(header); }
-        catch (JsonException e) { throw new ModelFormatException($"{p}: safetensors header is not valid JSON: {e.Message}", e); }
+        try { doc = JsonDocument.Parse(header, ModelJson.Options); }
+        catch (JsonException e) { throw ModelJson.Invalid(p, "safetensors header is not valid JSON", e); }
 
         using (doc)
         {

@@ -80,10 +80,9 @@ public sealed class AnyPrecisionModel : IDisposable
         JsonObject section;
         try
         {
-            section = (JsonNode.Parse(File.ReadAllText(cfgPath)) as JsonObject)?["anyprecision"] as JsonObject
+            section = (ModelJson.Parse(cfgPath) as JsonObject)?["anyprecision"] as JsonObject
                 ?? throw new ModelFormatException($"{cfgPath}: no 'anyprecision' section; this is not an any-precision model (quantize it with `anyprec quantize`).");
         }
-        catch (JsonException e) { throw new ModelFormatException($"{cfgPath}: not valid JSON: {e.Message}", e); }
         catch (FileNotFoundException e) { throw new ModelFormatException($"{cfgPath}: config.json is missing.", e); }
 
         int Int(string key)
