@@ -5,9 +5,10 @@
 #
 # Builds tests/AnyPrecML.Fuzz, instruments AnyPrecML.dll, anyprec.dll (score's readers) and Microsoft.ML.Tokenizers.dll
 # with SharpFuzz, then runs afl-fuzz on each target (all of them by default) from the committed seed corpus
-# tests/AnyPrecML.Fuzz/corpus/<target>, one target after another, until N executions (default 100000) or S seconds
-# (default 1800), whichever comes first. Prints one line per target from AFL++'s fuzzer_stats and copies every crash
-# and hang to tests/AnyPrecML.Fuzz/crashes/<target>/, where FuzzReplayTests replays them in the ordinary test run.
+# tests/AnyPrecML.Fuzz/corpus/<target> (with json.dict for the targets that read JSON), one target after another,
+# until N executions (default 100000) or S seconds (default 1800), whichever comes first. Prints one line per target from AFL++'s fuzzer_stats and copies every crash
+# and hang to tests/AnyPrecML.Fuzz/crashes/<target>/ and the inputs AFL++ kept for new coverage to found/<target>/,
+# where FuzzReplayTests replays them in the ordinary test run.
 # Needs afl-fuzz (Debian package afl++) and the sharpfuzz tool (dotnet tool SharpFuzz.CommandLine 2.3.0); both are
 # installed when missing.
 set -euo pipefail
@@ -23,7 +24,7 @@ while [ $# -gt 0 ]; do
     --execs) execs=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set/{/^#/p}' "$0"; exit 0 ;;
     *) targets+=("$1"); shift ;;
   esac
 done
@@ -59,12 +60,20 @@ for t in "${targets[@]}"; do
   findings=$out/findings/$t
   rm -rf "$findings"; mkdir -p "$out/findings"
   # -t: 5 s per input (a first .NET call JITs; a real hang is far longer); -m none: .NET reserves address space.
-  afl-fuzz -i "tests/AnyPrecML.Fuzz/corpus/$t" -o "$findings" -t 5000 -m none -E "$execs" -V "$seconds" \
+  case "$t" in llama2c|tokenizer|score-csv) dict=() ;; *) dict=(-x tests/AnyPrecML.Fuzz/json.dict) ;; esac
+  afl-fuzz -i "tests/AnyPrecML.Fuzz/corpus/$t" -o "$findings" "${dict[@]}" -t 5000 -m none -E "$execs" -V "$seconds" \
     -- dotnet "$bin/AnyPrecML.Fuzz.dll" fuzz "$t" > "$out/$t.log" 2>&1 || { echo "$t: afl-fuzz failed, see $out/$t.log"; status=1; continue; }
   stats=$findings/default/fuzzer_stats
-  stat() { awk -F' *: *' -v k="$1" '$1 == k {print $2}' "$stats"; }
-  printf '%-15s %10s %8s %8s %7s %7s %7s %7s\n' "$t" "$(stat execs_done)" "$(stat run_time)" "$(stat execs_per_sec)" "$(stat corpus_count)" \
-    "$(stat edges_found)" "$(stat saved_crashes)" "$(stat saved_hangs)" | tee -a "$summary"
+  field() { awk -F' *: *' -v k="$1" '$1 == k {print $2}' "$stats"; }
+  printf '%-15s %10s %8s %8s %7s %7s %7s %7s\n' "$t" "$(field execs_done)" "$(field run_time)" "$(field execs_per_sec)" "$(field corpus_count)" \
+    "$(field edges_found)" "$(field saved_crashes)" "$(field saved_hangs)" | tee -a "$summary"
+  # The inputs with new coverage (not the seeds), up to 8 KB each, are kept for replay by the ordinary tests.
+  for f in "$findings/default/queue"/id:*; do
+    case "$f" in *orig:*) continue ;; esac
+    [ "$(stat -c %s "$f")" -le 8192 ] || continue
+    mkdir -p "$repo/tests/AnyPrecML.Fuzz/found/$t"
+    cp "$f" "$repo/tests/AnyPrecML.Fuzz/found/$t/$(sha1sum "$f" | cut -c1-12)"
+  done
   for kind in crashes hangs; do
     for f in "$findings/default/$kind"/id:*; do
       [ -e "$f" ] || continue

@@ -14,17 +14,18 @@ internal static class PerplexityCommand
         var bits = CommonOptions.Bits();
         var engine = CommonOptions.Engine();
         var accuracy = CommonOptions.Accuracy();
+        var device = CommonOptions.Device();
         var text = new Option<string>("--text") { Description = "Text file to evaluate.", Required = true };
         var context = new Option<int>("--context", "-c") { Description = "Tokens per window (0: the model's context).", DefaultValueFactory = _ => 0 };
         var bosPerLine = new Option<bool>("--bos-per-line") { Description = "Treat each non-empty line as a document starting with BOS (one-story-per-line data such as TinyStories)." };
         var truncate = Truncate();
         var command = new Command("perplexity", "Perplexity of a text in non-overlapping windows of the context length, or (--bos-per-line --truncate N) of each line on its first N tokens.")
         {
-            model, tokenizer, bits, engine, accuracy, text, context, bosPerLine, truncate, json,
+            model, tokenizer, bits, engine, accuracy, device, text, context, bosPerLine, truncate, json,
         };
         command.SetAction((r, ct) =>
         {
-            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), log: r.Err());
+            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), r.GetValue(device)!, r.Err());
             string path = r.GetValue(text)!;
             if (!File.Exists(path)) throw new FileNotFoundException($"Text file '{path}' does not exist.", path);
             var progress = new ConsoleProgress<EvaluationProgress>(r.Err(), "perplexity", p => (p.Done, p.Total));

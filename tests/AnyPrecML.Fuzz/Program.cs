@@ -42,7 +42,7 @@ switch (args)
         {
             count++;
             try { if (FuzzTargets.Run(target, workspace, File.ReadAllBytes(file))) accepted++; }
-            catch (FuzzFailure e) { failed++; Console.WriteLine($"{file}: {e.Message}"); }
+            catch (FuzzFailure e) { failed++; Console.WriteLine($"{file}: {e.Message}\n{e.InnerException?.StackTrace}"); }
         }
         Console.WriteLine($"{name}: {count} inputs, {accepted} accepted, {count - accepted - failed} rejected, {failed} crashed");
         return failed == 0 ? 0 : 1;

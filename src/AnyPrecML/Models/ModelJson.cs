@@ -13,8 +13,42 @@ internal static class ModelJson
     public static JsonNode? Parse(string path, string problem = "not valid JSON")
     {
         string text = File.ReadAllText(path);
-        try { return JsonNode.Parse(text, documentOptions: Options); }
-        catch (JsonException e) { throw Invalid(path, problem, e); }
+        using (ParseDocument(path, () => JsonDocument.Parse(text, Options), problem)) { }
+        return JsonNode.Parse(text, documentOptions: Options);
+    }
+
+    /// <summary>
+    /// The document <paramref name="parse"/> returns, with every key and string decoded once. An escaped lone surrogate ("\udc00") is
+    /// valid JSON that no .NET string can hold: JsonDocument's duplicate-key check, JsonElement.GetString and JsonNode
+    /// throw InvalidOperationException on it at first use, wherever that is (found by fuzzing). Here it is a format error.
+    /// </summary>
+    public static JsonDocument ParseDocument(string path, Func<JsonDocument> parse, string problem)
+    {
+        JsonDocument? doc = null;
+        try
+        {
+            doc = parse();
+            CheckStrings(doc.RootElement);
+            return doc;
+        }
+        catch (JsonException e) { doc?.Dispose(); throw Invalid(path, problem, e); }
+        catch (InvalidOperationException e) { doc?.Dispose(); throw new ModelFormatException($"{path}: {problem}: a key or string is not valid Unicode ({OneLine(e.Message)})", e); }
+    }
+
+    private static void CheckStrings(JsonElement e)
+    {
+        switch (e.ValueKind)
+        {
+            case JsonValueKind.Object:
+                foreach (var p in e.EnumerateObject()) { _ = p.Name; CheckStrings(p.Value); }
+                break;
+            case JsonValueKind.Array:
+                foreach (var item in e.EnumerateArray()) CheckStrings(item);
+                break;
+            case JsonValueKind.String:
+                _ = e.GetString();
+                break;
+        }
     }
 
     /// <summary>A format error for <paramref name="e"/>; the parser's message quotes the bad input, whose line breaks and control characters are escaped.</summary>
