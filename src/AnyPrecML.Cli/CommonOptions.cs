@@ -82,6 +82,21 @@ internal static class CommonOptions
         DefaultValueFactory = _ => "auto",
     }.AcceptOnlyFromAmong("auto", "cpu", "cuda");
 
+    /// <summary>
+    /// The ONNX engine on <paramref name="device"/>. With `cuda` in a GPU build on a machine without the CUDA libraries,
+    /// ONNX Runtime fails to load its provider: that is the user's choice of device, not an internal failure, so it is a
+    /// one-line error (exit 2) that names the fallback (`auto` falls back by itself, with a warning).
+    /// </summary>
+    private static OnnxEngine OnnxEngineOn(AnyPrecisionModel ap, int bits, string? accuracy, string device)
+    {
+        var options = new OnnxEngineOptions { Bits = bits, Backend = Backend(accuracy), Device = Enum.Parse<OnnxDevice>(device, ignoreCase: true) };
+        try { return new OnnxEngine(ap, options); }
+        catch (Exception e) when (options.Device == OnnxDevice.Cuda && e is Microsoft.ML.OnnxRuntime.OnnxRuntimeException or DllNotFoundException or EntryPointNotFoundException)
+        {
+            throw new NotSupportedException($"--device cuda: ONNX Runtime's CUDA provider could not start ({e.Message.ReplaceLineEndings(" ")}); are the CUDA libraries installed? --device auto runs on the CPU instead, with a warning.", e);
+        }
+    }
+
     /// <summary>The bitplane backend for an --accuracy value: fp32 forces the CPU fp32 kernels; int8 is the default backend.</summary>
     public static Kernels.BitplaneBackend? Backend(string? accuracy) =>
         accuracy == "fp32" ? new Kernels.CpuBitplaneBackend(accuracy: Kernels.KernelAccuracy.Float32) : null;
@@ -116,8 +131,7 @@ internal static class CommonOptions
                 var tokenizer = LlamaTokenizerLoader.Load(ap.Checkpoint, tokenizerPath);
                 var profile = ResolveProfile(ap, modelPath, bits, profilePath);
                 int b = ap.CheckBits(WholeBits(bits, profile) ?? ap.ParentBits);
-                IAnyPrecisionEngine e = engine == "reference" ? new AnyPrecisionReferenceEngine(ap, b)
-                    : new OnnxEngine(ap, new OnnxEngineOptions { Bits = b, Backend = Backend(accuracy), Device = Enum.Parse<OnnxDevice>(device, ignoreCase: true) });
+                IAnyPrecisionEngine e = engine == "reference" ? new AnyPrecisionReferenceEngine(ap, b) : OnnxEngineOn(ap, b, accuracy, device);
                 if (e is OnnxEngine { DeviceFallback: { } why }) log?.WriteLine($"warning: {why}");
                 // Which kernels run is never silent: the path, its instruction set and the arithmetic.
                 string widths = profile?.ToString() ?? $"{b} bits";

@@ -40,7 +40,8 @@ internal static class EvalCommand
             var tok = LlamaTokenizerLoader.Load(ap.Checkpoint, r.GetValue(tokenizer));
             string textPath = r.GetValue(text)!;
             if (!File.Exists(textPath)) throw new FileNotFoundException($"Text file '{textPath}' does not exist.", textPath);
-            var sequences = PerplexityCommand.Sequences(tok, File.ReadAllText(textPath), r.GetValue(bosPerLine), r.GetValue(truncate), r.GetValue(context), ap.Config.MaxSeqLen);
+            List<int[]> sequences;
+            using (var reader = new StreamReader(textPath)) sequences = PerplexityCommand.Sequences(tok, reader, r.GetValue(bosPerLine), r.GetValue(truncate), r.GetValue(context), ap.Config.MaxSeqLen);
 
             ISensitivitySource? sens = null;
             if (r.GetValue(baselines))
@@ -65,6 +66,7 @@ internal static class EvalCommand
                         : new { bits = x.Bits, anyprecision = Math.Round(x.AnyPrecision, 4), independent = Math.Round(x.Independent.Value, 4), rtn = Math.Round(x.Rtn!.Value, 4) }).ToArray(),
                     tokens = report.Tokens,
                     context = report.ContextLength,
+                    peak_resident_bytes = ScoreCommand.PeakResidentBytes(),
                 });
             }
             else r.Out().Write(Table(report));

@@ -15,26 +15,28 @@ internal static class PerplexityCommand
         var profile = CommonOptions.Profile();
         var engine = CommonOptions.Engine();
         var accuracy = CommonOptions.Accuracy();
+        var device = CommonOptions.Device();
         var text = new Option<string>("--text") { Description = "Text file to evaluate.", Required = true };
         var context = new Option<int>("--context", "-c") { Description = "Tokens per window (0: the model's context).", DefaultValueFactory = _ => 0 };
         var bosPerLine = new Option<bool>("--bos-per-line") { Description = "Treat each non-empty line as a document starting with BOS (one-story-per-line data such as TinyStories)." };
         var truncate = Truncate();
         var command = new Command("perplexity", "Perplexity of a text in non-overlapping windows of the context length, or (--bos-per-line --truncate N) of each line on its first N tokens.")
         {
-            model, tokenizer, bits, profile, engine, accuracy, text, context, bosPerLine, truncate, json,
+            model, tokenizer, bits, profile, engine, accuracy, device, text, context, bosPerLine, truncate, json,
         };
         command.SetAction((r, ct) =>
         {
-            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), log: r.Err(), profilePath: r.GetValue(profile));
+            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), r.GetValue(device)!, r.Err(), r.GetValue(profile));
             string path = r.GetValue(text)!;
             if (!File.Exists(path)) throw new FileNotFoundException($"Text file '{path}' does not exist.", path);
             var progress = new ConsoleProgress<EvaluationProgress>(r.Err(), "perplexity", p => (p.Done, p.Total));
             int cut = r.GetValue(truncate);
-            var sequences = Sequences(m.Tokenizer, File.ReadAllText(path), r.GetValue(bosPerLine), cut, r.GetValue(context), m.Engine.Config.MaxSeqLen);
+            List<int[]> sequences;
+            using (var reader = new StreamReader(path)) sequences = Sequences(m.Tokenizer, reader, r.GetValue(bosPerLine), cut, r.GetValue(context), m.Engine.Config.MaxSeqLen);
             var result = PerplexityEvaluator.EvaluateSequences(m.Engine, sequences, progress, ct);
             string framing = cut > 0 ? "documents" : "windows";
             if (r.GetValue(json))
-                r.WriteJson(new { tokens = result.Tokens, nll = Math.Round(result.Nll, 6), perplexity = Math.Round(result.Perplexity, 4), framing, windows = result.Windows, context = result.ContextLength, widths = Widths(m.Engine) });
+                r.WriteJson(new { tokens = result.Tokens, nll = Math.Round(result.Nll, 6), perplexity = Math.Round(result.Perplexity, 4), framing, windows = result.Windows, context = result.ContextLength, widths = Widths(m.Engine), peak_resident_bytes = ScoreCommand.PeakResidentBytes() });
             else if (cut > 0)
                 r.Out().WriteLine($"{result.Tokens} tokens scored in {result.Windows} documents (first {cut} tokens each, BOS included): nll {result.Nll:F4} nats/token, perplexity {result.Perplexity:F3} ({result.Seconds:F1} s)");
             else
@@ -58,22 +60,28 @@ internal static class PerplexityCommand
         DefaultValueFactory = _ => 0,
     };
 
-    /// <summary>What to score: documents cut to <paramref name="truncate"/> tokens, or windows of <paramref name="context"/> over the stream.</summary>
-    public static List<int[]> Sequences(Microsoft.ML.Tokenizers.Tokenizer tokenizer, string text, bool bosPerLine, int truncate, int context, int maxSeqLen)
+    /// <summary>
+    /// What to score: documents cut to <paramref name="truncate"/> tokens, or windows of <paramref name="context"/> over the
+    /// stream. The text is read and tokenized in pieces (<see cref="TextPieces"/>), so a line of any length costs one
+    /// piece of tokenizer memory; what is kept is the tokens scored (4 bytes each), and with --truncate a line is read
+    /// past once its document is full.
+    /// </summary>
+    public static List<int[]> Sequences(Microsoft.ML.Tokenizers.Tokenizer tokenizer, TextReader text, bool bosPerLine, int truncate, int context, int maxSeqLen)
     {
         if (truncate < 0) throw new ArgumentException($"--truncate {truncate} must be ≥ 0.");
         if (truncate == 0)
         {
             if (context == 0) context = maxSeqLen;
             if (context < 2 || context > maxSeqLen) throw new ArgumentException($"--context {context} must be in 2..{maxSeqLen}.");
-            var tokens = PerplexityEvaluator.Tokenize(tokenizer, text, bosPerLine);
-            if (tokens.Count < 2) throw new ArgumentException($"perplexity needs at least two tokens; the text has {tokens.Count}.");
-            return PerplexityEvaluator.Windows(tokens, context);
+            var windows = PerplexityEvaluator.Windows(PerplexityEvaluator.TokenStream(tokenizer, text, bosPerLine), context);
+            if (windows.Count == 0) throw new ArgumentException("perplexity needs at least two tokens; the text has fewer.");
+            return windows;
         }
         if (!bosPerLine) throw new ArgumentException("--truncate scores each line as a document: give --bos-per-line too.");
         if (context != 0) throw new ArgumentException("--truncate and --context are two framings; give one.");
         if (truncate < 2 || truncate > maxSeqLen) throw new ArgumentException($"--truncate {truncate} must be in 2..{maxSeqLen} (the model's context).");
-        if (string.IsNullOrWhiteSpace(text)) throw new ArgumentException("the text is empty; perplexity needs at least two tokens.");
-        return PerplexityEvaluator.Documents(tokenizer, text, truncate);
+        var documents = PerplexityEvaluator.Documents(tokenizer, text, truncate).ToList();
+        if (documents.Count == 0) throw new ArgumentException("the text is empty; perplexity needs at least two tokens.");
+        return documents;
     }
 }

@@ -26,9 +26,24 @@ internal static class ScoreInput
         if (Separator(path) is not char sep) return;
         using var reader = new StreamReader(path);
         long line = 1;
-        var header = ReadRecord(reader, sep, int.MaxValue, ref line) ?? throw new FormatException($"{path}: the file is empty; a header row naming '{column}' is expected.");
-        foreach (var name in new[] { column, budgetColumn })
-            if (name is not null && header.Fields!.IndexOf(name) < 0) throw new FormatException($"{path}:1: no column '{name}' in the header ({string.Join(", ", header.Fields)}).");
+        var header = ReadRecord(reader, sep, MaxHeaderChars, ref line);
+        ColumnOf(path, column, header);
+        if (budgetColumn is not null) ColumnOf(path, budgetColumn, header);
+    }
+
+    /// <summary>A header longer than this is not a header (a CSV without one, or a damaged file): it is not read into memory whole.</summary>
+    private const int MaxHeaderChars = 1 << 20;
+
+    /// <summary>The index of <paramref name="column"/> in the header; a missing, over-long or column-less header stops the run.</summary>
+    private static int ColumnOf(string path, string column, Record? header)
+    {
+        if (header is not { } h) throw new FormatException($"{path}: the file is empty; a header row naming '{column}' is expected.");
+        if (h.Fields is null) throw new FormatException($"{path}:1: the header is over {MaxHeaderChars} characters; a header row naming '{column}' is expected.");
+        int col = h.Fields.IndexOf(column);
+        if (col >= 0) return col;
+        // The fields are shown as they are only when short and printable (found by fuzzing: a quoted field with a line break split the error).
+        var shown = h.Fields.Take(10).Select(f => f.Length > 40 || f.Any(char.IsControl) ? JsonSerializer.Serialize(f.Length > 40 ? f[..40] + "…" : f) : f);
+        throw new FormatException($"{path}:1: no column '{column}' in the header ({string.Join(", ", shown)}{(h.Fields.Count > 10 ? $", … {h.Fields.Count} fields" : "")}).");
     }
 
     /// <summary>The records of <paramref name="path"/>, in order, with each row's budget from <paramref name="budgetColumn"/> when given; blank JSONL lines are not records.</summary>
@@ -119,10 +134,9 @@ internal static class ScoreInput
     {
         using var reader = new StreamReader(path);
         long line = 1;
-        var header = ReadRecord(reader, sep, int.MaxValue, ref line) ?? throw new FormatException($"{path}: the file is empty; a header row naming '{column}' is expected.");
-        int col = header.Fields!.IndexOf(column);
-        if (col < 0) throw new FormatException($"{path}:1: no column '{column}' in the header ({string.Join(", ", header.Fields)}).");
-        int budgetCol = budgetColumn is null ? -1 : header.Fields.IndexOf(budgetColumn);
+        var header = ReadRecord(reader, sep, MaxHeaderChars, ref line);
+        int col = ColumnOf(path, column, header);
+        int budgetCol = budgetColumn is null ? -1 : ColumnOf(path, budgetColumn, header);
         long index = 0;
         while (true)
         {

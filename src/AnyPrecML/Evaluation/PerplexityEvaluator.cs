@@ -25,7 +25,7 @@ public readonly record struct EvaluationProgress(int Done, int Total);
 /// and every token in it but the first is scored against the tokens before it in the window (the
 /// usual windowing of GPTQ/AWQ/SqueezeLLM WikiText-2 tables). With <c>bosPerLine</c> each non-empty
 /// line is tokenized as its own document starting with BOS and the documents are joined into the stream.
-/// Documents (<see cref="Documents"/>): each non-empty line is one sequence, BOS first, truncated to
+/// Documents (<see cref="Documents(Tokenizer, string, int)"/>): each non-empty line is one sequence, BOS first, truncated to
 /// its first N tokens, scored alone from an empty cache with nothing after the cut: the right framing
 /// for one-document-per-line data such as TinyStories, and the protocol of docs/QUALITY.md.
 /// </summary>
@@ -43,10 +43,27 @@ public static class PerplexityEvaluator
     {
         ArgumentNullException.ThrowIfNull(text);
         if (string.IsNullOrWhiteSpace(text)) throw new ArgumentException("the text is empty; perplexity needs at least two tokens.", nameof(text));
-        if (!bosPerLine) return [.. tokenizer.EncodeToIds(text)];
-        var ids = new List<int>();
-        foreach (var doc in Documents(tokenizer, text, 0)) ids.AddRange(doc);
-        return ids;
+        return [.. TokenStream(tokenizer, new StringReader(text), bosPerLine)];
+    }
+
+    /// <summary>
+    /// The tokens of the text <paramref name="reader"/> holds, read and tokenized piece by piece (<see cref="TextPieces"/>):
+    /// one BOS at the start, or with <paramref name="bosPerLine"/> each non-empty line as a document starting with BOS.
+    /// Memory is bounded by one piece, whatever the length of the text or of its lines.
+    /// </summary>
+    public static IEnumerable<int> TokenStream(Tokenizer tokenizer, TextReader reader, bool bosPerLine)
+    {
+        if (bosPerLine) return Documents(tokenizer, reader, 0).SelectMany(d => d);
+        return Stream();
+        IEnumerable<int> Stream()
+        {
+            bool first = true;
+            foreach (var (piece, _) in TextPieces.Read(reader, tokenizer, splitLines: false))
+            {
+                foreach (int id in Encode(tokenizer, piece, first)) yield return id;
+                first = false;
+            }
+        }
     }
 
     /// <summary>
@@ -56,24 +73,55 @@ public static class PerplexityEvaluator
     public static List<int[]> Documents(Tokenizer tokenizer, string text, int truncate)
     {
         ArgumentNullException.ThrowIfNull(text);
-        ArgumentOutOfRangeException.ThrowIfNegative(truncate);
-        var docs = new List<int[]>();
-        foreach (var line in text.Split('\n'))
-        {
-            if (string.IsNullOrWhiteSpace(line)) continue;
-            var ids = tokenizer.EncodeToIds(line.TrimEnd('\r'));
-            docs.Add([.. truncate > 0 ? ids.Take(truncate) : ids]);
-        }
-        return docs;
+        return [.. Documents(tokenizer, new StringReader(text), truncate)];
     }
 
+    /// <summary>
+    /// The documents of <see cref="Documents(Tokenizer, string, int)"/>, streamed: a line is read and tokenized piece by
+    /// piece, and once a document has <paramref name="truncate"/> tokens the rest of its line is read past, not tokenized.
+    /// </summary>
+    public static IEnumerable<int[]> Documents(Tokenizer tokenizer, TextReader reader, int truncate)
+    {
+        ArgumentNullException.ThrowIfNull(reader);
+        ArgumentOutOfRangeException.ThrowIfNegative(truncate);
+        return Read();
+        IEnumerable<int[]> Read()
+        {
+            var doc = new List<int>();
+            bool lineStart = true;
+            foreach (var (piece, endsLine) in TextPieces.Read(reader, tokenizer, splitLines: true))
+            {
+                bool blankLine = lineStart && endsLine && string.IsNullOrWhiteSpace(piece);
+                if (!blankLine && (truncate == 0 || doc.Count < truncate))
+                    doc.AddRange(Encode(tokenizer, endsLine ? piece.TrimEnd('\r') : piece, lineStart));
+                lineStart = endsLine;
+                if (!endsLine || blankLine) continue;
+                yield return [.. truncate > 0 ? doc.Take(truncate) : doc];
+                doc.Clear();
+            }
+        }
+    }
+
+    /// <summary>The ids of one piece; BOS (when the tokenizer adds one) only for the first piece of a document.</summary>
+    private static IReadOnlyList<int> Encode(Tokenizer tokenizer, string piece, bool first) =>
+        first || tokenizer is not SentencePieceTokenizer sp ? tokenizer.EncodeToIds(piece) : sp.EncodeToIds(piece, addBeginningOfSentence: false, addEndOfSentence: false);
+
     /// <summary>The non-overlapping windows of <paramref name="contextLength"/> tokens of a stream (a last window of one token has nothing to score and is dropped).</summary>
-    public static List<int[]> Windows(IReadOnlyList<int> tokens, int contextLength)
+    public static List<int[]> Windows(IEnumerable<int> tokens, int contextLength)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(contextLength, 2);
         var windows = new List<int[]>();
-        for (int start = 0; start + 1 < tokens.Count; start += contextLength)
-            windows.Add(tokens.Skip(start).Take(contextLength).ToArray());
+        var window = new int[contextLength];
+        int filled = 0;
+        foreach (int id in tokens)
+        {
+            window[filled++] = id;
+            if (filled < contextLength) continue;
+            windows.Add(window);
+            window = new int[contextLength];
+            filled = 0;
+        }
+        if (filled >= 2) windows.Add(window[..filled]);
         return windows;
     }
 

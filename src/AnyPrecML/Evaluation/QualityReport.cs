@@ -25,7 +25,7 @@ public static class QualityEvaluator
     /// <summary>Runs the evaluation over <paramref name="sequences"/>, each from an empty cache.</summary>
     /// <param name="model">The any-precision model.</param>
     /// <param name="original">The checkpoint it was quantized from (fp32 column and baselines).</param>
-    /// <param name="sequences">Windows of a stream (<see cref="PerplexityEvaluator.Windows"/>) or documents (<see cref="PerplexityEvaluator.Documents"/>).</param>
+    /// <param name="sequences">Windows of a stream (<see cref="PerplexityEvaluator.Windows"/>) or documents (<see cref="PerplexityEvaluator.Documents(Microsoft.ML.Tokenizers.Tokenizer, string, int)"/>).</param>
     /// <param name="baselineSensitivity">Sensitivity for the independent baseline (the one the model was quantized with); null skips the baselines.</param>
     /// <param name="randomSeed">Seed of the independent baseline's k-means++ (only with <paramref name="independentMethod"/> kmeans).</param>
     /// <param name="independentMethod">How each width is clustered on its own: exact (default, the strongest independent model) or kmeans.</param>

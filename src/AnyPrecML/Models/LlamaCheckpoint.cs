@@ -104,8 +104,8 @@ public sealed class LlamaCheckpoint : IDisposable
     {
         string cfg = Path.Combine(directory, "config.json");
         if (!File.Exists(cfg)) return false;
-        try { return JsonNode.Parse(File.ReadAllText(cfg)) is JsonObject o && o["anyprecision"] is JsonObject; }
-        catch (JsonException) { return false; }
+        try { return ModelJson.Parse(cfg) is JsonObject o && o["anyprecision"] is JsonObject; }
+        catch (ModelFormatException) { return false; }
     }
 
     private LlamaCheckpoint Validated(bool blockLinears = true)
@@ -243,10 +243,7 @@ public sealed class LlamaCheckpoint : IDisposable
     public static LlamaConfig ReadHuggingFaceConfig(string configPath)
     {
         if (!File.Exists(configPath)) throw new ModelFormatException($"{configPath}: config.json is missing.");
-        JsonNode? root;
-        try { root = JsonNode.Parse(File.ReadAllText(configPath)); }
-        catch (JsonException e) { throw new ModelFormatException($"{configPath}: not valid JSON: {e.Message}", e); }
-        if (root is not JsonObject o) throw new ModelFormatException($"{configPath}: not a JSON object.");
+        if (ModelJson.Parse(configPath) is not JsonObject o) throw new ModelFormatException($"{configPath}: not a JSON object.");
 
         // Every field is read through TryGetValue: a value of the wrong JSON kind is a format error naming the key,
         // never a .NET conversion exception.
@@ -359,17 +356,10 @@ public sealed class LlamaCheckpoint : IDisposable
 
     private static Dictionary<string, string> ReadIndex(string indexPath)
     {
-        try
-        {
-            var root = JsonNode.Parse(File.ReadAllText(indexPath)) as JsonObject;
-            var map = root?["weight_map"] as JsonObject ?? throw new ModelFormatException($"{indexPath}: 'weight_map' is missing.");
-            return map.ToDictionary(kv => kv.Key, kv => kv.Value is JsonValue v && v.TryGetValue<string>(out var shard) ? shard
-                : throw new ModelFormatException($"{indexPath}: the shard of '{kv.Key}' is not a file name."), StringComparer.Ordinal);
-        }
-        catch (JsonException e)
-        {
-            throw new ModelFormatException($"{indexPath}: not a valid safetensors index: {e.Message}", e);
-        }
+        var root = ModelJson.Parse(indexPath, "not a valid safetensors index") as JsonObject;
+        var map = root?["weight_map"] as JsonObject ?? throw new ModelFormatException($"{indexPath}: 'weight_map' is missing.");
+        return map.ToDictionary(kv => kv.Key, kv => kv.Value is JsonValue v && v.TryGetValue<string>(out var shard) ? shard
+            : throw new ModelFormatException($"{indexPath}: the shard of '{kv.Key}' is not a file name."), StringComparer.Ordinal);
     }
 
     /// <summary>Unmaps the files.</summary>

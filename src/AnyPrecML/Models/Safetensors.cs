@@ -41,57 +41,57 @@ public static class SafetensorsReader
         long dataStart = 8 + (long)headerLen;
         long dataLength = file.Length - dataStart;
 
-        JsonDocument doc;
         var header = file.ReadBytes(8, (int)headerLen, "header");
         // Names are read as strings below; invalid UTF-8 would surface there as a transcoding error (found by ParserMutationTests).
         if (!System.Text.Unicode.Utf8.IsValid(header)) throw new ModelFormatException($"{p}: safetensors header is not valid UTF-8.");
-        try { doc = JsonDocument.Parse(header); }
-        catch (JsonException e) { throw new ModelFormatException($"{p}: safetensors header is not valid JSON: {e.Message}", e); }
+        using var doc = ModelJson.ParseDocument(p, () => JsonDocument.Parse(header, ModelJson.Options), "safetensors header is not valid JSON");
+        return Tensors(file, doc, dataStart, dataLength);
+    }
 
-        using (doc)
+    private static (List<TensorView>, Dictionary<string, string>) Tensors(MappedFile file, JsonDocument doc, long dataStart, long dataLength)
+    {
+        string p = file.Path;
+        if (doc.RootElement.ValueKind != JsonValueKind.Object) throw new ModelFormatException($"{p}: safetensors header is not a JSON object.");
+        var tensors = new List<TensorView>();
+        var metadata = new Dictionary<string, string>();
+        var ranges = new List<(long Begin, long End, string Name)>();
+        foreach (var prop in doc.RootElement.EnumerateObject())
         {
-            if (doc.RootElement.ValueKind != JsonValueKind.Object) throw new ModelFormatException($"{p}: safetensors header is not a JSON object.");
-            var tensors = new List<TensorView>();
-            var metadata = new Dictionary<string, string>();
-            var ranges = new List<(long Begin, long End, string Name)>();
-            foreach (var prop in doc.RootElement.EnumerateObject())
+            if (prop.Name == "__metadata__")
             {
-                if (prop.Name == "__metadata__")
-                {
-                    if (prop.Value.ValueKind != JsonValueKind.Object) throw new ModelFormatException($"{p}: __metadata__ is not an object.");
-                    foreach (var m in prop.Value.EnumerateObject())
-                        metadata[m.Name] = m.Value.ValueKind == JsonValueKind.String ? m.Value.GetString()! : m.Value.GetRawText();
-                    continue;
-                }
-                string name = prop.Name;
-                var v = prop.Value;
-                if (v.ValueKind != JsonValueKind.Object
-                    || !v.TryGetProperty("dtype", out var dt) || dt.ValueKind != JsonValueKind.String
-                    || !v.TryGetProperty("shape", out var sh) || sh.ValueKind != JsonValueKind.Array
-                    || !v.TryGetProperty("data_offsets", out var off) || off.ValueKind != JsonValueKind.Array || off.GetArrayLength() != 2)
-                    throw new ModelFormatException($"{p}: tensor '{name}' needs dtype, shape and two data_offsets.");
-                DType dtype = DTypes.Parse(dt.GetString()!) ?? throw new ModelFormatException($"{p}: tensor '{name}' has unknown dtype '{dt.GetString()}'.");
-                var shape = new long[sh.GetArrayLength()];
-                int i = 0;
-                foreach (var d in sh.EnumerateArray())
-                {
-                    if (!d.TryGetInt64(out shape[i]) || shape[i] < 0) throw new ModelFormatException($"{p}: tensor '{name}' has an invalid dimension {d.GetRawText()}.");
-                    i++;
-                }
-                if (!off[0].TryGetInt64(out long begin) || !off[1].TryGetInt64(out long end) || begin < 0 || end < begin || end > dataLength)
-                    throw new ModelFormatException($"{p}: tensor '{name}' has data_offsets [{off[0].GetRawText()}, {off[1].GetRawText()}] outside the {dataLength} data bytes.");
-                long count = TensorView.CheckedElementCount(shape) ?? throw new ModelFormatException($"{p}: tensor '{name}' has a shape whose size overflows.");
-                if (count > long.MaxValue / 8 || count * dtype.Size() != end - begin)
-                    throw new ModelFormatException($"{p}: tensor '{name}' is {dtype.Name()}[{string.Join(", ", shape)}] but its data_offsets span {end - begin} bytes.");
-                ranges.Add((begin, end, name));
-                tensors.Add(new TensorView(name, dtype, shape, file, dataStart + begin));
+                if (prop.Value.ValueKind != JsonValueKind.Object) throw new ModelFormatException($"{p}: __metadata__ is not an object.");
+                foreach (var m in prop.Value.EnumerateObject())
+                    metadata[m.Name] = m.Value.ValueKind == JsonValueKind.String ? m.Value.GetString()! : m.Value.GetRawText();
+                continue;
             }
-            ranges.Sort((a, b) => a.Begin.CompareTo(b.Begin));
-            for (int k = 1; k < ranges.Count; k++)
-                if (ranges[k].Begin < ranges[k - 1].End)
-                    throw new ModelFormatException($"{p}: tensors '{ranges[k - 1].Name}' and '{ranges[k].Name}' overlap.");
-            return (tensors, metadata);
+            string name = prop.Name;
+            var v = prop.Value;
+            if (v.ValueKind != JsonValueKind.Object
+                || !v.TryGetProperty("dtype", out var dt) || dt.ValueKind != JsonValueKind.String
+                || !v.TryGetProperty("shape", out var sh) || sh.ValueKind != JsonValueKind.Array
+                || !v.TryGetProperty("data_offsets", out var off) || off.ValueKind != JsonValueKind.Array || off.GetArrayLength() != 2)
+                throw new ModelFormatException($"{p}: tensor '{name}' needs dtype, shape and two data_offsets.");
+            DType dtype = DTypes.Parse(dt.GetString()!) ?? throw new ModelFormatException($"{p}: tensor '{name}' has unknown dtype '{dt.GetString()}'.");
+            var shape = new long[sh.GetArrayLength()];
+            int i = 0;
+            foreach (var d in sh.EnumerateArray())
+            {
+                if (!d.TryGetInt64(out shape[i]) || shape[i] < 0) throw new ModelFormatException($"{p}: tensor '{name}' has an invalid dimension {d.GetRawText()}.");
+                i++;
+            }
+            if (!off[0].TryGetInt64(out long begin) || !off[1].TryGetInt64(out long end) || begin < 0 || end < begin || end > dataLength)
+                throw new ModelFormatException($"{p}: tensor '{name}' has data_offsets [{off[0].GetRawText()}, {off[1].GetRawText()}] outside the {dataLength} data bytes.");
+            long count = TensorView.CheckedElementCount(shape) ?? throw new ModelFormatException($"{p}: tensor '{name}' has a shape whose size overflows.");
+            if (count > long.MaxValue / 8 || count * dtype.Size() != end - begin)
+                throw new ModelFormatException($"{p}: tensor '{name}' is {dtype.Name()}[{string.Join(", ", shape)}] but its data_offsets span {end - begin} bytes.");
+            ranges.Add((begin, end, name));
+            tensors.Add(new TensorView(name, dtype, shape, file, dataStart + begin));
         }
+        ranges.Sort((a, b) => a.Begin.CompareTo(b.Begin));
+        for (int k = 1; k < ranges.Count; k++)
+            if (ranges[k].Begin < ranges[k - 1].End)
+                throw new ModelFormatException($"{p}: tensors '{ranges[k - 1].Name}' and '{ranges[k].Name}' overlap.");
+        return (tensors, metadata);
     }
 }
 

@@ -104,10 +104,9 @@ public sealed class AnyPrecisionModel : IDisposable
         JsonObject section;
         try
         {
-            section = (JsonNode.Parse(File.ReadAllText(cfgPath)) as JsonObject)?["anyprecision"] as JsonObject
+            section = (ModelJson.Parse(cfgPath) as JsonObject)?["anyprecision"] as JsonObject
                 ?? throw new ModelFormatException($"{cfgPath}: no 'anyprecision' section; this is not an any-precision model (quantize it with `anyprec quantize`).");
         }
-        catch (JsonException e) { throw new ModelFormatException($"{cfgPath}: not valid JSON: {e.Message}", e); }
         catch (FileNotFoundException e) { throw new ModelFormatException($"{cfgPath}: config.json is missing.", e); }
 
         int Int(string key)
@@ -121,6 +120,10 @@ public sealed class AnyPrecisionModel : IDisposable
         if (seed < 1 || seed > parent || parent > 8) throw new ModelFormatException($"{cfgPath}: seed_bits {seed} and parent_bits {parent} must satisfy 1 ≤ seed ≤ parent ≤ 8.");
         string sensitivity = section["sensitivity"] is JsonValue sv && sv.TryGetValue<string>(out var kind) ? kind : "unknown";
 
+        // Read with TryGetValue: a dimension of another JSON kind is a mismatch, not a .NET conversion exception.
+        static long? Dim(JsonNode? n) => n is JsonValue v && v.TryGetValue<long>(out long d) ? d : null;
+        if (section["shapes"] is not (null or JsonObject)) throw new ModelFormatException($"{cfgPath}: anyprecision.shapes must be an object of [rows, cols] per part.");
+
         var cp = LlamaCheckpoint.OpenHuggingFace(directory, blockLinears: false);
         try
         {
@@ -132,7 +135,7 @@ public sealed class AnyPrecisionModel : IDisposable
                     string part = LlamaTensorNames.BlockLinears[i], name = LinearName(l, part);
                     var shape = LlamaTensorNames.ShapeOf(c, part);
                     // Version 2 records [rows, cols] per part (cols is not recoverable from the padded planes); it must agree with the config.
-                    if (section["shapes"]?[part] is JsonArray recorded && (recorded.Count != 2 || recorded[0]?.GetValue<long>() != shape[0] || recorded[1]?.GetValue<long>() != shape[1]))
+                    if (section["shapes"] is JsonObject shapes && shapes[part] is JsonArray recorded && (recorded.Count != 2 || Dim(recorded[0]) != shape[0] || Dim(recorded[1]) != shape[1]))
                         throw new ModelFormatException($"{cfgPath}: anyprecision.shapes.{part} is {recorded.ToJsonString()} but the Llama config gives [{shape[0]},{shape[1]}].");
                     var tables = Enumerable.Range(seed, parent - seed + 1).Select(b => cp[$"{name}.centroids.{b}"]).ToArray();
                     linears[l, i] = BitplaneMatrix.FromTensors(name, (int)shape[0], (int)shape[1], seed, parent, cp[name + ".bitplanes"], tables);
