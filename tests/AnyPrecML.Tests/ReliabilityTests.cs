@@ -254,7 +254,8 @@ public sealed class FileSafetyTests
         using (var child = ChildCli.Start(args))
         {
             var sw = System.Diagnostics.Stopwatch.StartNew();
-            while (Temporaries(dir.Path, "ap").Length == 0)
+            // The marker is written just after the directory is made: wait for it, not only the directory.
+            while (Temporaries(dir.Path, "ap") is not [var tmp] || !File.Exists(Path.Combine(tmp, AtomicFile.PartialMarker)))
             {
                 Assert.IsFalse(child.HasExited, "quantize finished before it could be killed");
                 Assert.IsLessThan(120, sw.Elapsed.TotalSeconds);

@@ -304,7 +304,18 @@ public static class AtomicFile
             string marker = Path.Combine(candidate, PartialMarker);
             string[] owner;
             try { owner = File.ReadAllText(marker).Split(' '); }
-            catch (IOException) { continue; } // no marker: not ours, or already finished; left alone
+            catch (IOException)
+            {
+                // No marker: not ours, or finished, or killed between creating the directory and writing the marker
+                // (microseconds apart). Only the last leaves it empty for long: an empty one over a minute old goes.
+                try
+                {
+                    if (!Directory.EnumerateFileSystemEntries(candidate).Any() && DateTime.UtcNow - Directory.GetCreationTimeUtc(candidate) > TimeSpan.FromMinutes(1))
+                        Directory.Delete(candidate);
+                }
+                catch (IOException) { } catch (UnauthorizedAccessException) { }
+                continue;
+            }
             if (owner.Length != 2 || !int.TryParse(owner[0], out int pid) || !long.TryParse(owner[1], out long ticks) || IsRunning(pid, ticks)) continue;
             try { Directory.Delete(candidate, recursive: true); } catch (IOException) { } catch (UnauthorizedAccessException) { }
         }
