@@ -3,6 +3,7 @@ using System.Diagnostics;
 using System.Text;
 using System.Text.Json;
 using AnyPrecML.MLNet;
+using AnyPrecML.MLNet.Scoring;
 using Microsoft.ML;
 
 namespace AnyPrecML.Cli;
@@ -53,61 +54,36 @@ internal static class ScoreCommand
             // The lock comes first: a second writer is refused before it reads or changes anything.
             using var job = ScoreJob.Lock(outPath, errPath);
             var ml = new MLContext(seed: 0);
-            var options = new AnyPrecisionQuantizeOptions
-            {
-                ModelPath = modelPath, InputColumnName = "Text", Bits = r.GetValue(bits), CompletionTokens = r.GetValue(completion),
-                Engine = r.GetValue(engine) == "reference" ? AnyPrecisionEngineKind.Reference : AnyPrecisionEngineKind.Onnx,
-            };
-            using var transformer = ml.Transforms.AnyPrecisionQuantize(options).Fit(ml.Data.LoadFromEnumerable(Array.Empty<Row>()));
+            var engineKind = r.GetValue(engine) == "reference" ? AnyPrecisionEngineKind.Reference : AnyPrecisionEngineKind.Onnx;
+            int completionTokens = r.GetValue(completion);
+            using var transformer = RowScorer.Open(ml, modelPath, r.GetValue(bits), completionTokens, engineKind);
             var identity = new ScoreManifest.JobIdentity(
                 Quantization.AnyPrecisionModel.ContentHash(modelPath), transformer.Bits, Path.GetFullPath(inPath), ScoreJob.Sha256(inPath),
-                col, options.CompletionTokens, options.Engine.ToString().ToLowerInvariant(), limits.MaxChars, limits.Reject ? "reject" : "truncate", limits.MaxBytes);
+                col, completionTokens, engineKind.ToString().ToLowerInvariant(), limits.MaxChars, limits.Reject ? "reject" : "truncate", limits.MaxBytes);
             long done = job.Start(identity, r.GetValue(resume));
 
             // Rows stream from the file into the lazy transform and out to the files; nothing holds them all.
-            var rows = ScoreInput.Read(inPath, col, limits).Skip(checked((int)done)).Select(x => new Row { Text = x.Text ?? "", Index = x.Index, Line = x.Line, Problem = x.Problem ?? "", Truncated = x.Truncated });
-            var view = transformer.Transform(ml.Data.LoadFromEnumerable(rows));
             var err = r.Err();
             var sw = Stopwatch.StartNew();
             long written = 0, rejected = 0, consumed = done;
-            using (var cursor = view.GetRowCursor(view.Schema))
+            foreach (var row in RowScorer.Score(ml, transformer, ScoreInput.Read(inPath, col, limits).Skip(checked((int)done))))
             {
-                var ll = cursor.GetGetter<float>(view.Schema["LogLikelihood"]);
-                var n = cursor.GetGetter<int>(view.Schema["TokenCount"]);
-                var ppl = cursor.GetGetter<float>(view.Schema["Perplexity"]);
-                var comp = cursor.GetGetter<ReadOnlyMemory<char>>(view.Schema["Completion"]);
-                var index = cursor.GetGetter<long>(view.Schema["Index"]);
-                var line = cursor.GetGetter<long>(view.Schema["Line"]);
-                var problem = cursor.GetGetter<ReadOnlyMemory<char>>(view.Schema["Problem"]);
-                var truncated = cursor.GetGetter<bool>(view.Schema["Truncated"]);
-                float llv = 0, pplv = 0; int nv = 0; long iv = 0, lv = 0; bool tv = false;
-                ReadOnlyMemory<char> cv = default, pv = default;
-                while (cursor.MoveNext())
+                ct.ThrowIfCancellationRequested();
+                if (row.ErrorLine is not null)
                 {
-                    ct.ThrowIfCancellationRequested();
-                    index(ref iv); line(ref lv); problem(ref pv);
-                    if (!pv.IsEmpty)
-                    {
-                        // The model is not run for an invalid row: its output getters are never called.
-                        job.WriteError(AnyPrecCli.ToJsonLine(new { row = iv, line = lv, error = pv.ToString() }));
-                        err.WriteLine($"warning: row {iv} rejected: {pv} ({inPath}:{lv})");
-                        rejected++;
-                    }
-                    else
-                    {
-                        truncated(ref tv);
-                        if (tv) err.WriteLine($"warning: row {iv} is longer than --max-row-chars {limits.MaxChars}; its first {limits.MaxChars} characters are scored ({inPath}:{lv})");
-                        ll(ref llv); n(ref nv); ppl(ref pplv); comp(ref cv);
-                        job.WriteOutput(AnyPrecCli.ToJsonLine(new
-                        {
-                            row = iv, token_count = nv, log_likelihood = Round(llv), perplexity = Round(pplv), completion = cv.ToString(),
-                        }));
-                        written++;
-                    }
-                    consumed++;
-                    if ((consumed - done) % every == 0) job.Checkpoint(consumed, complete: false);
-                    if ((consumed - done) % 100 == 0) err.WriteLine($"score: {consumed} rows ({(consumed - done) / sw.Elapsed.TotalSeconds:F1} rows/s)");
+                    job.WriteError(row.ErrorLine);
+                    err.WriteLine($"warning: row {row.Index} rejected: {row.Problem} ({inPath}:{row.Line})");
+                    rejected++;
                 }
+                else
+                {
+                    if (row.Truncated) err.WriteLine($"warning: row {row.Index} is longer than --max-row-chars {limits.MaxChars}; its first {limits.MaxChars} characters are scored ({inPath}:{row.Line})");
+                    job.WriteOutput(row.OutputLine!);
+                    written++;
+                }
+                consumed++;
+                if ((consumed - done) % every == 0) job.Checkpoint(consumed, complete: false);
+                if ((consumed - done) % 100 == 0) err.WriteLine($"score: {consumed} rows ({(consumed - done) / sw.Elapsed.TotalSeconds:F1} rows/s)");
             }
             job.Checkpoint(consumed, complete: true);
             double seconds = sw.Elapsed.TotalSeconds;
@@ -122,17 +98,6 @@ internal static class ScoreCommand
         });
         return command;
     }
-
-    private sealed class Row
-    {
-        public string Text { get; set; } = "";
-        public long Index { get; set; }
-        public long Line { get; set; }
-        public string Problem { get; set; } = "";
-        public bool Truncated { get; set; }
-    }
-
-    private static double Round(float v) => float.IsFinite(v) ? Math.Round(v, 5) : v;
 
     /// <summary>The kernel's high-water mark of this process's resident memory (VmHWM), or null where there is no /proc.</summary>
     internal static long? PeakResidentBytes()

@@ -2,7 +2,7 @@ using System.Buffers;
 using System.Text;
 using System.Text.Json;
 
-namespace AnyPrecML.Cli;
+namespace AnyPrecML.MLNet.Scoring;
 
 /// <summary>How long a row may be: texts over <see cref="MaxChars"/> are truncated or rejected; raw records over <see cref="MaxBytes"/> are rejected unread.</summary>
 internal sealed record RowLimits(int MaxChars, bool Reject, int MaxBytes);
