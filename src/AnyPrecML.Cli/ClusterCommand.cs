@@ -113,10 +113,10 @@ internal static class ClusterCommand
             var summary = new
             {
                 output = spec.Output, rows = p.Records - p.Rejected, rejected = p.Rejected, shards = p.Shards, shards_scored = p.ShardsScoredNow,
-                shards_already_done = p.ShardsAlreadyDone, retries = p.Retries, bits = spec.Bits, seconds = Math.Round(seconds, 2),
+                shards_already_done = p.ShardsAlreadyDone, retries = p.Retries, silos = p.Silos, bits = spec.Bits, seconds = Math.Round(seconds, 2),
             };
             if (r.GetValue(json)) r.WriteJson(summary);
-            else r.Out().WriteLine($"scored {p.ShardsScoredNow} of {p.Shards} shards ({p.Records - p.Rejected} rows at {spec.Bits} bits) in {seconds:F1} s" +
+            else r.Out().WriteLine($"scored {p.ShardsScoredNow} of {p.Shards} shards ({p.Records - p.Rejected} rows at {spec.Bits} bits) in {seconds:F1} s on {p.Silos} silos" +
                 $"{(p.ShardsAlreadyDone > 0 ? $", {p.ShardsAlreadyDone} already done" : "")}{(p.Retries > 0 ? $", {p.Retries} retried" : "")}" +
                 $"{(p.Rejected > 0 ? $"; {p.Rejected} rejected into {spec.Output}.errors.jsonl" : "")} → {spec.Output}");
             return 0;

@@ -69,6 +69,8 @@ public sealed record ScoringJobProgress
     [Id(10)] public long Rejected { get; init; }
     /// <summary>This activation runs (or ran) the job; false on a fresh activation (its silo died), which needs a resubmission.</summary>
     [Id(11)] public bool Attached { get; init; }
+    /// <summary>Distinct silos that scored the shards done.</summary>
+    [Id(12)] public int Silos { get; init; }
 }
 
 /// <summary>One input record as shipped to a worker (the coordinator reads the input; workers need no access to it).</summary>

@@ -66,9 +66,10 @@ internal sealed class ScoringJobGrain(
         if (spec.ShardRows < 1) throw new ArgumentException($"--shard-rows {spec.ShardRows} must be at least 1.");
         if (state.State.Spec is { } then && Difference(then, spec) is { } diff)
             throw new ArgumentException($"{spec.Output}: this output belongs to a job with {diff}; use another --output for a different job.");
-        if (_run is null || _status == ScoringJobStatus.Failed)
+        if (_run is null || _run.IsCompleted)
         {
-            (_status, _error) = (ScoringJobStatus.Planning, null);
+            // A new submission (or a finished job submitted again): checks the input, then scores what is not done.
+            (_status, _error, _scoredNow, _retries) = (ScoringJobStatus.Planning, null, 0, 0);
             _run = RunAsync(spec);
         }
         return Task.FromResult(Progress());
@@ -85,6 +86,7 @@ internal sealed class ScoringJobGrain(
             Status = _status, Shards = s.Shards.Count, ShardsDone = done.Count, ShardsScoredNow = _scoredNow, ShardsAlreadyDone = _alreadyDone,
             Records = s.Records, RecordsDone = done.Sum(x => (long)x.Records), Retries = _retries, Workers = _workers, Error = _error,
             Rejected = done.Sum(x => (long)x.Rejected), Attached = _run is not null,
+            Silos = done.Select(x => x.ScoredBy).Distinct().Count(),
         };
     }
 
