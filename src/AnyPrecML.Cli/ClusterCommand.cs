@@ -48,8 +48,10 @@ internal static class ClusterCommand
             r.Out().Flush();
             try { await Task.Delay(Timeout.Infinite, ct); }
             catch (OperationCanceledException) { }
-            // Leave the cluster in an orderly way (membership marks this silo dead at once) even when asked to stop.
-            await host.StopAsync(CancellationToken.None);
+            // Leave the cluster in an orderly way (membership marks this silo dead at once), but not forever: with the
+            // membership store gone an orderly exit cannot finish, and the others declare this silo dead by probing.
+            using var grace = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+            await host.StopAsync(grace.Token);
             return 0;
         });
         return command;
@@ -129,6 +131,7 @@ internal static class ClusterCommand
     {
         logging.ClearProviders();
         logging.AddSimpleConsole(o => { o.SingleLine = true; o.TimestampFormat = "HH:mm:ss.fff "; });
+        logging.AddConsole(o => o.LogToStandardErrorThreshold = LogLevel.Trace); // stdout carries only the command's result
         logging.SetMinimumLevel(LogLevel.Warning);
         logging.AddFilter("AnyPrecML", LogLevel.Information);
     }

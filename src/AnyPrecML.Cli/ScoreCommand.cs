@@ -58,7 +58,7 @@ internal static class ScoreCommand
             int completionTokens = r.GetValue(completion);
             using var transformer = RowScorer.Open(ml, modelPath, r.GetValue(bits), completionTokens, engineKind);
             var identity = new ScoreManifest.JobIdentity(
-                Quantization.AnyPrecisionModel.ContentHash(modelPath), transformer.Bits, Path.GetFullPath(inPath), ScoreJob.Sha256(inPath),
+                Quantization.AnyPrecisionModel.ContentHash(modelPath), transformer.Bits, Path.GetFullPath(inPath), ScoreInput.Sha256(inPath),
                 col, completionTokens, engineKind.ToString().ToLowerInvariant(), limits.MaxChars, limits.Reject ? "reject" : "truncate", limits.MaxBytes);
             long done = job.Start(identity, r.GetValue(resume));
 

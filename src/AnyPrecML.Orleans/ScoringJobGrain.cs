@@ -1,5 +1,3 @@
-using System.Security.Cryptography;
-using System.Text;
 using AnyPrecML.MLNet.Scoring;
 using AnyPrecML.Models;
 using Microsoft.Extensions.Logging;
@@ -111,7 +109,7 @@ internal sealed class ScoringJobGrain(
         {
             var limits = new RowLimits(spec.MaxRowChars, spec.RejectLongRows, spec.MaxRowBytes);
             if (!File.Exists(spec.Input)) throw new FileNotFoundException($"{spec.Input}: no input file there (on the silo hosting the job).");
-            string sha = await Task.Run(() => Sha256(spec.Input));
+            string sha = await Task.Run(() => ScoreInput.Sha256(spec.Input));
             var s = state.State;
             if (s.Spec is null)
             {
@@ -126,6 +124,13 @@ internal sealed class ScoringJobGrain(
             }
             else if (s.InputSha256 != sha)
                 throw new InvalidDataException($"{spec.Input}: the input changed since this job started (SHA-256 {sha[..12]}…, the job has {s.InputSha256![..12]}…); use another --output for a new job.");
+            if (s.Complete && !File.Exists(spec.Output))
+            {
+                // Finished once, but the output has since been removed (and with it the shard files): score it again.
+                foreach (var shard in s.Shards) shard.Done = false;
+                (s.Complete, s.ModelSha256) = (false, null);
+                await state.WriteStateAsync();
+            }
             _alreadyDone = s.Shards.Count(x => x.Done);
             _status = ScoringJobStatus.Running;
             if (!s.Complete)
@@ -249,12 +254,6 @@ internal sealed class ScoringJobGrain(
         else File.Delete(errors);
         Concatenate(spec.Output, "output");
         Directory.Delete(ShardDirectory(spec), recursive: true);
-    }
-
-    private static string Sha256(string path)
-    {
-        using var fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 20);
-        return Convert.ToHexStringLower(SHA256.HashData(fs));
     }
 
     /// <summary>The input read forward once: a shard's records are taken at its first record, skipping shards already done.</summary>

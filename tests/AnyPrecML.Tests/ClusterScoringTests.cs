@@ -97,6 +97,21 @@ public sealed class ClusterScoringTests
         }
     }
 
+    [TestMethod]
+    public void ClusterCommandsRejectBadOptionsInOneLine()
+    {
+        var (code, _, err) = Cli.Run("cluster", "score", "-m", Model, "-i", _dir["missing.jsonl"], "-o", _dir["x.jsonl"], "--bits", "4");
+        Assert.AreEqual(2, code);
+        StringAssert.StartsWith(err, "error: no input file there");
+        (code, _, err) = Cli.Run("cluster", "score", "-m", Model, "-i", _dir["in.jsonl"], "-o", _dir["x.jsonl"], "--bits", "4", "--redis", "localhost");
+        Assert.AreEqual(2, code);
+        StringAssert.Contains(err, "must be HOST:PORT");
+        (code, _, err) = Cli.Run("cluster", "silo", "--models", _dir["no-such-dir"]);
+        Assert.AreEqual(2, code);
+        StringAssert.Contains(err, "no models directory there");
+        Assert.AreEqual(1, err.Trim().Split('\n').Length, err);
+    }
+
     /// <summary>
     /// Real processes on loopback with a real Redis: two `anyprec cluster silo` and one `cluster score`; one silo is
     /// killed with SIGKILL mid-job and the output is still `score`'s. Then everything is restarted (silos, client, and
@@ -113,8 +128,7 @@ public sealed class ClusterScoringTests
         var output = _dir["p4.jsonl"];
         string[] score = ["cluster", "score", "-m", Model, "-i", _dir["in.jsonl"], "-o", output, "--bits", "4", "--shard-rows", "2", "--json", .. Cluster()];
 
-        var a = await Child.StartSiloAsync(["cluster", "silo", "--models", _dir["models"], "--port", $"{FreePort()}", "--gateway-port", $"{FreePort()}", .. Cluster()]);
-        var b = await Child.StartSiloAsync(["cluster", "silo", "--models", _dir["models"], "--port", $"{FreePort()}", "--gateway-port", $"{FreePort()}", .. Cluster()]);
+        var (a, b) = await StartTwoSilosAsync(Cluster());
         await using (a)
         await using (b)
         {
@@ -137,8 +151,7 @@ public sealed class ClusterScoringTests
 
         // Restart everything and resubmit: the job state in Redis says every shard is done.
         await redis.RestartAsync();
-        var a2 = await Child.StartSiloAsync(["cluster", "silo", "--models", _dir["models"], "--port", $"{FreePort()}", "--gateway-port", $"{FreePort()}", .. Cluster()]);
-        var b2 = await Child.StartSiloAsync(["cluster", "silo", "--models", _dir["models"], "--port", $"{FreePort()}", "--gateway-port", $"{FreePort()}", .. Cluster()]);
+        var (a2, b2) = await StartTwoSilosAsync(Cluster());
         await using (a2)
         await using (b2)
         {
@@ -152,6 +165,23 @@ public sealed class ClusterScoringTests
             }
             Assert.AreEqual(0, a2.Count("worker: scored shard") + b2.Count("worker: scored shard"), "a restarted silo scored a shard again");
             CollectionAssert.AreEqual(File.ReadAllBytes(_dir["score4.jsonl"]), File.ReadAllBytes(output));
+        }
+    }
+
+    private static async Task<(Child, Child)> StartTwoSilosAsync(string[] cluster)
+    {
+        string[] Silo() => ["cluster", "silo", "--models", _dir["models"], "--port", $"{FreePort()}", "--gateway-port", $"{FreePort()}", .. cluster];
+        var (a, b) = (Child.Start(Silo()), Child.Start(Silo()));
+        try
+        {
+            await Task.WhenAll(a.WaitForSiloAsync(), b.WaitForSiloAsync());
+            return (a, b);
+        }
+        catch
+        {
+            await a.DisposeAsync();
+            await b.DisposeAsync();
+            throw;
         }
     }
 
@@ -186,16 +216,14 @@ public sealed class ClusterScoringTests
         public static Child Start(string[] args) => new("dotnet", [Path.Combine(AppContext.BaseDirectory, "anyprec.dll"), .. args]);
         public static Child StartProgram(string file, string[] args) => new(file, args);
 
-        public static async Task<Child> StartSiloAsync(string[] args)
+        public async Task WaitForSiloAsync()
         {
-            var silo = Start(args);
             var until = DateTime.UtcNow + TimeSpan.FromSeconds(90);
-            while (silo.Count("silo up:") == 0)
+            while (Count("silo up:") == 0)
             {
-                if (silo.Process.HasExited || DateTime.UtcNow > until) Assert.Fail("the silo did not start: " + silo.Output);
+                if (Process.HasExited || DateTime.UtcNow > until) Assert.Fail("the silo did not start: " + Output);
                 await Task.Delay(100);
             }
-            return silo;
         }
 
         public IReadOnlyList<string> Lines() => [.. _lines];
@@ -256,7 +284,11 @@ public sealed class ClusterScoringTests
             var until = DateTime.UtcNow + TimeSpan.FromSeconds(30);
             while (_server.Count("Ready to accept connections") == 0)
             {
-                if (_server.Process.HasExited || DateTime.UtcNow > until) Assert.Fail("redis-server did not start: " + _server.Output);
+                if (_server.Process.HasExited || DateTime.UtcNow > until)
+                {
+                    await _server.DisposeAsync();
+                    Assert.Fail("redis-server did not start: " + _server.Output);
+                }
                 await Task.Delay(50);
             }
         }

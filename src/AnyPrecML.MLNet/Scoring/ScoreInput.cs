@@ -29,6 +29,13 @@ internal static class ScoreInput
         if (header.Fields!.IndexOf(column) < 0) throw new FormatException($"{path}:1: no column '{column}' in the header ({string.Join(", ", header.Fields)}).");
     }
 
+    /// <summary>SHA-256 of the input file, read in a stream (hex): a job's input is recognised by content, not path.</summary>
+    public static string Sha256(string path)
+    {
+        using var fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 20);
+        return Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(fs));
+    }
+
     /// <summary>The records of <paramref name="path"/>, in order; blank JSONL lines are not records.</summary>
     public static IEnumerable<InputRecord> Read(string path, string column, RowLimits limits) =>
         Separator(path) is char sep ? ReadDelimited(path, column, sep, limits) : ReadJsonLines(path, column, limits);
