@@ -145,7 +145,10 @@ public sealed class ClusterScoringTests
             CollectionAssert.AreEqual(File.ReadAllBytes(_dir["score4.jsonl.errors.jsonl"]), File.ReadAllBytes(output + ".errors.jsonl"));
             var shards = ScoredShards(a).Concat(ScoredShards(b)).ToList();
             CollectionAssert.AreEquivalent(Enumerable.Range(0, 20).ToList(), shards.Distinct().ToList(), "every shard scored");
-            Assert.IsLessThanOrEqualTo(21, shards.Count, "only the killed silo's shard in flight may be scored again: " + string.Join(",", shards));
+            // A shard is recorded done before its silo gets another, so at the kill at most one shard per silo is
+            // unrecorded (in flight, or finished while the job's own silo died): only those may be scored again.
+            Assert.IsLessThanOrEqualTo(20 + 2, shards.Count, "more shards scored again than were in flight at the kill: " + string.Join(",", shards));
+            Assert.IsLessThanOrEqualTo(2, shards.GroupBy(k => k).Max(g => g.Count()), string.Join(",", shards));
             await a.StopAsync();
         }
 
