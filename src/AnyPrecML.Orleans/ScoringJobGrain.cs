@@ -120,7 +120,7 @@ internal sealed class ScoringJobGrain(
                 s.Shards = [];
                 for (long first = 0; first < records; first += spec.ShardRows)
                     s.Shards.Add(new ShardState { FirstRecord = first, Records = (int)Math.Min(spec.ShardRows, records - first) });
-                await state.WriteStateAsync();
+                await SaveAsync();
             }
             else if (s.InputSha256 != sha)
                 throw new InvalidDataException($"{spec.Input}: the input changed since this job started (SHA-256 {sha[..12]}…, the job has {s.InputSha256![..12]}…); use another --output for a new job.");
@@ -129,7 +129,7 @@ internal sealed class ScoringJobGrain(
                 // Finished once, but the output has since been removed (and with it the shard files): score it again.
                 foreach (var shard in s.Shards) shard.Done = false;
                 (s.Complete, s.ModelSha256) = (false, null);
-                await state.WriteStateAsync();
+                await SaveAsync();
             }
             _alreadyDone = s.Shards.Count(x => x.Done);
             _status = ScoringJobStatus.Running;
@@ -138,7 +138,7 @@ internal sealed class ScoringJobGrain(
                 await ScoreShardsAsync(spec, limits);
                 await Task.Run(() => Assemble(spec, s));
                 s.Complete = true;
-                await state.WriteStateAsync();
+                await SaveAsync();
             }
             _status = ScoringJobStatus.Complete;
             log.LogInformation("job {Job}: complete, {Scored} shards scored by this activation, {Skipped} already done", spec.Output, _scoredNow, _alreadyDone);
@@ -200,7 +200,7 @@ internal sealed class ScoringJobGrain(
                 await Task.Run(() => WriteShard(spec, job.Shard, result));
                 var shard = s.Shards[job.Shard];
                 (shard.Done, shard.Rejected, shard.ScoredBy) = (true, result.ErrorLines.Count, result.Silo);
-                await state.WriteStateAsync();
+                await SaveAsync();
                 held.Remove(job.Shard);
                 _scoredNow++;
                 continue;
@@ -215,6 +215,31 @@ internal sealed class ScoringJobGrain(
             suspect[job.Silo] = DateTime.UtcNow + SuspectFor;
             pending.Add(job.Shard);
             log.LogWarning("job {Job}: shard {Shard} failed on silo {Silo} ({Error}); handed out again", spec.Output, job.Shard, job.Silo, error.Message);
+        }
+    }
+
+    /// <summary>
+    /// Writes the job state, again after a failure: the in-memory default keeps state in a storage grain, which dies
+    /// with its silo; the write then goes to a fresh one (its version re-read first), so a lost silo does not fail the job.
+    /// </summary>
+    private async Task SaveAsync()
+    {
+        for (int attempt = 1; ; attempt++)
+        {
+            try
+            {
+                await state.WriteStateAsync();
+                return;
+            }
+            catch (Exception e) when (attempt < 5)
+            {
+                log.LogWarning("job {Job}: writing its state failed ({Error}); writing again", this.GetPrimaryKeyString(), e.Message);
+                await Task.Delay(TimeSpan.FromSeconds(attempt));
+                var mine = state.State;
+                try { await state.ReadStateAsync(); }
+                catch (Exception) { } // the next write reports a storage that stays down
+                state.State = mine;
+            }
         }
     }
 
