@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Runtime.InteropServices;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using AnyPrecML.MLNet.Scoring;
 using AnyPrecML.Models;
 
 namespace AnyPrecML.Cli;
@@ -21,6 +22,7 @@ public static class AnyPrecCli
         EvalCommand.Create(),
         ExportCommand.Create(),
         ScoreCommand.Create(),
+        ClusterCommand.Create(),
         ServeCommand.Create(),
         SynthCommand.Create(),
         BenchCommand.Create(),
@@ -114,54 +116,8 @@ public static class AnyPrecCli
 
     private static string OneLine(string s) => s.ReplaceLineEndings(" ").Trim();
 
-    /// <summary>
-    /// Serializes <paramref name="value"/> as one line of JSON. A non-finite number (NaN, ±Inf: a diverged model, an
-    /// empty text's perplexity) is not valid JSON: it is written as null with a sibling "&lt;name&gt;_reason" saying what it was.
-    /// </summary>
-    internal static string ToJsonLine(object value)
-    {
-        var node = JsonSerializer.SerializeToNode(value, JsonWithMarkedNonFinite);
-        return node is null ? "null" : ReplaceNonFinite(node).ToJsonString(Json);
-    }
-
-    // Relaxed escaping: the output is read as JSON, never embedded in HTML, so quotes and non-ASCII text stay readable.
-    internal static readonly JsonSerializerOptions Json = new() { WriteIndented = false, Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
-    private static readonly JsonSerializerOptions JsonWithMarkedNonFinite = new() { WriteIndented = false, Encoder = Json.Encoder, Converters = { new NonFiniteMarker<double>(), new NonFiniteMarker<float>() } };
-
-    // Private-use code point: no number serializes to it and no text the CLI prints starts with it.
-    private const string NonFiniteMark = "\uE000non-finite:";
-
-    private sealed class NonFiniteMarker<T> : System.Text.Json.Serialization.JsonConverter<T> where T : System.Numerics.IFloatingPointIeee754<T>
-    {
-        public override T Read(ref Utf8JsonReader reader, Type typeToConvert, JsonSerializerOptions options) => throw new NotSupportedException();
-
-        public override void Write(Utf8JsonWriter writer, T value, JsonSerializerOptions options)
-        {
-            if (T.IsFinite(value)) writer.WriteRawValue(value.ToString("R", System.Globalization.CultureInfo.InvariantCulture));
-            else writer.WriteStringValue(NonFiniteMark + (T.IsNaN(value) ? "NaN" : T.IsNegative(value) ? "-Infinity" : "Infinity"));
-        }
-    }
-
-    private static JsonNode ReplaceNonFinite(JsonNode node)
-    {
-        static string? Marked(JsonNode? n) => n is JsonValue v && v.TryGetValue<string>(out var s) && s.StartsWith(NonFiniteMark, StringComparison.Ordinal) ? s[NonFiniteMark.Length..] : null;
-        static string Reason(string what) => $"not a finite number ({what})";
-        if (node is JsonObject o)
-            foreach (var (name, child) in o.ToList())
-            {
-                if (Marked(child) is { } what) { o[name] = null; o[name + "_reason"] = Reason(what); }
-                else if (child is JsonArray a)
-                {
-                    var reasons = new List<string>();
-                    for (int i = 0; i < a.Count; i++)
-                        if (Marked(a[i]) is { } w) { a[i] = null; reasons.Add($"[{i}]: {Reason(w)}"); }
-                        else if (a[i] is { } item) ReplaceNonFinite(item);
-                    if (reasons.Count > 0) o[name + "_reason"] = string.Join("; ", reasons);
-                }
-                else if (child is not null) ReplaceNonFinite(child);
-            }
-        return node;
-    }
+    /// <summary>One line of JSON, non-finite numbers as null plus a reason (see <see cref="JsonLines.Format"/>).</summary>
+    internal static string ToJsonLine(object value) => JsonLines.Format(value);
 
     /// <summary>Writes <paramref name="value"/> as one line of JSON (non-finite numbers as null plus a reason).</summary>
     internal static void WriteJson(this ParseResult result, object value) =>

@@ -97,7 +97,7 @@ internal static class InfoCommand
         WriteShape(o, ap.Checkpoint, $"{path} (any-precision, format version {version})");
         o.WriteLine($"  widths {ap.SeedBits}..{ap.ParentBits}: one {ap.ParentBits}-bit parent, seed {ap.SeedBits} bits ({seedMethod ?? "seed method not recorded (format 1)"})");
         o.WriteLine($"  sensitivity {ap.SensitivityKind}; calibration: "
-            + (ap.Calibration is null ? "none (uniform weights need none)" : string.Join(", ", ap.Calibration.Select(kv => $"{kv.Key} {kv.Value?.ToJsonString(AnyPrecCli.Json).Trim('"')}"))));
+            + (ap.Calibration is null ? "none (uniform weights need none)" : string.Join(", ", ap.Calibration.Select(kv => $"{kv.Key} {kv.Value?.ToJsonString(AnyPrecML.MLNet.Scoring.JsonLines.Json).Trim('"')}"))));
         o.WriteLine($"  not recorded by the format: {string.Join("; ", NotRecorded)}");
         o.WriteLine();
         o.WriteLine("| bits | planes 0..b-1 | b-bit table | b-bit model (+ unquantized) |");

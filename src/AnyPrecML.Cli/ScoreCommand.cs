@@ -3,6 +3,7 @@ using System.Diagnostics;
 using System.Text;
 using System.Text.Json;
 using AnyPrecML.MLNet;
+using AnyPrecML.MLNet.Scoring;
 using Microsoft.ML;
 
 namespace AnyPrecML.Cli;
@@ -58,76 +59,43 @@ internal static class ScoreCommand
             // The lock comes first: a second writer is refused before it reads or changes anything.
             using var job = ScoreJob.Lock(outPath, errPath);
             var ml = new MLContext(seed: 0);
+            var engineKind = r.GetValue(engine) == "reference" ? AnyPrecisionEngineKind.Reference : AnyPrecisionEngineKind.Onnx;
+            int completionTokens = r.GetValue(completion);
             string? profilePath = CommonOptions.ProfilePath(modelPath, r.GetValue(bits), r.GetValue(profile));
-            var options = new AnyPrecisionQuantizeOptions
-            {
-                ModelPath = modelPath, InputColumnName = "Text", CompletionTokens = r.GetValue(completion),
-                Bits = profilePath is null && r.GetValue(bits) is double whole ? checked((int)whole) : null, ProfilePath = profilePath,
-                BudgetColumnName = budgetCol is null ? null : "Budget", FastestWhenOverBudget = r.GetValue(overBudget) == "fastest",
-                Engine = r.GetValue(engine) == "reference" ? AnyPrecisionEngineKind.Reference : AnyPrecisionEngineKind.Onnx,
-            };
-            using var transformer = ml.Transforms.AnyPrecisionQuantize(options).Fit(ml.Data.LoadFromEnumerable(Array.Empty<Row>()));
+            using var transformer = RowScorer.Open(ml, modelPath, profilePath is null && r.GetValue(bits) is double whole ? checked((int)whole) : null, completionTokens, engineKind,
+                profilePath, budgets: budgetCol is not null, fastestWhenOverBudget: r.GetValue(overBudget) == "fastest");
             var identity = new ScoreManifest.JobIdentity(
-                Quantization.AnyPrecisionModel.ContentHash(modelPath), transformer.Bits, Path.GetFullPath(inPath), ScoreJob.Sha256(inPath),
-                col, options.CompletionTokens, options.Engine.ToString().ToLowerInvariant(), limits.MaxChars, limits.Reject ? "reject" : "truncate", limits.MaxBytes,
+                Quantization.AnyPrecisionModel.ContentHash(modelPath), transformer.Bits, Path.GetFullPath(inPath), ScoreInput.Sha256(inPath),
+                col, completionTokens, engineKind.ToString().ToLowerInvariant(), limits.MaxChars, limits.Reject ? "reject" : "truncate", limits.MaxBytes,
                 $"profile [{string.Join(",", transformer.Profile?.Widths ?? [])}], budget column {budgetCol ?? "none"}, over budget {r.GetValue(overBudget)}");
             long done = job.Start(identity, r.GetValue(resume));
 
             // Rows stream from the file into the lazy transform and out to the files; nothing holds them all.
-            var rows = ScoreInput.Read(inPath, col, limits, budgetCol).Skip(checked((int)done))
-                .Select(x => new Row { Text = x.Text ?? "", Index = x.Index, Line = x.Line, Problem = x.Problem ?? "", Truncated = x.Truncated, Budget = (float)(x.Budget ?? double.NaN) });
-            var view = transformer.Transform(ml.Data.LoadFromEnumerable(rows));
             var err = r.Err();
             // A first pass counts the rows (cheap beside running the model on each) so the progress has a total and an ETA.
             long total = ScoreInput.Read(inPath, col, limits).LongCount();
             var progress = new ConsoleProgress<long>(err, "score", n => (n, total - done), "rows");
             var sw = Stopwatch.StartNew();
             long written = 0, rejected = 0, consumed = done;
-            using (var cursor = view.GetRowCursor(view.Schema))
+            foreach (var row in RowScorer.Score(ml, transformer, ScoreInput.Read(inPath, col, limits, budgetCol).Skip(checked((int)done))))
             {
-                var ll = cursor.GetGetter<float>(view.Schema["LogLikelihood"]);
-                var n = cursor.GetGetter<int>(view.Schema["TokenCount"]);
-                var ppl = cursor.GetGetter<float>(view.Schema["Perplexity"]);
-                var comp = cursor.GetGetter<ReadOnlyMemory<char>>(view.Schema["Completion"]);
-                var index = cursor.GetGetter<long>(view.Schema["Index"]);
-                var line = cursor.GetGetter<long>(view.Schema["Line"]);
-                var problem = cursor.GetGetter<ReadOnlyMemory<char>>(view.Schema["Problem"]);
-                var truncated = cursor.GetGetter<bool>(view.Schema["Truncated"]);
-                var width = cursor.GetGetter<float>(view.Schema["Bits"]);
-                var draft = cursor.GetGetter<int>(view.Schema["DraftBits"]);
-                var route = cursor.GetGetter<ReadOnlyMemory<char>>(view.Schema["Route"]);
-                var budget = cursor.GetGetter<float>(view.Schema["Budget"]);
-                float llv = 0, pplv = 0, wv = 0, bv = 0; int nv = 0, dv = 0; long iv = 0, lv = 0; bool tv = false;
-                ReadOnlyMemory<char> cv = default, pv = default, rv = default;
-                while (cursor.MoveNext())
+                ct.ThrowIfCancellationRequested();
+                if (row.ErrorLine is not null)
                 {
-                    ct.ThrowIfCancellationRequested();
-                    index(ref iv); line(ref lv); problem(ref pv);
-                    if (!pv.IsEmpty)
-                    {
-                        // The model is not run for an invalid row: its output getters are never called.
-                        job.WriteError(AnyPrecCli.ToJsonLine(new { row = iv, line = lv, error = pv.ToString() }));
-                        progress.Line($"warning: row {iv} rejected: {pv} ({inPath}:{lv})");
-                        rejected++;
-                    }
-                    else
-                    {
-                        truncated(ref tv);
-                        if (tv) progress.Line($"warning: row {iv} is longer than --max-row-chars {limits.MaxChars}; its first {limits.MaxChars} characters are scored ({inPath}:{lv})");
-                        ll(ref llv); n(ref nv); ppl(ref pplv); comp(ref cv); width(ref wv); draft(ref dv); route(ref rv); budget(ref bv);
-                        // The width each row ran at is in its line; a budgeted row also says what the router chose and why.
-                        object? routed = float.IsNaN(bv) ? null : new { budget_ms = bv, bits = (int)wv, draft_bits = dv == 0 ? (int?)null : dv, reason = rv.ToString() };
-                        if (rv.Span.StartsWith("warning: ")) progress.Line($"{rv} (row {iv}, {inPath}:{lv})");
-                        job.WriteOutput(AnyPrecCli.ToJsonLine(new
-                        {
-                            row = iv, token_count = nv, log_likelihood = Round(llv), perplexity = Round(pplv), completion = cv.ToString(), bits = Math.Round(wv, 4), route = routed,
-                        }));
-                        written++;
-                    }
-                    consumed++;
-                    if ((consumed - done) % every == 0) job.Checkpoint(consumed, complete: false);
-                    progress.Report(consumed - done);
+                    job.WriteError(row.ErrorLine);
+                    progress.Line($"warning: row {row.Index} rejected: {row.Problem} ({inPath}:{row.Line})");
+                    rejected++;
                 }
+                else
+                {
+                    if (row.Truncated) progress.Line($"warning: row {row.Index} is longer than --max-row-chars {limits.MaxChars}; its first {limits.MaxChars} characters are scored ({inPath}:{row.Line})");
+                    if (row.RouteWarning is not null) progress.Line($"{row.RouteWarning} (row {row.Index}, {inPath}:{row.Line})");
+                    job.WriteOutput(row.OutputLine!);
+                    written++;
+                }
+                consumed++;
+                if ((consumed - done) % every == 0) job.Checkpoint(consumed, complete: false);
+                progress.Report(consumed - done);
             }
             job.Checkpoint(consumed, complete: true);
             double seconds = sw.Elapsed.TotalSeconds;
@@ -142,18 +110,6 @@ internal static class ScoreCommand
         });
         return command;
     }
-
-    private sealed class Row
-    {
-        public string Text { get; set; } = "";
-        public long Index { get; set; }
-        public long Line { get; set; }
-        public string Problem { get; set; } = "";
-        public bool Truncated { get; set; }
-        public float Budget { get; set; } = float.NaN;
-    }
-
-    private static double Round(float v) => float.IsFinite(v) ? Math.Round(v, 5) : v;
 
     /// <summary>The kernel's high-water mark of this process's resident memory (VmHWM), or null where there is no /proc.</summary>
     internal static long? PeakResidentBytes()

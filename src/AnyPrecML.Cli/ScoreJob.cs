@@ -1,4 +1,3 @@
-using System.Security.Cryptography;
 using System.Text;
 using System.Text.Json;
 using AnyPrecML.Models;
@@ -108,13 +107,6 @@ internal sealed class ScoreJob : IDisposable
         bool unused = _created && _identity is null && _output.Length == 0;
         _output.Dispose();
         if (unused) File.Delete(_outputPath);
-    }
-
-    /// <summary>SHA-256 of a file, read in a stream (hex).</summary>
-    public static string Sha256(string path)
-    {
-        using var fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 20);
-        return Convert.ToHexStringLower(SHA256.HashData(fs));
     }
 }
 

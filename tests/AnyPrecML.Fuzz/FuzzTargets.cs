@@ -1,4 +1,5 @@
 using AnyPrecML.Cli;
+using AnyPrecML.MLNet.Scoring;
 using AnyPrecML.Models;
 using AnyPrecML.Quantization;
 using AnyPrecML.Reference;

@@ -1,5 +1,6 @@
 using System.Text;
 using AnyPrecML.Cli;
+using AnyPrecML.MLNet.Scoring;
 using AnyPrecML.Models;
 using AnyPrecML.Quantization;
 

@@ -2,7 +2,7 @@ using System.Buffers;
 using System.Text;
 using System.Text.Json;
 
-namespace AnyPrecML.Cli;
+namespace AnyPrecML.MLNet.Scoring;
 
 /// <summary>How long a row may be: texts over <see cref="MaxChars"/> are truncated or rejected; raw records over <see cref="MaxBytes"/> are rejected unread.</summary>
 internal sealed record RowLimits(int MaxChars, bool Reject, int MaxBytes);
@@ -60,6 +60,13 @@ internal static class ScoreInput
         return double.TryParse(raw, System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out double ms) && ms > 0 && double.IsFinite(ms)
             ? record with { Budget = ms }
             : record with { Text = null, Problem = $"budget column '{budgetColumn}' holds '{raw}', not a positive number of milliseconds", Truncated = false };
+    }
+
+    /// <summary>SHA-256 of the input file, read in a stream (hex): a job's input is recognised by content, not path.</summary>
+    public static string Sha256(string path)
+    {
+        using var fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 20);
+        return Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(fs));
     }
 
     private static char? Separator(string path) => Path.GetExtension(path).ToLowerInvariant() switch
