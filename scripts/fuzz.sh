@@ -3,7 +3,7 @@
 #
 #   scripts/fuzz.sh [--execs N] [--seconds S] [--out DIR] [target ...]
 #
-# Builds tests/AnyPrecML.Fuzz, instruments AnyPrecML.dll, anyprec.dll (score's readers) and Microsoft.ML.Tokenizers.dll
+# Builds tests/AnyPrecML.Fuzz, instruments AnyPrecML.dll, AnyPrecML.MLNet.dll (score's readers), anyprec.dll and Microsoft.ML.Tokenizers.dll
 # with SharpFuzz, then runs afl-fuzz on each target (all of them by default) from the committed seed corpus
 # tests/AnyPrecML.Fuzz/corpus/<target> (with json.dict for the targets that read JSON), one target after another,
 # until N executions (default 100000) or S seconds (default 1800), whichever comes first. Prints one line per target from AFL++'s fuzzer_stats and copies every crash
@@ -42,7 +42,7 @@ fi
 bin=$out/bin
 rm -rf "$bin"
 dotnet build tests/AnyPrecML.Fuzz -c Release -o "$bin" -v quiet -nologo >/dev/null
-for dll in AnyPrecML.dll anyprec.dll Microsoft.ML.Tokenizers.dll; do sharpfuzz "$bin/$dll" >/dev/null; done
+for dll in AnyPrecML.dll AnyPrecML.MLNet.dll anyprec.dll Microsoft.ML.Tokenizers.dll; do sharpfuzz "$bin/$dll" >/dev/null; done
 
 if [ ${#targets[@]} -eq 0 ]; then
   mapfile -t targets < <(dotnet "$bin/AnyPrecML.Fuzz.dll" list | awk '{print $1}')
