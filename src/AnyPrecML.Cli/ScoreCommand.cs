@@ -64,6 +64,8 @@ internal static class ScoreCommand
             string? profilePath = CommonOptions.ProfilePath(modelPath, r.GetValue(bits), r.GetValue(profile));
             using var transformer = RowScorer.Open(ml, modelPath, profilePath is null && r.GetValue(bits) is double whole ? checked((int)whole) : null, completionTokens, engineKind,
                 profilePath, budgets: budgetCol is not null, fastestWhenOverBudget: r.GetValue(overBudget) == "fastest");
+            // The GPU build falls back to the CPU when CUDA cannot start: say so, as generate does.
+            if (transformer.DeviceFallback is { } why) r.Err().WriteLine($"warning: {why}");
             var identity = new ScoreManifest.JobIdentity(
                 Quantization.AnyPrecisionModel.ContentHash(modelPath), transformer.Bits, Path.GetFullPath(inPath), ScoreInput.Sha256(inPath),
                 col, completionTokens, engineKind.ToString().ToLowerInvariant(), limits.MaxChars, limits.Reject ? "reject" : "truncate", limits.MaxBytes,

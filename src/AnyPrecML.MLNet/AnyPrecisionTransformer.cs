@@ -76,6 +76,9 @@ public sealed class AnyPrecisionTransformer : ITransformer, IDisposable
     /// <summary>Every width the model serves: seed..n.</summary>
     public IReadOnlyList<int> SupportedBits => _scorer.Model.SupportedBits;
 
+    /// <summary>Why the ONNX engine runs on the CPU although the CUDA provider was there (missing CUDA libraries); null when it did not fall back.</summary>
+    public string? DeviceFallback => _scorer.DeviceFallback;
+
     /// <summary>Parent width n.</summary>
     public int ParentBits => _scorer.Model.ParentBits;
 
@@ -283,6 +286,7 @@ internal sealed class AnyPrecisionScorer : IDisposable
 
     public TransformerSettings Settings { get; }
     public AnyPrecisionModel Model { get; }
+    public string? DeviceFallback => (_engine as OnnxEngine)?.DeviceFallback;
 
     private string? _contentHash;
     /// <summary>The model directory's content SHA-256, read once when first asked (at the first save).</summary>
