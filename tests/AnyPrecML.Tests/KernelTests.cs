@@ -185,21 +185,25 @@ public sealed class KernelTests
                     foreach (int bits in new[] { 2, 3, 5, 8 })
                     {
                         var x = RandomX(tokens * 300, tokens + bits);
+                      foreach (int[] widths in new[] { new[] { bits, bits, bits }, new[] { bits, 8, 2 } }) // one width, and a profile's mixed ones
+                      {
                         var fused = new float[tokens * total];
-                        backend.Multiply(ws, bits, x, tokens, fused);
+                        backend.Multiply(ws, widths, x, tokens, fused);
                         int offset = 0;
-                        foreach (var w in ws)
+                        for (int i = 0; i < ws.Length; i++)
                         {
+                            var w = ws[i];
                             var alone = new float[tokens * w.Rows];
-                            backend.Multiply(w, bits, x, tokens, alone);
+                            backend.Multiply(w, widths[i], x, tokens, alone);
                             for (int t = 0; t < tokens; t++)
                                 CollectionAssert.AreEqual(alone.AsSpan(t * w.Rows, w.Rows).ToArray(), fused.AsSpan(t * total + offset, w.Rows).ToArray(),
-                                    $"{backend.Name}: b={bits} M={tokens} matrix at {offset}, token {t}");
+                                    $"{backend.Name}: b={string.Join(",", widths)} M={tokens} matrix at {offset}, token {t}");
                             offset += w.Rows;
                         }
+                      }
                     }
             }
-        Assert.Throws<ArgumentException>(() => new CpuBitplaneBackend(pool: pool).Multiply([ws[0], RandomMatrix(4, 64, 9)], 3, new float[300], 1, new float[44]));
+        Assert.Throws<ArgumentException>(() => new CpuBitplaneBackend(pool: pool).Multiply([ws[0], RandomMatrix(4, 64, 9)], [3, 3], new float[300], 1, new float[44]));
     }
 
     /// <summary>
@@ -350,7 +354,7 @@ public sealed class KernelIsaLevelTests
     public void KernelSuitePassesWithInstructionSetsHidden(string environment)
     {
         var psi = new System.Diagnostics.ProcessStartInfo("dotnet", [typeof(KernelTests).Assembly.Location,
-            "--filter", "FullyQualifiedName~AnyPrecML.Tests.KernelTests.Every|FullyQualifiedName~AnyPrecML.Tests.KernelTests.Int8", "--output", "Detailed", "--no-ansi"])
+            "--filter", "FullyQualifiedName~AnyPrecML.Tests.KernelTests.Every|FullyQualifiedName~AnyPrecML.Tests.KernelTests.Int8|FullyQualifiedName~AnyPrecML.Tests.KernelTests.Fused", "--output", "Detailed", "--no-ansi"])
         { RedirectStandardOutput = true, RedirectStandardError = true };
         foreach (var pair in environment.Split(';')) psi.Environment[pair.Split('=')[0]] = pair.Split('=')[1];
         using var child = System.Diagnostics.Process.Start(psi)!;

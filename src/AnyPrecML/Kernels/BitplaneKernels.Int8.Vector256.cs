@@ -182,7 +182,10 @@ public static unsafe partial class BitplaneKernels
     /// integers before the float, so the result is the same integer. Without VNNI (Zen 2/3) vpmaddubsw would saturate
     /// pairs of 255·127, so the signed form stays.
     /// </summary>
-    private struct TableBytes : IWeightBytes { public static bool Offset => AvxVnni.IsSupported; }
+    private struct TableBytes : IWeightBytes { public static bool Offset => OffsetTables; }
+
+    /// <summary>True when the AVX2 int8 kernels read the tables offset by 128 (<see cref="TableBytes"/>), and so never |x8|.</summary>
+    internal static bool OffsetTables => AvxVnni.IsSupported;
 
     /// <summary>acc += Σ of each 4 adjacent products of a weight vector with x8 (at <paramref name="x"/>; |x8| at <paramref name="xa"/>), in <typeparamref name="TB"/>'s form.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]

@@ -20,33 +20,47 @@ public abstract class BitplaneBackend
     public abstract void Multiply(BitplaneMatrix weight, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y);
 
     /// <summary>
-    /// Several matrices of the same width over the same x (q/k/v, or gate/up): y[t] is W_0·x_t, W_1·x_t, … concatenated,
-    /// so y is [tokens, Σ rows]. Here one product after another; the CPU backend quantizes x once and runs every row of
-    /// every matrix in one pass of its pool.
+    /// Several matrices over the same x (q/k/v, or gate/up), matrix i at width <paramref name="bits"/>[i]: y[t] is
+    /// W_0·x_t, W_1·x_t, … concatenated, so y is [tokens, Σ rows]. Here one product after another; the CPU backend
+    /// quantizes x once and runs every row of every matrix in one pass of its pool when the widths agree.
     /// </summary>
-    public virtual void Multiply(IReadOnlyList<BitplaneMatrix> weights, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
+    public virtual void Multiply(IReadOnlyList<BitplaneMatrix> weights, ReadOnlySpan<int> bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
     {
         int total = CheckAll(weights, bits, x, tokens, y);
-        if (weights.Count == 1) { Multiply(weights[0], bits, x, tokens, y); return; }
+        if (weights.Count == 1) { Multiply(weights[0], bits[0], x, tokens, y); return; }
         int offset = 0;
-        foreach (var w in weights)
+        for (int i = 0; i < weights.Count; i++)
         {
-            var part = new float[(long)tokens * w.Rows];
-            Multiply(w, bits, x, tokens, part);
-            for (int t = 0; t < tokens; t++) part.AsSpan(t * w.Rows, w.Rows).CopyTo(y.Slice(t * total + offset, w.Rows));
+            var w = weights[i];
+            int n = tokens * w.Rows;
+            float[] part = System.Buffers.ArrayPool<float>.Shared.Rent(n);
+            try
+            {
+                Multiply(w, bits[i], x, tokens, part.AsSpan(0, n));
+                Interleave(part.AsSpan(0, n), tokens, w.Rows, y, total, offset);
+            }
+            finally { System.Buffers.ArrayPool<float>.Shared.Return(part); }
             offset += w.Rows;
         }
     }
 
-    /// <summary>Throws unless the matrices share their columns and the shapes fit; returns Σ rows.</summary>
-    protected static int CheckAll(IReadOnlyList<BitplaneMatrix> weights, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
+    /// <summary>One matrix's [tokens, rows] outputs into its columns [offset, offset + rows) of y's [tokens, total].</summary>
+    protected static void Interleave(ReadOnlySpan<float> part, int tokens, int rows, Span<float> y, int total, int offset)
+    {
+        for (int t = 0; t < tokens; t++) part.Slice(t * rows, rows).CopyTo(y.Slice(t * total + offset, rows));
+    }
+
+    /// <summary>Throws unless the matrices share their columns, each width fits its matrix, and the shapes fit; returns Σ rows.</summary>
+    protected static int CheckAll(IReadOnlyList<BitplaneMatrix> weights, ReadOnlySpan<int> bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
     {
         ArgumentNullException.ThrowIfNull(weights);
         if (weights.Count == 0) throw new ArgumentException("no matrices to multiply.", nameof(weights));
+        if (bits.Length != weights.Count) throw new ArgumentException($"{bits.Length} widths for {weights.Count} matrices.", nameof(bits));
         int total = 0;
-        foreach (var w in weights)
+        for (int i = 0; i < weights.Count; i++)
         {
-            w.CheckBits(bits);
+            var w = weights[i];
+            w.CheckBits(bits[i]);
             if (w.Cols != weights[0].Cols) throw new ArgumentException($"{w.Name} has {w.Cols} columns, {weights[0].Name} {weights[0].Cols}: fused matrices share x.", nameof(weights));
             total += w.Rows;
         }
@@ -145,11 +159,12 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
     }
 
     /// <inheritdoc/>
-    public override void Multiply(IReadOnlyList<BitplaneMatrix> weights, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
+    public override void Multiply(IReadOnlyList<BitplaneMatrix> weights, ReadOnlySpan<int> bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
     {
         int total = CheckAll(weights, bits, x, tokens, y);
-        if (Accuracy != KernelAccuracy.Int8 || weights.Count == 1) { base.Multiply(weights, bits, x, tokens, y); return; }
-        MultiplyInt8(t_job ??= new RowsJob(), weights, total, bits, x, tokens, y);
+        // One pass needs one width: the kernel path and x's column order depend on it.
+        if (Accuracy != KernelAccuracy.Int8 || weights.Count == 1 || bits.ContainsAnyExcept(bits[0])) { base.Multiply(weights, bits, x, tokens, y); return; }
+        MultiplyInt8(t_job ??= new RowsJob(), weights, total, bits[0], x, tokens, y);
     }
 
     /// <summary>
@@ -167,9 +182,10 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
         var order = BitplaneKernels.Int8Order(path);
         int stride = BitplaneKernels.Int8Stride(order, cols);
         job.EnsureInt8(tokens, stride);
-        // |x| feeds the unsigned side of vpmaddubsw/vpdpbusd on the vector paths; the sign mask only the 512-bit path
-        // (AVX-512 has no vpsignb). The scalar reference multiplies x8 directly.
-        bool abs = order != Int8ColumnOrder.Natural, sign = order == Int8ColumnOrder.Gfni512;
+        // |x| feeds the unsigned side of vpmaddubsw/vpdpbusd where the tables are signed (the 512-bit path, AVX2 without
+        // VNNI); the sign mask only the 512-bit path (AVX-512 has no vpsignb). Offset tables and the 128-bit and scalar
+        // paths multiply x8 directly.
+        bool abs = path == KernelPath.Vector512 || path == KernelPath.Vector256 && !BitplaneKernels.OffsetTables, sign = order == Int8ColumnOrder.Gfni512;
         for (int t = 0; t < tokens; t++)
             (job.XScale[t], job.XSum[t]) = BitplaneKernels.QuantizeActivations(x.Slice(t * cols, cols), job.X8.AsSpan(t * stride, stride),
                 abs ? job.XAbs.AsSpan(t * stride, stride) : default, sign ? job.XSign.AsSpan(t * stride, stride) : default, order);
@@ -198,7 +214,7 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
             int offset = 0;
             foreach (var w in weights)
             {
-                for (int t = 0; t < tokens; t++) job.Split.AsSpan(tokens * offset + t * w.Rows, w.Rows).CopyTo(y.Slice(t * totalRows + offset, w.Rows));
+                Interleave(job.Split.AsSpan(tokens * offset, tokens * w.Rows), tokens, w.Rows, y, totalRows, offset);
                 offset += w.Rows;
             }
         }

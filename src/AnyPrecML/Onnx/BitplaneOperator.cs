@@ -91,7 +91,7 @@ public sealed unsafe class BitplaneOperator : IDisposable
     /// <summary>Kernel calls so far (all sessions); with <see cref="KernelTicks"/> it separates kernel time from ORT's.</summary>
     public long KernelCalls => Interlocked.Read(ref _calls);
 
-    /// <summary>Stopwatch ticks spent inside <see cref="BitplaneBackend.Multiply(IReadOnlyList{BitplaneMatrix}, int, ReadOnlySpan{float}, int, Span{float})"/> so far.</summary>
+    /// <summary>Stopwatch ticks spent inside <see cref="BitplaneBackend.Multiply(IReadOnlyList{BitplaneMatrix}, ReadOnlySpan{int}, ReadOnlySpan{float}, int, Span{float})"/> so far.</summary>
     public long KernelTicks => Interlocked.Read(ref _ticks);
 
     /// <summary>Stopwatch ticks spent in <see cref="Int8OpType"/> products (the int8 head) so far.</summary>
@@ -193,27 +193,25 @@ public sealed unsafe class BitplaneOperator : IDisposable
             // One width for every linear, or one per linear (a precision profile), of which each layer reads its own.
             if (bitsCount != 1 && bitsCount != owner.Model.LinearCount)
                 throw new ArgumentException($"{_name}: 'bits' must hold one int32 or one per linear ({owner.Model.LinearCount}), not {bitsCount} values.");
-            int* widths = (int*)OrtApiTable.TensorData(bv);
-            int bits = widths[bitsCount == 1 ? 0 : indices[0]];
-            bool mixed = false;
-            foreach (int i in indices)
+            int* all = (int*)OrtApiTable.TensorData(bv);
+            Span<int> widths = stackalloc int[weights.Length];
+            for (int i = 0; i < weights.Length; i++)
             {
-                int b = widths[bitsCount == 1 ? 0 : i];
+                int b = widths[i] = all[bitsCount == 1 ? 0 : indices[i]];
                 if (b < weights[0].SeedBits || b > weights[0].ParentBits)
                     throw new ArgumentOutOfRangeException("bits", b, $"bits {b} is outside this model's {weights[0].SeedBits}..{weights[0].ParentBits}.");
-                mixed |= b != bits;
             }
             void* yv = OrtApiTable.KernelOutput(context, 0, dims[..rank]);
             if (tokens == 0) return;
             int m = checked((int)tokens);
             var y = new Span<float>(OrtApiTable.TensorData(yv), checked(m * outRows));
             long start = System.Diagnostics.Stopwatch.GetTimestamp();
-            if (!swiglu) Multiply(x, m, y, widths, bitsCount, mixed, bits);
+            if (!swiglu) owner.Backend.Multiply(weights, widths, x, m, y);
             else
             {
                 if (t_both is null || t_both.Length < m * _rows) t_both = new float[m * _rows];
                 var both = t_both.AsSpan(0, m * _rows);
-                Multiply(x, m, both, widths, bitsCount, mixed, bits);
+                owner.Backend.Multiply(weights, widths, x, m, both);
                 int h = outRows;
                 for (int t = 0; t < m; t++)
                 {
@@ -228,20 +226,6 @@ public sealed unsafe class BitplaneOperator : IDisposable
             }
             Interlocked.Add(ref owner._ticks, System.Diagnostics.Stopwatch.GetTimestamp() - start);
             Interlocked.Increment(ref owner._calls);
-        }
-
-        /// <summary>The node's products, concatenated per token: fused at one width, or matrix by matrix when a profile gives them different widths.</summary>
-        private void Multiply(ReadOnlySpan<float> x, int m, Span<float> y, int* widths, long bitsCount, bool mixed, int bits)
-        {
-            if (!mixed) { owner.Backend.Multiply(weights, bits, x, m, y); return; }
-            int offset = 0;
-            for (int i = 0; i < weights.Length; i++)
-            {
-                var part = new float[m * weights[i].Rows];
-                owner.Backend.Multiply(weights[i], widths[bitsCount == 1 ? 0 : indices[i]], x, m, part);
-                for (int t = 0; t < m; t++) part.AsSpan(t * weights[i].Rows, weights[i].Rows).CopyTo(y.Slice(t * _rows + offset, weights[i].Rows));
-                offset += weights[i].Rows;
-            }
         }
     }
 
