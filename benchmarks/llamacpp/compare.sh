@@ -7,6 +7,8 @@
 #   --work DIR        where every big file goes (default /tmp/anyprec-llamacpp): builds, models, GGUFs, results
 #   --threads N       threads for both (default: all CPUs); below that, both are pinned to CPUs 0..N-1
 #   --avx2            llama.cpp built AVX2-only (WORK/build-avx2) and anyprec with DOTNET_EnableAVX512=0
+#   --llama-build native|avx2   llama.cpp's build alone (default: as --avx2 says): on an AVX-512 CPU its AVX2 build
+#                     can be the faster one, so compare native anyprec against the faster of the two
 #   --prefill         also llama-bench -p 512 (pass anyprec's prefill option through --anyprec-args)
 #   --tokens N        decode tokens (default 32)
 #   --reps N          llama-bench repetitions (default 5)
@@ -38,7 +40,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 work=/tmp/anyprec-llamacpp
 threads=$(nproc)
-avx2=0 prefill=0 tokens=32 reps=5 layers="" outtype=f16 jobs=2
+avx2=0 llama_isa="" prefill=0 tokens=32 reps=5 layers="" outtype=f16 jobs=2
 types="Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K Q8_0"
 model="" apdir="" src="" skip_anyprec=0 skip_llamacpp=0
 anyprec_args=()
@@ -53,6 +55,7 @@ while [[ $# -gt 0 ]]; do
         --work) need_value "$@"; work=$2; shift 2 ;;
         --threads) need_value "$@"; positive "$1" "$2"; threads=$2; shift 2 ;;
         --avx2) avx2=1; shift ;;
+        --llama-build) need_value "$@"; llama_isa=$2; shift 2 ;;
         --prefill) prefill=1; shift ;;
         --tokens|-n) need_value "$@"; positive "$1" "$2"; tokens=$2; shift 2 ;;
         --reps) need_value "$@"; positive "$1" "$2"; reps=$2; shift 2 ;;
@@ -86,6 +89,8 @@ if (( threads < $(nproc) )); then
 fi
 isa=native
 [[ $avx2 == 1 ]] && isa=avx2
+llama_isa=${llama_isa:-$isa}
+[[ $llama_isa == native || $llama_isa == avx2 ]] || die "--llama-build takes native or avx2, not '$llama_isa'"
 
 # A python that can run the converter.
 python=""
@@ -110,10 +115,10 @@ if [[ $skip_llamacpp == 0 ]]; then
     fi
     src=$(cd "$src" && pwd)
     [[ -f $src/examples/llama-bench/llama-bench.cpp && -d $src/gguf-py/gguf ]] || die "'$src' does not look like a llama.cpp source tree (no examples/llama-bench or gguf-py)"
-    build=$work/build-$isa
+    build=$work/build-$llama_isa
     flags=(-DGGML_NATIVE=ON)
-    [[ $avx2 == 1 ]] && flags=(-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF)
-    say "building llama-bench and llama-quantize ($isa) in $build (log: $build.log)"
+    [[ $llama_isa == avx2 ]] && flags=(-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF)
+    say "building llama-bench and llama-quantize ($llama_isa) in $build (log: $build.log)"
     { cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF "${flags[@]}" \
         && cmake --build "$build" --config Release -j "$jobs" --target llama-bench llama-quantize; } > "$build.log" 2>&1 \
         || { tail -20 "$build.log" >&2; die "llama.cpp build failed (log: $build.log)"; }
@@ -174,7 +179,7 @@ if [[ $skip_llamacpp == 0 ]]; then
 fi
 
 # ---- 5. the benchmarks, one after the other on the same CPUs ------------------------------------
-results=$work/results/$name-$isa-t$threads
+results=$work/results/$name-$isa-llama-$llama_isa-t$threads
 mkdir -p "$results"
 rm -f "$results"/*.json
 if [[ $skip_llamacpp == 0 ]]; then
@@ -203,7 +208,7 @@ isa_flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' | grep -xE
 cpu="$(field 'model name') (family $(field 'cpu family'), model $(field 'model'); ${isa_flags% })"
 dotnet_path="${DOTNET_EnableAVX512:+DOTNET_EnableAVX512=$DOTNET_EnableAVX512 }"
 [[ $avx2 == 1 ]] && dotnet_path="DOTNET_EnableAVX512=0 "
-"${python:-python3}" - "$results" "$types" "$prefill" "$threads" "$isa" "$cpu" "$dotnet_path" "$tokens" "$(nproc)" <<'EOF'
+"${python:-python3}" - "$results" "$types" "$prefill" "$threads" "$llama_isa" "$cpu" "$dotnet_path" "$tokens" "$(nproc)" <<'EOF'
 import json, os, re, sys
 results, types, prefill, threads, isa, cpu, dotnet_env, tokens, ncpu = sys.argv[1:]
 prefill = prefill == "1"

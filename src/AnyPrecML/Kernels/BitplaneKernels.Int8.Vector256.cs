@@ -9,12 +9,15 @@ namespace AnyPrecML.Kernels;
 // come from b shifts, ands and ors, and never leave their byte. Codes index the row's 7-bit table with vpshufb
 // (16 entries per shuffle; wider tables by a tree of vpblendvb on the code's upper bits), and the looked-up bytes
 // meet x8 in vpmaddubsw + vpmaddwd (vpdpbusd with AVX-VNNI).
-//  - b ≤ 4: two slices share a byte (slice k in the low nibble, slice k+4 in the high one): one shift and one and
-//    per plane give 64 codes; ~9 vector ops per 64 weights at b = 3 besides the products.
-//  - b ≥ 5: the low nibble of the code from the last four planes, two slices per byte as for b = 4; vpshufb looks it up
-//    in each 16-entry sub-table and vpblendvb picks among them on the upper code bits, read from planes 0..b-5 by one
-//    shift each (4096×4096, one token, one thread, AVX2 + AVX-VNNI: b = 6 1.3 ms, b = 8 3.1 ms, from 2.2 and 4.8 when
-//    every slice's b bits were assembled first).
+//  - Codes: two slices share a byte (slice k in the low nibble, slice k+4 in the high one). At b ≤ 3 one shift and one
+//    and per plane put its bit in place; at b ≥ 4 a 4×4 bit transpose inside every nibble (four delta swaps) turns
+//    the four planes of code bits 0..3 into the four nibble pairs at once.
+//  - b ≤ 4: one vpshufb of the row's 16-entry table per 32 codes.
+//  - b ≥ 5: vpshufb of the low nibble in each 16-entry sub-table, vpblendvb picking among them on the upper code bits,
+//    read straight from planes 0..b-5 (a shift puts a slice's bit at bit 7, the one vpblendvb reads). At b = 5, 6 the
+//    sub-tables stay in registers and the shifts are constants (512×4096 in cache: b = 5 −32% per product; decode of the
+//    1.1B shape b = 5 +65..85%, b = 6 +30%: docs/BENCHMARKS.md); b = 7, 8 loop over slices (a 16-way tree written
+//    out eight times exceeds the JIT's inlining budget, and then runs 2-3× slower).
 //  - With AVX-VNNI the tables are read offset by 128 and vpdpbusd takes x8 as it is (TableBytes below).
 //  - M > 1 (prefill, scoring): a group of rows is decoded to bytes once and every token tile of 4 reuses it, two
 //    rows at a time, so the per-weight decode cost is paid once per 4·k tokens.
@@ -119,22 +122,58 @@ public static unsafe partial class BitplaneKernels
     }
 
     /// <summary>
-    /// b ≥ 5, slices k and k+4 (k a loop variable, 0..3): the codes' low nibbles from the last four planes, two slices
-    /// per byte as for b = 4 (slice k low, slice k+4 high). The upper code bits stay in planes 0..b-5 and only steer the
-    /// blend tree (<see cref="LookupTree{TW}"/>): about half the vector ops of assembling all b bits of every slice.
-    /// Slices run in a loop: eight copies of a 16-way blend tree exceed the JIT's inlining budget.
+    /// The 4-bit codes of a whole block from four planes, two slices per byte: a 4×4 bit transpose inside every nibble
+    /// (four delta swaps, 24 vector ops per 256 codes, against 56 for shifting each slice's bit into place). In:
+    /// <paramref name="c0"/>..<paramref name="c3"/> the planes of code bits 0..3 (least significant first). Out: cK
+    /// holds slice k's codes in its low nibbles and slice k+4's in its high ones.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static (Vector256<byte> Low, Vector256<byte> High) WideNibbles(byte* src, long stride, int b, int k)
+    private static void TransposeNibbles(ref Vector256<byte> c0, ref Vector256<byte> c1, ref Vector256<byte> c2, ref Vector256<byte> c3)
     {
-        byte* low = src + (b - 4) * stride;
-        var pair = Vector256.Create((byte)0x11); // bits k and k+4 after the shift; the and drops what crossed bytes
-        var v = (((Vector256.Load(low).AsUInt16() >>> k).AsByte() & pair).AsUInt16() << 3).AsByte();
-        v |= (((Vector256.Load(low + stride).AsUInt16() >>> k).AsByte() & pair).AsUInt16() << 2).AsByte();
-        v |= (((Vector256.Load(low + 2 * stride).AsUInt16() >>> k).AsByte() & pair).AsUInt16() << 1).AsByte();
-        v |= (Vector256.Load(low + 3 * stride).AsUInt16() >>> k).AsByte() & pair;
-        var nibble = Vector256.Create((byte)0x0F);
-        return (v & nibble, (v.AsUInt16() >>> 4).AsByte() & nibble);
+        // Bit q of plane j's nibble is slice q's code bit j; the transpose makes bit j of nibble k code bit j of slice k.
+        DeltaSwap(ref c0, ref c1, 1, 0x55);
+        DeltaSwap(ref c2, ref c3, 1, 0x55);
+        DeltaSwap(ref c0, ref c2, 2, 0x33);
+        DeltaSwap(ref c1, ref c3, 2, 0x33);
+    }
+
+    /// <summary>Swaps the bits of <paramref name="a"/> at mask·2^s with those of <paramref name="b"/> at mask (16-bit shifts: the mask keeps bytes apart).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void DeltaSwap(ref Vector256<byte> a, ref Vector256<byte> b, int s, byte mask)
+    {
+        var t = ((a.AsUInt16() >>> s).AsByte() ^ b) & Vector256.Create(mask);
+        b ^= t;
+        a ^= (t.AsUInt16() << s).AsByte();
+    }
+
+    /// <summary>The four planes holding code bits 3..0 of a block (absent ones zero), as <see cref="TransposeNibbles"/> takes them, least significant first.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static (Vector256<byte>, Vector256<byte>, Vector256<byte>, Vector256<byte>) NibblePlanes(byte* src, long stride, int b)
+    {
+        // Code bit j (j < 4) comes from plane b-1-j.
+        var c0 = Vector256.Load(src + (b - 1) * stride);
+        var c1 = Vector256.Load(src + (b - 2) * stride);
+        var c2 = b > 2 ? Vector256.Load(src + (b - 3) * stride) : default;
+        var c3 = b > 3 ? Vector256.Load(src + (b - 4) * stride) : default;
+        return (c0, c1, c2, c3);
+    }
+
+    /// <summary>
+    /// Codes of slices k (low nibble) and k+4 (high nibble) for k = 0..3: at b ≤ 3 each plane's bit moved into place
+    /// (<see cref="NibbleCodes{TW}"/>, fewer ops with fewer planes), else the low 4 code bits by <see cref="TransposeNibbles"/>
+    /// (b ≥ 5: the upper bits stay in their planes for <see cref="LookupTree{TW}"/>).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static (Vector256<byte>, Vector256<byte>, Vector256<byte>, Vector256<byte>) BlockNibbles<TW>(byte* src, long stride) where TW : struct, IWidth
+    {
+        if (TW.Bits <= 3)
+        {
+            var (p0, p1, p2, p3) = LowPlanes<TW>(src, stride);
+            return (NibbleCodes<TW>(p0, p1, p2, p3, 0), NibbleCodes<TW>(p0, p1, p2, p3, 1), NibbleCodes<TW>(p0, p1, p2, p3, 2), NibbleCodes<TW>(p0, p1, p2, p3, 3));
+        }
+        var (c0, c1, c2, c3) = NibblePlanes(src, stride, TW.Bits);
+        TransposeNibbles(ref c0, ref c1, ref c2, ref c3);
+        return (c0, c1, c2, c3);
     }
 
     /// <summary>
@@ -208,60 +247,138 @@ public static unsafe partial class BitplaneKernels
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static int DotInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, int blocks, byte* tail) where TW : struct, IWidth =>
         // One method per kind of code keeps each loop small enough for the JIT to inline every helper in it.
-        TW.Bits <= 4 ? DotNarrowInt8Avx2<TW>(w, planes, u, x, xa, blocks, tail) : DotWideInt8Avx2<TW>(w, planes, u, x, xa, blocks, tail);
+        TW.Bits <= 4 ? DotNarrowInt8Avx2<TW>(w, planes, u, x, xa, blocks, tail) : TW.Bits <= 6 ? DotMidInt8Avx2<TW>(w, planes, u, x, xa, blocks, tail) : DotWideInt8Avx2<TW>(w, planes, u, x, xa, blocks, tail);
 
     /// <summary>
-    /// b ≤ 4: two slices per byte, one vpshufb of the row's 16-entry table each. The products are written out here
-    /// rather than through <see cref="WeightMultiplyAdd{TB}"/>: with that pointer-taking helper the loop ran at 1.38
-    /// instead of 0.75 ms per 4096×4096 product at b = 4 without VNNI (one thread).
+    /// b ≤ 4: two slices per byte, one vpshufb of the row's 16-entry table each. Whole blocks are read in place; a
+    /// partial last one goes through <see cref="BlockPlanes"/>'s zero-padded copy after the loop, so that no call sits
+    /// in the loop (every ymm register is caller-saved: with a call there the JIT kept the accumulators in memory).
     /// </summary>
     [SkipLocalsInit]
     private static int DotNarrowInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, int blocks, byte* tail) where TW : struct, IWidth
     {
-        int b = TW.Bits;
-        var acc0 = Vector256<int>.Zero;
-        var acc1 = Vector256<int>.Zero;
-        var acc2 = Vector256<int>.Zero;
-        var acc3 = Vector256<int>.Zero;
+        Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
         var table = Avx2.BroadcastVector128ToVector256(u);
-        for (int block = 0; block < blocks; block++, x += 256, xa += 256)
-        {
-            byte* src = BlockPlanes(w, planes, block, b, tail, out long stride);
-            var (p0, p1, p2, p3) = LowPlanes<TW>(src, stride);
-            var (l0, h0) = SplitNibbles<TW>(NibbleCodes<TW>(p0, p1, p2, p3, 0));
-            acc0 = (TableBytes.Offset ? AvxVnni.MultiplyWideningAndAdd(acc0, Avx2.Shuffle(table, l0), Vector256.Load(x)) : MultiplyAdd(acc0, Avx2.Shuffle(table, l0), Vector256.Load(x), Vector256.Load(xa)));
-            acc1 = (TableBytes.Offset ? AvxVnni.MultiplyWideningAndAdd(acc1, Avx2.Shuffle(table, h0), Vector256.Load(x + 128)) : MultiplyAdd(acc1, Avx2.Shuffle(table, h0), Vector256.Load(x + 128), Vector256.Load(xa + 128)));
-            var (l1, h1) = SplitNibbles<TW>(NibbleCodes<TW>(p0, p1, p2, p3, 1));
-            acc2 = (TableBytes.Offset ? AvxVnni.MultiplyWideningAndAdd(acc2, Avx2.Shuffle(table, l1), Vector256.Load(x + 32)) : MultiplyAdd(acc2, Avx2.Shuffle(table, l1), Vector256.Load(x + 32), Vector256.Load(xa + 32)));
-            acc3 = (TableBytes.Offset ? AvxVnni.MultiplyWideningAndAdd(acc3, Avx2.Shuffle(table, h1), Vector256.Load(x + 160)) : MultiplyAdd(acc3, Avx2.Shuffle(table, h1), Vector256.Load(x + 160), Vector256.Load(xa + 160)));
-            var (l2, h2) = SplitNibbles<TW>(NibbleCodes<TW>(p0, p1, p2, p3, 2));
-            acc0 = (TableBytes.Offset ? AvxVnni.MultiplyWideningAndAdd(acc0, Avx2.Shuffle(table, l2), Vector256.Load(x + 64)) : MultiplyAdd(acc0, Avx2.Shuffle(table, l2), Vector256.Load(x + 64), Vector256.Load(xa + 64)));
-            acc1 = (TableBytes.Offset ? AvxVnni.MultiplyWideningAndAdd(acc1, Avx2.Shuffle(table, h2), Vector256.Load(x + 192)) : MultiplyAdd(acc1, Avx2.Shuffle(table, h2), Vector256.Load(x + 192), Vector256.Load(xa + 192)));
-            var (l3, h3) = SplitNibbles<TW>(NibbleCodes<TW>(p0, p1, p2, p3, 3));
-            acc2 = (TableBytes.Offset ? AvxVnni.MultiplyWideningAndAdd(acc2, Avx2.Shuffle(table, l3), Vector256.Load(x + 96)) : MultiplyAdd(acc2, Avx2.Shuffle(table, l3), Vector256.Load(x + 96), Vector256.Load(xa + 96)));
-            acc3 = (TableBytes.Offset ? AvxVnni.MultiplyWideningAndAdd(acc3, Avx2.Shuffle(table, h3), Vector256.Load(x + 224)) : MultiplyAdd(acc3, Avx2.Shuffle(table, h3), Vector256.Load(x + 224), Vector256.Load(xa + 224)));
-        }
+        int full = w.Cols >> 8;
+        long stride = w.PlaneStride * 4;
+        byte* src = (byte*)planes;
+        for (int block = 0; block < full; block++, src += 32, x += 256, xa += 256)
+            NarrowBlock<TW>(src, stride, table, x, xa, ref acc0, ref acc1, ref acc2, ref acc3);
+        if (full < blocks)
+            NarrowBlock<TW>(BlockPlanes(w, planes, full, TW.Bits, tail, out stride), stride, table, x, xa, ref acc0, ref acc1, ref acc2, ref acc3);
         return Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
     }
 
-    /// <summary>b ≥ 5: the low nibble looked up in every sub-table, the upper code bits picking among them.</summary>
+    /// <summary>One block of <see cref="DotNarrowInt8Avx2{TW}"/>: 256 products into four accumulators.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void NarrowBlock<TW>(byte* src, long stride, Vector256<byte> table, sbyte* x, byte* xa,
+        ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3) where TW : struct, IWidth
+    {
+        var (n0, n1, n2, n3) = BlockNibbles<TW>(src, stride);
+        var (l0, h0) = SplitNibbles<TW>(n0);
+        acc0 = TableProducts(acc0, Avx2.Shuffle(table, l0), x, xa);
+        acc1 = TableProducts(acc1, Avx2.Shuffle(table, h0), x + 128, xa + 128);
+        var (l1, h1) = SplitNibbles<TW>(n1);
+        acc2 = TableProducts(acc2, Avx2.Shuffle(table, l1), x + 32, xa + 32);
+        acc3 = TableProducts(acc3, Avx2.Shuffle(table, h1), x + 160, xa + 160);
+        var (l2, h2) = SplitNibbles<TW>(n2);
+        acc0 = TableProducts(acc0, Avx2.Shuffle(table, l2), x + 64, xa + 64);
+        acc1 = TableProducts(acc1, Avx2.Shuffle(table, h2), x + 192, xa + 192);
+        var (l3, h3) = SplitNibbles<TW>(n3);
+        acc2 = TableProducts(acc2, Avx2.Shuffle(table, l3), x + 96, xa + 96);
+        acc3 = TableProducts(acc3, Avx2.Shuffle(table, h3), x + 224, xa + 224);
+    }
+
+    /// <summary>acc += 32 table bytes times x8 (|x8| at xa where the tables are signed): <see cref="WeightMultiplyAdd{TB}"/> for table bytes.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector256<int> TableProducts(Vector256<int> acc, Vector256<byte> v, sbyte* x, byte* xa) =>
+        TableBytes.Offset ? AvxVnni.MultiplyWideningAndAdd(acc, v, Vector256.Load(x)) : MultiplyAdd(acc, v, Vector256.Load(x), Vector256.Load(xa));
+
+    /// <summary>b = 5, 6: blocks as in <see cref="DotNarrowInt8Avx2{TW}"/>, the two or four sub-tables in registers and every slice written out (constant shifts).</summary>
+    [SkipLocalsInit]
+    private static int DotMidInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, int blocks, byte* tail) where TW : struct, IWidth
+    {
+        Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
+        int full = w.Cols >> 8;
+        long stride = w.PlaneStride * 4;
+        byte* src = (byte*)planes;
+        // b = 5, 6: the two or four sub-tables stay in registers and every slice is written out (constant shifts).
+        var t0 = Avx2.BroadcastVector128ToVector256(u);
+        var t1 = Avx2.BroadcastVector128ToVector256(u + 16);
+        var t2 = TW.Bits == 6 ? Avx2.BroadcastVector128ToVector256(u + 32) : default;
+        var t3 = TW.Bits == 6 ? Avx2.BroadcastVector128ToVector256(u + 48) : default;
+        for (int block = 0; block < full; block++, src += 32, x += 256, xa += 256)
+            NarrowWideBlock<TW>(src, stride, t0, t1, t2, t3, x, xa, ref acc0, ref acc1, ref acc2, ref acc3);
+        if (full < blocks)
+            NarrowWideBlock<TW>(BlockPlanes(w, planes, full, TW.Bits, tail, out stride), stride, t0, t1, t2, t3, x, xa, ref acc0, ref acc1, ref acc2, ref acc3);
+        return Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
+    }
+
+    /// <summary>b = 7, 8: the low nibble looked up in every sub-table, the upper code bits picking among them; blocks as in <see cref="DotNarrowInt8Avx2{TW}"/>.</summary>
     [SkipLocalsInit]
     private static int DotWideInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, int blocks, byte* tail) where TW : struct, IWidth
     {
-        int b = TW.Bits;
-        var acc0 = Vector256<int>.Zero;
-        var acc1 = Vector256<int>.Zero;
-        for (int block = 0; block < blocks; block++, x += 256, xa += 256)
+        Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
+        int full = w.Cols >> 8;
+        long stride = w.PlaneStride * 4;
+        byte* src = (byte*)planes;
+        for (int block = 0; block < full; block++, src += 32, x += 256, xa += 256)
+            WideBlock<TW>(src, stride, u, x, xa, ref acc0, ref acc1, ref acc2, ref acc3);
+        if (full < blocks)
+            WideBlock<TW>(BlockPlanes(w, planes, full, TW.Bits, tail, out stride), stride, u, x, xa, ref acc0, ref acc1, ref acc2, ref acc3);
+        return Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
+    }
+
+    /// <summary>One block at b = 5 or 6: the upper planes loaded once, each slice's bits moved to bit 7 by a constant shift.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void NarrowWideBlock<TW>(byte* src, long stride, Vector256<byte> t0, Vector256<byte> t1, Vector256<byte> t2, Vector256<byte> t3,
+        sbyte* x, byte* xa, ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3) where TW : struct, IWidth
+    {
+        var (n0, n1, n2, n3) = BlockNibbles<TW>(src, stride);
+        var p4 = Vector256.Load(src + (TW.Bits - 5) * stride).AsUInt16();
+        var p5 = TW.Bits == 6 ? Vector256.Load(src).AsUInt16() : default;
+        var (l0, h0) = SplitNibbles<Width4>(n0);
+        acc0 = TableProducts(acc0, Lookup56<TW>(l0, p4 << 7, p5 << 7, t0, t1, t2, t3), x, xa);
+        acc1 = TableProducts(acc1, Lookup56<TW>(h0, p4 << 3, p5 << 3, t0, t1, t2, t3), x + 128, xa + 128);
+        var (l1, h1) = SplitNibbles<Width4>(n1);
+        acc2 = TableProducts(acc2, Lookup56<TW>(l1, p4 << 6, p5 << 6, t0, t1, t2, t3), x + 32, xa + 32);
+        acc3 = TableProducts(acc3, Lookup56<TW>(h1, p4 << 2, p5 << 2, t0, t1, t2, t3), x + 160, xa + 160);
+        var (l2, h2) = SplitNibbles<Width4>(n2);
+        acc0 = TableProducts(acc0, Lookup56<TW>(l2, p4 << 5, p5 << 5, t0, t1, t2, t3), x + 64, xa + 64);
+        acc1 = TableProducts(acc1, Lookup56<TW>(h2, p4 << 1, p5 << 1, t0, t1, t2, t3), x + 192, xa + 192);
+        var (l3, h3) = SplitNibbles<Width4>(n3);
+        acc2 = TableProducts(acc2, Lookup56<TW>(l3, p4 << 4, p5 << 4, t0, t1, t2, t3), x + 96, xa + 96);
+        acc3 = TableProducts(acc3, Lookup56<TW>(h3, p4, p5, t0, t1, t2, t3), x + 224, xa + 224);
+    }
+
+    /// <summary>b = 5, 6: sub-table t(bit5·2 + bit4)[index], bit4 and bit5 read from bit 7 of each byte (vpblendvb's).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector256<byte> Lookup56<TW>(Vector256<byte> index, Vector256<ushort> bit4, Vector256<ushort> bit5,
+        Vector256<byte> t0, Vector256<byte> t1, Vector256<byte> t2, Vector256<byte> t3) where TW : struct, IWidth
+    {
+        var low = Avx2.BlendVariable(Avx2.Shuffle(t0, index), Avx2.Shuffle(t1, index), bit4.AsByte());
+        if (TW.Bits == 5) return low;
+        return Avx2.BlendVariable(low, Avx2.BlendVariable(Avx2.Shuffle(t2, index), Avx2.Shuffle(t3, index), bit4.AsByte()), bit5.AsByte());
+    }
+
+    /// <summary>
+    /// One block of <see cref="DotWideInt8Avx2{TW}"/>. Slices run in a loop, two at a time: eight copies of a 16-way
+    /// blend tree exceed the JIT's inlining budget.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void WideBlock<TW>(byte* src, long stride, byte* u, sbyte* x, byte* xa,
+        ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3) where TW : struct, IWidth
+    {
+        var (n0, n1, n2, n3) = BlockNibbles<TW>(src, stride);
+        for (int k = 0; k < 4; k += 2)
         {
-            byte* src = BlockPlanes(w, planes, block, b, tail, out long stride);
-            for (int k = 0; k < 4; k++)
-            {
-                var (lo, hi) = WideNibbles(src, stride, b, k);
-                acc0 = WeightMultiplyAdd<TableBytes>(acc0, LookupTree<TW>(u, lo, src, stride, 7 - k), x + 32 * k, xa + 32 * k);
-                acc1 = WeightMultiplyAdd<TableBytes>(acc1, LookupTree<TW>(u, hi, src, stride, 3 - k), x + 32 * k + 128, xa + 32 * k + 128);
-            }
+            var (lo, hi) = SplitNibbles<Width4>(k == 0 ? n0 : n2);
+            acc0 = TableProducts(acc0, LookupTree<TW>(u, lo, src, stride, 7 - k), x + 32 * k, xa + 32 * k);
+            acc1 = TableProducts(acc1, LookupTree<TW>(u, hi, src, stride, 3 - k), x + 32 * k + 128, xa + 32 * k + 128);
+            (lo, hi) = SplitNibbles<Width4>(k == 0 ? n1 : n3);
+            acc2 = TableProducts(acc2, LookupTree<TW>(u, lo, src, stride, 6 - k), x + 32 * k + 32, xa + 32 * k + 32);
+            acc3 = TableProducts(acc3, LookupTree<TW>(u, hi, src, stride, 2 - k), x + 32 * k + 160, xa + 32 * k + 160);
         }
-        return Vector256.Sum(acc0 + acc1);
     }
 
     /// <summary>One row's table bytes in Slice256 order (zeros past the last column do not matter: x8 is zero there).</summary>
@@ -270,26 +387,29 @@ public static unsafe partial class BitplaneKernels
     {
         int b = TW.Bits;
         var table = Avx2.BroadcastVector128ToVector256(u);
+        var nibbles = stackalloc Vector256<byte>[4];
         for (int block = 0; block < blocks; block++, dst += 256)
         {
             byte* src = BlockPlanes(w, planes, block, b, tail, out long stride);
             if (b <= 4)
             {
-                var (p0, p1, p2, p3) = LowPlanes<TW>(src, stride);
-                var (l0, h0) = SplitNibbles<TW>(NibbleCodes<TW>(p0, p1, p2, p3, 0));
+                var (n0, n1, n2, n3) = BlockNibbles<TW>(src, stride);
+                var (l0, h0) = SplitNibbles<TW>(n0);
                 Avx2.Shuffle(table, l0).Store(dst); Avx2.Shuffle(table, h0).Store(dst + 128);
-                var (l1, h1) = SplitNibbles<TW>(NibbleCodes<TW>(p0, p1, p2, p3, 1));
+                var (l1, h1) = SplitNibbles<TW>(n1);
                 Avx2.Shuffle(table, l1).Store(dst + 32); Avx2.Shuffle(table, h1).Store(dst + 160);
-                var (l2, h2) = SplitNibbles<TW>(NibbleCodes<TW>(p0, p1, p2, p3, 2));
+                var (l2, h2) = SplitNibbles<TW>(n2);
                 Avx2.Shuffle(table, l2).Store(dst + 64); Avx2.Shuffle(table, h2).Store(dst + 192);
-                var (l3, h3) = SplitNibbles<TW>(NibbleCodes<TW>(p0, p1, p2, p3, 3));
+                var (l3, h3) = SplitNibbles<TW>(n3);
                 Avx2.Shuffle(table, l3).Store(dst + 96); Avx2.Shuffle(table, h3).Store(dst + 224);
             }
             else
             {
+                var (n0, n1, n2, n3) = BlockNibbles<TW>(src, stride);
+                nibbles[0] = n0; nibbles[1] = n1; nibbles[2] = n2; nibbles[3] = n3;
                 for (int k = 0; k < 4; k++)
                 {
-                    var (lo, hi) = WideNibbles(src, stride, b, k);
+                    var (lo, hi) = SplitNibbles<Width4>(nibbles[k]);
                     LookupTree<TW>(u, lo, src, stride, 7 - k).Store(dst + 32 * k);
                     LookupTree<TW>(u, hi, src, stride, 3 - k).Store(dst + 32 * k + 128);
                 }

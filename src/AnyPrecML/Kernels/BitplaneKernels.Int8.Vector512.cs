@@ -4,100 +4,208 @@ using System.Runtime.Intrinsics.X86;
 
 namespace AnyPrecML.Kernels;
 
-// The int8 level on AVX-512 with GFNI and VBMI: 64 codes at a time by the 8×8 bit transpose of the fp32 path,
-// bytes looked up by vpermb/vpermt2b, products by vpmaddubsw + vpmaddwd. x8 is in GFNI column order.
+// The int8 level on AVX-512 with VBMI and GFNI (Zen 4/5, Ice Lake and later Xeons), one token at a time; x8 in
+// column order. A block is 256 columns: 32 bytes of each plane, byte i holding columns 8i..8i+7.
+//  1. Gather: vpermi2b over two planes per 512-bit register builds, for 8 plane bytes i at a time, one qword per i
+//     with plane p's byte at position 8 - b + p (planes 0..3 from one pair of registers, 4..7 from the other, merged
+//     by one vpternlogd at b ≥ 5). The other 8 - b positions hold whatever the index picks.
+//  2. Transpose: gf2p8affineqb with the qword as the matrix turns it into 8 codes, byte k the code of column 8i + k
+//     (position 7 - j of the qword gives code bit j). So 64 codes come out in column order: x8 needs no permutation.
+//  3. Lookup: vpermb reads the low 6 code bits in one 64-byte table, vpermi2b 7 bits in two, and b = 8 picks
+//     between two vpermi2b on bit 7. Below b = 6 the row's table is repeated across the register, so the bits above
+//     b (from the free positions) never matter.
+//  4. Products: with AVX-VNNI the tables are read offset by 128 and the two 256-bit halves go to vpdpbusd with x8 as
+//     it is (see TableBytes); without it (Zen 4) |x|·(v·sign x) by vpmaddubsw + vpmaddwd (AVX-512 has no vpsignb).
+// About 6 vector ops per 64 weights at b ≤ 4 and 8-11 at b ≥ 5, against ~13 and ~36 for the AVX2 slices: the gather
+// and transpose cost the same at every b, so b = 5..8 cost little more than b = 4 (see docs/BENCHMARKS.md).
 public static unsafe partial class BitplaneKernels
 {
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<byte> LookupBytes(Vector512<byte> codes, int bits, Vector512<byte> t0, Vector512<byte> t1, Vector512<byte> t2, Vector512<byte> t3) => bits switch
-    {
-        <= 6 => Avx512Vbmi.PermuteVar64x8(t0, codes),
-        7 => Avx512Vbmi.PermuteVar64x8x2(t0, codes, t1),
-        _ => Vector512.ConditionalSelect(Vector512.Equals(codes & Vector512.Create((byte)0x80), Vector512.Create((byte)0x80)),
-            Avx512Vbmi.PermuteVar64x8x2(t2, codes, t3), Avx512Vbmi.PermuteVar64x8x2(t0, codes, t1)),
-    };
-
     /// <summary>
-    /// acc += Σ of each 4 adjacent products v·x as |x|·(v·sign x) (|v|, |x| ≤ 127: vpmaddubsw cannot saturate);
-    /// AVX-512 has no vpsignb, so v·sign x = (v ^ s) − s with s = 0 or −1.
+    /// Int8 rows on AVX-512 + VBMI + GFNI: y[t, r] = Σ_j U[r, c_j]·x8[t, j] (the caller rescales and removes the offset);
+    /// x8 in column order, <paramref name="xStride"/> apart, readable 64 bytes past the last column (zero weights meet them).
     /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<int> MultiplyAdd512(Vector512<int> acc, Vector512<byte> v, byte* xAbs, sbyte* xSign) 
+    private static void RowsInt8Vbmi512(in BitplaneOperand w, byte* u, sbyte* x8, byte* xAbs, sbyte* xSign, int* xSum, int xStride, int m, float* y, int rowStart, int rowEnd, byte* scratch)
     {
-        var s = Vector512.Load(xSign);
-        var signed = (v.AsSByte() ^ s) - s;
-        return acc + Avx512BW.MultiplyAddAdjacent(Avx512BW.MultiplyAddAdjacent(Vector512.Load(xAbs), signed), Vector512.Create((short)1));
+        switch (w.Bits)
+        {
+            case 2: RowsInt8Vbmi512<Width2>(w, u, x8, xAbs, xSign, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+            case 3: RowsInt8Vbmi512<Width3>(w, u, x8, xAbs, xSign, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+            case 4: RowsInt8Vbmi512<Width4>(w, u, x8, xAbs, xSign, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+            case 5: RowsInt8Vbmi512<Width5>(w, u, x8, xAbs, xSign, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+            case 6: RowsInt8Vbmi512<Width6>(w, u, x8, xAbs, xSign, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+            case 7: RowsInt8Vbmi512<Width7>(w, u, x8, xAbs, xSign, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+            default: RowsInt8Vbmi512<Width8>(w, u, x8, xAbs, xSign, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+        }
     }
 
-    /// <summary>Int8 rows: y[t, r] = Σ_j V[r, c_j]·x8[t, j] (the caller rescales); x8, |x8|, sign(x8) are [m, xStride] in GFNI column order.</summary>
-    [SkipLocalsInit]
-    private static void RowsInt8Gfni512(in BitplaneOperand w, byte* u0, sbyte* x8, byte* xAbs, sbyte* xSign, int xStride, int m, float* y, int rowStart, int rowEnd)
+    private static void RowsInt8Vbmi512<TW>(in BitplaneOperand w, byte* u0, sbyte* x8, byte* xAbs, sbyte* xSign, int* xSum, int xStride, int m, float* y, int rowStart, int rowEnd, byte* scratch)
+        where TW : struct, IWidth
     {
-        int k = 1 << w.Bits, full = w.Cols >> 5, blocks = full / 16, empty = 8 - w.Bits;
-        long stride = w.PlaneStride;
-        var c = stackalloc Vector512<byte>[8];
-        var acc = stackalloc Vector512<int>[Math.Max(m, 1)];
-        var words = stackalloc Vector512<uint>[8];
-        for (int r = rowStart; r < rowEnd; r++)
+        int k = 1 << TW.Bits;
+        // Several tokens go through the AVX2 tiles (BitplaneLinear routes them there); one row per token here keeps
+        // this path whole for any caller.
+        for (int t = 0; t < m; t++)
         {
-            byte* u = u0 + (long)r * k;
-            uint* planes = w.Planes + (long)r * w.Words;
-            var t0 = Vector512.Load(u);
-            var t1 = w.Bits >= 7 ? Vector512.Load(u + 64) : default;
-            var t2 = w.Bits == 8 ? Vector512.Load(u + 128) : default;
-            var t3 = w.Bits == 8 ? Vector512.Load(u + 192) : default;
-            for (int t = 0; t < m; t++) acc[t] = Vector512<int>.Zero;
-            // One token (decode): two register accumulators; several: one per token in memory.
-            var acc0 = Vector512<int>.Zero;
-            var acc1 = Vector512<int>.Zero;
-            for (int b = 0; b < blocks; b++)
-            {
-                int word = 16 * b;
-                TransposeBytes(PlaneBlock(planes, stride, 0, empty, word), PlaneBlock(planes, stride, 1, empty, word),
-                    PlaneBlock(planes, stride, 2, empty, word), PlaneBlock(planes, stride, 3, empty, word),
-                    PlaneBlock(planes, stride, 4, empty, word), PlaneBlock(planes, stride, 5, empty, word),
-                    PlaneBlock(planes, stride, 6, empty, word), PlaneBlock(planes, stride, 7, empty, word), c);
-                for (int o = 0; o < 8; o += 2)
-                {
-                    var w0 = LookupBytes(Gfni.V512.GaloisFieldAffineTransform(BitIdentity, c[o], 0), w.Bits, t0, t1, t2, t3);
-                    var w1 = LookupBytes(Gfni.V512.GaloisFieldAffineTransform(BitIdentity, c[o + 1], 0), w.Bits, t0, t1, t2, t3);
-                    int j = GfniBlock * b + 64 * o;
-                    if (m == 1)
-                    {
-                        acc0 = MultiplyAdd512(acc0, w0, xAbs + j, xSign + j);
-                        acc1 = MultiplyAdd512(acc1, w1, xAbs + j + 64, xSign + j + 64);
-                        continue;
-                    }
-                    for (int t = 0; t < m; t++)
-                    {
-                        long at = (long)t * xStride + j;
-                        acc[t] = MultiplyAdd512(MultiplyAdd512(acc[t], w0, xAbs + at, xSign + at), w1, xAbs + at + 64, xSign + at + 64);
-                    }
-                }
-            }
-            if (m == 1) acc[0] = acc0 + acc1;
-            // Whole words past the last GFNI block (11008 columns leave 8): 32 codes at a time, in column order,
-            // looked up in the byte table like the blocks; only the last partial word is scalar.
-            for (int word = blocks * 16; word < full; word++)
-            {
-                for (int p = 0; p < w.Bits; p++) words[p] = Vector512.Create(planes[p * stride + word]);
-                var lo = Avx512F.ConvertToVector128Byte(Codes512(words, w.Bits, Lanes512[0]).AsUInt32());
-                var hi = Avx512F.ConvertToVector128Byte(Codes512(words, w.Bits, Lanes512[1]).AsUInt32());
-                // The upper 32 lanes would look up code 0: zero them, so the activations read past the word add nothing.
-                var wv = Vector512.Create(LookupBytes(Vector512.Create(Vector256.Create(lo, hi), Vector256<byte>.Zero), w.Bits, t0, t1, t2, t3).GetLower(), Vector256<byte>.Zero);
-                for (int t = 0; t < m; t++)
-                {
-                    long at = (long)t * xStride + 32 * word;
-                    acc[t] = MultiplyAdd512(acc[t], wv, xAbs + at, xSign + at);
-                }
-            }
-            for (int t = 0; t < m; t++)
-            {
-                int s = Vector512.Sum(acc[t]);
-                sbyte* xt = x8 + (long)t * xStride;
-                for (int j = full * 32; j < w.Cols; j++) s += (sbyte)u[Code(w, planes, j >> 5, j & 31)] * xt[j];
-                y[(long)t * w.Rows + r] = s;
-            }
+            long at = (long)t * xStride;
+            int offset = TableBytes.Offset ? 128 * xSum[t] : 0;
+            for (int r = rowStart; r < rowEnd; r++)
+                y[(long)t * w.Rows + r] = DotVbmi512<TW>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, x8 + at, xAbs + at, xSign + at, scratch) - offset;
         }
+    }
+
+    /// <summary>
+    /// vpermi2b indices of the gather for b-bit codes (index [b]): output byte 8q + pos takes plane p = pos − (8 − b)'s
+    /// byte q of the group, from the low pair of registers (planes 0..3: 32p + q) or, for p ≥ 4, the high pair
+    /// (32(p − 4) + q). Group g adds 8g to every index. Positions below 8 − b read plane 0 (any byte would do).
+    /// </summary>
+    private static readonly Vector512<byte>[] GatherLow = Enumerable.Range(0, 9).Select(b => GatherIndex(b, high: false)).ToArray();
+    private static readonly Vector512<byte>[] GatherHigh = Enumerable.Range(0, 9).Select(b => GatherIndex(b, high: true)).ToArray();
+
+    /// <summary>Bytes taken from the high gather (planes 4..7) for b-bit codes: 0xFF at their positions.</summary>
+    private static readonly Vector512<byte>[] GatherMerge = Enumerable.Range(0, 9).Select(b =>
+        Vector512.Create(Enumerable.Range(0, 64).Select(i => (byte)(b >= 5 && i % 8 - (8 - b) >= 4 ? 0xFF : 0)).ToArray())).ToArray();
+
+    /// <summary>0xFF for the first 64 bytes, 0 for the next 64: a load at 64 − n masks all but n bytes.</summary>
+    private static readonly byte[] TailMask = Enumerable.Range(0, 128).Select(i => (byte)(i < 64 ? 0xFF : 0)).ToArray();
+
+    private static Vector512<byte> GatherIndex(int b, bool high)
+    {
+        var index = new byte[64];
+        if (b < 2) return Vector512<byte>.Zero;
+        for (int q = 0; q < 8; q++)
+            for (int pos = 0; pos < 8; pos++)
+            {
+                int p = pos - (8 - b);
+                index[8 * q + pos] = (byte)(p < 0 ? q : high ? (p >= 4 ? 32 * (p - 4) + q : q) : (p < 4 ? 32 * p + q : q));
+            }
+        return Vector512.Create(index);
+    }
+
+    /// <summary>The row's table as the lookup registers want it: repeated to 64 bytes below b = 6 (see step 3).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<byte> TableRegister<TW>(byte* u) where TW : struct, IWidth => TW.Bits switch
+    {
+        2 => Vector512.Create(*(uint*)u).AsByte(),
+        3 => Vector512.Create(*(ulong*)u).AsByte(),
+        4 => Vector512.Create(Vector128.Load(u)),
+        5 => Vector512.Create(Vector256.Load(u)),
+        _ => Vector512.Load(u),
+    };
+
+    /// <summary>64 codes (column order) from the group's gathered plane bytes: see steps 1 and 2.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<byte> Codes512<TW>(Vector512<byte> z01, Vector512<byte> z23, Vector512<byte> z45, Vector512<byte> z67,
+        Vector512<byte> low, Vector512<byte> high, Vector512<byte> merge) where TW : struct, IWidth
+    {
+        var q = Avx512Vbmi.PermuteVar64x8x2(z01, low, z23);
+        if (TW.Bits > 4) q = Vector512.ConditionalSelect(merge, Avx512Vbmi.PermuteVar64x8x2(z45, high, z67), q);
+        return Gfni.V512.GaloisFieldAffineTransform(BitIdentity, q, 0);
+    }
+
+    /// <summary>Table bytes of 64 codes: see step 3.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<byte> Lookup512<TW>(Vector512<byte> codes, Vector512<byte> t0, Vector512<byte> t1, Vector512<byte> t2, Vector512<byte> t3) where TW : struct, IWidth =>
+        TW.Bits switch
+        {
+            <= 6 => Avx512Vbmi.PermuteVar64x8(t0, codes),
+            7 => Avx512Vbmi.PermuteVar64x8x2(t0, codes, t1),
+            _ => Vector512.ConditionalSelect(Vector512.LessThan(codes.AsSByte(), Vector512<sbyte>.Zero).AsByte(),
+                Avx512Vbmi.PermuteVar64x8x2(t2, codes, t3), Avx512Vbmi.PermuteVar64x8x2(t0, codes, t1)),
+        };
+
+    /// <summary>
+    /// The 64 products of table bytes v with x8 at <paramref name="x"/> (|x8|, sign x8 at xa, xs), see step 4: into
+    /// <paramref name="low"/> and <paramref name="high"/> (one vpdpbusd each) with VNNI, into <paramref name="wide"/> without.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Products512(ref Vector256<int> low, ref Vector256<int> high, ref Vector512<int> wide, Vector512<byte> v, sbyte* x, byte* xa, sbyte* xs)
+    {
+        if (TableBytes.Offset)
+        {
+            low = AvxVnni.MultiplyWideningAndAdd(low, v.GetLower(), Vector256.Load(x));
+            high = AvxVnni.MultiplyWideningAndAdd(high, v.GetUpper(), Vector256.Load(x + 32));
+            return;
+        }
+        var s = Vector512.Load(xs);
+        var signed = (v.AsSByte() ^ s) - s;
+        wide += Avx512BW.MultiplyAddAdjacent(Avx512BW.MultiplyAddAdjacent(Vector512.Load(xa), signed), Vector512.Create((short)1));
+    }
+
+    /// <summary>Two planes of a block in one register: <paramref name="a"/> low, <paramref name="b"/> high (absent planes zero).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<byte> PlanePair(byte* a, byte* b, bool hasA, bool hasB)
+    {
+        if (!hasA) return default;
+        var low = Vector256.Load(a).ToVector512Unsafe();
+        return hasB ? Avx512F.InsertVector256(low, Vector256.Load(b), 1) : Avx512F.InsertVector256(low, Vector256<byte>.Zero, 1);
+    }
+
+    /// <summary>One row against one token: whole 256-column blocks here, a partial last one in <see cref="PartialBlockVbmi512{TW}"/>.</summary>
+    [SkipLocalsInit]
+    private static int DotVbmi512<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, sbyte* xs, byte* tail) where TW : struct, IWidth
+    {
+        int b = TW.Bits, full = w.Cols >> 8;
+        var t0 = TableRegister<TW>(u);
+        var t1 = b >= 7 ? Vector512.Load(u + 64) : default;
+        var t2 = b == 8 ? Vector512.Load(u + 128) : default;
+        var t3 = b == 8 ? Vector512.Load(u + 192) : default;
+        // The gather indices of the block's four groups of 64 columns, kept in registers (AVX-512 has 32).
+        var eight = Vector512.Create((byte)8);
+        var lo0 = GatherLow[b]; var lo1 = lo0 + eight; var lo2 = lo1 + eight; var lo3 = lo2 + eight;
+        var hi0 = GatherHigh[b]; var hi1 = hi0 + eight; var hi2 = hi1 + eight; var hi3 = hi2 + eight;
+        var merge = GatherMerge[b];
+        // Eight accumulators: vpdpbusd's latency (4-5 cycles) would otherwise bound the loop, not its throughput.
+        Vector256<int> a0 = default, a1 = default, a2 = default, a3 = default, a4 = default, a5 = default, a6 = default, a7 = default;
+        Vector512<int> c0 = default, c1 = default, c2 = default, c3 = default;
+        long stride = w.PlaneStride * 4;
+        byte* src = (byte*)planes;
+        for (int block = 0; block < full; block++, src += 32, x += 256, xa += 256, xs += 256)
+        {
+            var z01 = PlanePair(src, src + stride, true, true);
+            var z23 = PlanePair(src + 2 * stride, src + 3 * stride, b > 2, b > 3);
+            var z45 = PlanePair(src + 4 * stride, src + 5 * stride, b > 4, b > 5);
+            var z67 = PlanePair(src + 6 * stride, src + 7 * stride, b > 6, b > 7);
+            var v0 = Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo0, hi0, merge), t0, t1, t2, t3);
+            var v1 = Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo1, hi1, merge), t0, t1, t2, t3);
+            Products512(ref a0, ref a1, ref c0, v0, x, xa, xs);
+            Products512(ref a2, ref a3, ref c1, v1, x + 64, xa + 64, xs + 64);
+            var v2 = Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo2, hi2, merge), t0, t1, t2, t3);
+            var v3 = Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo3, hi3, merge), t0, t1, t2, t3);
+            Products512(ref a4, ref a5, ref c2, v2, x + 128, xa + 128, xs + 128);
+            Products512(ref a6, ref a7, ref c3, v3, x + 192, xa + 192, xs + 192);
+        }
+        int sum = TableBytes.Offset ? Vector256.Sum(((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))) : Vector512.Sum((c0 + c1) + (c2 + c3));
+        return (w.Cols & 255) == 0 ? sum : sum + PartialBlockVbmi512<TW>(w, planes, u, x, xa, xs, tail);
+    }
+
+    /// <summary>
+    /// The partial last block (x and its companions at the block's first column): its planes copied zero-padded, the
+    /// groups that hold columns, the last one's bytes past the last column zeroed (0·x8 adds nothing, whatever x8 holds there).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.NoInlining)]
+    private static int PartialBlockVbmi512<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, sbyte* xs, byte* tail) where TW : struct, IWidth
+    {
+        int b = TW.Bits, block = w.Cols >> 8, left = w.Cols & 255;
+        var t0 = TableRegister<TW>(u);
+        var t1 = b >= 7 ? Vector512.Load(u + 64) : default;
+        var t2 = b == 8 ? Vector512.Load(u + 128) : default;
+        var t3 = b == 8 ? Vector512.Load(u + 192) : default;
+        byte* src = BlockPlanes(w, planes, block, b, tail, out long stride);
+        var z01 = PlanePair(src, src + stride, true, true);
+        var z23 = PlanePair(src + 2 * stride, src + 3 * stride, b > 2, b > 3);
+        var z45 = PlanePair(src + 4 * stride, src + 5 * stride, b > 4, b > 5);
+        var z67 = PlanePair(src + 6 * stride, src + 7 * stride, b > 6, b > 7);
+        var low = GatherLow[b];
+        var high = GatherHigh[b];
+        Vector256<int> a = default, a1 = default;
+        Vector512<int> c = default;
+        fixed (byte* mask = TailMask)
+            for (int j = 0; j < left; j += 64, low += Vector512.Create((byte)8), high += Vector512.Create((byte)8))
+            {
+                var v = Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, low, high, GatherMerge[b]), t0, t1, t2, t3);
+                v &= Vector512.Load(mask + 64 - Math.Min(64, left - j));
+                Products512(ref a, ref a1, ref c, v, x + j, xa + j, xs + j);
+            }
+        return TableBytes.Offset ? Vector256.Sum(a + a1) : Vector512.Sum(c);
     }
 }

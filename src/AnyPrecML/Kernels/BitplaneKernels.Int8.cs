@@ -33,8 +33,6 @@ internal enum Int8ColumnOrder
     /// padded with zeros. The Vector256 and Vector128 paths read every plane byte once per slice with shift and and.
     /// </summary>
     Slice256,
-    /// <summary>The GFNI transpose's order inside 512-column blocks, column order after (<see cref="BitplaneKernels.PermuteColumns"/>).</summary>
-    Gfni512,
 }
 
 public static unsafe partial class BitplaneKernels
@@ -47,7 +45,6 @@ public static unsafe partial class BitplaneKernels
 
     internal static Int8ColumnOrder Int8Order(KernelPath path) => path switch
     {
-        KernelPath.Vector512 => Int8ColumnOrder.Gfni512,
         KernelPath.Vector256 or KernelPath.Vector128 => Int8ColumnOrder.Slice256,
         _ => Int8ColumnOrder.Natural,
     };
@@ -107,7 +104,7 @@ public static unsafe partial class BitplaneKernels
     [SkipLocalsInit]
     internal static (float Scale, int Sum) QuantizeActivations(ReadOnlySpan<float> x, Span<sbyte> x8, Span<byte> abs, Span<sbyte> sign, Int8ColumnOrder order)
     {
-        if (!Vector256.IsHardwareAccelerated || !Avx.IsSupported || order == Int8ColumnOrder.Gfni512) return QuantizeActivationsScalar(x, x8, abs, sign, order);
+        if (!Vector256.IsHardwareAccelerated || !Avx.IsSupported) return QuantizeActivationsScalar(x, x8, abs, sign, order);
         int cols = x.Length, stride = Int8Stride(order, cols);
         float s = ActivationScale(x), inv = 1 / s;
         int sum = order == Int8ColumnOrder.Slice256 ? QuantizeSlice256Avx(x, inv, x8[..stride]) : QuantizeNaturalVector(x, inv, x8[..cols]);
@@ -132,19 +129,10 @@ public static unsafe partial class BitplaneKernels
         int sum = 0;
         // |x·inv| ≤ 127 by construction; any rounding keeps the stated bound (half a step).
         for (int j = 0; j < cols; j++) { int v = (int)MathF.Round(x[j] * inv); q[j] = (sbyte)v; sum += v; }
-        switch (order)
+        if (order == Int8ColumnOrder.Slice256)
         {
-            case Int8ColumnOrder.Slice256:
-                x8[..stride].Clear();
-                for (int j = 0; j < cols; j++) x8[(j & ~255) + 32 * (j & 7) + ((j & 255) >> 3)] = q[j];
-                break;
-            case Int8ColumnOrder.Gfni512:
-                int blocks = cols / GfniBlock;
-                for (int b = 0; b < blocks; b++)
-                    for (int g = 0; g < 64; g++)
-                        q.Slice(b * GfniBlock + 8 * ByteOrigin[g], 8).CopyTo(x8.Slice(b * GfniBlock + 8 * g, 8));
-                q[(blocks * GfniBlock)..].CopyTo(x8[(blocks * GfniBlock)..cols]);
-                break;
+            x8[..stride].Clear();
+            for (int j = 0; j < cols; j++) x8[(j & ~255) + 32 * (j & 7) + ((j & 255) >> 3)] = q[j];
         }
         for (int j = 0; j < abs.Length && j < stride; j++) abs[j] = (byte)Math.Abs(x8[j]);
         for (int j = 0; j < sign.Length && j < stride; j++) sign[j] = (sbyte)(x8[j] >> 7);
@@ -246,7 +234,7 @@ public static unsafe partial class BitplaneKernels
         {
             switch (path)
             {
-                case KernelPath.Vector512: RowsInt8Gfni512(w, v, x8, xAbs, xSign, xStride, m, y, rowStart, rowEnd); break;
+                case KernelPath.Vector512: RowsInt8Vbmi512(w, TableBytes.Offset ? u : v, x8, xAbs, xSign, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
                 case KernelPath.Vector256: RowsInt8Avx2(w, TableBytes.Offset ? u : v, x8, xAbs, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
                 case KernelPath.Vector128: RowsInt8Vector128(w, (sbyte*)v, x8, xStride, m, y, rowStart, rowEnd, scratch); break;
                 default: RowsInt8Scalar(w, (sbyte*)v, x8, xStride, m, y, rowStart, rowEnd); break;

@@ -119,7 +119,7 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
             var path = RunningPath;
             string isa = path switch
             {
-                KernelPath.Vector512 when Accuracy == KernelAccuracy.Int8 => "AVX-512: AVX2 slices, GFNI for one token at b ≥ 5",
+                KernelPath.Vector512 when Accuracy == KernelAccuracy.Int8 => "AVX-512 VBMI + GFNI for one token, AVX2 tiles for several",
                 KernelPath.Vector512 => BitplaneKernels.UsesGfni ? "AVX-512 + GFNI" : "AVX-512",
                 KernelPath.Vector256 => "AVX2",
                 KernelPath.Vector128 => "128-bit",
@@ -176,16 +176,17 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
     {
         var weight = weights[0];
         int cols = weight.Cols;
-        // On AVX-512 the AVX2 slice kernels beat the GFNI transpose except for one token at b ≥ 5, where vpermb's
-        // 64-entry lookups win (bench kernels, 4096×4096: b=3 0.34 vs 0.48 ms, M=64 11.6 vs 33.7 ms; b=8 M=1 2.9 vs 0.6 ms).
-        var path = _int8Path == KernelPath.Vector512 && (tokens > 1 || bits <= 4) ? KernelPath.Vector256 : _int8Path;
+        // On AVX-512 one token runs the 512-bit VBMI kernel at every width; several tokens the AVX2 tiles, which decode
+        // a row once for all of them (measured figures in docs/BENCHMARKS.md).
+        var path = _int8Path == KernelPath.Vector512 && tokens > 1 ? KernelPath.Vector256 : _int8Path;
         var order = BitplaneKernels.Int8Order(path);
         int stride = BitplaneKernels.Int8Stride(order, cols);
         job.EnsureInt8(tokens, stride);
-        // |x| feeds the unsigned side of vpmaddubsw/vpdpbusd where the tables are signed (the 512-bit path, AVX2 without
-        // VNNI); the sign mask only the 512-bit path (AVX-512 has no vpsignb). Offset tables and the 128-bit and scalar
-        // paths multiply x8 directly.
-        bool abs = path == KernelPath.Vector512 || path == KernelPath.Vector256 && !BitplaneKernels.OffsetTables, sign = order == Int8ColumnOrder.Gfni512;
+        // |x| feeds the unsigned side of vpmaddubsw/vpdpbusd where the tables are signed (AVX2 and AVX-512 without
+        // VNNI); the sign mask only the 512-bit path then (AVX-512 has no vpsignb). Offset tables and the 128-bit and
+        // scalar paths multiply x8 directly.
+        bool signed = path is KernelPath.Vector512 or KernelPath.Vector256 && !BitplaneKernels.OffsetTables;
+        bool abs = signed, sign = signed && path == KernelPath.Vector512;
         for (int t = 0; t < tokens; t++)
             (job.XScale[t], job.XSum[t]) = BitplaneKernels.QuantizeActivations(x.Slice(t * cols, cols), job.X8.AsSpan(t * stride, stride),
                 abs ? job.XAbs.AsSpan(t * stride, stride) : default, sign ? job.XSign.AsSpan(t * stride, stride) : default, order);
