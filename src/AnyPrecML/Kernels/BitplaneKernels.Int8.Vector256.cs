@@ -21,6 +21,8 @@ namespace AnyPrecML.Kernels;
 //  - With AVX-VNNI the tables are read offset by 128 and vpdpbusd takes x8 as it is (TableBytes below).
 //  - M > 1 (prefill, scoring): a group of rows is decoded to bytes once and every token tile of 4 reuses it, two
 //    rows at a time, so the per-weight decode cost is paid once per 4·k tokens.
+//  - The loop methods here and in the 512-bit file are AggressiveOptimization: compiled fully optimized at their first
+//    call, so a generation's first tokens (and a bench's first width) never run tier-0 kernel code.
 public static unsafe partial class BitplaneKernels
 {
     private interface IWidth { static abstract int Bits { get; } }
@@ -255,6 +257,7 @@ public static unsafe partial class BitplaneKernels
     /// in the loop (every ymm register is caller-saved: with a call there the JIT kept the accumulators in memory).
     /// </summary>
     [SkipLocalsInit]
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static int DotNarrowInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, int blocks, byte* tail) where TW : struct, IWidth
     {
         Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
@@ -296,6 +299,7 @@ public static unsafe partial class BitplaneKernels
 
     /// <summary>b = 5, 6: blocks as in <see cref="DotNarrowInt8Avx2{TW}"/>, the two or four sub-tables in registers and every slice written out (constant shifts).</summary>
     [SkipLocalsInit]
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static int DotMidInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, int blocks, byte* tail) where TW : struct, IWidth
     {
         Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
@@ -316,6 +320,7 @@ public static unsafe partial class BitplaneKernels
 
     /// <summary>b = 7, 8: the low nibble looked up in every sub-table, the upper code bits picking among them; blocks as in <see cref="DotNarrowInt8Avx2{TW}"/>.</summary>
     [SkipLocalsInit]
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static int DotWideInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, int blocks, byte* tail) where TW : struct, IWidth
     {
         Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
@@ -383,6 +388,7 @@ public static unsafe partial class BitplaneKernels
 
     /// <summary>One row's table bytes in Slice256 order (zeros past the last column do not matter: x8 is zero there).</summary>
     [SkipLocalsInit]
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void DecodeInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, byte* dst, int blocks, byte* tail) where TW : struct, IWidth
     {
         int b = TW.Bits;
@@ -422,6 +428,7 @@ public static unsafe partial class BitplaneKernels
     /// <typeparamref name="TB"/>'s form; offset bytes are corrected by 128·xSum[t]): tiles of 2 rows × 4 tokens keep eight
     /// accumulators in registers and load each byte once per tile.
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void TileInt8Avx2<TB>(byte* d, int rows, int stride, sbyte* x8, byte* xAbs, int* xSum, int m, float* y, int yStride) where TB : struct, IWeightBytes
     {
         int r = 0;

@@ -4,8 +4,9 @@ using System.Runtime.Intrinsics.X86;
 
 namespace AnyPrecML.Kernels;
 
-// The int8 level on AVX-512 with VBMI and GFNI (Zen 4/5, Ice Lake and later Xeons), one token at a time; x8 in
-// column order. A block is 256 columns: 32 bytes of each plane, byte i holding columns 8i..8i+7.
+// The int8 level on AVX-512 with VBMI and GFNI (Zen 4/5, Ice Lake and later Xeons); x8 in column order, each token
+// Int8Stride bytes apart (a multiple of 64). One token: the products straight from the lookups. Several: each row
+// decoded to bytes by the same steps, then the AVX2 register tiles over every token. A block is 256 columns: 32 bytes of each plane, byte i holding columns 8i..8i+7.
 //  1. Gather: vpermi2b over two planes per 512-bit register builds, for 8 plane bytes i at a time, one qword per i
 //     with plane p's byte at position 8 - b + p (planes 0..3 from one pair of registers, 4..7 from the other, merged
 //     by one vpternlogd at b ≥ 5). The other 8 - b positions hold whatever the index picks.
@@ -22,7 +23,8 @@ public static unsafe partial class BitplaneKernels
 {
     /// <summary>
     /// Int8 rows on AVX-512 + VBMI + GFNI: y[t, r] = Σ_j U[r, c_j]·x8[t, j] (the caller rescales and removes the offset);
-    /// x8 in column order, <paramref name="xStride"/> apart, readable 64 bytes past the last column (zero weights meet them).
+    /// x8 in column order, <paramref name="xStride"/> apart (a multiple of 64), readable 64 bytes past the last column
+    /// (zero weights meet whatever lies there).
     /// </summary>
     private static void RowsInt8Vbmi512(in BitplaneOperand w, byte* u, sbyte* x8, byte* xAbs, sbyte* xSign, int* xSum, int xStride, int m, float* y, int rowStart, int rowEnd, byte* scratch)
     {
@@ -42,15 +44,75 @@ public static unsafe partial class BitplaneKernels
         where TW : struct, IWidth
     {
         int k = 1 << TW.Bits;
-        // Several tokens go through the AVX2 tiles (BitplaneLinear routes them there); one row per token here keeps
-        // this path whole for any caller.
-        for (int t = 0; t < m; t++)
+        byte* tail = scratch; // b planes × 32 bytes: a partial last block's words, zero-padded
+        if (m == 1)
         {
-            long at = (long)t * xStride;
-            int offset = TableBytes.Offset ? 128 * xSum[t] : 0;
+            int offset = TableBytes.Offset ? 128 * xSum[0] : 0;
             for (int r = rowStart; r < rowEnd; r++)
-                y[(long)t * w.Rows + r] = DotVbmi512<TW>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, x8 + at, xAbs + at, xSign + at, scratch) - offset;
+                y[r] = DotVbmi512<TW>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, x8, xAbs, xSign, tail) - offset;
+            return;
         }
+        // Several tokens (verify passes, prefill): a group of rows decoded to table bytes once, in column order with
+        // zeros up to the stride, then the AVX2 register tiles over every token (as on AVX2, with this decoder).
+        byte* decoded = scratch + 256;
+        for (int g = rowStart; g < rowEnd; g += Int8RowGroup)
+        {
+            int rows = Math.Min(Int8RowGroup, rowEnd - g);
+            for (int i = 0; i < rows; i++)
+                DecodeVbmi512<TW>(w, w.Planes + (long)(g + i) * w.Words, u0 + (long)(g + i) * k, decoded + (long)i * xStride, tail);
+            TileInt8Avx2<TableBytes>(decoded, rows, xStride, x8, xAbs, xSum, m, y + g, w.Rows);
+        }
+    }
+
+    /// <summary>One row's table bytes in column order, zero from the last column to the next multiple of 64.</summary>
+    [SkipLocalsInit]
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void DecodeVbmi512<TW>(in BitplaneOperand w, uint* planes, byte* u, byte* dst, byte* tail) where TW : struct, IWidth
+    {
+        int b = TW.Bits, full = w.Cols >> 8;
+        var t0 = TableRegister<TW>(u);
+        var t1 = b >= 7 ? Vector512.Load(u + 64) : default;
+        var t2 = b == 8 ? Vector512.Load(u + 128) : default;
+        var t3 = b == 8 ? Vector512.Load(u + 192) : default;
+        var eight = Vector512.Create((byte)8);
+        var lo0 = GatherLow[b]; var lo1 = lo0 + eight; var lo2 = lo1 + eight; var lo3 = lo2 + eight;
+        var hi0 = GatherHigh[b]; var hi1 = hi0 + eight; var hi2 = hi1 + eight; var hi3 = hi2 + eight;
+        var merge = GatherMerge[b];
+        long stride = w.PlaneStride * 4;
+        byte* src = (byte*)planes;
+        for (int block = 0; block < full; block++, src += 32, dst += 256)
+        {
+            var z01 = PlanePair(src, src + stride, true, true);
+            var z23 = PlanePair(src + 2 * stride, src + 3 * stride, b > 2, b > 3);
+            var z45 = PlanePair(src + 4 * stride, src + 5 * stride, b > 4, b > 5);
+            var z67 = PlanePair(src + 6 * stride, src + 7 * stride, b > 6, b > 7);
+            Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo0, hi0, merge), t0, t1, t2, t3).Store(dst);
+            Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo1, hi1, merge), t0, t1, t2, t3).Store(dst + 64);
+            Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo2, hi2, merge), t0, t1, t2, t3).Store(dst + 128);
+            Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo3, hi3, merge), t0, t1, t2, t3).Store(dst + 192);
+        }
+        if ((w.Cols & 255) != 0) DecodePartialBlockVbmi512<TW>(w, planes, u, dst, tail);
+    }
+
+    /// <summary>The partial last block of <see cref="DecodeVbmi512{TW}"/>: 64 bytes per group that holds columns, zero past the last column.</summary>
+    [MethodImpl(MethodImplOptions.NoInlining)]
+    private static void DecodePartialBlockVbmi512<TW>(in BitplaneOperand w, uint* planes, byte* u, byte* dst, byte* tail) where TW : struct, IWidth
+    {
+        int b = TW.Bits, left = w.Cols & 255;
+        var t0 = TableRegister<TW>(u);
+        var t1 = b >= 7 ? Vector512.Load(u + 64) : default;
+        var t2 = b == 8 ? Vector512.Load(u + 128) : default;
+        var t3 = b == 8 ? Vector512.Load(u + 192) : default;
+        byte* src = BlockPlanes(w, planes, w.Cols >> 8, b, tail, out long stride);
+        var z01 = PlanePair(src, src + stride, true, true);
+        var z23 = PlanePair(src + 2 * stride, src + 3 * stride, b > 2, b > 3);
+        var z45 = PlanePair(src + 4 * stride, src + 5 * stride, b > 4, b > 5);
+        var z67 = PlanePair(src + 6 * stride, src + 7 * stride, b > 6, b > 7);
+        var low = GatherLow[b];
+        var high = GatherHigh[b];
+        fixed (byte* mask = TailMask)
+            for (int j = 0; j < left; j += 64, low += Vector512.Create((byte)8), high += Vector512.Create((byte)8))
+                (Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, low, high, GatherMerge[b]), t0, t1, t2, t3) & Vector512.Load(mask + 64 - Math.Min(64, left - j))).Store(dst + j);
     }
 
     /// <summary>
@@ -142,6 +204,7 @@ public static unsafe partial class BitplaneKernels
 
     /// <summary>One row against one token: whole 256-column blocks here, a partial last one in <see cref="PartialBlockVbmi512{TW}"/>.</summary>
     [SkipLocalsInit]
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static int DotVbmi512<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, sbyte* xs, byte* tail) where TW : struct, IWidth
     {
         int b = TW.Bits, full = w.Cols >> 8;

@@ -25,7 +25,7 @@ public enum KernelAccuracy
 /// <summary>How an int8 kernel wants x's columns laid out, so that its decoded codes meet their activations.</summary>
 internal enum Int8ColumnOrder
 {
-    /// <summary>Column order (the scalar reference).</summary>
+    /// <summary>Column order (the scalar reference and the AVX-512 VBMI kernels).</summary>
     Natural,
     /// <summary>
     /// Bit slices of 256-column blocks: in a block of 8 plane words, byte i of the 32 plane bytes holds columns
@@ -51,6 +51,14 @@ public static unsafe partial class BitplaneKernels
 
     /// <summary>Bytes one token's int8 activations take in <paramref name="order"/> (padding included).</summary>
     internal static int Int8Stride(Int8ColumnOrder order, int cols) => order == Int8ColumnOrder.Slice256 ? (cols + 255) & ~255 : cols;
+
+    /// <summary>
+    /// Bytes from one token's x8 to the next for <paramref name="path"/>'s kernels: <see cref="Int8Stride"/>, rounded up to
+    /// 64 on the 512-bit path, whose decoded rows (and so x8 rows) are whole 64-byte groups (the bytes past the last
+    /// column meet zero weights, so they may hold anything).
+    /// </summary>
+    internal static int Int8TokenStride(KernelPath path, int cols) =>
+        path == KernelPath.Vector512 ? (cols + 63) & ~63 : Int8Stride(Int8Order(path), cols);
 
     /// <summary>
     /// A row's b-bit table as signed bytes: T ≈ Mid + Scale·V, |V| ≤ 127. Seven unsigned bits (128 levels) cost 0.6%

@@ -119,7 +119,7 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
             var path = RunningPath;
             string isa = path switch
             {
-                KernelPath.Vector512 when Accuracy == KernelAccuracy.Int8 => "AVX-512 VBMI + GFNI for one token, AVX2 tiles for several",
+                KernelPath.Vector512 when Accuracy == KernelAccuracy.Int8 => "AVX-512 VBMI + GFNI",
                 KernelPath.Vector512 => BitplaneKernels.UsesGfni ? "AVX-512 + GFNI" : "AVX-512",
                 KernelPath.Vector256 => "AVX2",
                 KernelPath.Vector128 => "128-bit",
@@ -176,11 +176,9 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
     {
         var weight = weights[0];
         int cols = weight.Cols;
-        // On AVX-512 one token runs the 512-bit VBMI kernel at every width; several tokens the AVX2 tiles, which decode
-        // a row once for all of them (measured figures in docs/BENCHMARKS.md).
-        var path = _int8Path == KernelPath.Vector512 && tokens > 1 ? KernelPath.Vector256 : _int8Path;
+        var path = _int8Path;
         var order = BitplaneKernels.Int8Order(path);
-        int stride = BitplaneKernels.Int8Stride(order, cols);
+        int stride = BitplaneKernels.Int8TokenStride(path, cols);
         job.EnsureInt8(tokens, stride);
         // |x| feeds the unsigned side of vpmaddubsw/vpdpbusd where the tables are signed (AVX2 and AVX-512 without
         // VNNI); the sign mask only the 512-bit path then (AVX-512 has no vpsignb). Offset tables and the 128-bit and
