@@ -10,8 +10,8 @@ using AnyPrecML.Tokenization;
 namespace AnyPrecML.Cli;
 
 /// <summary>
-/// `anyprec profile`: chooses one width per linear for an average width between seed and parent, greedily by measured
-/// calibration NLL drop per bit, and saves it beside the model (profile-{bits}bit.json), where `--bits 3.5` finds it.
+/// `anyprec profile`: chooses one width per linear for an average width between seed and parent, greedily by the measured
+/// drop per bit of the divergence from the parent's predictions on calibration text, and saves it beside the model (profile-{bits}bit.json), where `--bits 3.5` finds it.
 /// </summary>
 internal static class ProfileCommand
 {
@@ -27,7 +27,7 @@ internal static class ProfileCommand
         var output = new Option<string?>("--output", "-o") { Description = "Profile file to write (default: profile-{bits}bit.json beside the model)." };
         var accuracy = CommonOptions.Accuracy();
         var json = CommonOptions.Json();
-        var command = new Command("profile", "Choose one width per linear layer for an average width (e.g. 3.5 bits) from the same parent, by measured perplexity gain per bit, and save it beside the model.")
+        var command = new Command("profile", "Choose one width per linear layer for an average width (e.g. 3.5 bits) from the same parent, by how much closer each bit brings the model's predictions on calibration text to the parent's (measured), and save it beside the model.")
         {
             model, tokenizer, bits, calibration, samples, seqLen, random, output, accuracy, json,
         };
