@@ -109,6 +109,13 @@ public sealed class PrecisionProfileTests
         Assert.IsLessThan(r, c, "the chosen profile beats the random one");
         Assert.IsLessThan(three, c);
         Assert.IsGreaterThan(four, c);
+
+        // The search's measure: KL(parent ‖ profile) ≥ 0, falling as bits are added, and 0 for the parent itself.
+        double klStart = (double)chosen.Provenance!["kl_from_parent_start"]!, klEnd = (double)chosen.Provenance["kl_from_parent"]!;
+        Assert.IsGreaterThan(klEnd, klStart, "raising linears brings the model closer to the parent");
+        Assert.IsGreaterThan(0.0, klEnd);
+        var whole = PrecisionProfileSearch.Choose(_model, engine, calibration, _model.ParentBits);
+        Assert.AreEqual(0.0, (double)whole.Provenance!["kl_from_parent"]!, 1e-5, "the parent diverges from itself by nothing");
     }
 
     [TestMethod]
