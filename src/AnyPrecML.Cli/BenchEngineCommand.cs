@@ -65,6 +65,7 @@ internal static class BenchEngineCommand
                     (Bits: Math.Round(p.AverageBits, 3), Profile: (string?)Path.GetFileName(r.GetValue(profiles)![i]), View: (IInferenceEngine)new ProfiledEngine(engine, p), p.Widths)))
                 .ToList();
             foreach (var run in runs.Where(x => x.Profile is not null)) Decode(run.View, 0, Math.Min(steps, 4), out _); // warm-up, as the widths above
+            BenchTiming.SettleJit();
             int roundCount = r.GetValue(rounds);
             if (roundCount < 1) throw new ArgumentException($"--rounds {roundCount} must be at least 1.");
             var timings = runs.Select(_ => new List<(double Tps, KernelSplit Split)>()).ToArray();

@@ -65,6 +65,7 @@ internal static class BenchSpeculativeCommand
             // Warm-up: JIT every path once, untimed.
             SpeculativeGenerator.TargetOnlyGreedy(e, targetWidths[0], ids[0], Math.Min(n, 8));
             SpeculativeGenerator.Greedy(e, e.SeedBits, targetWidths[0], kValues[0], ids[0], Math.Min(n, 8));
+            BenchTiming.SettleJit();
 
             var rows = new List<Row>();
             var best = new List<object>();
