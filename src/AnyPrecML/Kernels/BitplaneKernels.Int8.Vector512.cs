@@ -5,8 +5,9 @@ using System.Runtime.Intrinsics.X86;
 namespace AnyPrecML.Kernels;
 
 // The int8 level on AVX-512 with VBMI and GFNI (Zen 4/5, Ice Lake and later Xeons); x8 in column order, each token
-// Int8Stride bytes apart (a multiple of 64). One token: the products straight from the lookups. Several: each row
-// decoded to bytes by the same steps, then the AVX2 register tiles over every token. A block is 256 columns: 32 bytes of each plane, byte i holding columns 8i..8i+7.
+// Int8TokenStride bytes apart (a multiple of 64). One token: the products straight from the lookups. Several: each
+// row decoded to bytes by the same steps, then the AVX2 register tiles over every token. A block is 256 columns:
+// 32 bytes of each plane, byte i holding columns 8i..8i+7.
 //  1. Gather: vpermi2b over two planes per 512-bit register builds, for 8 plane bytes i at a time, one qword per i
 //     with plane p's byte at position 8 - b + p (planes 0..3 from one pair of registers, 4..7 from the other, merged
 //     by one vpternlogd at b ≥ 5). The other 8 - b positions hold whatever the index picks.
