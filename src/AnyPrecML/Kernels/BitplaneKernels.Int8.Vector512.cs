@@ -45,7 +45,7 @@ public static unsafe partial class BitplaneKernels
         where TW : struct, IWidth
     {
         int k = 1 << TW.Bits;
-        byte* tail = scratch; // b planes × 32 bytes: a partial last block's words, zero-padded
+        byte* tail = scratch; // a partial last block: its plane words (b × 32 bytes, zero-padded), and at 256 its bytes for one token
         if (m == 1)
         {
             int offset = TableBytes.Offset ? 128 * xSum[0] : 0;
@@ -71,10 +71,7 @@ public static unsafe partial class BitplaneKernels
     private static void DecodeVbmi512<TW>(in BitplaneOperand w, uint* planes, byte* u, byte* dst, byte* tail) where TW : struct, IWidth
     {
         int b = TW.Bits, full = w.Cols >> 8;
-        var t0 = TableRegister<TW>(u);
-        var t1 = b >= 7 ? Vector512.Load(u + 64) : default;
-        var t2 = b == 8 ? Vector512.Load(u + 128) : default;
-        var t3 = b == 8 ? Vector512.Load(u + 192) : default;
+        var (t0, t1, t2, t3) = TableRegisters<TW>(u);
         var eight = Vector512.Create((byte)8);
         var lo0 = GatherLow[b]; var lo1 = lo0 + eight; var lo2 = lo1 + eight; var lo3 = lo2 + eight;
         var hi0 = GatherHigh[b]; var hi1 = hi0 + eight; var hi2 = hi1 + eight; var hi3 = hi2 + eight;
@@ -83,10 +80,7 @@ public static unsafe partial class BitplaneKernels
         byte* src = (byte*)planes;
         for (int block = 0; block < full; block++, src += 32, dst += 256)
         {
-            var z01 = PlanePair(src, src + stride, true, true);
-            var z23 = PlanePair(src + 2 * stride, src + 3 * stride, b > 2, b > 3);
-            var z45 = PlanePair(src + 4 * stride, src + 5 * stride, b > 4, b > 5);
-            var z67 = PlanePair(src + 6 * stride, src + 7 * stride, b > 6, b > 7);
+            var (z01, z23, z45, z67) = PlanePairs<TW>(src, stride);
             Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo0, hi0, merge), t0, t1, t2, t3).Store(dst);
             Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo1, hi1, merge), t0, t1, t2, t3).Store(dst + 64);
             Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo2, hi2, merge), t0, t1, t2, t3).Store(dst + 128);
@@ -100,15 +94,9 @@ public static unsafe partial class BitplaneKernels
     private static void DecodePartialBlockVbmi512<TW>(in BitplaneOperand w, uint* planes, byte* u, byte* dst, byte* tail) where TW : struct, IWidth
     {
         int b = TW.Bits, left = w.Cols & 255;
-        var t0 = TableRegister<TW>(u);
-        var t1 = b >= 7 ? Vector512.Load(u + 64) : default;
-        var t2 = b == 8 ? Vector512.Load(u + 128) : default;
-        var t3 = b == 8 ? Vector512.Load(u + 192) : default;
+        var (t0, t1, t2, t3) = TableRegisters<TW>(u);
         byte* src = BlockPlanes(w, planes, w.Cols >> 8, b, tail, out long stride);
-        var z01 = PlanePair(src, src + stride, true, true);
-        var z23 = PlanePair(src + 2 * stride, src + 3 * stride, b > 2, b > 3);
-        var z45 = PlanePair(src + 4 * stride, src + 5 * stride, b > 4, b > 5);
-        var z67 = PlanePair(src + 6 * stride, src + 7 * stride, b > 6, b > 7);
+        var (z01, z23, z45, z67) = PlanePairs<TW>(src, stride);
         var low = GatherLow[b];
         var high = GatherHigh[b];
         fixed (byte* mask = TailMask)
@@ -144,16 +132,20 @@ public static unsafe partial class BitplaneKernels
         return Vector512.Create(index);
     }
 
-    /// <summary>The row's table as the lookup registers want it: repeated to 64 bytes below b = 6 (see step 3).</summary>
+    /// <summary>The row's table as the lookup registers want it: repeated to 64 bytes below b = 6 (see step 3), 128 bytes in two registers at b = 7, 256 in four at b = 8.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<byte> TableRegister<TW>(byte* u) where TW : struct, IWidth => TW.Bits switch
+    private static (Vector512<byte>, Vector512<byte>, Vector512<byte>, Vector512<byte>) TableRegisters<TW>(byte* u) where TW : struct, IWidth
     {
-        2 => Vector512.Create(*(uint*)u).AsByte(),
-        3 => Vector512.Create(*(ulong*)u).AsByte(),
-        4 => Vector512.Create(Vector128.Load(u)),
-        5 => Vector512.Create(Vector256.Load(u)),
-        _ => Vector512.Load(u),
-    };
+        var t0 = TW.Bits switch
+        {
+            2 => Vector512.Create(*(uint*)u).AsByte(),
+            3 => Vector512.Create(*(ulong*)u).AsByte(),
+            4 => Vector512.Create(Vector128.Load(u)),
+            5 => Vector512.Create(Vector256.Load(u)),
+            _ => Vector512.Load(u),
+        };
+        return (t0, TW.Bits >= 7 ? Vector512.Load(u + 64) : default, TW.Bits == 8 ? Vector512.Load(u + 128) : default, TW.Bits == 8 ? Vector512.Load(u + 192) : default);
+    }
 
     /// <summary>64 codes (column order) from the group's gathered plane bytes: see steps 1 and 2.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -194,25 +186,27 @@ public static unsafe partial class BitplaneKernels
         wide += Avx512BW.MultiplyAddAdjacent(Avx512BW.MultiplyAddAdjacent(Vector512.Load(xa), signed), Vector512.Create((short)1));
     }
 
-    /// <summary>Two planes of a block in one register: <paramref name="a"/> low, <paramref name="b"/> high (absent planes zero).</summary>
+    /// <summary>A block's planes two to a register (plane 2i low, 2i+1 high; absent planes zero).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<byte> PlanePair(byte* a, byte* b, bool hasA, bool hasB)
+    private static (Vector512<byte>, Vector512<byte>, Vector512<byte>, Vector512<byte>) PlanePairs<TW>(byte* src, long stride) where TW : struct, IWidth
     {
-        if (!hasA) return default;
-        var low = Vector256.Load(a).ToVector512Unsafe();
-        return hasB ? Avx512F.InsertVector256(low, Vector256.Load(b), 1) : Avx512F.InsertVector256(low, Vector256<byte>.Zero, 1);
+        int b = TW.Bits;
+        return (PlanePair(src, stride, true), b > 2 ? PlanePair(src + 2 * stride, stride, b > 3) : default,
+            b > 4 ? PlanePair(src + 4 * stride, stride, b > 5) : default, b > 6 ? PlanePair(src + 6 * stride, stride, b > 7) : default);
     }
 
-    /// <summary>One row against one token: whole 256-column blocks here, a partial last one in <see cref="PartialBlockVbmi512{TW}"/>.</summary>
+    /// <summary>The plane at <paramref name="a"/> low and the next one (<paramref name="stride"/> on) high, or zero.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<byte> PlanePair(byte* a, long stride, bool hasSecond) =>
+        Avx512F.InsertVector256(Vector256.Load(a).ToVector512Unsafe(), hasSecond ? Vector256.Load(a + stride) : Vector256<byte>.Zero, 1);
+
+    /// <summary>One row against one token; <paramref name="tail"/>: 512 bytes of scratch for a partial last block.</summary>
     [SkipLocalsInit]
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static int DotVbmi512<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, sbyte* xs, byte* tail) where TW : struct, IWidth
     {
         int b = TW.Bits, full = w.Cols >> 8;
-        var t0 = TableRegister<TW>(u);
-        var t1 = b >= 7 ? Vector512.Load(u + 64) : default;
-        var t2 = b == 8 ? Vector512.Load(u + 128) : default;
-        var t3 = b == 8 ? Vector512.Load(u + 192) : default;
+        var (t0, t1, t2, t3) = TableRegisters<TW>(u);
         // The gather indices of the block's four groups of 64 columns, kept in registers (AVX-512 has 32).
         var eight = Vector512.Create((byte)8);
         var lo0 = GatherLow[b]; var lo1 = lo0 + eight; var lo2 = lo1 + eight; var lo3 = lo2 + eight;
@@ -225,10 +219,7 @@ public static unsafe partial class BitplaneKernels
         byte* src = (byte*)planes;
         for (int block = 0; block < full; block++, src += 32, x += 256, xa += 256, xs += 256)
         {
-            var z01 = PlanePair(src, src + stride, true, true);
-            var z23 = PlanePair(src + 2 * stride, src + 3 * stride, b > 2, b > 3);
-            var z45 = PlanePair(src + 4 * stride, src + 5 * stride, b > 4, b > 5);
-            var z67 = PlanePair(src + 6 * stride, src + 7 * stride, b > 6, b > 7);
+            var (z01, z23, z45, z67) = PlanePairs<TW>(src, stride);
             var v0 = Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo0, hi0, merge), t0, t1, t2, t3);
             var v1 = Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo1, hi1, merge), t0, t1, t2, t3);
             Products512(ref a0, ref a1, ref c0, v0, x, xa, xs);
@@ -239,37 +230,14 @@ public static unsafe partial class BitplaneKernels
             Products512(ref a6, ref a7, ref c3, v3, x + 192, xa + 192, xs + 192);
         }
         int sum = TableBytes.Offset ? Vector256.Sum(((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))) : Vector512.Sum((c0 + c1) + (c2 + c3));
-        return (w.Cols & 255) == 0 ? sum : sum + PartialBlockVbmi512<TW>(w, planes, u, x, xa, xs, tail);
-    }
-
-    /// <summary>
-    /// The partial last block (x and its companions at the block's first column): its planes copied zero-padded, the
-    /// groups that hold columns, the last one's bytes past the last column zeroed (0·x8 adds nothing, whatever x8 holds there).
-    /// </summary>
-    [MethodImpl(MethodImplOptions.NoInlining)]
-    private static int PartialBlockVbmi512<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, sbyte* xs, byte* tail) where TW : struct, IWidth
-    {
-        int b = TW.Bits, block = w.Cols >> 8, left = w.Cols & 255;
-        var t0 = TableRegister<TW>(u);
-        var t1 = b >= 7 ? Vector512.Load(u + 64) : default;
-        var t2 = b == 8 ? Vector512.Load(u + 128) : default;
-        var t3 = b == 8 ? Vector512.Load(u + 192) : default;
-        byte* src = BlockPlanes(w, planes, block, b, tail, out long stride);
-        var z01 = PlanePair(src, src + stride, true, true);
-        var z23 = PlanePair(src + 2 * stride, src + 3 * stride, b > 2, b > 3);
-        var z45 = PlanePair(src + 4 * stride, src + 5 * stride, b > 4, b > 5);
-        var z67 = PlanePair(src + 6 * stride, src + 7 * stride, b > 6, b > 7);
-        var low = GatherLow[b];
-        var high = GatherHigh[b];
-        Vector256<int> a = default, a1 = default;
-        Vector512<int> c = default;
-        fixed (byte* mask = TailMask)
-            for (int j = 0; j < left; j += 64, low += Vector512.Create((byte)8), high += Vector512.Create((byte)8))
-            {
-                var v = Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, low, high, GatherMerge[b]), t0, t1, t2, t3);
-                v &= Vector512.Load(mask + 64 - Math.Min(64, left - j));
-                Products512(ref a, ref a1, ref c, v, x + j, xa + j, xs + j);
-            }
-        return TableBytes.Offset ? Vector256.Sum(a + a1) : Vector512.Sum(c);
+        if ((w.Cols & 255) == 0) return sum;
+        // The partial last block: decoded to bytes (zero past the last column, so whatever x8 holds there adds nothing),
+        // then multiplied 64 at a time.
+        byte* bytes = tail + 256;
+        DecodePartialBlockVbmi512<TW>(w, planes, u, bytes, tail);
+        Vector256<int> p0 = default, p1 = default;
+        Vector512<int> q = default;
+        for (int j = 0; j < (w.Cols & 255); j += 64) Products512(ref p0, ref p1, ref q, Vector512.Load(bytes + j), x + j, xa + j, xs + j);
+        return sum + (TableBytes.Offset ? Vector256.Sum(p0 + p1) : Vector512.Sum(q));
     }
 }
