@@ -185,22 +185,22 @@ public sealed class KernelTests
                     foreach (int bits in new[] { 2, 3, 5, 8 })
                     {
                         var x = RandomX(tokens * 300, tokens + bits);
-                      foreach (int[] widths in new[] { new[] { bits, bits, bits }, new[] { bits, 8, 2 } }) // one width, and a profile's mixed ones
-                      {
-                        var fused = new float[tokens * total];
-                        backend.Multiply(ws, widths, x, tokens, fused);
-                        int offset = 0;
-                        for (int i = 0; i < ws.Length; i++)
+                        foreach (int[] widths in new[] { new[] { bits, bits, bits }, new[] { bits, 8, 2 } }) // one width, and a profile's mixed ones (one int8 pass too)
                         {
-                            var w = ws[i];
-                            var alone = new float[tokens * w.Rows];
-                            backend.Multiply(w, widths[i], x, tokens, alone);
-                            for (int t = 0; t < tokens; t++)
-                                CollectionAssert.AreEqual(alone.AsSpan(t * w.Rows, w.Rows).ToArray(), fused.AsSpan(t * total + offset, w.Rows).ToArray(),
-                                    $"{backend.Name}: b={string.Join(",", widths)} M={tokens} matrix at {offset}, token {t}");
-                            offset += w.Rows;
+                            var fused = new float[tokens * total];
+                            backend.Multiply(ws, widths, x, tokens, fused);
+                            int offset = 0;
+                            for (int i = 0; i < ws.Length; i++)
+                            {
+                                var w = ws[i];
+                                var alone = new float[tokens * w.Rows];
+                                backend.Multiply(w, widths[i], x, tokens, alone);
+                                for (int t = 0; t < tokens; t++)
+                                    CollectionAssert.AreEqual(alone.AsSpan(t * w.Rows, w.Rows).ToArray(), fused.AsSpan(t * total + offset, w.Rows).ToArray(),
+                                        $"{backend.Name}: b={string.Join(",", widths)} M={tokens} matrix at {offset}, token {t}");
+                                offset += w.Rows;
+                            }
                         }
-                      }
                     }
             }
         Assert.Throws<ArgumentException>(() => new CpuBitplaneBackend(pool: pool).Multiply([ws[0], RandomMatrix(4, 64, 9)], [3, 3], new float[300], 1, new float[44]));

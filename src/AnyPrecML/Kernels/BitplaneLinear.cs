@@ -21,8 +21,8 @@ public abstract class BitplaneBackend
 
     /// <summary>
     /// Several matrices over the same x (q/k/v, or gate/up), matrix i at width <paramref name="bits"/>[i]: y[t] is
-    /// W_0·x_t, W_1·x_t, … concatenated, so y is [tokens, Σ rows]. Here one product after another; the CPU backend
-    /// quantizes x once and runs every row of every matrix in one pass of its pool when the widths agree.
+    /// W_0·x_t, W_1·x_t, … concatenated, so y is [tokens, Σ rows]. Here one product after another; the CPU backend's
+    /// int8 level quantizes x once and runs every row of every matrix in one pass of its pool, whatever their widths.
     /// </summary>
     public virtual void Multiply(IReadOnlyList<BitplaneMatrix> weights, ReadOnlySpan<int> bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
     {
@@ -138,7 +138,7 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
         if (Accuracy == KernelAccuracy.Int8)
         {
             job.One[0] = weight;
-            MultiplyInt8(job, job.One, weight.Rows, bits, x, tokens, y);
+            MultiplyInt8(job, job.One, weight.Rows, [bits], x, tokens, y);
             return;
         }
         if (BitplaneKernels.PermutesColumns(Path))
@@ -162,17 +162,18 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
     public override void Multiply(IReadOnlyList<BitplaneMatrix> weights, ReadOnlySpan<int> bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
     {
         int total = CheckAll(weights, bits, x, tokens, y);
-        // One pass needs one width: the kernel path and x's column order depend on it.
-        if (Accuracy != KernelAccuracy.Int8 || weights.Count == 1 || bits.ContainsAnyExcept(bits[0])) { base.Multiply(weights, bits, x, tokens, y); return; }
-        MultiplyInt8(t_job ??= new RowsJob(), weights, total, bits[0], x, tokens, y);
+        // fp32: one pass per matrix (the 512-bit GFNI kernels permute x per width). Int8: x's column order and stride
+        // depend on the path alone, so the matrices of a precision profile, at different widths, still share one pass.
+        if (Accuracy != KernelAccuracy.Int8 || weights.Count == 1) { base.Multiply(weights, bits, x, tokens, y); return; }
+        MultiplyInt8(t_job ??= new RowsJob(), weights, total, bits, x, tokens, y);
     }
 
     /// <summary>
-    /// The int8 products of one or more matrices over the same x: x quantized once, then every row of every matrix in
-    /// one pass of the pool. One token's outputs are concatenated as they come; several tokens' go through a buffer
-    /// (each matrix's own [tokens, rows]) and are interleaved into y after.
+    /// The int8 products of one or more matrices over the same x, matrix i at width <paramref name="bits"/>[i]: x
+    /// quantized once, then every row of every matrix in one pass of the pool. One token's outputs are concatenated as
+    /// they come; several tokens' go through a buffer (each matrix's own [tokens, rows]) and are interleaved into y after.
     /// </summary>
-    private void MultiplyInt8(RowsJob job, IReadOnlyList<BitplaneMatrix> weights, int totalRows, int bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
+    private void MultiplyInt8(RowsJob job, IReadOnlyList<BitplaneMatrix> weights, int totalRows, ReadOnlySpan<int> bits, ReadOnlySpan<float> x, int tokens, Span<float> y)
     {
         var weight = weights[0];
         int cols = weight.Cols;
@@ -193,15 +194,17 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
         fixed (float* yp = y, sp = job.Split)
         {
             if (job.Parts.Length < weights.Count) job.Parts = new RowsJob.Part[weights.Count];
-            int offset = 0;
-            foreach (var w in weights)
+            int offset = 0, widest = 0;
+            for (int i = 0; i < weights.Count; i++)
             {
-                job.Parts[job.PartCount++] = new RowsJob.Part(new BitplaneOperand(w, bits), BitplaneKernels.Int8TablesOf(w, bits), offset,
+                var w = weights[i];
+                job.Parts[job.PartCount++] = new RowsJob.Part(new BitplaneOperand(w, bits[i]), BitplaneKernels.Int8TablesOf(w, bits[i]), offset,
                     split ? sp + (long)tokens * offset : yp + offset);
                 offset += w.Rows;
+                widest = Math.Max(widest, bits[i]);
             }
             job.Path = path; job.Tokens = tokens; job.Int8 = true; job.X8Stride = stride;
-            try { _pool.Run(job, totalRows, Chunk(totalRows, cols, bits, tokens)); }
+            try { _pool.Run(job, totalRows, Chunk(totalRows, cols, widest, tokens)); }
             finally
             {
                 Array.Clear(job.Parts, 0, job.PartCount);
