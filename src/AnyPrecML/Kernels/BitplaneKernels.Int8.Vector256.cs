@@ -19,8 +19,9 @@ namespace AnyPrecML.Kernels;
 //    1.1B shape b = 5 +65..85%, b = 6 +30%: docs/BENCHMARKS.md); b = 7, 8 loop over slices (a 16-way tree written
 //    out eight times exceeds the JIT's inlining budget, and then runs 2-3× slower).
 //  - With AVX-VNNI the tables are read offset by 128 and vpdpbusd takes x8 as it is (TableBytes below).
-//  - M > 1 (prefill, scoring): a group of rows is decoded to bytes once and every token tile of 4 reuses it, two
-//    rows at a time, so the per-weight decode cost is paid once per 4·k tokens.
+//  - M > 1 (prefill, scoring, verify passes): a group of rows is decoded to bytes once, by the same block loops as one
+//    token (a sink stores the bytes instead of multiplying them), and every token tile of 4 (then one of the 1-3 left)
+//    reuses it, two rows at a time, so the per-weight decode cost is paid once per group of tokens.
 //  - The loop methods here and in the 512-bit file are AggressiveOptimization: compiled fully optimized at their first
 //    call, so a generation's first tokens (and a bench's first width) never run tier-0 kernel code.
 public static unsafe partial class BitplaneKernels
@@ -55,13 +56,13 @@ public static unsafe partial class BitplaneKernels
     private static void RowsInt8Avx2<TW>(in BitplaneOperand w, byte* u0, sbyte* x8, byte* xAbs, int* xSum, int xStride, int m, float* y, int rowStart, int rowEnd, byte* scratch)
         where TW : struct, IWidth
     {
-        int k = 1 << TW.Bits, blocks = xStride >> 8;
+        int k = 1 << TW.Bits;
         byte* tail = scratch; // b planes × 32 bytes: the last, partial block's words, zero-padded
         if (m == 1)
         {
             int offset = TableBytes.Offset ? 128 * xSum[0] : 0;
             for (int r = rowStart; r < rowEnd; r++)
-                y[r] = DotInt8Avx2<TW>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, x8, xAbs, blocks, tail) - offset;
+                y[r] = RowInt8Avx2<TW, ProductSink>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, tail, (byte*)x8, xAbs) - offset;
             return;
         }
         byte* decoded = scratch + 256; // Int8RowGroup rows × xStride bytes
@@ -69,7 +70,10 @@ public static unsafe partial class BitplaneKernels
         {
             int rows = Math.Min(Int8RowGroup, rowEnd - g);
             for (int i = 0; i < rows; i++)
-                DecodeInt8Avx2<TW>(w, w.Planes + (long)(g + i) * w.Words, u0 + (long)(g + i) * k, decoded + (long)i * xStride, blocks, tail);
+            {
+                byte* row = decoded + (long)i * xStride;
+                RowInt8Avx2<TW, StoreSink>(w, w.Planes + (long)(g + i) * w.Words, u0 + (long)(g + i) * k, tail, row, row);
+            }
             TileInt8Avx2<TableBytes>(decoded, rows, xStride, x8, xAbs, xSum, m, y + g, w.Rows);
         }
     }
@@ -213,11 +217,43 @@ public static unsafe partial class BitplaneKernels
             : acc + Avx2.MultiplyAddAdjacent(Avx2.MultiplyAddAdjacent(xAbs, signed), Vector256.Create((short)1));
     }
 
-    /// <summary>One row against one token (decode).</summary>
+    /// <summary>
+    /// Where a row's table bytes go, 32 at a time: into products with x8 (one token) or stored (several). <c>p</c> is x8
+    /// (or the destination) at the bytes' offset, <c>pa</c> |x8| there. Static, so that the block loops keep their four
+    /// accumulators as plain locals (a sink struct holding them was not enregistered: M = 1 ran 1.3-1.8× slower).
+    /// </summary>
+    private interface ITableBytesSink
+    {
+        static abstract Vector256<int> Take(Vector256<int> acc, Vector256<byte> v, byte* p, byte* pa);
+    }
+
+    /// <summary>One token (decode): acc += the table bytes times x8.</summary>
+    private struct ProductSink : ITableBytesSink
+    {
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static Vector256<int> Take(Vector256<int> acc, Vector256<byte> v, byte* p, byte* pa) => TableProducts(acc, v, (sbyte*)p, pa);
+    }
+
+    /// <summary>Several tokens: the table bytes stored in Slice256 order, for the register tiles (acc is not used).</summary>
+    private struct StoreSink : ITableBytesSink
+    {
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static Vector256<int> Take(Vector256<int> acc, Vector256<byte> v, byte* p, byte* pa)
+        {
+            v.Store(p);
+            return acc;
+        }
+    }
+
+    /// <summary>
+    /// One row's table bytes into <typeparamref name="TS"/>, block by block, <paramref name="p"/> and <paramref name="pa"/>
+    /// advancing 256 bytes a block; returns the products' sum (0 when stored). x8's zeros past the last column meet
+    /// whatever a partial block's zero-padded planes decode to. One method per kind of code keeps each loop small
+    /// enough for the JIT to inline every helper in it.
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static int DotInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, int blocks, byte* tail) where TW : struct, IWidth =>
-        // One method per kind of code keeps each loop small enough for the JIT to inline every helper in it.
-        TW.Bits <= 4 ? DotNarrowInt8Avx2<TW>(w, planes, u, x, xa, blocks, tail) : TW.Bits <= 6 ? DotMidInt8Avx2<TW>(w, planes, u, x, xa, blocks, tail) : DotWideInt8Avx2<TW>(w, planes, u, x, xa, blocks, tail);
+    private static int RowInt8Avx2<TW, TS>(in BitplaneOperand w, uint* planes, byte* u, byte* tail, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink =>
+        TW.Bits <= 4 ? NarrowBlocks<TW, TS>(w, planes, u, tail, p, pa) : TW.Bits <= 6 ? MidBlocks<TW, TS>(w, planes, u, tail, p, pa) : WideBlocks<TW, TS>(w, planes, u, tail, p, pa);
 
     /// <summary>
     /// b ≤ 4: two slices per byte, one vpshufb of the row's 16-entry table each. Whole blocks are read in place; a
@@ -226,38 +262,38 @@ public static unsafe partial class BitplaneKernels
     /// </summary>
     [SkipLocalsInit]
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static int DotNarrowInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, int blocks, byte* tail) where TW : struct, IWidth
+    private static int NarrowBlocks<TW, TS>(in BitplaneOperand w, uint* planes, byte* u, byte* tail, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
         var table = Avx2.BroadcastVector128ToVector256(u);
         int full = w.Cols >> 8;
         long stride = w.PlaneStride * 4;
         byte* src = (byte*)planes;
-        for (int block = 0; block < full; block++, src += 32, x += 256, xa += 256)
-            NarrowBlock<TW>(src, stride, table, x, xa, ref acc0, ref acc1, ref acc2, ref acc3);
-        if (full < blocks)
-            NarrowBlock<TW>(BlockPlanes(w, planes, full, TW.Bits, tail, out stride), stride, table, x, xa, ref acc0, ref acc1, ref acc2, ref acc3);
+        for (int block = 0; block < full; block++, src += 32, p += 256, pa += 256)
+            NarrowBlock<TW, TS>(src, stride, table, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
+        if ((w.Cols & 255) != 0)
+            NarrowBlock<TW, TS>(BlockPlanes(w, planes, full, TW.Bits, tail, out stride), stride, table, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
         return Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
     }
 
-    /// <summary>One block of <see cref="DotNarrowInt8Avx2{TW}"/>: 256 products into four accumulators.</summary>
+    /// <summary>One block of <see cref="NarrowBlocks{TW, TS}"/>: 256 table bytes.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void NarrowBlock<TW>(byte* src, long stride, Vector256<byte> table, sbyte* x, byte* xa,
-        ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3) where TW : struct, IWidth
+    private static void NarrowBlock<TW, TS>(byte* src, long stride, Vector256<byte> table, byte* p, byte* pa,
+        ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         var (n0, n1, n2, n3) = BlockNibbles<TW>(src, stride);
         var (l0, h0) = SplitNibbles<TW>(n0);
-        acc0 = TableProducts(acc0, Avx2.Shuffle(table, l0), x, xa);
-        acc1 = TableProducts(acc1, Avx2.Shuffle(table, h0), x + 128, xa + 128);
+        acc0 = TS.Take(acc0, Avx2.Shuffle(table, l0), p, pa);
+        acc1 = TS.Take(acc1, Avx2.Shuffle(table, h0), p + 128, pa + 128);
         var (l1, h1) = SplitNibbles<TW>(n1);
-        acc2 = TableProducts(acc2, Avx2.Shuffle(table, l1), x + 32, xa + 32);
-        acc3 = TableProducts(acc3, Avx2.Shuffle(table, h1), x + 160, xa + 160);
+        acc2 = TS.Take(acc2, Avx2.Shuffle(table, l1), p + 32, pa + 32);
+        acc3 = TS.Take(acc3, Avx2.Shuffle(table, h1), p + 160, pa + 160);
         var (l2, h2) = SplitNibbles<TW>(n2);
-        acc0 = TableProducts(acc0, Avx2.Shuffle(table, l2), x + 64, xa + 64);
-        acc1 = TableProducts(acc1, Avx2.Shuffle(table, h2), x + 192, xa + 192);
+        acc0 = TS.Take(acc0, Avx2.Shuffle(table, l2), p + 64, pa + 64);
+        acc1 = TS.Take(acc1, Avx2.Shuffle(table, h2), p + 192, pa + 192);
         var (l3, h3) = SplitNibbles<TW>(n3);
-        acc2 = TableProducts(acc2, Avx2.Shuffle(table, l3), x + 96, xa + 96);
-        acc3 = TableProducts(acc3, Avx2.Shuffle(table, h3), x + 224, xa + 224);
+        acc2 = TS.Take(acc2, Avx2.Shuffle(table, l3), p + 96, pa + 96);
+        acc3 = TS.Take(acc3, Avx2.Shuffle(table, h3), p + 224, pa + 224);
     }
 
     /// <summary>acc += 32 table bytes times x8 (|x8| at xa where the tables are signed): <see cref="WeightMultiplyAdd{TB}"/> for table bytes.</summary>
@@ -265,63 +301,63 @@ public static unsafe partial class BitplaneKernels
     private static Vector256<int> TableProducts(Vector256<int> acc, Vector256<byte> v, sbyte* x, byte* xa) =>
         TableBytes.Offset ? AvxVnni.MultiplyWideningAndAdd(acc, v, Vector256.Load(x)) : MultiplyAdd(acc, v, Vector256.Load(x), Vector256.Load(xa));
 
-    /// <summary>b = 5, 6: blocks as in <see cref="DotNarrowInt8Avx2{TW}"/>, the two or four sub-tables in registers and every slice written out (constant shifts).</summary>
+    /// <summary>b = 5, 6: blocks as in <see cref="NarrowBlocks{TW, TS}"/>, the two or four sub-tables in registers and every slice written out (constant shifts).</summary>
     [SkipLocalsInit]
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static int DotMidInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, int blocks, byte* tail) where TW : struct, IWidth
+    private static int MidBlocks<TW, TS>(in BitplaneOperand w, uint* planes, byte* u, byte* tail, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
         int full = w.Cols >> 8;
         long stride = w.PlaneStride * 4;
         byte* src = (byte*)planes;
-        // b = 5, 6: the two or four sub-tables stay in registers and every slice is written out (constant shifts).
         var t0 = Avx2.BroadcastVector128ToVector256(u);
         var t1 = Avx2.BroadcastVector128ToVector256(u + 16);
         var t2 = TW.Bits == 6 ? Avx2.BroadcastVector128ToVector256(u + 32) : default;
         var t3 = TW.Bits == 6 ? Avx2.BroadcastVector128ToVector256(u + 48) : default;
-        for (int block = 0; block < full; block++, src += 32, x += 256, xa += 256)
-            NarrowWideBlock<TW>(src, stride, t0, t1, t2, t3, x, xa, ref acc0, ref acc1, ref acc2, ref acc3);
-        if (full < blocks)
-            NarrowWideBlock<TW>(BlockPlanes(w, planes, full, TW.Bits, tail, out stride), stride, t0, t1, t2, t3, x, xa, ref acc0, ref acc1, ref acc2, ref acc3);
+        for (int block = 0; block < full; block++, src += 32, p += 256, pa += 256)
+            MidBlock<TW, TS>(src, stride, t0, t1, t2, t3, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
+        if ((w.Cols & 255) != 0)
+            MidBlock<TW, TS>(BlockPlanes(w, planes, full, TW.Bits, tail, out stride), stride, t0, t1, t2, t3, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
         return Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
     }
 
-    /// <summary>b = 7, 8: the low nibble looked up in every sub-table, the upper code bits picking among them; blocks as in <see cref="DotNarrowInt8Avx2{TW}"/>.</summary>
+    /// <summary>b = 7, 8: the low nibble looked up in every sub-table, the upper code bits picking among them; blocks as in <see cref="NarrowBlocks{TW, TS}"/>.</summary>
     [SkipLocalsInit]
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static int DotWideInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, int blocks, byte* tail) where TW : struct, IWidth
+    private static int WideBlocks<TW, TS>(in BitplaneOperand w, uint* planes, byte* u, byte* tail, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
         int full = w.Cols >> 8;
         long stride = w.PlaneStride * 4;
         byte* src = (byte*)planes;
-        for (int block = 0; block < full; block++, src += 32, x += 256, xa += 256)
-            WideBlock<TW>(src, stride, u, x, xa, ref acc0, ref acc1, ref acc2, ref acc3);
-        if (full < blocks)
-            WideBlock<TW>(BlockPlanes(w, planes, full, TW.Bits, tail, out stride), stride, u, x, xa, ref acc0, ref acc1, ref acc2, ref acc3);
+        for (int block = 0; block < full; block++, src += 32, p += 256, pa += 256)
+            WideBlock<TW, TS>(src, stride, u, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
+        if ((w.Cols & 255) != 0)
+            WideBlock<TW, TS>(BlockPlanes(w, planes, full, TW.Bits, tail, out stride), stride, u, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
         return Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
     }
 
     /// <summary>One block at b = 5 or 6: the upper planes loaded once, each slice's bits moved to bit 7 by a constant shift.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void NarrowWideBlock<TW>(byte* src, long stride, Vector256<byte> t0, Vector256<byte> t1, Vector256<byte> t2, Vector256<byte> t3,
-        sbyte* x, byte* xa, ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3) where TW : struct, IWidth
+    private static void MidBlock<TW, TS>(byte* src, long stride, Vector256<byte> t0, Vector256<byte> t1, Vector256<byte> t2, Vector256<byte> t3, byte* p, byte* pa,
+        ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3)
+        where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         var (n0, n1, n2, n3) = BlockNibbles<TW>(src, stride);
         var p4 = Vector256.Load(src + (TW.Bits - 5) * stride).AsUInt16();
         var p5 = TW.Bits == 6 ? Vector256.Load(src).AsUInt16() : default;
         var (l0, h0) = SplitNibbles<Width4>(n0);
-        acc0 = TableProducts(acc0, Lookup56<TW>(l0, p4 << 7, p5 << 7, t0, t1, t2, t3), x, xa);
-        acc1 = TableProducts(acc1, Lookup56<TW>(h0, p4 << 3, p5 << 3, t0, t1, t2, t3), x + 128, xa + 128);
+        acc0 = TS.Take(acc0, Lookup56<TW>(l0, p4 << 7, p5 << 7, t0, t1, t2, t3), p, pa);
+        acc1 = TS.Take(acc1, Lookup56<TW>(h0, p4 << 3, p5 << 3, t0, t1, t2, t3), p + 128, pa + 128);
         var (l1, h1) = SplitNibbles<Width4>(n1);
-        acc2 = TableProducts(acc2, Lookup56<TW>(l1, p4 << 6, p5 << 6, t0, t1, t2, t3), x + 32, xa + 32);
-        acc3 = TableProducts(acc3, Lookup56<TW>(h1, p4 << 2, p5 << 2, t0, t1, t2, t3), x + 160, xa + 160);
+        acc2 = TS.Take(acc2, Lookup56<TW>(l1, p4 << 6, p5 << 6, t0, t1, t2, t3), p + 32, pa + 32);
+        acc3 = TS.Take(acc3, Lookup56<TW>(h1, p4 << 2, p5 << 2, t0, t1, t2, t3), p + 160, pa + 160);
         var (l2, h2) = SplitNibbles<Width4>(n2);
-        acc0 = TableProducts(acc0, Lookup56<TW>(l2, p4 << 5, p5 << 5, t0, t1, t2, t3), x + 64, xa + 64);
-        acc1 = TableProducts(acc1, Lookup56<TW>(h2, p4 << 1, p5 << 1, t0, t1, t2, t3), x + 192, xa + 192);
+        acc0 = TS.Take(acc0, Lookup56<TW>(l2, p4 << 5, p5 << 5, t0, t1, t2, t3), p + 64, pa + 64);
+        acc1 = TS.Take(acc1, Lookup56<TW>(h2, p4 << 1, p5 << 1, t0, t1, t2, t3), p + 192, pa + 192);
         var (l3, h3) = SplitNibbles<Width4>(n3);
-        acc2 = TableProducts(acc2, Lookup56<TW>(l3, p4 << 4, p5 << 4, t0, t1, t2, t3), x + 96, xa + 96);
-        acc3 = TableProducts(acc3, Lookup56<TW>(h3, p4, p5, t0, t1, t2, t3), x + 224, xa + 224);
+        acc2 = TS.Take(acc2, Lookup56<TW>(l3, p4 << 4, p5 << 4, t0, t1, t2, t3), p + 96, pa + 96);
+        acc3 = TS.Take(acc3, Lookup56<TW>(h3, p4, p5, t0, t1, t2, t3), p + 224, pa + 224);
     }
 
     /// <summary>b = 5, 6: sub-table t(bit5·2 + bit4)[index], bit4 and bit5 read from bit 7 of each byte (vpblendvb's).</summary>
@@ -335,66 +371,31 @@ public static unsafe partial class BitplaneKernels
     }
 
     /// <summary>
-    /// One block of <see cref="DotWideInt8Avx2{TW}"/>. Slices run in a loop, two at a time: eight copies of a 16-way
+    /// One block of <see cref="WideBlocks{TW, TS}"/>. Slices run in a loop, two at a time: eight copies of a 16-way
     /// blend tree exceed the JIT's inlining budget.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void WideBlock<TW>(byte* src, long stride, byte* u, sbyte* x, byte* xa,
-        ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3) where TW : struct, IWidth
+    private static void WideBlock<TW, TS>(byte* src, long stride, byte* u, byte* p, byte* pa,
+        ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         var (n0, n1, n2, n3) = BlockNibbles<TW>(src, stride);
         for (int k = 0; k < 4; k += 2)
         {
             var (lo, hi) = SplitNibbles<Width4>(k == 0 ? n0 : n2);
-            acc0 = TableProducts(acc0, LookupTree<TW>(u, lo, src, stride, 7 - k), x + 32 * k, xa + 32 * k);
-            acc1 = TableProducts(acc1, LookupTree<TW>(u, hi, src, stride, 3 - k), x + 32 * k + 128, xa + 32 * k + 128);
+            acc0 = TS.Take(acc0, LookupTree<TW>(u, lo, src, stride, 7 - k), p + 32 * k, pa + 32 * k);
+            acc1 = TS.Take(acc1, LookupTree<TW>(u, hi, src, stride, 3 - k), p + 32 * k + 128, pa + 32 * k + 128);
             (lo, hi) = SplitNibbles<Width4>(k == 0 ? n1 : n3);
-            acc2 = TableProducts(acc2, LookupTree<TW>(u, lo, src, stride, 6 - k), x + 32 * k + 32, xa + 32 * k + 32);
-            acc3 = TableProducts(acc3, LookupTree<TW>(u, hi, src, stride, 2 - k), x + 32 * k + 160, xa + 32 * k + 160);
-        }
-    }
-
-    /// <summary>One row's table bytes in Slice256 order (zeros past the last column do not matter: x8 is zero there).</summary>
-    [SkipLocalsInit]
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void DecodeInt8Avx2<TW>(in BitplaneOperand w, uint* planes, byte* u, byte* dst, int blocks, byte* tail) where TW : struct, IWidth
-    {
-        int b = TW.Bits;
-        var table = Avx2.BroadcastVector128ToVector256(u);
-        var nibbles = stackalloc Vector256<byte>[4];
-        for (int block = 0; block < blocks; block++, dst += 256)
-        {
-            byte* src = BlockPlanes(w, planes, block, b, tail, out long stride);
-            if (b <= 4)
-            {
-                var (n0, n1, n2, n3) = BlockNibbles<TW>(src, stride);
-                var (l0, h0) = SplitNibbles<TW>(n0);
-                Avx2.Shuffle(table, l0).Store(dst); Avx2.Shuffle(table, h0).Store(dst + 128);
-                var (l1, h1) = SplitNibbles<TW>(n1);
-                Avx2.Shuffle(table, l1).Store(dst + 32); Avx2.Shuffle(table, h1).Store(dst + 160);
-                var (l2, h2) = SplitNibbles<TW>(n2);
-                Avx2.Shuffle(table, l2).Store(dst + 64); Avx2.Shuffle(table, h2).Store(dst + 192);
-                var (l3, h3) = SplitNibbles<TW>(n3);
-                Avx2.Shuffle(table, l3).Store(dst + 96); Avx2.Shuffle(table, h3).Store(dst + 224);
-            }
-            else
-            {
-                var (n0, n1, n2, n3) = BlockNibbles<TW>(src, stride);
-                nibbles[0] = n0; nibbles[1] = n1; nibbles[2] = n2; nibbles[3] = n3;
-                for (int k = 0; k < 4; k++)
-                {
-                    var (lo, hi) = SplitNibbles<Width4>(nibbles[k]);
-                    LookupTree<TW>(u, lo, src, stride, 7 - k).Store(dst + 32 * k);
-                    LookupTree<TW>(u, hi, src, stride, 3 - k).Store(dst + 32 * k + 128);
-                }
-            }
+            acc2 = TS.Take(acc2, LookupTree<TW>(u, lo, src, stride, 6 - k), p + 32 * k + 32, pa + 32 * k + 32);
+            acc3 = TS.Take(acc3, LookupTree<TW>(u, hi, src, stride, 2 - k), p + 32 * k + 160, pa + 32 * k + 160);
         }
     }
 
     /// <summary>
     /// y[t, r] = Σ_j d[r, j]·x8[t, j] for decoded rows d (<paramref name="rows"/> × <paramref name="stride"/> bytes, in
     /// <typeparamref name="TB"/>'s form; offset bytes are corrected by 128·xSum[t]): tiles of 2 rows × 4 tokens keep eight
-    /// accumulators in registers and load each byte once per tile.
+    /// accumulators in registers and load each byte once per tile; the last 1-3 tokens go through a tile of their width
+    /// (a verify pass of k = 4 drafts is M = 5: one token left over, which one accumulator chain per row made cost as much
+    /// as the four before it).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void TileInt8Avx2<TB>(byte* d, int rows, int stride, sbyte* x8, byte* xAbs, int* xSum, int m, float* y, int yStride) where TB : struct, IWeightBytes
@@ -402,36 +403,73 @@ public static unsafe partial class BitplaneKernels
         int r = 0;
         for (; r + 2 <= rows; r += 2)
         {
-            byte* d0 = d + (long)r * stride, d1 = d0 + stride;
+            byte* d0 = d + (long)r * stride;
             int t = 0;
-            for (; t + 4 <= m; t += 4)
+            for (; t + 4 <= m; t += 4) TwoRows<TB, Tokens4>(d0, stride, x8, xAbs, xSum, t, y + r, yStride);
+            switch (m - t)
             {
-                sbyte* x0 = x8 + (long)t * stride, x1 = x0 + stride, x2 = x1 + stride, x3 = x2 + stride;
-                byte* z0 = xAbs + (long)t * stride, z1 = z0 + stride, z2 = z1 + stride, z3 = z2 + stride;
-                Vector256<int> a00 = default, a01 = default, a02 = default, a03 = default, a10 = default, a11 = default, a12 = default, a13 = default;
-                for (int j = 0; j < stride; j += 32)
-                {
-                    var w0 = Vector256.Load(d0 + j);
-                    var w1 = Vector256.Load(d1 + j);
-                    a00 = WeightMultiplyAdd<TB>(a00, w0, x0 + j, z0 + j); a10 = WeightMultiplyAdd<TB>(a10, w1, x0 + j, z0 + j);
-                    a01 = WeightMultiplyAdd<TB>(a01, w0, x1 + j, z1 + j); a11 = WeightMultiplyAdd<TB>(a11, w1, x1 + j, z1 + j);
-                    a02 = WeightMultiplyAdd<TB>(a02, w0, x2 + j, z2 + j); a12 = WeightMultiplyAdd<TB>(a12, w1, x2 + j, z2 + j);
-                    a03 = WeightMultiplyAdd<TB>(a03, w0, x3 + j, z3 + j); a13 = WeightMultiplyAdd<TB>(a13, w1, x3 + j, z3 + j);
-                }
-                float* yt = y + (long)t * yStride + r;
-                yt[0] = Vector256.Sum(a00) - Offset<TB>(xSum, t); yt[1] = Vector256.Sum(a10) - Offset<TB>(xSum, t); yt += yStride;
-                yt[0] = Vector256.Sum(a01) - Offset<TB>(xSum, t + 1); yt[1] = Vector256.Sum(a11) - Offset<TB>(xSum, t + 1); yt += yStride;
-                yt[0] = Vector256.Sum(a02) - Offset<TB>(xSum, t + 2); yt[1] = Vector256.Sum(a12) - Offset<TB>(xSum, t + 2); yt += yStride;
-                yt[0] = Vector256.Sum(a03) - Offset<TB>(xSum, t + 3); yt[1] = Vector256.Sum(a13) - Offset<TB>(xSum, t + 3);
-            }
-            for (; t < m; t++)
-            {
-                y[(long)t * yStride + r] = DotBytesAvx2<TB>(d0, x8 + (long)t * stride, xAbs + (long)t * stride, stride) - Offset<TB>(xSum, t);
-                y[(long)t * yStride + r + 1] = DotBytesAvx2<TB>(d1, x8 + (long)t * stride, xAbs + (long)t * stride, stride) - Offset<TB>(xSum, t);
+                case 3: TwoRows<TB, Tokens3>(d0, stride, x8, xAbs, xSum, t, y + r, yStride); break;
+                case 2: TwoRows<TB, Tokens2>(d0, stride, x8, xAbs, xSum, t, y + r, yStride); break;
+                case 1: TwoRows<TB, Tokens1>(d0, stride, x8, xAbs, xSum, t, y + r, yStride); break;
             }
         }
         for (; r < rows; r++)
             for (int t = 0; t < m; t++) y[(long)t * yStride + r] = DotBytesAvx2<TB>(d + (long)r * stride, x8 + (long)t * stride, xAbs + (long)t * stride, stride) - Offset<TB>(xSum, t);
+    }
+
+    private interface ITokenCount { static abstract int Count { get; } }
+    private struct Tokens1 : ITokenCount { public static int Count => 1; }
+    private struct Tokens2 : ITokenCount { public static int Count => 2; }
+    private struct Tokens3 : ITokenCount { public static int Count => 3; }
+    private struct Tokens4 : ITokenCount { public static int Count => 4; }
+
+    /// <summary>
+    /// Rows d0 and d0 + stride against tokens t..t+<typeparamref name="TT"/>−1: one accumulator per (row, token), and with
+    /// one or two tokens and VNNI a second set over alternate 32-byte steps, so that at least four independent vpdpbusd
+    /// chains (its latency is 4-5 cycles) are in flight. Without VNNI the chain is a vpaddd and one set is faster
+    /// (the second set cost 4-11% at M = 5 there).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void TwoRows<TB, TT>(byte* d0, int stride, sbyte* x8, byte* xAbs, int* xSum, int t, float* y, int yStride)
+        where TB : struct, IWeightBytes where TT : struct, ITokenCount
+    {
+        int n = TT.Count;
+        byte* d1 = d0 + stride;
+        sbyte* x0 = x8 + (long)t * stride, x1 = x0 + stride, x2 = x1 + stride, x3 = x2 + stride;
+        byte* z0 = xAbs + (long)t * stride, z1 = z0 + stride, z2 = z1 + stride, z3 = z2 + stride;
+        Vector256<int> a00 = default, a01 = default, a02 = default, a03 = default, a10 = default, a11 = default, a12 = default, a13 = default;
+        int j = 0;
+        if (n <= 2 && AvxVnni.IsSupported)
+        {
+            // Two sets: (a00, a10, a01, a11) on even steps, (a02, a12, a03, a13) on odd ones, added at the end.
+            for (; j + 64 <= stride; j += 64)
+            {
+                var w0 = Vector256.Load(d0 + j); var w1 = Vector256.Load(d1 + j);
+                var v0 = Vector256.Load(d0 + j + 32); var v1 = Vector256.Load(d1 + j + 32);
+                a00 = WeightMultiplyAdd<TB>(a00, w0, x0 + j, z0 + j); a10 = WeightMultiplyAdd<TB>(a10, w1, x0 + j, z0 + j);
+                a02 = WeightMultiplyAdd<TB>(a02, v0, x0 + j + 32, z0 + j + 32); a12 = WeightMultiplyAdd<TB>(a12, v1, x0 + j + 32, z0 + j + 32);
+                if (n == 2)
+                {
+                    a01 = WeightMultiplyAdd<TB>(a01, w0, x1 + j, z1 + j); a11 = WeightMultiplyAdd<TB>(a11, w1, x1 + j, z1 + j);
+                    a03 = WeightMultiplyAdd<TB>(a03, v0, x1 + j + 32, z1 + j + 32); a13 = WeightMultiplyAdd<TB>(a13, v1, x1 + j + 32, z1 + j + 32);
+                }
+            }
+            a00 += a02; a10 += a12; a01 += a03; a11 += a13;
+            a02 = a12 = a03 = a13 = default;
+        }
+        for (; j < stride; j += 32)
+        {
+            var w0 = Vector256.Load(d0 + j); var w1 = Vector256.Load(d1 + j);
+            a00 = WeightMultiplyAdd<TB>(a00, w0, x0 + j, z0 + j); a10 = WeightMultiplyAdd<TB>(a10, w1, x0 + j, z0 + j);
+            if (n > 1) { a01 = WeightMultiplyAdd<TB>(a01, w0, x1 + j, z1 + j); a11 = WeightMultiplyAdd<TB>(a11, w1, x1 + j, z1 + j); }
+            if (n > 2) { a02 = WeightMultiplyAdd<TB>(a02, w0, x2 + j, z2 + j); a12 = WeightMultiplyAdd<TB>(a12, w1, x2 + j, z2 + j); }
+            if (n > 3) { a03 = WeightMultiplyAdd<TB>(a03, w0, x3 + j, z3 + j); a13 = WeightMultiplyAdd<TB>(a13, w1, x3 + j, z3 + j); }
+        }
+        float* yt = y + (long)t * yStride;
+        yt[0] = Vector256.Sum(a00) - Offset<TB>(xSum, t); yt[1] = Vector256.Sum(a10) - Offset<TB>(xSum, t);
+        if (n > 1) { yt += yStride; yt[0] = Vector256.Sum(a01) - Offset<TB>(xSum, t + 1); yt[1] = Vector256.Sum(a11) - Offset<TB>(xSum, t + 1); }
+        if (n > 2) { yt += yStride; yt[0] = Vector256.Sum(a02) - Offset<TB>(xSum, t + 2); yt[1] = Vector256.Sum(a12) - Offset<TB>(xSum, t + 2); }
+        if (n > 3) { yt += yStride; yt[0] = Vector256.Sum(a03) - Offset<TB>(xSum, t + 3); yt[1] = Vector256.Sum(a13) - Offset<TB>(xSum, t + 3); }
     }
 
     /// <summary>What offset bytes add to token t's sum: 128·Σ x8 (0 for signed bytes).</summary>
