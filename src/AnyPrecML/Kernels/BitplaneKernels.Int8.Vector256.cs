@@ -393,24 +393,29 @@ public static unsafe partial class BitplaneKernels
     /// <summary>
     /// y[t, r] = Σ_j d[r, j]·x8[t, j] for decoded rows d (<paramref name="rows"/> × <paramref name="stride"/> bytes, in
     /// <typeparamref name="TB"/>'s form; offset bytes are corrected by 128·xSum[t]). With VNNI and AVX-512's 32 registers,
-    /// register tiles of 4 rows × 4 tokens (16 vpdpbusd chains: M = 5..64 at 2048×5632 −17..−26%); else (16 registers:
-    /// the 4 × 4 tile spilled, +12..31%), and for the rows left, tiles of 2 rows × 4 tokens (8 accumulators; each byte
-    /// loaded once per tile). The last 1-3 tokens go through a tile of their
-    /// width (a verify pass of k = 4 drafts is M = 5: one token left over, which one accumulator chain per row made cost
-    /// as much as the four before it).
+    /// tiles of 4 rows × 4 tokens, the last 2-5 tokens in one tile of their width (<see cref="FourRows{TT}"/>: 16-20
+    /// vpdpbusd chains; against 2 × 4 tiles, 2048×5632 M = 2, 3, 5, 64: −19..−29%, −5%, −25%). Else (16 registers: a
+    /// 4 × 4 tile spilled, +12..31%), and for the rows left, tiles of 2 rows × 4 tokens (8 accumulators; each byte loaded
+    /// once per tile) and the last 1-3 tokens in a tile of their width (a verify pass of k = 4 drafts is M = 5: one token
+    /// left over, which one accumulator chain per row made cost as much as the four before it).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void TileInt8Avx2<TB>(byte* d, int rows, int stride, sbyte* x8, byte* xAbs, int* xSum, int m, float* y, int yStride) where TB : struct, IWeightBytes
     {
         int r = 0;
         if (TB.Offset && Avx512F.VL.IsSupported)
-            for (; r + 4 <= rows && m >= 4; r += 4)
+            for (; r + 4 <= rows && m >= 2; r += 4)
             {
                 byte* d0 = d + (long)r * stride;
                 int t = 0;
-                for (; t + 4 <= m; t += 4) FourByFour(d0, stride, x8, xSum, t, y + r, yStride);
-                LeftTokens<TB>(d0, stride, x8, xAbs, xSum, t, m, y + r, yStride);
-                LeftTokens<TB>(d0 + 2L * stride, stride, x8, xAbs, xSum, t, m, y + r + 2, yStride);
+                for (; m - t > 5; t += 4) FourRows<Tokens4>(d0, stride, x8, xSum, t, y + r, yStride);
+                switch (m - t)
+                {
+                    case 5: FourRows<Tokens5>(d0, stride, x8, xSum, t, y + r, yStride); break;
+                    case 4: FourRows<Tokens4>(d0, stride, x8, xSum, t, y + r, yStride); break;
+                    case 3: FourRows<Tokens3>(d0, stride, x8, xSum, t, y + r, yStride); break;
+                    case 2: FourRows<Tokens2>(d0, stride, x8, xSum, t, y + r, yStride); break;
+                }
             }
         for (; r + 2 <= rows; r += 2)
         {
@@ -435,14 +440,19 @@ public static unsafe partial class BitplaneKernels
         }
     }
 
-    /// <summary>Offset table bytes (VNNI): rows d0..d0 + 3·stride against tokens t..t+3, sixteen accumulators, every helper written out (the JIT kept them in registers only so).</summary>
+    /// <summary>
+    /// Offset table bytes (VNNI), AVX-512's 32 registers: rows d0..d0 + 3·stride against tokens t..t+<typeparamref name="TT"/>−1
+    /// (2..5), one accumulator each (aRT), every product written out (with helpers taking the accumulators by reference
+    /// the JIT kept them in memory: 2.6× slower). Five tokens in one tile: a verify pass of k = 4 drafts is M = 5.
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void FourByFour(byte* d0, int stride, sbyte* x8, int* xSum, int t, float* y, int yStride)
+    private static void FourRows<TT>(byte* d0, int stride, sbyte* x8, int* xSum, int t, float* y, int yStride) where TT : struct, ITokenCount
     {
+        int n = TT.Count;
         byte* d1 = d0 + stride, d2 = d1 + stride, d3 = d2 + stride;
-        sbyte* x0 = x8 + (long)t * stride, x1 = x0 + stride, x2 = x1 + stride, x3 = x2 + stride;
-        Vector256<int> a00 = default, a01 = default, a02 = default, a03 = default, a10 = default, a11 = default, a12 = default, a13 = default;
-        Vector256<int> a20 = default, a21 = default, a22 = default, a23 = default, a30 = default, a31 = default, a32 = default, a33 = default;
+        sbyte* x0 = x8 + (long)t * stride, x1 = x0 + stride, x2 = x1 + stride, x3 = x2 + stride, x4 = x3 + stride;
+        Vector256<int> a00 = default, a01 = default, a02 = default, a03 = default, a04 = default, a10 = default, a11 = default, a12 = default, a13 = default, a14 = default;
+        Vector256<int> a20 = default, a21 = default, a22 = default, a23 = default, a24 = default, a30 = default, a31 = default, a32 = default, a33 = default, a34 = default;
         for (int j = 0; j < stride; j += 32)
         {
             var w0 = Vector256.Load(d0 + j); var w1 = Vector256.Load(d1 + j); var w2 = Vector256.Load(d2 + j); var w3 = Vector256.Load(d3 + j);
@@ -452,18 +462,30 @@ public static unsafe partial class BitplaneKernels
             v = Vector256.Load(x1 + j);
             a01 = AvxVnni.MultiplyWideningAndAdd(a01, w0, v); a11 = AvxVnni.MultiplyWideningAndAdd(a11, w1, v);
             a21 = AvxVnni.MultiplyWideningAndAdd(a21, w2, v); a31 = AvxVnni.MultiplyWideningAndAdd(a31, w3, v);
-            v = Vector256.Load(x2 + j);
-            a02 = AvxVnni.MultiplyWideningAndAdd(a02, w0, v); a12 = AvxVnni.MultiplyWideningAndAdd(a12, w1, v);
-            a22 = AvxVnni.MultiplyWideningAndAdd(a22, w2, v); a32 = AvxVnni.MultiplyWideningAndAdd(a32, w3, v);
-            v = Vector256.Load(x3 + j);
-            a03 = AvxVnni.MultiplyWideningAndAdd(a03, w0, v); a13 = AvxVnni.MultiplyWideningAndAdd(a13, w1, v);
-            a23 = AvxVnni.MultiplyWideningAndAdd(a23, w2, v); a33 = AvxVnni.MultiplyWideningAndAdd(a33, w3, v);
+            if (n > 2)
+            {
+                v = Vector256.Load(x2 + j);
+                a02 = AvxVnni.MultiplyWideningAndAdd(a02, w0, v); a12 = AvxVnni.MultiplyWideningAndAdd(a12, w1, v);
+                a22 = AvxVnni.MultiplyWideningAndAdd(a22, w2, v); a32 = AvxVnni.MultiplyWideningAndAdd(a32, w3, v);
+            }
+            if (n > 3)
+            {
+                v = Vector256.Load(x3 + j);
+                a03 = AvxVnni.MultiplyWideningAndAdd(a03, w0, v); a13 = AvxVnni.MultiplyWideningAndAdd(a13, w1, v);
+                a23 = AvxVnni.MultiplyWideningAndAdd(a23, w2, v); a33 = AvxVnni.MultiplyWideningAndAdd(a33, w3, v);
+            }
+            if (n > 4)
+            {
+                v = Vector256.Load(x4 + j);
+                a04 = AvxVnni.MultiplyWideningAndAdd(a04, w0, v); a14 = AvxVnni.MultiplyWideningAndAdd(a14, w1, v);
+                a24 = AvxVnni.MultiplyWideningAndAdd(a24, w2, v); a34 = AvxVnni.MultiplyWideningAndAdd(a34, w3, v);
+            }
         }
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < n; i++)
         {
             float* yt = y + (long)(t + i) * yStride;
             int offset = 128 * xSum[t + i];
-            var (c0, c1, c2, c3) = i switch { 0 => (a00, a10, a20, a30), 1 => (a01, a11, a21, a31), 2 => (a02, a12, a22, a32), _ => (a03, a13, a23, a33) };
+            var (c0, c1, c2, c3) = i switch { 0 => (a00, a10, a20, a30), 1 => (a01, a11, a21, a31), 2 => (a02, a12, a22, a32), 3 => (a03, a13, a23, a33), _ => (a04, a14, a24, a34) };
             yt[0] = Vector256.Sum(c0) - offset; yt[1] = Vector256.Sum(c1) - offset; yt[2] = Vector256.Sum(c2) - offset; yt[3] = Vector256.Sum(c3) - offset;
         }
     }
@@ -473,6 +495,7 @@ public static unsafe partial class BitplaneKernels
     private struct Tokens2 : ITokenCount { public static int Count => 2; }
     private struct Tokens3 : ITokenCount { public static int Count => 3; }
     private struct Tokens4 : ITokenCount { public static int Count => 4; }
+    private struct Tokens5 : ITokenCount { public static int Count => 5; }
 
     /// <summary>
     /// Rows d0 and d0 + stride against tokens t..t+<typeparamref name="TT"/>−1: one accumulator per (row, token), and with
