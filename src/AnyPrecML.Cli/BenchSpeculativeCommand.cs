@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using AnyPrecML.Generation;
 using AnyPrecML.Models;
+using AnyPrecML.Onnx;
 
 namespace AnyPrecML.Cli;
 
@@ -42,7 +43,8 @@ internal static class BenchSpeculativeCommand
         };
         command.SetAction((r, ct) =>
         {
-            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), null, r.GetValue(engine), r.GetValue(accuracy));
+            // The engine line names the kernels that ran (path, instruction set, arithmetic): pass times depend on them.
+            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), null, r.GetValue(engine), r.GetValue(accuracy), log: r.Err());
             if (m.Engine is not IAnyPrecisionEngine e) throw new ArgumentException($"'{r.GetValue(model)}' is not an any-precision model (quantize it with `anyprec quantize`).");
             var c = e.Config;
             int n = r.GetValue(tokens), count = r.GetValue(prompts);
@@ -120,7 +122,7 @@ internal static class BenchSpeculativeCommand
                     }
                 }
 
-            var result = new { model = Path.GetFileName(Path.GetFullPath(r.GetValue(model)!)), engine = e.GetType().Name, prompts = ids.Count, tokens = n, rows, best, model_rows = modelRows };
+            var result = new { model = Path.GetFileName(Path.GetFullPath(r.GetValue(model)!)), engine = e.GetType().Name, kernels = e is OnnxEngine onnx ? onnx.Operator.Backend.Name : "reference fp32", prompts = ids.Count, tokens = n, rows, best, model_rows = modelRows };
             if (r.GetValue(json)) { r.WriteJson(result); return Task.FromResult(0); }
             var o = r.Out();
             o.WriteLine("| target | draft | k | acceptance | drafts kept | tokens / target step | tok/s | target-only tok/s | speedup | output unchanged |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
