@@ -420,6 +420,7 @@ public sealed class AnyPrecisionChatClient : IChatClient
         public int SeedBits => engine.SeedBits;
         public int ParentBits => engine.ParentBits;
         public int Bits { get => bits; set => throw new NotSupportedException("a width view serves one width"); }
+        public string Kernels => engine.Kernels;
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int width) => engine.Forward(tokens, cache, logits, width);
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, IReadOnlyList<int> widths) => engine.Forward(tokens, cache, logits, widths);
         public KvCache CreateCache(int capacity = 0) => engine.CreateCache(capacity);

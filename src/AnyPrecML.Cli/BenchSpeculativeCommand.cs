@@ -2,7 +2,6 @@ using System.CommandLine;
 using System.Diagnostics;
 using AnyPrecML.Generation;
 using AnyPrecML.Models;
-using AnyPrecML.Onnx;
 
 namespace AnyPrecML.Cli;
 
@@ -122,7 +121,7 @@ internal static class BenchSpeculativeCommand
                     }
                 }
 
-            var result = new { model = Path.GetFileName(Path.GetFullPath(r.GetValue(model)!)), engine = e.GetType().Name, kernels = e is OnnxEngine onnx ? onnx.Operator.Backend.Name : "reference fp32", prompts = ids.Count, tokens = n, rows, best, model_rows = modelRows };
+            var result = new { model = Path.GetFileName(Path.GetFullPath(r.GetValue(model)!)), engine = e.GetType().Name, kernels = e.Kernels, prompts = ids.Count, tokens = n, rows, best, model_rows = modelRows };
             if (r.GetValue(json)) { r.WriteJson(result); return Task.FromResult(0); }
             var o = r.Out();
             o.WriteLine("| target | draft | k | acceptance | drafts kept | tokens / target step | tok/s | target-only tok/s | speedup | output unchanged |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");

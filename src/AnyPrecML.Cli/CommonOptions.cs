@@ -135,7 +135,7 @@ internal static class CommonOptions
                 if (e is OnnxEngine { DeviceFallback: { } why }) log?.WriteLine($"warning: {why}");
                 // Which kernels run is never silent: the path, its instruction set and the arithmetic.
                 string widths = profile?.ToString() ?? $"{b} bits";
-                log?.WriteLine(e is OnnxEngine onnx ? $"engine: onnx, {widths}, bitplane kernels: {onnx.Operator.Backend.Name}, head {(onnx.Int8Head ? "int8" : "fp32")}" : $"engine: reference (fp32, {widths}, weights dequantized)");
+                log?.WriteLine($"engine: {(e is OnnxEngine ? "onnx" : "reference")}, {widths}, {e.Kernels}");
                 return new LoadedModel(ap.Checkpoint, profile is null ? e : new ProfiledEngine(e, profile, ownsEngine: true), tokenizer);
             }
             catch

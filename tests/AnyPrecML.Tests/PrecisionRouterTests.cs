@@ -36,6 +36,28 @@ public sealed class PrecisionRouterTests
         Assert.ThrowsExactly<ArgumentException>(() => PrecisionRouter.Choose(Costs, 0));
     }
 
+    /// <summary>Costs depend on the kernels that run, so the fingerprint names them: the same model on two kernel paths gets two fingerprints.</summary>
+    [TestMethod]
+    public void TheFingerprintNamesTheKernelsThatRun()
+    {
+        using var dir = TestData.NewTempDir();
+        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
+            AnyPrecisionQuantizer.Quantize(source, dir["ap"], new UniformSensitivity(), new QuantizerOptions { SeedBits = 3, ParentBits = 4 });
+        using var model = AnyPrecisionModel.Open(dir["ap"]);
+        using var pool = new AnyPrecML.Kernels.KernelThreadPool(1);
+        string Print(AnyPrecML.Kernels.KernelPath path, out string kernels)
+        {
+            using var engine = new AnyPrecML.Onnx.OnnxEngine(model, new AnyPrecML.Onnx.OnnxEngineOptions { Backend = new AnyPrecML.Kernels.CpuBitplaneBackend(path, pool) });
+            kernels = ((IAnyPrecisionEngine)engine).Kernels;
+            return PrecisionRouter.Fingerprint(engine, "OnnxEngine int8");
+        }
+        string scalar = Print(AnyPrecML.Kernels.KernelPath.Scalar, out string scalarKernels), vector = Print(AnyPrecML.Kernels.KernelPath.Vector128, out string vectorKernels);
+        StringAssert.Contains(scalarKernels, "CPU Scalar");
+        StringAssert.Contains(scalar, scalarKernels);
+        StringAssert.Contains(vector, vectorKernels);
+        Assert.AreNotEqual(scalar, vector);
+    }
+
     [TestMethod]
     public void GenerateRoutesByBudgetWithCostsMeasuredOnceAndCachedForThisMachine()
     {

@@ -346,7 +346,7 @@ public sealed class SpeculativeTests
         }
         CollectionAssert.AreEqual(new[] { 6, 8 }, doc.RootElement.GetProperty("best").EnumerateArray().Select(b => b.GetProperty("target_bits").GetInt32()).ToArray());
         // The kernels that ran are named (here the reference engine's fp32), in the JSON and on stderr.
-        Assert.AreEqual("reference fp32", doc.RootElement.GetProperty("kernels").GetString());
+        Assert.AreEqual("managed fp32 on dequantized weights", doc.RootElement.GetProperty("kernels").GetString());
         StringAssert.Contains(err, "engine: reference");
 
         // The cost model: a round of k drafts kept with chance 1/2 yields 1 + 1/2 + ... + 1/2^k tokens, at k draft passes and one verify pass.

@@ -33,8 +33,9 @@ public static class PrecisionRouter
     public const int PairDraftTokens = 4;
 
     /// <summary>
-    /// This machine and engine, as the costs depend on them: CPU model, core count, OS, .NET runtime and the engine's
-    /// description (kind, accuracy), plus the model's shape.
+    /// This machine and engine, as the costs depend on them: CPU model, core count, OS, .NET runtime, the engine's
+    /// description (kind, accuracy) and its <see cref="IAnyPrecisionEngine.Kernels"/> (the instruction path and threads
+    /// that run: the same CPU under DOTNET_EnableAVX512=0 runs other kernels at other costs), plus the model's shape.
     /// </summary>
     public static string Fingerprint(IAnyPrecisionEngine engine, string engineDescription)
     {
@@ -42,7 +43,7 @@ public static class PrecisionRouter
         if (File.Exists("/proc/cpuinfo"))
             cpu = File.ReadLines("/proc/cpuinfo").FirstOrDefault(l => l.StartsWith("model name", StringComparison.Ordinal))?.Split(':', 2)[1].Trim() ?? cpu;
         var c = engine.Config;
-        return $"{cpu}; {Environment.ProcessorCount} cores; {RuntimeInformation.OSDescription}; {RuntimeInformation.FrameworkDescription}; {engineDescription}; " +
+        return $"{cpu}; {Environment.ProcessorCount} cores; {RuntimeInformation.OSDescription}; {RuntimeInformation.FrameworkDescription}; {engineDescription}; {engine.Kernels}; " +
                $"{c.Layers}x{c.Dim}x{c.HiddenDim} vocab {c.VocabSize}; {engine.SeedBits}..{engine.ParentBits} bits";
     }
 

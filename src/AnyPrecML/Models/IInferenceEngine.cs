@@ -32,6 +32,8 @@ public interface IAnyPrecisionEngine : IInferenceEngine
     int ParentBits { get; }
     /// <summary>Width that <see cref="IInferenceEngine.Forward"/> runs at (seed..parent).</summary>
     int Bits { get; set; }
+    /// <summary>What runs the products, in words: the kernels' path, instruction set and arithmetic (logs, benchmark tables, the router's cost fingerprint).</summary>
+    string Kernels => GetType().Name;
     /// <summary><see cref="IInferenceEngine.Forward"/> at width <paramref name="bits"/> (seed..parent), whatever <see cref="Bits"/> is.</summary>
     void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int bits);
     /// <summary>

@@ -129,6 +129,9 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
     /// <inheritdoc/>
     public int ParentBits => _model.ParentBits;
 
+    /// <inheritdoc/>
+    public string Kernels => $"bitplane kernels: {_op.Backend.Name}, head {(Int8Head ? "int8" : "fp32")}";
+
     /// <summary>Width used by <see cref="Forward(ReadOnlySpan{int}, KvCache, Span{float})"/>; validated against seed..n.</summary>
     public int Bits
     {

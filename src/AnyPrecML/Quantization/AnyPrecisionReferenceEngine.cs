@@ -31,6 +31,9 @@ public sealed class AnyPrecisionReferenceEngine : IAnyPrecisionEngine
     /// <inheritdoc/>
     public int ParentBits => _model.ParentBits;
 
+    /// <inheritdoc/>
+    public string Kernels => "managed fp32 on dequantized weights";
+
     /// <summary>Width used by <see cref="Forward(ReadOnlySpan{int}, KvCache, Span{float})"/>; validated against seed..n.</summary>
     public int Bits
     {
