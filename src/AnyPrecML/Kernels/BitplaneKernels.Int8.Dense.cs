@@ -6,7 +6,7 @@ namespace AnyPrecML.Kernels;
 // Dense int8 rows (the LM head, Int8Matrix) against int8 activations in natural column order: the same exact integer
 // products as the bitplane int8 kernels, without the decode. Σ_j Q[r, j]·x8[t, j] is left in y; the caller rescales.
 // One scalar reference, a portable 128-bit path and the AVX2 path (4 rows per pass share each activation load for one
-// token; for several tokens the bitplane kernels' 2-row × 4-token tiles run on the stored bytes as they are). The
+// token; for several tokens the bitplane kernels' register tiles run on the stored bytes as they are). The
 // 512-bit machines run the AVX2 path: the head is a stream of bytes from memory, not arithmetic.
 public static unsafe partial class BitplaneKernels
 {

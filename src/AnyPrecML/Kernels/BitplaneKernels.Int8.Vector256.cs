@@ -20,8 +20,9 @@ namespace AnyPrecML.Kernels;
 //    out eight times exceeds the JIT's inlining budget, and then runs 2-3× slower).
 //  - With AVX-VNNI the tables are read offset by 128 and vpdpbusd takes x8 as it is (TableBytes below).
 //  - M > 1 (prefill, scoring, verify passes): a group of rows is decoded to bytes once, by the same block loops as one
-//    token (a sink stores the bytes instead of multiplying them), and every token tile of 4 (then one of the 1-3 left)
-//    reuses it, two rows at a time, so the per-weight decode cost is paid once per group of tokens.
+//    token (a sink stores the bytes instead of multiplying them), and register tiles over every token reuse it (2 rows
+//    × 4 tokens; 4 rows × 2-5 tokens where AVX-512's 32 registers hold them: TileInt8Avx2), so the per-weight decode
+//    cost is paid once per group of tokens.
 //  - The loop methods here and in the 512-bit file are AggressiveOptimization: compiled fully optimized at their first
 //    call, so a generation's first tokens (and a bench's first width) never run tier-0 kernel code.
 public static unsafe partial class BitplaneKernels
