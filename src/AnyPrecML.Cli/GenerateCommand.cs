@@ -26,10 +26,11 @@ internal static class GenerateCommand
         var draftBits = new Option<int?>("--draft-bits") { Description = "Self-speculative decoding: draft width below --bits (the target); greedy output is unchanged, sampled output keeps the target's distribution." };
         var draftTokens = new Option<int>("--draft-tokens") { Description = "Most tokens drafted per round (k).", DefaultValueFactory = _ => 4 };
         var draftThreshold = new Option<float>("--draft-threshold") { Description = "Adaptive draft length: stop a round's drafting when the draft's top probability falls under this (0: always k).", DefaultValueFactory = _ => 0f };
+        var speculate = new Option<bool>("--speculate") { Description = "Self-speculative decoding from the draft width this machine measured fastest for the target (--bits), target-only when no draft beats it (costs cached beside the model, as for --latency-budget-ms)." };
         var budget = new Option<double?>("--latency-budget-ms") { Description = "Per-token latency budget: runs the widest width (or draft/target pair) whose cost, measured on this machine and cached beside the model, meets it. Replaces --bits and --draft-bits." };
         var command = new Command("generate", "Generate text from a prompt.")
         {
-            model, tokenizer, bits, profile, engine, accuracy, device, prompt, maxTokens, temperature, topK, topP, seed, draftBits, draftTokens, draftThreshold, budget, json,
+            model, tokenizer, bits, profile, engine, accuracy, device, prompt, maxTokens, temperature, topK, topP, seed, draftBits, draftTokens, draftThreshold, speculate, budget, json,
         };
         command.SetAction((r, ct) =>
         {
@@ -41,13 +42,19 @@ internal static class GenerateCommand
                 DraftBits = r.GetValue(draftBits), DraftTokens = r.GetValue(draftTokens), DraftThreshold = r.GetValue(draftThreshold),
             }.Validated();
             object? route = null;
-            if (r.GetValue(budget) is double ms)
+            bool speculating = r.GetValue(speculate);
+            if (r.GetValue(budget) is double || speculating)
             {
-                if (r.GetValue(bits) is not null || r.GetValue(profile) is not null || options.DraftBits is not null) throw new ArgumentException("--latency-budget-ms chooses the width itself: drop --bits, --profile and --draft-bits.");
-                if (m.Engine is not IAnyPrecisionEngine routed) throw new ArgumentException($"--latency-budget-ms routes between the widths of an any-precision model; '{r.GetValue(model)}' is not one.");
+                double? ms = r.GetValue(budget);
+                string option = ms is null ? "--speculate" : "--latency-budget-ms";
+                if (ms is not null && speculating) throw new ArgumentException("--speculate and --latency-budget-ms both choose the route: give one.");
+                if (ms is not null && (r.GetValue(bits) is not null || r.GetValue(profile) is not null)) throw new ArgumentException("--latency-budget-ms chooses the width itself: drop --bits, --profile and --draft-bits.");
+                if (options.DraftBits is not null) throw new ArgumentException($"{option} chooses the draft itself: drop --draft-bits.");
+                if (m.Engine is Quantization.ProfiledEngine) throw new ArgumentException("--speculate drafts and verifies at whole widths; a precision profile (--profile, or a fractional --bits) has no draft yet.");
+                if (m.Engine is not IAnyPrecisionEngine routed) throw new ArgumentException($"{option} routes between the widths of an any-precision model; '{r.GetValue(model)}' is not one.");
                 var costs = PrecisionRouter.Load(routed, m.Checkpoint.SourcePath, $"{routed.GetType().Name} {r.GetValue(accuracy)}", out bool measured,
                     progress: ConsoleProgress.Steps(r.Err(), "measuring route costs", "routes"));
-                var decision = PrecisionRouter.Choose(costs, ms);
+                var decision = ms is double budgetMs ? PrecisionRouter.Choose(costs, budgetMs) : PrecisionRouter.FastestFor(costs, routed.Bits);
                 routed.Bits = decision.Route.Bits;
                 options = options with { DraftBits = decision.Route.DraftBits, DraftTokens = decision.Route.DraftBits is null ? options.DraftTokens : decision.Route.DraftTokens };
                 route = new

@@ -36,6 +36,25 @@ public sealed class PrecisionRouterTests
         Assert.ThrowsExactly<ArgumentException>(() => PrecisionRouter.Choose(Costs, 0));
     }
 
+    [TestMethod]
+    public void FastestForTakesAPairOnlyWhenItBeatsTheTargetAlone()
+    {
+        var pair = PrecisionRouter.FastestFor(Costs, 4);
+        Assert.AreEqual((4, (int?)3), (pair.Route.Bits, pair.Route.DraftBits));
+        Assert.AreEqual(1.5, pair.BudgetMs);
+        // Against brute force: every width's choice is its cheapest route, target-only on a tie or when it has no pair.
+        foreach (int bits in new[] { 3, 4, 5 })
+        {
+            var chosen = PrecisionRouter.FastestFor(Costs, bits).Route;
+            Assert.AreEqual(Costs.Routes.Where(r => r.Bits == bits).Min(r => r.MsPerToken), chosen.MsPerToken, $"{bits} bits");
+        }
+        var slowPair = new PrecisionCosts("test machine", 32, [new(3, null, 0, 1.0), new(5, null, 0, 2.0), new(5, 3, 4, 2.5)]);
+        var alone = PrecisionRouter.FastestFor(slowPair, 5);
+        Assert.IsNull(alone.Route.DraftBits);
+        Assert.AreEqual("5 bits alone takes 2 ms per token; its fastest pair, 5 bits drafted at 3 (k = 4), takes 2.5 ms", alone.Reason);
+        Assert.ThrowsExactly<ArgumentException>(() => PrecisionRouter.FastestFor(slowPair, 8));
+    }
+
     /// <summary>Costs depend on the kernels that run, so the fingerprint names them: the same model on two kernel paths gets two fingerprints.</summary>
     [TestMethod]
     public void TheFingerprintNamesTheKernelsThatRun()
@@ -91,6 +110,32 @@ public sealed class PrecisionRouterTests
         var pair = Route(2.6, out _, out _);
         Assert.AreEqual((5, 3), (pair.GetProperty("bits").GetInt32(), pair.GetProperty("draft_bits").GetInt32()));
         StringAssert.Contains(pair.GetProperty("reason").GetString(), "drafting at 3 bits");
+
+        // --speculate: the fastest route for the target --bits names, from the same cached costs; greedy text is the target's.
+        JsonElement Speculate(int target, out string text, params string[] extra)
+        {
+            var (c, output, e) = Cli.Run(["generate", "--model", dir["ap"], "--engine", "reference", "--max-tokens", "16", "--bits", target.ToString(), "--speculate", "--json", .. extra]);
+            Assert.AreEqual(0, c, e);
+            var root = JsonDocument.Parse(output).RootElement;
+            text = root.GetProperty("text").GetString()!;
+            return root.GetProperty("route").Clone();
+        }
+        var five = Speculate(5, out string speculated);
+        Assert.AreEqual((5, 3, 4), (five.GetProperty("bits").GetInt32(), five.GetProperty("draft_bits").GetInt32(), five.GetProperty("draft_tokens").GetInt32()));
+        Assert.AreEqual(JsonValueKind.Null, five.GetProperty("budget_ms").ValueKind);
+        StringAssert.Contains(five.GetProperty("reason").GetString(), "5 bits drafted at 3 (k = 4) takes 2.5 ms per token against 4 ms alone");
+        var (plainCode, plainOut, plainErr) = Cli.Run("generate", "--model", dir["ap"], "--engine", "reference", "--max-tokens", "16", "--bits", "5", "--json");
+        Assert.AreEqual(0, plainCode, plainErr);
+        Assert.AreEqual(JsonDocument.Parse(plainOut).RootElement.GetProperty("text").GetString(), speculated, "greedy speculative output is the target's");
+        var three = Speculate(3, out _);
+        Assert.AreEqual(JsonValueKind.Null, three.GetProperty("draft_bits").ValueKind, "the seed width has no narrower draft");
+        StringAssert.Contains(three.GetProperty("reason").GetString(), "no narrower draft width");
+        var (both, _, bothErr) = Cli.Run("generate", "--model", dir["ap"], "--bits", "5", "--speculate", "--draft-bits", "3");
+        Assert.AreEqual(2, both, "bad input exits 2");
+        StringAssert.Contains(bothErr, "drop --draft-bits");
+        var (twice, _, twiceErr) = Cli.Run("generate", "--model", dir["ap"], "--speculate", "--latency-budget-ms", "5");
+        Assert.AreEqual(2, twice, "bad input exits 2");
+        StringAssert.Contains(twiceErr, "give one");
 
         Route(0.5, out code, out err);
         Assert.AreEqual(2, code, "bad input exits 2");

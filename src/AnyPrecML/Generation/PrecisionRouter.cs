@@ -132,6 +132,24 @@ public static class PrecisionRouter
         return new RouteDecision(chosen, budgetMs, reason);
     }
 
+    /// <summary>
+    /// The fastest way to serve <paramref name="bits"/> bits on this machine: its fastest draft/target pair when one
+    /// beats the width alone, else the width alone (speculative decoding keeps the target's output either way; it pays
+    /// where a wide target costs several narrow drafts, e.g. b = 8 on AVX2). The decision's budget is that route's cost.
+    /// </summary>
+    /// <exception cref="ArgumentException">The costs hold no route for <paramref name="bits"/>.</exception>
+    public static RouteDecision FastestFor(PrecisionCosts costs, int bits)
+    {
+        ArgumentNullException.ThrowIfNull(costs);
+        var alone = costs.Routes.FirstOrDefault(r => r.Bits == bits && r.DraftBits is null)
+            ?? throw new ArgumentException($"no measured cost for {bits} bits: the costs cover {costs.Routes.Min(r => r.Bits)}..{costs.Routes.Max(r => r.Bits)} bits.");
+        var pair = costs.Routes.Where(r => r.Bits == bits && r.DraftBits is not null).MinBy(r => r.MsPerToken);
+        return pair is not null && pair.MsPerToken < alone.MsPerToken
+            ? new RouteDecision(pair, pair.MsPerToken, $"{Describe(pair)} takes {pair.MsPerToken:0.###} ms per token against {alone.MsPerToken:0.###} ms alone")
+            : new RouteDecision(alone, alone.MsPerToken, $"{bits} bits alone takes {alone.MsPerToken:0.###} ms per token" +
+                (pair is null ? "; no narrower draft width" : $"; its fastest pair, {Describe(pair)}, takes {pair.MsPerToken:0.###} ms"));
+    }
+
     private static string Describe(RouteCost r) => r.DraftBits is int d ? $"{r.Bits} bits drafted at {d} (k = {r.DraftTokens})" : $"{r.Bits} bits";
 
     /// <summary>Milliseconds of <paramref name="run"/>, the faster of two timed runs after an untimed one.</summary>
