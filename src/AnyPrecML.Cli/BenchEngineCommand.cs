@@ -193,8 +193,7 @@ internal static class BenchEngineCommand
         g.Node(BitplaneOperator.OpType, ["x", "bits"], ["y"], BitplaneOperator.Domain, "op", ("layer", w.Name));
         using var op = new BitplaneOperator(ap, backend);
         using var so = new SessionOptions { InterOpNumThreads = 1, IntraOpNumThreads = 1 };
-        op.Register(so);
-        using var session = new InferenceSession(g.Build((BitplaneOperator.Domain, 1)).ToByteArray(), so);
+        using var session = op.CreateSession(g.Build((BitplaneOperator.Domain, 1)).ToByteArray(), so);
         var x = new float[w.Cols];
         var y = new float[w.Rows];
         int[] bits = [ap.SeedBits];

@@ -218,8 +218,7 @@ public sealed class OnnxEngineTests
         // Run the exported graph directly, bypassing the engine's checks, with bits = 2 (below the seed width).
         using var op = new BitplaneOperator(_model, new CpuBitplaneBackend());
         using var so = new SessionOptions();
-        op.Register(so);
-        using var session = new InferenceSession(DecoderGraph.Export(_model).ToByteArray(), so);
+        using var session = op.CreateSession(DecoderGraph.Export(_model).ToByteArray(), so);
         var c = _model.Config;
         OrtValue Run(int bits)
         {

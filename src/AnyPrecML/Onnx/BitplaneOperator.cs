@@ -117,12 +117,26 @@ public sealed unsafe class BitplaneOperator : IDisposable
         }
     }
 
-    /// <summary>Adds the operator's domain to <paramref name="options"/>; keep this object alive while sessions made with them run.</summary>
-    public void Register(SessionOptions options)
+    /// <summary>
+    /// A session of <paramref name="model"/> (ONNX bytes) with this operator's domain added to <paramref name="options"/>;
+    /// keep this object alive while the session runs. Sessions with the domain are created one at a time in a process:
+    /// two created at once (two test classes opening engines in parallel) failed in ONNX Runtime with "Trying to add a
+    /// domain to DomainToVersion map, but the domain is already exist", as creating one registers the domain's schema
+    /// in a map the whole process shares.
+    /// </summary>
+    public InferenceSession CreateSession(byte[] model, SessionOptions options) => CreateSession(options, () => new InferenceSession(model, options));
+
+    /// <summary>As <see cref="CreateSession(byte[], SessionOptions)"/>, from an ONNX file.</summary>
+    public InferenceSession CreateSession(string modelPath, SessionOptions options) => CreateSession(options, () => new InferenceSession(modelPath, options));
+
+    private static readonly Lock SessionCreation = new();
+
+    private InferenceSession CreateSession(SessionOptions options, Func<InferenceSession> create)
     {
         ArgumentNullException.ThrowIfNull(options);
         ObjectDisposedException.ThrowIf(_domain == null, this);
         OrtApiTable.AddCustomOpDomain(options.DangerousGetHandle(), _domain);
+        lock (SessionCreation) return create();
     }
 
     /// <summary>Releases the domain and the native operator; call after every session using them is disposed.</summary>

@@ -71,8 +71,7 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
                 // (stories110M shape, 3 bits: 60.8 tok/s without spinning, 25.2 with; docs/BENCHMARKS.md).
                 so.AddSessionConfigEntry("session.intra_op.allow_spinning", "0");
                 if (cuda) so.AppendExecutionProvider_CUDA(0);
-                _op.Register(so);
-                return graph is null ? new InferenceSession(options.GraphPath!, so) : new InferenceSession(graph, so);
+                return graph is null ? _op.CreateSession(options.GraphPath!, so) : _op.CreateSession(graph, so);
             }
             // The CUDA provider is in the GPU package only, and it loads CUDA's libraries when a session asks for it:
             // a missing library is an exception here, which Auto turns into the CPU and a stated reason.
