@@ -55,8 +55,15 @@ public sealed class AnyPrecisionChatClient : IChatClient
     /// <summary>Key of <see cref="ChatOptions.AdditionalProperties"/> that sets the width.</summary>
     public const string BitsProperty = "bits";
 
-    /// <summary>Key of <see cref="ChatOptions.AdditionalProperties"/> that turns on self-speculative decoding with this draft width (below the width served).</summary>
+    /// <summary>
+    /// Key of <see cref="ChatOptions.AdditionalProperties"/> that turns on self-speculative decoding with this draft width
+    /// (below the width served), or with <see cref="AutoDraft"/> the draft this machine measured fastest for that width
+    /// (<see cref="PrecisionRouter.FastestFor"/>; none when no draft beats the width alone).
+    /// </summary>
     public const string DraftBitsProperty = "draft_bits";
+
+    /// <summary>The <see cref="DraftBitsProperty"/> value that lets the router choose the draft.</summary>
+    public const string AutoDraft = "auto";
 
     /// <summary>Key of <see cref="ChatOptions.AdditionalProperties"/> for the tokens drafted per round (default 4).</summary>
     public const string DraftTokensProperty = "draft_tokens";
@@ -223,7 +230,9 @@ public sealed class AnyPrecisionChatClient : IChatClient
             TopK = options?.TopK ?? 0,
             Seed = options?.Seed is long seed ? unchecked((ulong)seed) : null,
         };
-        if (IntProperty(options?.AdditionalProperties, DraftBitsProperty) is int draft)
+        if (properties is not null && properties.TryGetValue(DraftBitsProperty, out object? draftValue) && IsAuto(draftValue))
+            route = PrecisionRouter.FastestFor(_costs.Value, bits); // a budget with it was refused in Route
+        else if (IntProperty(options?.AdditionalProperties, DraftBitsProperty) is int draft)
         {
             // The draft reads the top planes of the same parent: it must be narrower than the width served.
             if (draft < Metadata.SupportedBits[0] || draft >= bits)
@@ -247,6 +256,9 @@ public sealed class AnyPrecisionChatClient : IChatClient
             throw new ArgumentException($"the prompt has {promptTokens} tokens; the model's context is {Metadata.ContextLength} (at least one token must be left to generate).");
         return new PreparedRequest(prompt, bits, ModelId(Metadata.ModelName, bits), generation, stops, promptTokens, route);
     }
+
+    private static bool IsAuto(object? value) =>
+        value is string s ? s == AutoDraft : value is System.Text.Json.JsonElement { ValueKind: System.Text.Json.JsonValueKind.String } j && j.GetString() == AutoDraft;
 
     /// <summary>The router's decision for a request with a latency budget; null without one.</summary>
     private RouteDecision? Route(string? modelId, AdditionalPropertiesDictionary? properties)

@@ -187,7 +187,7 @@ public static class OpenAIEndpoints
         await ctx.Response.Body.FlushAsync(ct);
     }
 
-    /// <summary>The router's decision for a request with "latency_budget_ms" (an extension field; OpenAI clients ignore it), else null.</summary>
+    /// <summary>The router's decision for a request with "latency_budget_ms" or "draft_bits": "auto" (an extension field; OpenAI clients ignore it), else null.</summary>
     private static object? Route(AnyPrecisionChatClient.PreparedRequest request) => request.Route is { } r
         ? new { budget_ms = r.BudgetMs, bits = r.Route.Bits, draft_bits = r.Route.DraftBits, draft_tokens = r.Route.DraftTokens, ms_per_token = Math.Round(r.Route.MsPerToken, 4), reason = r.Reason }
         : null;
@@ -213,7 +213,10 @@ public static class OpenAIEndpoints
             StopSequences = Stops(body),
         };
         if (Integer(body, "bits") is int bits) (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.BitsProperty] = bits;
-        if (Integer(body, "draft_bits") is int draft) (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.DraftBitsProperty] = draft;
+        if (body.TryGetProperty("draft_bits", out var draftField) && draftField.ValueKind == JsonValueKind.String)
+            (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.DraftBitsProperty] = draftField.GetString() == AnyPrecisionChatClient.AutoDraft
+                ? AnyPrecisionChatClient.AutoDraft : throw new ArgumentException($"'draft_bits' must be an integer or \"{AnyPrecisionChatClient.AutoDraft}\".");
+        else if (Integer(body, "draft_bits") is int draft) (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.DraftBitsProperty] = draft;
         if (Integer(body, "draft_tokens") is int k) (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.DraftTokensProperty] = k;
         if (Number(body, "latency_budget_ms") is double budget) (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.LatencyBudgetProperty] = budget;
         if (String(body, "over_budget") is { } over) (options.AdditionalProperties ??= [])[AnyPrecisionChatClient.OverBudgetProperty] = over;

@@ -41,7 +41,8 @@ public sealed class PrecisionRouterTests
     {
         var pair = PrecisionRouter.FastestFor(Costs, 4);
         Assert.AreEqual((4, (int?)3), (pair.Route.Bits, pair.Route.DraftBits));
-        Assert.AreEqual(1.5, pair.BudgetMs);
+        Assert.IsNull(pair.BudgetMs);
+        Assert.AreEqual(1.5, pair.Route.MsPerToken);
         // Against brute force: every width's choice is its cheapest route, target-only on a tie or when it has no pair.
         foreach (int bits in new[] { 3, 4, 5 })
         {

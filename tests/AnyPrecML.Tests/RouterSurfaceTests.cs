@@ -130,6 +130,19 @@ public sealed class RouterSurfaceTests
             ModelId = "ap@4bit", AdditionalProperties = new() { [AnyPrecisionChatClient.LatencyBudgetProperty] = 10.0 },
         }));
 
+        // "draft_bits": "auto": the width asked for, drafted from its fastest measured pair (5 bits: at 3, 2.5 against 4 ms).
+        var auto = await client.GetResponseAsync("Once upon a time", new ChatOptions
+        {
+            ModelId = "ap@5bit", MaxOutputTokens = 12, AdditionalProperties = new() { [AnyPrecisionChatClient.DraftBitsProperty] = AnyPrecisionChatClient.AutoDraft },
+        });
+        var autoRoute = (RouteDecision)auto.AdditionalProperties![AnyPrecisionChatClient.RouteProperty]!;
+        Assert.AreEqual((5, (int?)3, (double?)null), (autoRoute.Route.Bits, autoRoute.Route.DraftBits, autoRoute.BudgetMs));
+        Assert.AreEqual(("ap@5bit", await At(5)), (auto.ModelId, auto.Text), "drafting keeps the 5-bit greedy text");
+        await Assert.ThrowsExactlyAsync<ArgumentException>(() => client.GetResponseAsync("x", new ChatOptions
+        {
+            AdditionalProperties = new() { [AnyPrecisionChatClient.LatencyBudgetProperty] = 10.0, [AnyPrecisionChatClient.DraftBitsProperty] = AnyPrecisionChatClient.AutoDraft },
+        }));
+
         // Over HTTP: the body field, and the decision in the response (an extension field beside usage).
         await using var server = await LoopbackServer.StartAsync(_dir["ap"], new AnyPrecisionServerOptions());
         using var http = new HttpClient();
@@ -147,6 +160,12 @@ public sealed class RouterSurfaceTests
         var (bad, error) = await Post("""{"model": "ap", "prompt": "Once upon a time", "latency_budget_ms": 0.5}""");
         Assert.AreEqual(400, bad);
         StringAssert.Contains(error.GetProperty("error").GetProperty("message").GetString(), "no width meets a budget of 0.5 ms per token");
+        var (_, autoHttp) = await Post("""{"model": "ap@5bit", "prompt": "Once upon a time", "max_tokens": 12, "draft_bits": "auto"}""");
+        Assert.AreEqual(3, autoHttp.GetProperty("route").GetProperty("draft_bits").GetInt32());
+        Assert.AreEqual(JsonValueKind.Null, autoHttp.GetProperty("route").GetProperty("budget_ms").ValueKind);
+        var (badDraft, draftError) = await Post("""{"model": "ap@5bit", "prompt": "x", "draft_bits": "fast"}""");
+        Assert.AreEqual(400, badDraft);
+        StringAssert.Contains(draftError.GetProperty("error").GetProperty("message").GetString(), "'draft_bits' must be an integer or \"auto\"");
     }
 
     private sealed class BudgetRow

@@ -15,8 +15,8 @@ public sealed record RouteCost(int Bits, int? DraftBits, int DraftTokens, double
 /// <summary>Per-token costs of every width and draft/target pair of one model on one machine, with what they were measured on.</summary>
 public sealed record PrecisionCosts(string Fingerprint, int Tokens, IReadOnlyList<RouteCost> Routes);
 
-/// <summary>What the router chose for a budget, and why.</summary>
-public sealed record RouteDecision(RouteCost Route, double BudgetMs, string Reason);
+/// <summary>What the router chose, and why: for a budget (<see cref="PrecisionRouter.Choose"/>), or the fastest route for a width (<see cref="PrecisionRouter.FastestFor"/>, no budget).</summary>
+public sealed record RouteDecision(RouteCost Route, double? BudgetMs, string Reason);
 
 /// <summary>
 /// Picks a width per request from a per-token latency budget: the highest target width whose measured cost meets the
@@ -135,7 +135,7 @@ public static class PrecisionRouter
     /// <summary>
     /// The fastest way to serve <paramref name="bits"/> bits on this machine: its fastest draft/target pair when one
     /// beats the width alone, else the width alone (speculative decoding keeps the target's output either way; it pays
-    /// where a wide target costs several narrow drafts, e.g. b = 8 on AVX2). The decision's budget is that route's cost.
+    /// where a wide target costs several narrow drafts, e.g. b = 8 on AVX2). The decision has no budget.
     /// </summary>
     /// <exception cref="ArgumentException">The costs hold no route for <paramref name="bits"/>.</exception>
     public static RouteDecision FastestFor(PrecisionCosts costs, int bits)
@@ -145,8 +145,8 @@ public static class PrecisionRouter
             ?? throw new ArgumentException($"no measured cost for {bits} bits: the costs cover {costs.Routes.Min(r => r.Bits)}..{costs.Routes.Max(r => r.Bits)} bits.");
         var pair = costs.Routes.Where(r => r.Bits == bits && r.DraftBits is not null).MinBy(r => r.MsPerToken);
         return pair is not null && pair.MsPerToken < alone.MsPerToken
-            ? new RouteDecision(pair, pair.MsPerToken, $"{Describe(pair)} takes {pair.MsPerToken:0.###} ms per token against {alone.MsPerToken:0.###} ms alone")
-            : new RouteDecision(alone, alone.MsPerToken, $"{bits} bits alone takes {alone.MsPerToken:0.###} ms per token" +
+            ? new RouteDecision(pair, null, $"{Describe(pair)} takes {pair.MsPerToken:0.###} ms per token against {alone.MsPerToken:0.###} ms alone")
+            : new RouteDecision(alone, null, $"{bits} bits alone takes {alone.MsPerToken:0.###} ms per token" +
                 (pair is null ? "; no narrower draft width" : $"; its fastest pair, {Describe(pair)}, takes {pair.MsPerToken:0.###} ms"));
     }
 
