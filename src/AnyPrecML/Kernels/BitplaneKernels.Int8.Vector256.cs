@@ -248,32 +248,42 @@ public static unsafe partial class BitplaneKernels
 
     /// <summary>
     /// One row's table bytes into <typeparamref name="TS"/>, block by block, <paramref name="p"/> and <paramref name="pa"/>
-    /// advancing 256 bytes a block; returns the products' sum (0 when stored). x8's zeros past the last column meet
-    /// whatever a partial block's zero-padded planes decode to. One method per kind of code keeps each loop small
-    /// enough for the JIT to inline every helper in it.
+    /// advancing 256 bytes a block; returns the products' sum (0 when stored). Whole blocks are read in place; a partial
+    /// last one goes through <see cref="BlockPlanes"/>'s zero-padded copy and a second, one-block run of the loop (x8's
+    /// zeros past the last column meet whatever its padding decodes to).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static int RowInt8Avx2<TW, TS>(in BitplaneOperand w, uint* planes, byte* u, byte* tail, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink =>
-        TW.Bits <= 4 ? NarrowBlocks<TW, TS>(w, planes, u, tail, p, pa) : TW.Bits <= 6 ? MidBlocks<TW, TS>(w, planes, u, tail, p, pa) : WideBlocks<TW, TS>(w, planes, u, tail, p, pa);
+    private static int RowInt8Avx2<TW, TS>(in BitplaneOperand w, uint* planes, byte* u, byte* tail, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink
+    {
+        int full = w.Cols >> 8;
+        int sum = Blocks<TW, TS>((byte*)planes, w.PlaneStride * 4, u, full, p, pa);
+        if ((w.Cols & 255) != 0)
+        {
+            byte* src = BlockPlanes(w, planes, full, TW.Bits, tail, out long stride);
+            sum += Blocks<TW, TS>(src, stride, u, 1, p + 256L * full, pa + 256L * full);
+        }
+        return sum;
+    }
 
     /// <summary>
-    /// b ≤ 4: two slices per byte, one vpshufb of the row's 16-entry table each. Whole blocks are read in place; a
-    /// partial last one goes through <see cref="BlockPlanes"/>'s zero-padded copy after the loop, so that no call sits
-    /// in the loop (every ymm register is caller-saved: with a call there the JIT kept the accumulators in memory).
+    /// <paramref name="blocks"/> blocks from <paramref name="src"/> (planes <paramref name="stride"/> bytes apart). One loop
+    /// method per kind of code keeps each loop small enough for the JIT to inline every helper in it, and no call may sit
+    /// in or after a loop: every ymm register is caller-saved, and with the partial block's copy after the loop the JIT
+    /// stored the four accumulators and the table to the stack and reloaded them on every block.
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static int Blocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink =>
+        TW.Bits <= 4 ? NarrowBlocks<TW, TS>(src, stride, u, blocks, p, pa) : TW.Bits <= 6 ? MidBlocks<TW, TS>(src, stride, u, blocks, p, pa) : WideBlocks<TW, TS>(src, stride, u, blocks, p, pa);
+
+    /// <summary>b ≤ 4: two slices per byte, one vpshufb of the row's 16-entry table each.</summary>
     [SkipLocalsInit]
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static int NarrowBlocks<TW, TS>(in BitplaneOperand w, uint* planes, byte* u, byte* tail, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink
+    [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
+    private static int NarrowBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
         var table = Avx2.BroadcastVector128ToVector256(u);
-        int full = w.Cols >> 8;
-        long stride = w.PlaneStride * 4;
-        byte* src = (byte*)planes;
-        for (int block = 0; block < full; block++, src += 32, p += 256, pa += 256)
+        for (int block = 0; block < blocks; block++, src += 32, p += 256, pa += 256)
             NarrowBlock<TW, TS>(src, stride, table, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
-        if ((w.Cols & 255) != 0)
-            NarrowBlock<TW, TS>(BlockPlanes(w, planes, full, TW.Bits, tail, out stride), stride, table, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
         return Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
     }
 
@@ -302,39 +312,34 @@ public static unsafe partial class BitplaneKernels
     private static Vector256<int> TableProducts(Vector256<int> acc, Vector256<byte> v, sbyte* x, byte* xa) =>
         TableBytes.Offset ? AvxVnni.MultiplyWideningAndAdd(acc, v, Vector256.Load(x)) : MultiplyAdd(acc, v, Vector256.Load(x), Vector256.Load(xa));
 
-    /// <summary>b = 5, 6: blocks as in <see cref="NarrowBlocks{TW, TS}"/>, the two or four sub-tables in registers and every slice written out (constant shifts).</summary>
+    /// <summary>b = 5, 6: the two or four sub-tables in registers and every slice written out (constant shifts).</summary>
     [SkipLocalsInit]
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static int MidBlocks<TW, TS>(in BitplaneOperand w, uint* planes, byte* u, byte* tail, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink
+    [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
+    private static int MidBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
-        int full = w.Cols >> 8;
-        long stride = w.PlaneStride * 4;
-        byte* src = (byte*)planes;
         var t0 = Avx2.BroadcastVector128ToVector256(u);
         var t1 = Avx2.BroadcastVector128ToVector256(u + 16);
         var t2 = TW.Bits == 6 ? Avx2.BroadcastVector128ToVector256(u + 32) : default;
         var t3 = TW.Bits == 6 ? Avx2.BroadcastVector128ToVector256(u + 48) : default;
-        for (int block = 0; block < full; block++, src += 32, p += 256, pa += 256)
-            MidBlock<TW, TS>(src, stride, t0, t1, t2, t3, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
-        if ((w.Cols & 255) != 0)
-            MidBlock<TW, TS>(BlockPlanes(w, planes, full, TW.Bits, tail, out stride), stride, t0, t1, t2, t3, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
+        // b = 6: two accumulators, not four. Its block is long enough (~110 ops) that two vpdpbusd chains never wait, and on
+        // AVX2's 16 registers the four sub-tables, nibbles and upper planes then spill less (A/B −4%; b = 5 +2%, so it keeps four).
+        for (int block = 0; block < blocks; block++, src += 32, p += 256, pa += 256)
+        {
+            if (TW.Bits == 6) MidBlock<TW, TS>(src, stride, t0, t1, t2, t3, p, pa, ref acc0, ref acc1, ref acc0, ref acc1);
+            else MidBlock<TW, TS>(src, stride, t0, t1, t2, t3, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
+        }
         return Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
     }
 
-    /// <summary>b = 7, 8: the low nibble looked up in every sub-table, the upper code bits picking among them; blocks as in <see cref="NarrowBlocks{TW, TS}"/>.</summary>
+    /// <summary>b = 7, 8: the low nibble looked up in every sub-table, the upper code bits picking among them.</summary>
     [SkipLocalsInit]
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static int WideBlocks<TW, TS>(in BitplaneOperand w, uint* planes, byte* u, byte* tail, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink
+    [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
+    private static int WideBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
-        int full = w.Cols >> 8;
-        long stride = w.PlaneStride * 4;
-        byte* src = (byte*)planes;
-        for (int block = 0; block < full; block++, src += 32, p += 256, pa += 256)
+        for (int block = 0; block < blocks; block++, src += 32, p += 256, pa += 256)
             WideBlock<TW, TS>(src, stride, u, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
-        if ((w.Cols & 255) != 0)
-            WideBlock<TW, TS>(BlockPlanes(w, planes, full, TW.Bits, tail, out stride), stride, u, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
         return Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
     }
 
