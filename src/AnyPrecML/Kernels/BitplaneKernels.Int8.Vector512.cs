@@ -186,7 +186,7 @@ public static unsafe partial class BitplaneKernels
         wide += Avx512BW.MultiplyAddAdjacent(Avx512BW.MultiplyAddAdjacent(Vector512.Load(xa), signed), Vector512.Create((short)1));
     }
 
-    /// <summary>A block's planes two to a register (plane 2i low, 2i+1 high; absent planes zero).</summary>
+    /// <summary>A block's planes two to a register (plane 2i low, 2i+1 high; a pair with no plane at all is zero, a missing second plane is left undefined).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static (Vector512<byte>, Vector512<byte>, Vector512<byte>, Vector512<byte>) PlanePairs<TW>(byte* src, long stride) where TW : struct, IWidth
     {
@@ -195,10 +195,11 @@ public static unsafe partial class BitplaneKernels
             b > 4 ? PlanePair(src + 4 * stride, stride, b > 5) : default, b > 6 ? PlanePair(src + 6 * stride, stride, b > 7) : default);
     }
 
-    /// <summary>The plane at <paramref name="a"/> low and the next one (<paramref name="stride"/> on) high, or zero.</summary>
+    /// <summary>The plane at <paramref name="a"/> low and the next one (<paramref name="stride"/> on) high.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector512<byte> PlanePair(byte* a, long stride, bool hasSecond) =>
-        Avx512F.InsertVector256(Vector256.Load(a).ToVector512Unsafe(), hasSecond ? Vector256.Load(a + stride) : Vector256<byte>.Zero, 1);
+        // Without a second plane the upper half is left as it comes: no gather index of an odd b reads it.
+        hasSecond ? Avx512F.InsertVector256(Vector256.Load(a).ToVector512Unsafe(), Vector256.Load(a + stride), 1) : Vector256.Load(a).ToVector512Unsafe();
 
     /// <summary>One row against one token; <paramref name="tail"/>: 512 bytes of scratch for a partial last block.</summary>
     [SkipLocalsInit]
