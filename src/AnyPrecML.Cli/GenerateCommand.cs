@@ -41,8 +41,10 @@ internal static class GenerateCommand
                 TopK = r.GetValue(topK), TopP = r.GetValue(topP), Seed = r.GetValue(seed),
                 DraftBits = r.GetValue(draftBits), DraftTokens = r.GetValue(draftTokens), DraftThreshold = r.GetValue(draftThreshold),
             }.Validated();
-            object? route = null;
             bool speculating = r.GetValue(speculate);
+            if ((options.DraftBits is not null || speculating) && m.Engine is Quantization.ProfiledEngine)
+                throw new ArgumentException($"{(speculating ? "--speculate" : "--draft-bits")} drafts and verifies at whole widths; a precision profile (--profile, or a fractional --bits) has no draft yet.");
+            object? route = null;
             if (r.GetValue(budget) is double || speculating)
             {
                 double? ms = r.GetValue(budget);
@@ -50,7 +52,6 @@ internal static class GenerateCommand
                 if (ms is not null && speculating) throw new ArgumentException("--speculate and --latency-budget-ms both choose the route: give one.");
                 if (ms is not null && (r.GetValue(bits) is not null || r.GetValue(profile) is not null)) throw new ArgumentException("--latency-budget-ms chooses the width itself: drop --bits, --profile and --draft-bits.");
                 if (options.DraftBits is not null) throw new ArgumentException($"{option} chooses the draft itself: drop --draft-bits.");
-                if (m.Engine is Quantization.ProfiledEngine) throw new ArgumentException("--speculate drafts and verifies at whole widths; a precision profile (--profile, or a fractional --bits) has no draft yet.");
                 if (m.Engine is not IAnyPrecisionEngine routed) throw new ArgumentException($"{option} routes between the widths of an any-precision model; '{r.GetValue(model)}' is not one.");
                 var costs = PrecisionRouter.Load(routed, m.Checkpoint.SourcePath, $"{routed.GetType().Name} {r.GetValue(accuracy)}", out bool measured,
                     progress: ConsoleProgress.Steps(r.Err(), "measuring route costs", "routes"));
@@ -64,8 +65,6 @@ internal static class GenerateCommand
                 };
                 r.Err().WriteLine($"route: {decision.Reason} (costs {(measured ? "measured now" : "cached")})");
             }
-            if (options.DraftBits is not null && m.Engine is Quantization.ProfiledEngine)
-                throw new ArgumentException("--draft-bits drafts and verifies at whole widths; a precision profile (--profile, or a fractional --bits) has no draft yet.");
             if (options.DraftBits is not null && m.Engine is not IAnyPrecisionEngine)
                 throw new ArgumentException($"--draft-bits applies to any-precision models; '{r.GetValue(model)}' is not one (quantize it with `anyprec quantize`).");
             if (options.DraftBits is int d && m.Engine is IAnyPrecisionEngine ape && (d < ape.SeedBits || d >= ape.Bits))

@@ -149,6 +149,9 @@ public sealed class PrecisionProfileTests
         (code, _, err) = Cli.Run("generate", "--model", ap, "--bits", "4.25", "--draft-bits", "3", "--max-tokens", "4");
         Assert.AreEqual(2, code);
         StringAssert.Contains(err, "error: --draft-bits drafts and verifies at whole widths");
+        (code, _, err) = Cli.Run("generate", "--model", ap, "--bits", "4.25", "--speculate", "--max-tokens", "4");
+        Assert.AreEqual(2, code);
+        StringAssert.Contains(err, "error: --speculate drafts and verifies at whole widths");
         (code, _, err) = Cli.Run("generate", "--model", ap, "--bits", "4", "--profile", saved, "--max-tokens", "4");
         Assert.AreEqual(2, code);
         StringAssert.Contains(err, "error: --bits and --profile both choose the widths; give one.");

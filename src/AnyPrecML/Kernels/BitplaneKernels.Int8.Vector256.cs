@@ -232,7 +232,7 @@ public static unsafe partial class BitplaneKernels
     private struct ProductSink : ITableBytesSink
     {
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public static Vector256<int> Take(Vector256<int> acc, Vector256<byte> v, byte* p, byte* pa) => TableProducts(acc, v, (sbyte*)p, pa);
+        public static Vector256<int> Take(Vector256<int> acc, Vector256<byte> v, byte* p, byte* pa) => WeightMultiplyAdd<TableBytes>(acc, v, (sbyte*)p, pa);
     }
 
     /// <summary>Several tokens: the table bytes stored in Slice256 order, for the register tiles (acc is not used).</summary>
@@ -306,11 +306,6 @@ public static unsafe partial class BitplaneKernels
         acc2 = TS.Take(acc2, Avx2.Shuffle(table, l3), p + 96, pa + 96);
         acc3 = TS.Take(acc3, Avx2.Shuffle(table, h3), p + 224, pa + 224);
     }
-
-    /// <summary>acc += 32 table bytes times x8 (|x8| at xa where the tables are signed): <see cref="WeightMultiplyAdd{TB}"/> for table bytes.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector256<int> TableProducts(Vector256<int> acc, Vector256<byte> v, sbyte* x, byte* xa) =>
-        TableBytes.Offset ? AvxVnni.MultiplyWideningAndAdd(acc, v, Vector256.Load(x)) : MultiplyAdd(acc, v, Vector256.Load(x), Vector256.Load(xa));
 
     /// <summary>b = 5, 6: the two or four sub-tables in registers and every slice written out (constant shifts).</summary>
     [SkipLocalsInit]
