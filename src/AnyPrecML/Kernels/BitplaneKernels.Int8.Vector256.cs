@@ -93,9 +93,15 @@ public static unsafe partial class BitplaneKernels
     private static void PrefetchRow(in BitplaneOperand w, int r, int bits)
     {
         byte* row = (byte*)(w.Planes + (long)r * w.Words);
-        long planeBytes = w.PlaneStride * 4, rowBytes = w.Words * 4L;
-        for (int p = 0; p < bits; p++, row += planeBytes)
-            for (long o = 0; o < rowBytes; o += 64) Sse.Prefetch0(row + o);
+        long planeBytes = w.PlaneStride * 4;
+        for (int p = 0; p < bits; p++, row += planeBytes) PrefetchLines(row, w.Words * 4L);
+    }
+
+    /// <summary>Asks for the cache lines of [<paramref name="start"/>, + <paramref name="bytes"/>) (a hint: never faults).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void PrefetchLines(byte* start, long bytes)
+    {
+        for (long o = 0; o < bytes; o += 64) Sse.Prefetch0(start + o);
     }
 
     /// <summary>Plane p's bytes for block <paramref name="block"/>: in place, or copied zero-padded when the block is partial.</summary>
