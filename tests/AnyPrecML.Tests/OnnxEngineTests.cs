@@ -204,6 +204,76 @@ public sealed class OnnxEngineTests
     }
 
     [TestMethod]
+    public void HeadsSixteenWideRunOneFusedAttentionNodeAndMatchTheReferenceInBothRopeLayouts()
+    {
+        // 16-wide heads (4 query over 2 KV heads): GroupQueryAttention takes the packed q,k,v and rotates them itself.
+        // Hugging Face directories rotate half-split, llama2.c files interleaved; both against the reference engine,
+        // for a prefill, a prefill in two chunks (a prompt after a past, as speculative verification runs) and decode.
+        var c = TestData.TinyConfig() with { Dim = 64, HiddenDim = 96, Heads = 4, KvHeads = 2, HeadDim = 16, VocabSize = 96, MaxSeqLen = 128 };
+        Assert.IsTrue(DecoderGraph.FusedAttention(c));
+        Assert.IsFalse(DecoderGraph.FusedAttention(_model.Config), "stories260K's 8-wide heads keep Split and RotaryEmbedding");
+        SyntheticModel.Write(c, _dir["wide-hf"], DType.F32);
+        WriteLlama2c(c with { KvHeads = 4 }, _dir["wide.bin"]);
+        int[] prompt = [1, 17, 40, 3, 88, 61, 9, 72, 30, 5, 44, 90];
+        foreach (var (source, rope) in new[] { (_dir["wide-hf"], RopeLayout.HalfSplit), (_dir["wide.bin"], RopeLayout.Interleaved) })
+        {
+            string ap = _dir[$"wide-ap-{rope}"];
+            using (var checkpoint = LlamaCheckpoint.Open(source))
+            {
+                Assert.AreEqual(rope, checkpoint.Config.RopeLayout);
+                AnyPrecisionQuantizer.Quantize(checkpoint, ap, new UniformSensitivity(), new QuantizerOptions());
+            }
+            using var model = AnyPrecisionModel.Open(ap);
+            var nodes = DecoderGraph.Export(model).Graph.Node;
+            Assert.AreEqual(0, nodes.Count(n => n.OpType is "RotaryEmbedding" or "Split"), rope.ToString());
+            Assert.AreEqual(model.Config.Layers, nodes.Count(n => n.OpType == "GroupQueryAttention"), rope.ToString());
+            using var engine = new OnnxEngine(model, new OnnxEngineOptions { Backend = Fp32 });
+            foreach (int bits in new[] { 3, 8 })
+            {
+                var reference = new ReferenceEngine(model.ToWeights(bits));
+                engine.Bits = bits;
+                var expected = TestData.AllLogits(reference, prompt);
+                Assert.IsLessThan(1e-4, RelativeError(TestData.AllLogits(engine, prompt), expected), $"{rope} b={bits} prefill");
+                var cache = engine.CreateCache();
+                var first = new float[5 * c.VocabSize];
+                var rest = new float[(prompt.Length - 5) * c.VocabSize];
+                engine.Forward(prompt.AsSpan(0, 5), cache, first);
+                engine.Forward(prompt.AsSpan(5), cache, rest);
+                Assert.IsLessThan(1e-4, RelativeError(first.Concat(rest).ToArray(), expected), $"{rope} b={bits} chunked prefill");
+                var rc = reference.CreateCache();
+                var rl = new float[c.VocabSize];
+                var ol = rest.AsSpan(rest.Length - c.VocabSize).ToArray();
+                reference.Forward(prompt, rc, rl);
+                for (int step = 0; step < 40; step++)
+                {
+                    Assert.IsLessThan(1e-4, RelativeError(ol, rl), $"{rope} b={bits} decode step {step}");
+                    int token = System.Numerics.Tensors.TensorPrimitives.IndexOfMax(rl);
+                    reference.Forward([token], rc, rl);
+                    engine.Forward([token], cache, ol);
+                }
+            }
+        }
+    }
+
+    /// <summary>A llama2.c version-0 file of shape <paramref name="c"/> (shared head): random N(0, 0.02²)-ish weights, unit norms.</summary>
+    private static void WriteLlama2c(LlamaConfig c, string path)
+    {
+        var rng = new Random(7);
+        using var w = new BinaryWriter(File.Create(path));
+        foreach (int v in new[] { c.Dim, c.HiddenDim, c.Layers, c.Heads, c.KvHeads, c.VocabSize, c.MaxSeqLen }) w.Write(v);
+        void Random(long n) { for (long i = 0; i < n; i++) w.Write((float)((rng.NextDouble() - 0.5) * 0.07)); }
+        void Ones(long n) { for (long i = 0; i < n; i++) w.Write(1f); }
+        int kv = c.KvHeads * c.HeadDim;
+        Random((long)c.VocabSize * c.Dim);
+        Ones((long)c.Layers * c.Dim);
+        Random((long)c.Layers * c.Dim * c.Dim); Random((long)c.Layers * kv * c.Dim); Random((long)c.Layers * kv * c.Dim); Random((long)c.Layers * c.Dim * c.Dim);
+        Ones((long)c.Layers * c.Dim);
+        Random((long)c.Layers * c.HiddenDim * c.Dim); Random((long)c.Layers * c.Dim * c.HiddenDim); Random((long)c.Layers * c.HiddenDim * c.Dim);
+        Ones(c.Dim);
+        Random((long)c.MaxSeqLen * c.HeadDim); // freq_cis_real and _imag: unused, RoPE is computed
+    }
+
+    [TestMethod]
     public void BitsOutsideTheModelsRangeAreRejected()
     {
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => _engine.Bits = 2);
