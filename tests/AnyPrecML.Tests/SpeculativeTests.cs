@@ -114,13 +114,15 @@ public sealed class SpeculativeTests
     [TestMethod]
     public void GreedySpeculativeEqualsTargetOnlyOnASyntheticGqaModelInBothEngines()
     {
-        // 8 query heads over 2 KV heads; random weights, so draft and target disagree often (many rollbacks).
-        var c = TestData.TinyConfig() with { Dim = 64, HiddenDim = 128, Heads = 8, KvHeads = 2, HeadDim = 8, VocabSize = 96, MaxSeqLen = 256 };
+        // 8 query heads over 2 KV heads; random weights, so draft and target disagree often (many rollbacks). Heads 16
+        // wide: the ONNX graph's fused attention (rotation inside GroupQueryAttention) sees every rollback.
+        var c = TestData.TinyConfig() with { Dim = 128, HiddenDim = 192, Heads = 8, KvHeads = 2, HeadDim = 16, VocabSize = 96, MaxSeqLen = 256 };
         SyntheticModel.Write(c, _dir["gqa-hf"], DType.F32);
         using (var source = LlamaCheckpoint.Open(_dir["gqa-hf"]))
             AnyPrecisionQuantizer.Quantize(source, _dir["gqa-ap"], new UniformSensitivity(), new QuantizerOptions());
         using var model = AnyPrecisionModel.Open(_dir["gqa-ap"]);
         Assert.AreEqual(4, model.Config.Heads / model.Config.KvHeads);
+        Assert.IsTrue(DecoderGraph.FusedAttention(model.Config));
         using var onnx = new OnnxEngine(model);
         foreach (IAnyPrecisionEngine engine in new IAnyPrecisionEngine[] { new AnyPrecisionReferenceEngine(model), onnx })
             foreach (var (d, t) in new[] { (3, 8), (4, 6) })
