@@ -206,8 +206,8 @@ public sealed class OnnxEngineTests
     [TestMethod]
     public void HeadsSixteenWideRunOneFusedAttentionNodeAndMatchTheReferenceInBothRopeLayouts()
     {
-        // 16-wide heads (4 query over 2 KV heads): GroupQueryAttention takes the packed q,k,v and rotates them itself.
-        // Hugging Face directories rotate half-split, llama2.c files interleaved; both against the reference engine,
+        // 16-wide heads: GroupQueryAttention takes the packed q,k,v and rotates them itself. A Hugging Face directory
+        // (4 query over 2 KV heads) rotates half-split, a llama2.c file (4 over 4) interleaved; both against the reference engine,
         // for a prefill, a prefill in two chunks (a prompt after a past, as speculative verification runs) and decode.
         var c = TestData.TinyConfig() with { Dim = 64, HiddenDim = 96, Heads = 4, KvHeads = 2, HeadDim = 16, VocabSize = 96, MaxSeqLen = 128 };
         Assert.IsTrue(DecoderGraph.FusedAttention(c));
@@ -255,7 +255,7 @@ public sealed class OnnxEngineTests
         }
     }
 
-    /// <summary>A llama2.c version-0 file of shape <paramref name="c"/> (shared head): random N(0, 0.02²)-ish weights, unit norms.</summary>
+    /// <summary>A llama2.c version-0 file of shape <paramref name="c"/> (shared head): weights uniform in ±0.035, unit norms.</summary>
     private static void WriteLlama2c(LlamaConfig c, string path)
     {
         var rng = new Random(7);

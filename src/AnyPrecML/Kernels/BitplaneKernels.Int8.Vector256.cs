@@ -86,7 +86,7 @@ public static unsafe partial class BitplaneKernels
     /// Asks for row <paramref name="r"/>'s plane words ahead of its product. At b ≥ 5 an AVX2 row costs about as long as
     /// a DRAM access (a 2048-column row ~500 cycles at b = 6), and its b plane streams, each at its own address, outrun
     /// what the hardware prefetchers fetch on their own: whole decode passes of the 1.1B shape ran 8-9% faster at
-    /// b = 6, 7 and 2-5% at b = 5, 8 with the next row asked for (Zen 5, AVX2 path, 2 threads). At b ≤ 4 it moved them by
+    /// b = 6, 7 and 1-5% at b = 5, 8 with the next row asked for (Zen 5, AVX2 path, 2 threads). At b ≤ 4 it moved them by
     /// ±4% (rows are quicker and four streams are followed; b = 4 slower), and the 512-bit path gained nothing.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]

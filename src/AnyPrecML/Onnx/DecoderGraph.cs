@@ -14,7 +14,8 @@ namespace AnyPrecML.Onnx;
 /// tensors (embedding, norms, head). The width is the graph input <c>bits</c>, so one session serves every b.
 /// </summary>
 /// <remarks>
-/// Inputs: <c>input_ids</c> int64 [1, S]; <c>position_ids</c> int64 [1, S]; <c>bits</c> int32 [1] (every linear's width) or [linears] (one per
+/// Inputs: <c>input_ids</c> int64 [1, S]; <c>position_ids</c> int64 [1, S] (read by the RotaryEmbedding nodes of heads
+/// narrower than 16; the fused GroupQueryAttention derives positions from <c>seqlens_k</c>); <c>bits</c> int32 [1] (every linear's width) or [linears] (one per
 /// linear in <see cref="AnyPrecisionModel.LinearIndex"/> order: a precision profile);
 /// <c>seqlens_k</c> int32 [1] (positions in the cache after this call, minus one); <c>total_sequence_length</c>
 /// int32 scalar; <c>logits_start</c> int64 [1] (first position whose logits are returned: 0 for all, S-1 for the
