@@ -206,15 +206,18 @@ public sealed class OnnxEngineTests
     [TestMethod]
     public void HeadsSixteenWideRunOneFusedAttentionNodeAndMatchTheReferenceInBothRopeLayouts()
     {
-        // 16-wide heads: GroupQueryAttention takes the packed q,k,v and rotates them itself. A Hugging Face directory
-        // (4 query over 2 KV heads) rotates half-split, a llama2.c file (4 over 4) interleaved; both against the reference engine,
-        // for a prefill, a prefill in two chunks (a prompt after a past, as speculative verification runs) and decode.
+        // 16-wide heads: GroupQueryAttention takes the packed q,k,v and rotates them itself (the prompt session, over
+        // OnnxEngine.DecodeTokens tokens); shorter calls run the decode session's Attention nodes on the same cache. A
+        // Hugging Face directory (4 query over 2 KV heads) rotates half-split, a llama2.c file (4 over 4) interleaved; both
+        // against the reference engine, for a prompt, the prompt in two chunks (decode session, then the prompt session
+        // after that past) and decode steps.
         var c = TestData.TinyConfig() with { Dim = 64, HiddenDim = 96, Heads = 4, KvHeads = 2, HeadDim = 16, VocabSize = 96, MaxSeqLen = 128 };
         Assert.IsTrue(DecoderGraph.FusedAttention(c));
         Assert.IsFalse(DecoderGraph.FusedAttention(_model.Config), "stories260K's 8-wide heads keep Split and RotaryEmbedding");
         SyntheticModel.Write(c, _dir["wide-hf"], DType.F32);
         WriteLlama2c(c with { KvHeads = 4 }, _dir["wide.bin"]);
-        int[] prompt = [1, 17, 40, 3, 88, 61, 9, 72, 30, 5, 44, 90];
+        int[] prompt = [1, 17, 40, 3, 88, 61, 9, 72, 30, 5, 44, 90, 12, 66, 2, 91, 35, 8, 57, 23, 80, 14, 49, 70];
+        Assert.IsGreaterThan(OnnxEngine.DecodeTokens + 5, prompt.Length);
         foreach (var (source, rope) in new[] { (_dir["wide-hf"], RopeLayout.HalfSplit), (_dir["wide.bin"], RopeLayout.Interleaved) })
         {
             string ap = _dir[$"wide-ap-{rope}"];
@@ -227,7 +230,11 @@ public sealed class OnnxEngineTests
             var nodes = DecoderGraph.Export(model).Graph.Node;
             Assert.AreEqual(0, nodes.Count(n => n.OpType is "RotaryEmbedding" or "Split"), rope.ToString());
             Assert.AreEqual(model.Config.Layers, nodes.Count(n => n.OpType == "GroupQueryAttention"), rope.ToString());
+            var decodeNodes = DecoderGraph.Export(model, decodeAttention: true).Graph.Node;
+            Assert.AreEqual(model.Config.Layers, decodeNodes.Count(n => n.OpType == BitplaneOperator.AttentionOpType), rope.ToString());
+            Assert.AreEqual(0, decodeNodes.Count(n => n.OpType == "GroupQueryAttention"), rope.ToString());
             using var engine = new OnnxEngine(model, new OnnxEngineOptions { Backend = Fp32 });
+            Assert.IsTrue(engine.DecodeAttention);
             foreach (int bits in new[] { 3, 8 })
             {
                 var reference = new ReferenceEngine(model.ToWeights(bits));

@@ -105,6 +105,9 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
     /// <summary>The instruction path used.</summary>
     public KernelPath Path { get; }
 
+    /// <summary>The threads the products run on (the CPU attention runs on them too).</summary>
+    internal KernelThreadPool Pool => _pool;
+
     /// <summary>The arithmetic in effect.</summary>
     public KernelAccuracy Accuracy { get; }
 

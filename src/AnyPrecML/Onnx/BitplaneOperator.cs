@@ -19,7 +19,11 @@ namespace AnyPrecML.Onnx;
 /// which ONNX Runtime raises as <see cref="OnnxRuntimeException"/> with the message.
 /// The same domain holds <c>ai.anyprecml.Int8Linear</c>, the LM head at the int8 level: its <c>weight</c> attribute
 /// names a float tensor of the model's checkpoint (the head, or the embedding when tied), quantized once per model
-/// into an <see cref="Int8Matrix"/>; its one input is x [..., cols] and its output W·x [..., rows].
+/// into an <see cref="Int8Matrix"/>; its one input is x [..., cols] and its output W·x [..., rows]. And
+/// <c>ai.anyprecml.Attention</c>, the CPU decode session's attention (<see cref="CausalAttention"/>): inputs q,k,v packed
+/// [1, S, (heads + 2·kv_heads)·head_dim], the past key and value [1, kv_heads, capacity, head_dim] (the new rows are
+/// written into them: the engine's cache), seqlens_k [1] and total_sequence_length (int32, as GroupQueryAttention takes
+/// them) and the RoPE cos and sin tables [positions, head_dim/2]; output the attention [1, S, heads·head_dim].
 /// </summary>
 public sealed unsafe class BitplaneOperator : IDisposable
 {
@@ -29,13 +33,15 @@ public sealed unsafe class BitplaneOperator : IDisposable
     public const string OpType = "BitplaneLinear";
     /// <summary>The int8 dense linear's type name (the LM head at the int8 level).</summary>
     public const string Int8OpType = "Int8Linear";
+    /// <summary>The CPU decode attention's type name.</summary>
+    public const string AttentionOpType = "Attention";
 
-    private static readonly byte* OpName = Utf8(OpType), Int8OpName = Utf8(Int8OpType);
+    private static readonly byte* OpName = Utf8(OpType), Int8OpName = Utf8(Int8OpType), AttentionOpName = Utf8(AttentionOpType);
     private static readonly byte* CpuProvider = Utf8("CPUExecutionProvider");
     // One int8 copy of a model's head however many engines serve it.
     private static readonly ConditionalWeakTable<AnyPrecisionModel, Dictionary<string, Int8Matrix>> Int8Heads = new();
 
-    private readonly OpBlock* _op, _int8Op;
+    private readonly OpBlock* _op, _int8Op, _attentionOp;
     private GCHandle _self;
     private void* _domain;
 
@@ -45,18 +51,20 @@ public sealed unsafe class BitplaneOperator : IDisposable
         Model = model ?? throw new ArgumentNullException(nameof(model));
         Backend = backend ?? BitplaneBackend.Default;
         _self = GCHandle.Alloc(this);
-        _op = NewOp(GCHandle.ToIntPtr(_self), int8: false);
-        _int8Op = NewOp(GCHandle.ToIntPtr(_self), int8: true);
+        _op = NewOp(GCHandle.ToIntPtr(_self), OpKind.Bitplane);
+        _int8Op = NewOp(GCHandle.ToIntPtr(_self), OpKind.Int8);
+        _attentionOp = NewOp(GCHandle.ToIntPtr(_self), OpKind.Attention);
         _domain = OrtApiTable.CreateCustomOpDomain(Domain);
         OrtApiTable.CustomOpDomainAdd(_domain, _op);
         OrtApiTable.CustomOpDomainAdd(_domain, _int8Op);
+        OrtApiTable.CustomOpDomainAdd(_domain, _attentionOp);
     }
 
-    private static OpBlock* NewOp(nint owner, bool int8)
+    private static OpBlock* NewOp(nint owner, OpKind kind)
     {
         var block = (OpBlock*)NativeMemory.AllocZeroed((nuint)sizeof(OpBlock));
         block->Owner = owner;
-        block->Int8 = int8 ? 1 : 0;
+        block->Kind = kind;
         ref var op = ref block->Op;
         op.Version = OrtApiTable.ApiVersion;
         op.CreateKernel = &CreateKernelV1;
@@ -147,6 +155,7 @@ public sealed unsafe class BitplaneOperator : IDisposable
         _domain = null;
         NativeMemory.Free(_op);
         NativeMemory.Free(_int8Op);
+        NativeMemory.Free(_attentionOp);
         _self.Free();
     }
 
@@ -243,12 +252,53 @@ public sealed unsafe class BitplaneOperator : IDisposable
         }
     }
 
+    /// <summary>One layer's decode attention: <see cref="CausalAttention.Run"/>, appending to the past key and value in place.</summary>
+    private sealed class AttentionKernel(BitplaneOperator owner, CausalAttention.Shape shape) : Kernel
+    {
+        private readonly float _scale = 1f / MathF.Sqrt(shape.HeadDim);
+
+        public override void Compute(void* context)
+        {
+            Span<long> dims = stackalloc long[8], cache = stackalloc long[8], rope = stackalloc long[8];
+            void* qkv = OrtApiTable.KernelInput(context, 0);
+            int qRank = OrtApiTable.Shape(qkv, dims);
+            if (qRank != 3 || dims[0] != 1 || dims[2] != shape.PackedWidth)
+                throw new ArgumentException($"{AttentionOpType}: q,k,v of shape [{string.Join(", ", dims[..qRank].ToArray())}]; [1, S, {shape.PackedWidth}] expected.");
+            int tokens = checked((int)dims[1]);
+            void* pastKey = OrtApiTable.KernelInput(context, 1), pastValue = OrtApiTable.KernelInput(context, 2);
+            int rank = OrtApiTable.Shape(pastKey, cache);
+            if (rank != 4 || cache[0] != 1 || cache[1] != shape.KvHeads || cache[3] != shape.HeadDim)
+                throw new ArgumentException($"{AttentionOpType}: past key of shape [{string.Join(", ", cache[..rank].ToArray())}]; [1, {shape.KvHeads}, capacity, {shape.HeadDim}] expected.");
+            int total = *(int*)OrtApiTable.TensorData(OrtApiTable.KernelInput(context, 4));
+            if (*(int*)OrtApiTable.TensorData(OrtApiTable.KernelInput(context, 3)) != total - 1)
+                throw new ArgumentException($"{AttentionOpType}: seqlens_k must be total_sequence_length - 1.");
+            void* cosV = OrtApiTable.KernelInput(context, 5), sinV = OrtApiTable.KernelInput(context, 6);
+            OrtApiTable.Shape(cosV, rope);
+            var cos = new ReadOnlySpan<float>(OrtApiTable.TensorData(cosV), checked((int)(rope[0] * rope[1])));
+            var sin = new ReadOnlySpan<float>(OrtApiTable.TensorData(sinV), cos.Length);
+            dims[2] = shape.Heads * shape.HeadDim;
+            var output = new Span<float>(OrtApiTable.TensorData(OrtApiTable.KernelOutput(context, 0, dims[..3])), tokens * (int)dims[2]);
+            if (tokens == 0) return;
+            var input = new ReadOnlySpan<float>(OrtApiTable.TensorData(qkv), tokens * shape.PackedWidth);
+            CausalAttention.Run(shape, input, tokens, (float*)OrtApiTable.TensorData(pastKey), (float*)OrtApiTable.TensorData(pastValue), checked((int)cache[2]),
+                total - tokens, cos, sin, _scale, output, owner.Cpu.Pool);
+        }
+    }
+
     private static BitplaneOperator Owner(OrtCustomOp* op) => (BitplaneOperator)GCHandle.FromIntPtr(((OpBlock*)op)->Owner).Target!;
 
     private static Kernel NewKernel(OrtCustomOp* op, void* info)
     {
         var owner = Owner(op);
-        if (((OpBlock*)op)->Int8 != 0)
+        if (((OpBlock*)op)->Kind == OpKind.Attention)
+        {
+            var c = owner.Model.Config;
+            long heads = OrtApiTable.KernelInfoInt64(info, "num_heads") ?? 0, kvHeads = OrtApiTable.KernelInfoInt64(info, "kv_num_heads") ?? 0;
+            if (heads != c.Heads || kvHeads != c.KvHeads)
+                throw new ArgumentException($"{AttentionOpType} node has {heads} heads over {kvHeads}; the model has {c.Heads} over {c.KvHeads}.");
+            return new AttentionKernel(owner, new CausalAttention.Shape(c.Heads, c.KvHeads, c.HeadDim, OrtApiTable.KernelInfoInt64(info, "interleaved") == 1));
+        }
+        if (((OpBlock*)op)->Kind == OpKind.Int8)
         {
             string tensor = OrtApiTable.KernelInfoString(info, "weight")
                 ?? throw new ArgumentException($"an {Int8OpType} node has no 'weight' attribute naming its tensor.");
@@ -335,18 +385,18 @@ public sealed unsafe class BitplaneOperator : IDisposable
         if (kernel != null) GCHandle.FromIntPtr((nint)kernel).Free();
     }
 
-    private static bool IsInt8(OrtCustomOp* op) => ((OpBlock*)op)->Int8 != 0;
+    private static OpKind KindOf(OrtCustomOp* op) => ((OpBlock*)op)->Kind;
 
-    [UnmanagedCallersOnly] private static byte* GetName(OrtCustomOp* op) => IsInt8(op) ? Int8OpName : OpName;
+    [UnmanagedCallersOnly] private static byte* GetName(OrtCustomOp* op) => KindOf(op) switch { OpKind.Int8 => Int8OpName, OpKind.Attention => AttentionOpName, _ => OpName };
     [UnmanagedCallersOnly] private static byte* GetExecutionProviderType(OrtCustomOp* op) => CpuProvider;
-    // ONNXTensorElementDataType: 1 = float, 6 = int32.
-    [UnmanagedCallersOnly] private static int GetInputType(OrtCustomOp* op, nuint index) => index == 0 ? 1 : 6;
-    [UnmanagedCallersOnly] private static nuint GetInputTypeCount(OrtCustomOp* op) => IsInt8(op) ? 1u : 2u;
+    // ONNXTensorElementDataType: 1 = float, 6 = int32 (bits; attention's seqlens_k and total_sequence_length).
+    [UnmanagedCallersOnly] private static int GetInputType(OrtCustomOp* op, nuint index) => KindOf(op) == OpKind.Attention ? index is 3 or 4 ? 6 : 1 : index == 0 ? 1 : 6;
+    [UnmanagedCallersOnly] private static nuint GetInputTypeCount(OrtCustomOp* op) => KindOf(op) switch { OpKind.Int8 => 1u, OpKind.Attention => 7u, _ => 2u };
     [UnmanagedCallersOnly] private static int GetOutputType(OrtCustomOp* op, nuint index) => 1;
     [UnmanagedCallersOnly] private static nuint GetOutputTypeCount(OrtCustomOp* op) => 1;
     [UnmanagedCallersOnly] private static int Required(OrtCustomOp* op, nuint index) => 0; // INPUT_OUTPUT_REQUIRED
     // 'bits' is read by the host: ask for it in CPU memory (OrtMemTypeCPUInput) even under another provider.
-    [UnmanagedCallersOnly] private static int InputMemoryType(OrtCustomOp* op, nuint index) => index == 1 ? -2 : 0;
+    [UnmanagedCallersOnly] private static int InputMemoryType(OrtCustomOp* op, nuint index) => KindOf(op) == OpKind.Bitplane && index == 1 ? -2 : 0;
     [UnmanagedCallersOnly] private static int One(OrtCustomOp* op) => 1;
     [UnmanagedCallersOnly] private static int StartVersion(OrtCustomOp* op) => 1;
     [UnmanagedCallersOnly] private static int EndVersion(OrtCustomOp* op) => int.MaxValue;
@@ -388,12 +438,14 @@ public sealed unsafe class BitplaneOperator : IDisposable
         public void* GetMayInplace, ReleaseMayInplace, GetAliasMap, ReleaseAliasMap;
     }
 
+    private enum OpKind { Bitplane, Int8, Attention }
+
     /// <summary>The struct ORT sees, followed by the handle of the managed operator it belongs to and which op it is.</summary>
     [StructLayout(LayoutKind.Sequential)]
     private struct OpBlock
     {
         public OrtCustomOp Op;
         public nint Owner;
-        public int Int8; // 1: Int8Linear, 0: BitplaneLinear
+        public OpKind Kind;
     }
 }
