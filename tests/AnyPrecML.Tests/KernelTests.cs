@@ -356,7 +356,7 @@ public sealed class KernelIsaLevelTests
     public void KernelSuitePassesWithInstructionSetsHidden(string environment)
     {
         var psi = new System.Diagnostics.ProcessStartInfo("dotnet", [typeof(KernelTests).Assembly.Location,
-            "--filter", "FullyQualifiedName~AnyPrecML.Tests.KernelTests.Every|FullyQualifiedName~AnyPrecML.Tests.KernelTests.Int8|FullyQualifiedName~AnyPrecML.Tests.KernelTests.Fused", "--output", "Detailed", "--no-ansi"])
+            "--filter", "FullyQualifiedName~AnyPrecML.Tests.KernelTests.Every|FullyQualifiedName~AnyPrecML.Tests.KernelTests.Int8|FullyQualifiedName~AnyPrecML.Tests.KernelTests.Fused|FullyQualifiedName~AnyPrecML.Tests.CausalAttentionTests", "--output", "Detailed", "--no-ansi"])
         { RedirectStandardOutput = true, RedirectStandardError = true };
         foreach (var pair in environment.Split(';')) psi.Environment[pair.Split('=')[0]] = pair.Split('=')[1];
         using var child = System.Diagnostics.Process.Start(psi)!;
@@ -369,6 +369,7 @@ public sealed class KernelIsaLevelTests
         Assert.IsNotEmpty(ran, $"{environment}: the child ran no int8 path check:\n{output}");
         Console.WriteLine($"{environment}: {ran[0]}");
         StringAssert.Contains(output, "passed EveryCpuPathEqualsFloat64ReferenceAtEveryWidthAndTokenCount", $"{environment}: the fp32 paths must run too");
+        StringAssert.Contains(output, "passed head width 12: the vector loops' tails", $"{environment}: the decode attention (Vector<float> as wide as the level allows) must run too");
         Assert.DoesNotContain("failed: ", output.Replace("failed: 0", ""), environment);
         if (environment.Contains("EnableAVX2=0")) Assert.DoesNotContain("Vector256", ran[0], "AVX2 hidden: no 256-bit path may run");
         else if (environment.Contains("EnableAVX512=0")) Assert.DoesNotContain("Vector512", ran[0], "AVX-512 hidden: no 512-bit path may run");

@@ -47,7 +47,6 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
     private readonly InferenceSession _session;
     private InferenceSession? _decodeSession;
     private readonly List<(string Name, OrtValue Value)> _shared = [];
-    private readonly bool _int8Cpu;
     private readonly RunOptions _run = new();
     private readonly string[] _inputNames, _outputNames, _logitsOnly = [DecoderGraph.Logits];
     private int _bits;
@@ -63,7 +62,7 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
         try
         {
             // The int8 level on the CPU runs the head in int8 too; on CUDA the fp32 Gemm stays with the provider.
-            bool int8Cpu = _int8Cpu = _op.Backend is CpuBitplaneBackend { Accuracy: KernelAccuracy.Int8 };
+            bool int8Cpu = _op.Backend is CpuBitplaneBackend { Accuracy: KernelAccuracy.Int8 };
             InferenceSession Session(bool cuda, bool decodeAttention = false)
             {
                 Int8Head = options.GraphPath is null && int8Cpu && !cuda;
@@ -82,7 +81,7 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
             bool packaged = OrtEnv.Instance().GetAvailableProviders().Contains("CUDAExecutionProvider");
             if (options.Device == OnnxDevice.Cuda && !packaged)
                 throw new NotSupportedException("this build's ONNX Runtime has no CUDA provider (build with -p:UseOnnxRuntimeGpu=true).");
-            if (options.Device == OnnxDevice.Cpu || !packaged) _session = CpuSessions(Session, options.GraphPath is null);
+            if (options.Device == OnnxDevice.Cpu || !packaged) _session = CpuSessions(Session, options.GraphPath is null, int8Cpu);
             else
             {
                 try
@@ -93,7 +92,7 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
                 catch (Exception e) when (options.Device == OnnxDevice.Auto && e is OnnxRuntimeException or DllNotFoundException or EntryPointNotFoundException)
                 {
                     DeviceFallback = $"the CUDA provider could not start ({e.Message.ReplaceLineEndings(" ")}); running on the CPU";
-                    _session = CpuSessions(Session, options.GraphPath is null);
+                    _session = CpuSessions(Session, options.GraphPath is null, int8Cpu);
                 }
             }
         }
@@ -124,13 +123,13 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
     /// The CPU's sessions: the prompt session, and with an exported graph the decode session beside it. Both share the
     /// large float initializers (the embedding, an fp32 head) through one pinned copy, so the second costs no weights.
     /// </summary>
-    private InferenceSession CpuSessions(Func<bool, bool, InferenceSession> session, bool exported)
+    private InferenceSession CpuSessions(Func<bool, bool, InferenceSession> session, bool exported, bool int8Head)
     {
         if (exported)
         {
             var c = _model.Config;
             var names = new List<string> { LlamaTensorNames.Embedding };
-            if (!c.TiedEmbeddings && !_int8Cpu) names.Add(LlamaTensorNames.Head);
+            if (!c.TiedEmbeddings && !int8Head) names.Add(LlamaTensorNames.Head); // an int8 head is no graph initializer
             foreach (string name in names)
             {
                 var data = GC.AllocateArray<float>(checked((int)_model.Checkpoint[name].ElementCount), pinned: true);
