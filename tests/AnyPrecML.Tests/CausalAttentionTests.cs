@@ -11,12 +11,13 @@ public sealed unsafe class CausalAttentionTests
     [DataRow(8, 2, 64, true, 37, 1, DisplayName = "decode step after 37 positions")]
     [DataRow(8, 2, 64, false, 37, 5, DisplayName = "verification pass of 5 after 37")]
     [DataRow(6, 3, 12, false, 101, 3, DisplayName = "head width 12: the vector loops' tails")]
-    public void MatchesAFloat64ReferenceAndAppendsTheNewRowsInPlace(int heads, int kvHeads, int hd, bool interleaved, int past, int tokens)
+    [DataRow(4, 2, 16, true, 20, 2, 16f, DisplayName = "scores past 88, where e^x overflows float: the softmax subtracts the maximum")]
+    public void MatchesAFloat64ReferenceAndAppendsTheNewRowsInPlace(int heads, int kvHeads, int hd, bool interleaved, int past, int tokens, float magnitude = 1)
     {
         var shape = new CausalAttention.Shape(heads, kvHeads, hd, interleaved);
         int capacity = past + tokens + 3, half = hd / 2;
         var rng = new Random(heads * 1000 + past);
-        float Next() => (float)(rng.NextDouble() * 2 - 1);
+        float Next() => (float)(rng.NextDouble() * 2 - 1) * magnitude;
         var qkv = new float[tokens * shape.PackedWidth];
         for (int i = 0; i < qkv.Length; i++) qkv[i] = Next();
         var keys = new float[kvHeads * capacity * hd];
@@ -34,15 +35,17 @@ public sealed unsafe class CausalAttentionTests
                 sin[p * half + j] = (float)Math.Sin(angle);
             }
         float scale = 1f / MathF.Sqrt(hd);
-        var (expected, expectedKeys, expectedValues) = Reference(shape, qkv, tokens, keys, values, capacity, past, cos, sin, scale);
+        var (expected, expectedKeys, expectedValues, maxScore) = Reference(shape, qkv, tokens, keys, values, capacity, past, cos, sin, scale);
 
         var output = new float[tokens * heads * hd];
         using var pool = new KernelThreadPool(2);
         fixed (float* k = keys, v = values)
             CausalAttention.Run(shape, qkv, tokens, k, v, capacity, past, cos, sin, scale, output, pool);
 
-        Assert.IsLessThan(1e-5, TestData.MaxAbsDiff(output, expected), "attention");
-        Assert.IsLessThan(1e-6, TestData.MaxAbsDiff(keys, expectedKeys), "keys: the new rows rotated in place, the others untouched");
+        if (magnitude > 1) Assert.IsGreaterThan(100.0, maxScore, "scores reach where e^x overflows float");
+        // Values scale with the magnitude; the scores' float rounding with its square.
+        Assert.IsLessThan(1e-5 * magnitude * magnitude * magnitude, TestData.MaxAbsDiff(output, expected), "attention");
+        Assert.IsLessThan(1e-6 * magnitude, TestData.MaxAbsDiff(keys, expectedKeys), "keys: the new rows rotated in place, the others untouched");
         CollectionAssert.AreEqual(expectedValues, values, "values: the new rows copied in place, the others untouched");
     }
 
@@ -62,7 +65,7 @@ public sealed unsafe class CausalAttentionTests
     }
 
     /// <summary>The same attention in float64, written plainly: rotate q and the new k, append k and v, causal softmax attention.</summary>
-    private static (float[] Output, float[] Keys, float[] Values) Reference(CausalAttention.Shape shape, float[] qkv, int tokens, float[] pastKeys, float[] pastValues,
+    private static (float[] Output, float[] Keys, float[] Values, double MaxScore) Reference(CausalAttention.Shape shape, float[] qkv, int tokens, float[] pastKeys, float[] pastValues,
         int capacity, int past, float[] cos, float[] sin, float scale)
     {
         int hd = shape.HeadDim, half = hd / 2, qDim = shape.Heads * hd, kvDim = shape.KvHeads * hd, group = shape.Heads / shape.KvHeads;
@@ -92,6 +95,7 @@ public sealed unsafe class CausalAttentionTests
                 for (int i = 0; i < hd; i++) values[(g * capacity + pos) * hd + i] = qkv[row + qDim + kvDim + g * hd + i];
         }
         var output = new float[tokens * qDim];
+        double maxScore = double.NegativeInfinity;
         for (int t = 0; t < tokens; t++)
             for (int h = 0; h < shape.Heads; h++)
             {
@@ -104,6 +108,7 @@ public sealed unsafe class CausalAttentionTests
                     scores[p] = dot * scale;
                 }
                 double max = scores.Max(), sum = 0;
+                maxScore = Math.Max(maxScore, max);
                 for (int p = 0; p < length; p++) sum += scores[p] = Math.Exp(scores[p] - max);
                 for (int i = 0; i < hd; i++)
                 {
@@ -112,6 +117,6 @@ public sealed unsafe class CausalAttentionTests
                     output[t * qDim + h * hd + i] = (float)o;
                 }
             }
-        return (output, keys, values);
+        return (output, keys, values, maxScore);
     }
 }

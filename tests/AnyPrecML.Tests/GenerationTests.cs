@@ -106,6 +106,21 @@ public sealed class SamplerTests
     }
 
     [TestMethod]
+    public void LowTemperatureOverLargeLogitsGivesTheFloat64Softmax()
+    {
+        // 30/0.1 = 300: e^300 overflows float (and e^x from x ≈ 88.7 on), so the softmax must subtract the maximum first.
+        float[] logits = [30f, 0f, 29.9f, 12f];
+        var sampler = new Sampler(new GenerationOptions { Temperature = 0.1f, Seed = 7 });
+        var probs = new float[logits.Length];
+        sampler.Distribution(logits, probs);
+        double max = logits.Max() / 0.1, z = logits.Sum(l => Math.Exp(l / 0.1 - max));
+        for (int i = 0; i < logits.Length; i++) Assert.AreEqual(Math.Exp(logits[i] / 0.1 - max) / z, probs[i], 1e-5, $"token {i}");
+        var seen = new HashSet<int>();
+        for (int i = 0; i < 2000; i++) seen.Add(sampler.Next(logits));
+        CollectionAssert.AreEquivalent(new[] { 0, 2 }, seen.ToArray(), "e^-1 against 1: both drawn, the rest never");
+    }
+
+    [TestMethod]
     public void TopPKeepsTheSmallestNucleus()
     {
         float[] logits = [0f, (float)Math.Log(6), (float)Math.Log(3)]; // probabilities 0.1, 0.6, 0.3

@@ -78,11 +78,20 @@ internal static class TestData
         return logits;
     }
 
+    /// <summary>
+    /// max |a[i] − b[i]|; a NaN on either side fails the test here. MSTest's IsLessThan compares through IComparable,
+    /// where NaN orders below every number, so a NaN difference would pass every "IsLessThan(bound, diff)".
+    /// </summary>
     public static double MaxAbsDiff(ReadOnlySpan<float> a, ReadOnlySpan<float> b)
     {
         Assert.AreEqual(a.Length, b.Length);
         double m = 0;
-        for (int i = 0; i < a.Length; i++) m = Math.Max(m, Math.Abs((double)a[i] - b[i]));
+        for (int i = 0; i < a.Length; i++)
+        {
+            double d = Math.Abs((double)a[i] - b[i]);
+            if (double.IsNaN(d)) Assert.Fail($"element {i}: {a[i]} against {b[i]}");
+            m = Math.Max(m, d);
+        }
         return m;
     }
 }

@@ -1,4 +1,5 @@
 using System.Numerics.Tensors;
+using AnyPrecML.Kernels;
 
 namespace AnyPrecML.Generation;
 
@@ -88,7 +89,7 @@ public sealed class Sampler
             return;
         }
         TensorPrimitives.Divide(logits, _o.Temperature, probs);
-        TensorPrimitives.SoftMax(probs, probs);
+        StableSoftMax.Compute(probs, probs);
         int keep = _o.TopK > 0 ? Math.Min(_o.TopK, n) : n;
         if (keep == n && _o.TopP >= 1) return;
 

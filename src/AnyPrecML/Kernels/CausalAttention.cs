@@ -117,7 +117,7 @@ public static unsafe class CausalAttention
                     int h = g * group + i;
                     var scores = t_scores.AsSpan(i * length, length);
                     Scores(_q + t * qDim + h * hd, k, hd, length, _scale, scores);
-                    TensorPrimitives.SoftMax(scores, scores); // as the reference engine's attention
+                    StableSoftMax.Compute(scores, scores); // as the reference engine's attention
                     fixed (float* p = scores) Mix(p, v, hd, length, _output + t * qDim + h * hd);
                 }
             }

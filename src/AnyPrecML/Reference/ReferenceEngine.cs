@@ -1,4 +1,5 @@
 using System.Numerics.Tensors;
+using AnyPrecML.Kernels;
 using AnyPrecML.Models;
 
 namespace AnyPrecML.Reference;
@@ -196,7 +197,7 @@ public sealed class ReferenceEngine : IInferenceEngine
             var qh = q.AsSpan((t * c.Heads + h) * hd, hd);
             var s = scores.AsSpan(0, len);
             for (int p = 0; p < len; p++) s[p] = TensorPrimitives.Dot(qh, keys.AsSpan(p * kvDim + g * hd, hd)) * scale;
-            TensorPrimitives.SoftMax(s, s);
+            StableSoftMax.Compute(s, s);
             var o = output.AsSpan((t * c.Heads + h) * hd, hd);
             o.Clear();
             for (int p = 0; p < len; p++) TensorPrimitives.MultiplyAdd(values.AsSpan(p * kvDim + g * hd, hd), s[p], o, o);
