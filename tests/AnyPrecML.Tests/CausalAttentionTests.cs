@@ -11,6 +11,10 @@ public sealed unsafe class CausalAttentionTests
     [DataRow(8, 2, 64, true, 37, 1, DisplayName = "decode step after 37 positions")]
     [DataRow(8, 2, 64, false, 37, 5, DisplayName = "verification pass of 5 after 37")]
     [DataRow(6, 3, 12, false, 101, 3, DisplayName = "head width 12: the vector loops' tails")]
+    [DataRow(4, 2, 16, false, 0, 40, DisplayName = "prompt of 40: the blocked products, 32 query rows per block")]
+    [DataRow(8, 1, 32, true, 13, 21, DisplayName = "chunk of 21 after 13, 8 query heads per KV head: blocks of 8 tokens")]
+    [DataRow(3, 3, 16, false, 5, 9, DisplayName = "9 tokens, one query head per KV head: row tiles across tokens")]
+    [DataRow(4, 2, 16, false, 3, 30, 16f, DisplayName = "blocked products with scores past 88")]
     [DataRow(4, 2, 16, true, 20, 2, 16f, DisplayName = "scores past 88, where e^x overflows float: the softmax subtracts the maximum")]
     public void MatchesAFloat64ReferenceAndAppendsTheNewRowsInPlace(int heads, int kvHeads, int hd, bool interleaved, int past, int tokens, float magnitude = 1)
     {

@@ -80,7 +80,7 @@ public sealed class OnnxEngineTests
     public void LongRandomTextWhoseAttentionScoresPassE88StaysFiniteAndMatchesFloat64()
     {
         // stories260K fed random tokens: its attention scores pass 88, where e^x overflows float, within a few hundred
-        // positions (seed 8: at position 259). The reference engine and the decode session's attention turned NaN there
+        // positions (seed 8: at position 259). The reference engine and the CPU engine's Attention nodes turned NaN there
         // until their softmax subtracted the maximum; GroupQueryAttention (prompts) always did.
         var rng = new Random(8);
         int[] tokens = [.. Enumerable.Range(0, 272).Select(_ => rng.Next(_model.Config.VocabSize))];
@@ -97,7 +97,7 @@ public sealed class OnnxEngineTests
         {
             var row = Enumerable.Range(0, vocab).Select(v => (float)expected[t, v]).ToArray();
             reference.Forward(tokens.AsSpan(t, 1), referenceCache, a);
-            _engine.Forward(tokens.AsSpan(t, 1), engineCache, b); // one token: the decode session's Attention nodes
+            _engine.Forward(tokens.AsSpan(t, 1), engineCache, b); // one token at a time through the Attention nodes
             Assert.IsLessThan(1e-3, RelativeError(a, row), $"reference engine, position {t}");
             Assert.IsLessThan(1e-3, RelativeError(b, row), $"ONNX engine, position {t}");
         }
@@ -232,20 +232,22 @@ public sealed class OnnxEngineTests
     }
 
     [TestMethod]
-    public void HeadsSixteenWideRunOneFusedAttentionNodeAndMatchTheReferenceInBothRopeLayouts()
+    public void HeadsSixteenWideRunOneAttentionNodePerLayerAndMatchTheReferenceInBothRopeLayouts()
     {
-        // 16-wide heads: GroupQueryAttention takes the packed q,k,v and rotates them itself (the prompt session, over
-        // OnnxEngine.DecodeTokens tokens); shorter calls run the decode session's Attention nodes on the same cache. A
-        // Hugging Face directory (4 query over 2 KV heads) rotates half-split, a llama2.c file (4 over 4) interleaved; both
-        // against the reference engine, for a prompt, the prompt in two chunks (decode session, then the prompt session
-        // after that past) and decode steps.
+        // 16-wide heads, both graphs: the CPU engine's, where an Attention node per layer rotates, appends in place and
+        // attends (short calls one item per token and KV head, calls of CausalAttention.BlockedTokens or more the blocked
+        // products), and the CUDA provider's, one GroupQueryAttention per layer taking the packed q,k,v and rotating them
+        // itself, run here on the CPU from a graph file. A Hugging Face directory (4 query over 2 KV heads) rotates
+        // half-split, a llama2.c file (4 over 4) interleaved; every combination against the reference engine, for a
+        // prompt, the prompt in two chunks (5 tokens, then 19 after that past) and decode steps.
         var c = TestData.TinyConfig() with { Dim = 64, HiddenDim = 96, Heads = 4, KvHeads = 2, HeadDim = 16, VocabSize = 96, MaxSeqLen = 128 };
         Assert.IsTrue(DecoderGraph.FusedAttention(c));
         Assert.IsFalse(DecoderGraph.FusedAttention(_model.Config), "stories260K's 8-wide heads keep Split and RotaryEmbedding");
         SyntheticModel.Write(c, _dir["wide-hf"], DType.F32);
         WriteLlama2c(c with { KvHeads = 4 }, _dir["wide.bin"]);
         int[] prompt = [1, 17, 40, 3, 88, 61, 9, 72, 30, 5, 44, 90, 12, 66, 2, 91, 35, 8, 57, 23, 80, 14, 49, 70];
-        Assert.IsGreaterThan(OnnxEngine.DecodeTokens + 5, prompt.Length);
+        Assert.IsLessThan(CausalAttention.BlockedTokens, 5);
+        Assert.IsGreaterThanOrEqualTo(CausalAttention.BlockedTokens, prompt.Length - 5);
         foreach (var (source, rope) in new[] { (_dir["wide-hf"], RopeLayout.HalfSplit), (_dir["wide.bin"], RopeLayout.Interleaved) })
         {
             string ap = _dir[$"wide-ap-{rope}"];
@@ -255,38 +257,44 @@ public sealed class OnnxEngineTests
                 AnyPrecisionQuantizer.Quantize(checkpoint, ap, new UniformSensitivity(), new QuantizerOptions());
             }
             using var model = AnyPrecisionModel.Open(ap);
-            var nodes = DecoderGraph.Export(model).Graph.Node;
-            Assert.AreEqual(0, nodes.Count(n => n.OpType is "RotaryEmbedding" or "Split"), rope.ToString());
-            Assert.AreEqual(model.Config.Layers, nodes.Count(n => n.OpType == "GroupQueryAttention"), rope.ToString());
-            var decodeNodes = DecoderGraph.Export(model, decodeAttention: true).Graph.Node;
-            Assert.AreEqual(model.Config.Layers, decodeNodes.Count(n => n.OpType == BitplaneOperator.AttentionOpType), rope.ToString());
-            Assert.AreEqual(0, decodeNodes.Count(n => n.OpType == "GroupQueryAttention"), rope.ToString());
-            using var engine = new OnnxEngine(model, new OnnxEngineOptions { Backend = Fp32 });
-            Assert.IsTrue(engine.DecodeAttention);
-            foreach (int bits in new[] { 3, 8 })
-            {
-                var reference = new ReferenceEngine(model.ToWeights(bits));
-                engine.Bits = bits;
-                var expected = TestData.AllLogits(reference, prompt);
-                Assert.IsLessThan(1e-4, RelativeError(TestData.AllLogits(engine, prompt), expected), $"{rope} b={bits} prefill");
-                var cache = engine.CreateCache();
-                var first = new float[5 * c.VocabSize];
-                var rest = new float[(prompt.Length - 5) * c.VocabSize];
-                engine.Forward(prompt.AsSpan(0, 5), cache, first);
-                engine.Forward(prompt.AsSpan(5), cache, rest);
-                Assert.IsLessThan(1e-4, RelativeError(first.Concat(rest).ToArray(), expected), $"{rope} b={bits} chunked prefill");
-                var rc = reference.CreateCache();
-                var rl = new float[c.VocabSize];
-                var ol = rest.AsSpan(rest.Length - c.VocabSize).ToArray();
-                reference.Forward(prompt, rc, rl);
-                for (int step = 0; step < 40; step++)
+            var gqa = DecoderGraph.Export(model);
+            Assert.AreEqual(0, gqa.Graph.Node.Count(n => n.OpType is "RotaryEmbedding" or "Split"), rope.ToString());
+            Assert.AreEqual(model.Config.Layers, gqa.Graph.Node.Count(n => n.OpType == "GroupQueryAttention"), rope.ToString());
+            var cpuNodes = DecoderGraph.Export(model, cpuAttention: true).Graph.Node;
+            Assert.AreEqual(model.Config.Layers, cpuNodes.Count(n => n.OpType == BitplaneOperator.AttentionOpType), rope.ToString());
+            Assert.AreEqual(0, cpuNodes.Count(n => n.OpType == "GroupQueryAttention"), rope.ToString());
+            string gqaPath = _dir[$"wide-gqa-{rope}.onnx"];
+            File.WriteAllBytes(gqaPath, gqa.ToByteArray());
+            using var cpu = new OnnxEngine(model, new OnnxEngineOptions { Backend = Fp32 });
+            using var fromFile = new OnnxEngine(model, new OnnxEngineOptions { Backend = Fp32, GraphPath = gqaPath });
+            Assert.IsTrue(cpu.InPlaceAttention);
+            Assert.IsFalse(fromFile.InPlaceAttention);
+            foreach (var (engine, graph) in new[] { (cpu, "Attention nodes"), (fromFile, "GroupQueryAttention") })
+                foreach (int bits in new[] { 3, 8 })
                 {
-                    Assert.IsLessThan(1e-4, RelativeError(ol, rl), $"{rope} b={bits} decode step {step}");
-                    int token = System.Numerics.Tensors.TensorPrimitives.IndexOfMax(rl);
-                    reference.Forward([token], rc, rl);
-                    engine.Forward([token], cache, ol);
+                    string what = $"{rope}, {graph}, b={bits}";
+                    var reference = new ReferenceEngine(model.ToWeights(bits));
+                    engine.Bits = bits;
+                    var expected = TestData.AllLogits(reference, prompt);
+                    Assert.IsLessThan(1e-4, RelativeError(TestData.AllLogits(engine, prompt), expected), $"{what}: prefill");
+                    var cache = engine.CreateCache();
+                    var first = new float[5 * c.VocabSize];
+                    var rest = new float[(prompt.Length - 5) * c.VocabSize];
+                    engine.Forward(prompt.AsSpan(0, 5), cache, first);
+                    engine.Forward(prompt.AsSpan(5), cache, rest);
+                    Assert.IsLessThan(1e-4, RelativeError(first.Concat(rest).ToArray(), expected), $"{what}: chunked prefill");
+                    var rc = reference.CreateCache();
+                    var rl = new float[c.VocabSize];
+                    var ol = rest.AsSpan(rest.Length - c.VocabSize).ToArray();
+                    reference.Forward(prompt, rc, rl);
+                    for (int step = 0; step < 40; step++)
+                    {
+                        Assert.IsLessThan(1e-4, RelativeError(ol, rl), $"{what}: decode step {step}");
+                        int token = System.Numerics.Tensors.TensorPrimitives.IndexOfMax(rl);
+                        reference.Forward([token], rc, rl);
+                        engine.Forward([token], cache, ol);
+                    }
                 }
-            }
         }
     }
 

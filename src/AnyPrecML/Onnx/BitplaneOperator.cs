@@ -20,7 +20,7 @@ namespace AnyPrecML.Onnx;
 /// The same domain holds <c>ai.anyprecml.Int8Linear</c>, the LM head at the int8 level: its <c>weight</c> attribute
 /// names a float tensor of the model's checkpoint (the head, or the embedding when tied), quantized once per model
 /// into an <see cref="Int8Matrix"/>; its one input is x [..., cols] and its output W·x [..., rows]. And
-/// <c>ai.anyprecml.Attention</c>, the CPU decode session's attention (<see cref="CausalAttention"/>): inputs q,k,v packed
+/// <c>ai.anyprecml.Attention</c>, the CPU engine's attention (<see cref="CausalAttention"/>): inputs q,k,v packed
 /// [1, S, (heads + 2·kv_heads)·head_dim], the past key and value [1, kv_heads, capacity, head_dim] (the new rows are
 /// written into them: the engine's cache), seqlens_k [1] and total_sequence_length (int32, as GroupQueryAttention takes
 /// them) and the RoPE cos and sin tables [positions, head_dim/2]; output the attention [1, S, heads·head_dim].

@@ -39,11 +39,12 @@ public static class DecoderGraph
     /// The ONNX model of <paramref name="model"/>'s decoder. With <paramref name="int8Head"/> the LM head is an
     /// <see cref="BitplaneOperator.Int8OpType"/> node (int8 weights per row, int8 activations per token: the int8 level's
     /// arithmetic, a quarter of the fp32 head's bytes per token) instead of an fp32 Gemm, and the graph holds no fp32 copy
-    /// of an untied head. With <paramref name="decodeAttention"/> (the CPU engine's decode session) each layer's attention is
-    /// an <see cref="BitplaneOperator.AttentionOpType"/> node, which appends to the past key and value in place, and the
-    /// graph's only output is the logits.
+    /// of an untied head. With <paramref name="cpuAttention"/> (the CPU engine's graph) each layer's attention is an
+    /// <see cref="BitplaneOperator.AttentionOpType"/> node (<see cref="Kernels.CausalAttention"/>), which rotates, appends
+    /// to the past key and value in place and attends, and the graph's only output is the logits. Without it, attention is
+    /// ONNX Runtime's GroupQueryAttention (the CUDA provider's graph).
     /// </summary>
-    public static ModelProto Export(AnyPrecisionModel model, bool int8Head = false, bool decodeAttention = false)
+    public static ModelProto Export(AnyPrecisionModel model, bool int8Head = false, bool cpuAttention = false)
     {
         ArgumentNullException.ThrowIfNull(model);
         var c = model.Config;
@@ -59,7 +60,7 @@ public static class DecoderGraph
             foreach (bool v in new[] { false, true })
             {
                 g.Input(Past(l, v), DataType.Float, 1, c.KvHeads, "capacity", c.HeadDim);
-                if (!decodeAttention) g.Output(Present(l, v), DataType.Float, 1, c.KvHeads, "capacity", c.HeadDim);
+                if (!cpuAttention) g.Output(Present(l, v), DataType.Float, 1, c.KvHeads, "capacity", c.HeadDim);
             }
         g.Output(Logits, DataType.Float, 1, "logits_sequence", c.VocabSize);
 
@@ -88,8 +89,8 @@ public static class DecoderGraph
         // and applies the rotary embedding itself, where a Split and two RotaryEmbedding nodes ran before it (1.1B shape,
         // 3 bits, AVX-512: 14.2-14.3 ms per token against 14.9-15.3). ONNX Runtime's CPU kernel rotates only such heads;
         // narrower ones (stories260K's 8) keep the separate nodes.
-        bool fusedAttention = !decodeAttention && FusedAttention(c);
-        if (!fusedAttention && !decodeAttention) g.Initializer("split.qkv", [(long)c.QDim, c.KvDim, c.KvDim], 3);
+        bool fusedAttention = !cpuAttention && FusedAttention(c);
+        if (!fusedAttention && !cpuAttention) g.Initializer("split.qkv", [(long)c.QDim, c.KvDim, c.KvDim], 3);
         string Norm(string name) => g.Initializer(name, Tensor(name), c.Dim);
 
         g.Node("Gather", [embedding, InputIds], ["embedded"], name: "embed_tokens", attributes: ("axis", 0L));
@@ -109,7 +110,7 @@ public static class DecoderGraph
             }
             string qkv = Linear(l, "self_attn.qkv_proj", normed, "", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj");
             var heads = new (string, object)[] { ("num_heads", (long)c.Heads), ("kv_num_heads", (long)c.KvHeads), ("scale", 1f / MathF.Sqrt(c.HeadDim)) };
-            if (decodeAttention)
+            if (cpuAttention)
                 g.Node(BitplaneOperator.AttentionOpType, [qkv, Past(l, false), Past(l, true), SeqLensK, TotalSequenceLength, "rope.cos_cache", "rope.sin_cache"],
                     [$"{p}.attention"], BitplaneOperator.Domain, $"{p}.self_attn",
                     ("num_heads", (long)c.Heads), ("kv_num_heads", (long)c.KvHeads), ("interleaved", interleaved));

@@ -45,8 +45,6 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
     private readonly AnyPrecisionModel _model;
     private readonly BitplaneOperator _op;
     private readonly InferenceSession _session;
-    private InferenceSession? _decodeSession;
-    private readonly List<(string Name, OrtValue Value)> _shared = [];
     private readonly RunOptions _run = new();
     private readonly string[] _inputNames, _outputNames, _logitsOnly = [DecoderGraph.Logits];
     private int _bits;
@@ -63,25 +61,35 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
         {
             // The int8 level on the CPU runs the head in int8 too; on CUDA the fp32 Gemm stays with the provider.
             bool int8Cpu = _op.Backend is CpuBitplaneBackend { Accuracy: KernelAccuracy.Int8 };
-            InferenceSession Session(bool cuda, bool decodeAttention = false)
+            InferenceSession Session(bool cuda)
             {
                 Int8Head = options.GraphPath is null && int8Cpu && !cuda;
-                byte[]? graph = options.GraphPath is null ? Google.Protobuf.MessageExtensions.ToByteArray(DecoderGraph.Export(model, Int8Head, decodeAttention)) : null;
+                InPlaceAttention = options.GraphPath is null && !cuda;
+                byte[]? graph = options.GraphPath is null ? Google.Protobuf.MessageExtensions.ToByteArray(DecoderGraph.Export(model, Int8Head, InPlaceAttention)) : null;
                 using var so = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL, InterOpNumThreads = 1 };
-                foreach (var (name, value) in _shared) so.AddInitializer(name, value);
                 if (options.IntraOpThreads > 0) so.IntraOpNumThreads = options.IntraOpThreads;
                 // The bitplane kernels have their own pool: ORT's idle threads spinning beside it tripled kernel time
                 // (stories110M shape, 3 bits: 60.8 tok/s without spinning, 25.2 with; docs/BENCHMARKS.md).
                 so.AddSessionConfigEntry("session.intra_op.allow_spinning", "0");
                 if (cuda) so.AppendExecutionProvider_CUDA(0);
-                return graph is null ? _op.CreateSession(options.GraphPath!, so) : _op.CreateSession(graph, so);
+                if (graph is null) return _op.CreateSession(options.GraphPath!, so);
+                var session = _op.CreateSession(graph, so);
+                // The exported graph passed through several transient copies of its float initializers (the protobuf, its
+                // bytes, ONNX Runtime's parse): hundreds of MB on a 1.1B model, collected here rather than inside the first
+                // decode steps. One of them is released by a finalizer, hence the second collection: 1.1B shape, private
+                // memory after serving 1347 MB with one, 1097 with both.
+                graph = null;
+                GC.Collect(GC.MaxGeneration, GCCollectionMode.Forced, blocking: true, compacting: true);
+                GC.WaitForPendingFinalizers();
+                GC.Collect(GC.MaxGeneration, GCCollectionMode.Forced, blocking: true, compacting: true);
+                return session;
             }
             // The CUDA provider is in the GPU package only, and it loads CUDA's libraries when a session asks for it:
             // a missing library is an exception here, which Auto turns into the CPU and a stated reason.
             bool packaged = OrtEnv.Instance().GetAvailableProviders().Contains("CUDAExecutionProvider");
             if (options.Device == OnnxDevice.Cuda && !packaged)
                 throw new NotSupportedException("this build's ONNX Runtime has no CUDA provider (build with -p:UseOnnxRuntimeGpu=true).");
-            if (options.Device == OnnxDevice.Cpu || !packaged) _session = CpuSessions(Session, options.GraphPath is null, int8Cpu);
+            if (options.Device == OnnxDevice.Cpu || !packaged) _session = Session(cuda: false);
             else
             {
                 try
@@ -92,61 +100,19 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
                 catch (Exception e) when (options.Device == OnnxDevice.Auto && e is OnnxRuntimeException or DllNotFoundException or EntryPointNotFoundException)
                 {
                     DeviceFallback = $"the CUDA provider could not start ({e.Message.ReplaceLineEndings(" ")}); running on the CPU";
-                    _session = CpuSessions(Session, options.GraphPath is null, int8Cpu);
+                    _session = Session(cuda: false);
                 }
             }
         }
         catch
         {
-            _decodeSession?.Dispose();
             _op.Dispose();
-            foreach (var (_, value) in _shared) value.Dispose();
             throw;
         }
         var c = Config;
         _inputNames = [DecoderGraph.InputIds, DecoderGraph.PositionIds, DecoderGraph.Bits, DecoderGraph.SeqLensK, DecoderGraph.TotalSequenceLength, DecoderGraph.LogitsStart,
             .. Enumerable.Range(0, c.Layers).SelectMany(l => new[] { DecoderGraph.Past(l, false), DecoderGraph.Past(l, true) })];
         _outputNames = [DecoderGraph.Logits, .. Enumerable.Range(0, c.Layers).SelectMany(l => new[] { DecoderGraph.Present(l, false), DecoderGraph.Present(l, true) })];
-    }
-
-    /// <summary>
-    /// Calls of at most this many tokens (decode steps, speculative verification, short chunks) run the decode session:
-    /// attention in <see cref="BitplaneOperator.AttentionOpType"/> nodes (<see cref="CausalAttention"/>), on the same cache.
-    /// 1.1B shape, the two kinds of engine alternated in one process: a decode step at 512 tokens of context took
-    /// 17.2-18.1 ms against 21.0-22.2 with GroupQueryAttention (b = 3, AVX-512) and 48.2 against 51.3 (b = 6, AVX2); at
-    /// 4-36 tokens both are level. Longer calls (prompts) keep GroupQueryAttention, whose matrix products make a 512-token
-    /// prefill several times faster than the operator's per-query loops (about 5 against 27.7 ms per layer).
-    /// </summary>
-    public const int DecodeTokens = 16;
-
-    /// <summary>
-    /// The CPU's sessions: the prompt session, and with an exported graph the decode session beside it. Both share the
-    /// large float initializers (the embedding, an fp32 head) through one pinned copy, so the second costs no weights.
-    /// </summary>
-    private InferenceSession CpuSessions(Func<bool, bool, InferenceSession> session, bool exported, bool int8Head)
-    {
-        if (exported)
-        {
-            var c = _model.Config;
-            var names = new List<string> { LlamaTensorNames.Embedding };
-            if (!c.TiedEmbeddings && !int8Head) names.Add(LlamaTensorNames.Head); // an int8 head is no graph initializer
-            foreach (string name in names)
-            {
-                var data = GC.AllocateArray<float>(checked((int)_model.Checkpoint[name].ElementCount), pinned: true);
-                _model.Checkpoint[name].CopyTo(data);
-                _shared.Add((name, OrtValue.CreateTensorValueFromMemory(data, [c.VocabSize, c.Dim])));
-            }
-        }
-        var prompt = session(false, false);
-        if (exported)
-        {
-            // Each exported graph passes through several transient copies of its float initializers (the protobuf, its
-            // bytes, ONNX Runtime's parse): collected before the second is built, the peak stays that of one session.
-            GC.Collect(GC.MaxGeneration, GCCollectionMode.Forced, blocking: true, compacting: true);
-            _decodeSession = session(false, true);
-            GC.Collect(GC.MaxGeneration, GCCollectionMode.Forced, blocking: true, compacting: true);
-        }
-        return prompt;
     }
 
     /// <inheritdoc/>
@@ -161,8 +127,12 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
     /// <summary>True when the LM head runs in int8 (<see cref="BitplaneOperator.Int8OpType"/>): the CPU int8 level on an exported graph.</summary>
     public bool Int8Head { get; private set; }
 
-    /// <summary>True when calls of up to <see cref="DecodeTokens"/> tokens run the decode session, its attention in <see cref="BitplaneOperator.AttentionOpType"/> nodes (the CPU provider on an exported graph).</summary>
-    public bool DecodeAttention => _decodeSession is not null;
+    /// <summary>
+    /// True when each layer's attention is a <see cref="BitplaneOperator.AttentionOpType"/> node (<see cref="CausalAttention"/>,
+    /// appending to the cache in place): the CPU provider on an exported graph. Otherwise ONNX Runtime's
+    /// GroupQueryAttention runs it, its present outputs bound to the cache's buffers.
+    /// </summary>
+    public bool InPlaceAttention { get; private set; }
 
     /// <summary>Why <see cref="OnnxDevice.Auto"/> fell back to the CPU although the CUDA provider was there; null when it did not.</summary>
     public string? DeviceFallback { get; }
@@ -245,10 +215,9 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
             {
                 outputs.Add(OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, TensorElementType.Float, [1, allLogits ? n : 1, vocab], (nint)lp, (long)logits.Length * 4));
                 // The cache's own values, made once with it: past and present on the same pinned buffers, so
-                // GroupQueryAttention appends in place.
+                // GroupQueryAttention appends in place; the Attention nodes append to the past ones and return nothing.
                 inputs.AddRange(kv.Past);
-                // The decode graph appends to the past buffers in place and returns only the logits.
-                if (_decodeSession is not null && n <= DecodeTokens) _decodeSession.Run(_run, _inputNames, inputs, _logitsOnly, outputs);
+                if (InPlaceAttention) _session.Run(_run, _inputNames, inputs, _logitsOnly, outputs);
                 else
                 {
                     outputs.AddRange(kv.Present);
@@ -268,10 +237,8 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
     public void Dispose()
     {
         _session.Dispose();
-        _decodeSession?.Dispose();
         _run.Dispose();
         _op.Dispose();
-        foreach (var (_, value) in _shared) value.Dispose();
     }
 }
 
