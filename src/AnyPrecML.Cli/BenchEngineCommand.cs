@@ -81,7 +81,7 @@ internal static class BenchEngineCommand
                 var (bits, profile, view, linearWidths) = runs[i];
                 int b = (int)bits;
                 var (onnx, split) = timings[i].OrderBy(t => t.Tps).ElementAt(roundCount / 2); // the median round
-                double kernelMsPerToken = split.KernelMs / steps, headMsPerToken = split.HeadMs / steps;
+                double kernelMsPerToken = split.KernelMs / steps, headMsPerToken = split.HeadMs / steps, attentionMsPerToken = split.AttentionMs / steps;
                 double bound = 1000 / KernelOnlyMs(ap, linearWidths, backend);
                 double? prefillTps = prompt > 0 ? Prefill(view, b, prompt) : null;
                 double? refTps = null;
@@ -95,10 +95,11 @@ internal static class BenchEngineCommand
                     GC.Collect();
                 }
                 var row = new Row(bits, profile, Math.Round(onnx, 1), prefillTps is double p ? Math.Round(p, 1) : null, refTps, Math.Round(bound, 1), Math.Round(1000 / onnx, 3),
-                    Math.Round(kernelMsPerToken, 3), Math.Round(headMsPerToken, 3), Math.Round(1000 / onnx - kernelMsPerToken - headMsPerToken, 3), split.Calls / steps);
+                    Math.Round(kernelMsPerToken, 3), Math.Round(headMsPerToken, 3), Math.Round(attentionMsPerToken, 3),
+                    Math.Round(1000 / onnx - kernelMsPerToken - headMsPerToken - attentionMsPerToken, 3), split.Calls / steps);
                 rows.Add(row);
                 progress.Report(rows.Count);
-                progress.Line($"  {profile ?? "b"}={bits}: onnx {row.onnx_tokens_per_second} tok/s (kernels {row.kernel_ms_per_token} ms + int8 head {row.head_ms_per_token} ms + rest {row.rest_ms_per_token} ms per token)"
+                progress.Line($"  {profile ?? "b"}={bits}: onnx {row.onnx_tokens_per_second} tok/s (kernels {row.kernel_ms_per_token} ms + int8 head {row.head_ms_per_token} ms + attention {row.attention_ms_per_token} ms + rest {row.rest_ms_per_token} ms per token)"
                     + (prefillTps is null ? "" : $", prefill {row.prefill_tokens_per_second} tok/s")
                     + (refTps is null ? "" : $", reference {refTps} tok/s") + $", kernel-only bound {row.kernel_only_tokens_per_second} tok/s");
             }
@@ -115,9 +116,9 @@ internal static class BenchEngineCommand
             };
             if (r.GetValue(json)) { r.WriteJson(result); return Task.FromResult(0); }
             var o = r.Out();
-            o.WriteLine("| bits | decode tok/s | prefill tok/s | reference tok/s | kernel-only bound tok/s | kernel ms/token | int8 head ms/token | rest ms/token |\n|---:|---:|---:|---:|---:|---:|---:|---:|");
+            o.WriteLine("| bits | decode tok/s | prefill tok/s | reference tok/s | kernel-only bound tok/s | kernel ms/token | int8 head ms/token | attention ms/token | rest ms/token |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
             foreach (var x in rows)
-                o.WriteLine($"| {x.bits}{(x.profile is null ? "" : $" ({x.profile})")} | {x.onnx_tokens_per_second} | {x.prefill_tokens_per_second?.ToString() ?? "-"} | {x.reference_tokens_per_second?.ToString() ?? "-"} | {x.kernel_only_tokens_per_second} | {x.kernel_ms_per_token} | {x.head_ms_per_token} | {x.rest_ms_per_token} |");
+                o.WriteLine($"| {x.bits}{(x.profile is null ? "" : $" ({x.profile})")} | {x.onnx_tokens_per_second} | {x.prefill_tokens_per_second?.ToString() ?? "-"} | {x.reference_tokens_per_second?.ToString() ?? "-"} | {x.kernel_only_tokens_per_second} | {x.kernel_ms_per_token} | {x.head_ms_per_token} | {x.attention_ms_per_token} | {x.rest_ms_per_token} |");
             o.WriteLine($"BitplaneLinear through ORT {result.op_call_us} µs per call vs {result.direct_call_us} µs direct: overhead {result.op_overhead_us} µs");
             o.WriteLine($"model file {result.model_file_mb} MB: resident {result.seed_width_model_resident_mb} MB after serving {widths.Min()} bits, {result.all_widths_model_resident_mb} MB after all {widths.Length} widths; private memory {result.seed_width_private_mb} MB then {result.all_widths_private_mb} MB; peak resident {result.peak_resident_mb} MB");
             return Task.FromResult(0);
@@ -126,10 +127,13 @@ internal static class BenchEngineCommand
     }
 
     private sealed record Row(double bits, string? profile, double onnx_tokens_per_second, double? prefill_tokens_per_second, double? reference_tokens_per_second, double kernel_only_tokens_per_second,
-        double onnx_ms_per_token, double kernel_ms_per_token, double head_ms_per_token, double rest_ms_per_token, long kernel_calls_per_token);
+        double onnx_ms_per_token, double kernel_ms_per_token, double head_ms_per_token, double attention_ms_per_token, double rest_ms_per_token, long kernel_calls_per_token);
 
-    /// <summary>Decode time in the bitplane kernels and in the int8 head (0 with an fp32 head: that Gemm is in the rest), and bitplane calls.</summary>
-    private readonly record struct KernelSplit(double KernelMs, double HeadMs, long Calls);
+    /// <summary>
+    /// Decode time in the bitplane kernels, in the int8 head (0 with an fp32 head: that Gemm is in the rest) and in the
+    /// attention operator (0 where GroupQueryAttention runs it: then in the rest), and bitplane calls.
+    /// </summary>
+    private readonly record struct KernelSplit(double KernelMs, double HeadMs, double AttentionMs, long Calls);
 
     /// <summary>
     /// Greedy decode of <paramref name="steps"/> tokens after a short prompt; tokens per second of the decode alone, and
@@ -144,13 +148,14 @@ internal static class BenchEngineCommand
         var logits = new float[c.VocabSize];
         int[] prompt = [c.BosTokenId, 3 % c.VocabSize, 5 % c.VocabSize, 7 % c.VocabSize];
         engine.Forward(prompt, cache, logits);
-        long ticks0 = onnx?.Operator.KernelTicks ?? 0, head0 = onnx?.Operator.HeadTicks ?? 0, calls0 = onnx?.Operator.KernelCalls ?? 0;
+        long ticks0 = onnx?.Operator.KernelTicks ?? 0, head0 = onnx?.Operator.HeadTicks ?? 0, attention0 = onnx?.Operator.AttentionTicks ?? 0, calls0 = onnx?.Operator.KernelCalls ?? 0;
         var sw = Stopwatch.StartNew();
         for (int i = 0; i < steps; i++)
             engine.Forward([System.Numerics.Tensors.TensorPrimitives.IndexOfMax(logits)], cache, logits);
         double seconds = sw.Elapsed.TotalSeconds;
         split = onnx is null ? default : new KernelSplit(Stopwatch.GetElapsedTime(0, onnx.Operator.KernelTicks - ticks0).TotalMilliseconds,
-            Stopwatch.GetElapsedTime(0, onnx.Operator.HeadTicks - head0).TotalMilliseconds, onnx.Operator.KernelCalls - calls0);
+            Stopwatch.GetElapsedTime(0, onnx.Operator.HeadTicks - head0).TotalMilliseconds,
+            Stopwatch.GetElapsedTime(0, onnx.Operator.AttentionTicks - attention0).TotalMilliseconds, onnx.Operator.KernelCalls - calls0);
         return steps / seconds;
     }
 

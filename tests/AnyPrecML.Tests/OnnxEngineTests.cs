@@ -228,7 +228,10 @@ public sealed class OnnxEngineTests
         var rest = new float[(Prompt.Length - 6) * _model.Config.VocabSize];
         _engine.Forward(Prompt.AsSpan(0, 6), cache, first);
         _engine.Forward(Prompt.AsSpan(6), cache, rest);
-        Assert.IsLessThan(1e-5, TestData.MaxAbsDiff(first.Concat(rest).ToArray(), whole));
+        // The chunks may attend on other paths than the whole (per token below CausalAttention.BlockedTokens, blocked
+        // products from there on, where the head width allows: 8-wide heads do with Vector128), whose float sums run
+        // in another order: 1.5e-5 apart on logits of about 10.
+        Assert.IsLessThan(1e-4, TestData.MaxAbsDiff(first.Concat(rest).ToArray(), whole));
     }
 
     [TestMethod]

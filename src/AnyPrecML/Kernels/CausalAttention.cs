@@ -269,8 +269,19 @@ public static unsafe class CausalAttention
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Rotate(float* x, float* y, float* cos, float* sin, int hd, bool interleaved)
     {
-        int half = hd / 2;
-        for (int j = 0; j < half; j++)
+        int half = hd / 2, j = 0;
+        if (!interleaved)
+            // Half-split pairs (j, j + half) are two contiguous runs: whole vectors of each.
+            for (int w = Vector<float>.Count; j + w <= half; j += w)
+            {
+                var a = Unsafe.ReadUnaligned<Vector<float>>(x + j);
+                var b = Unsafe.ReadUnaligned<Vector<float>>(x + j + half);
+                var c = Unsafe.ReadUnaligned<Vector<float>>(cos + j);
+                var s = Unsafe.ReadUnaligned<Vector<float>>(sin + j);
+                Unsafe.WriteUnaligned(y + j, a * c - b * s);
+                Unsafe.WriteUnaligned(y + j + half, a * s + b * c);
+            }
+        for (; j < half; j++)
         {
             int i0 = interleaved ? 2 * j : j, i1 = interleaved ? i0 + 1 : j + half;
             float a = x[i0], b = x[i1];

@@ -105,7 +105,10 @@ public sealed unsafe class BitplaneOperator : IDisposable
     /// <summary>Stopwatch ticks spent in <see cref="Int8OpType"/> products (the int8 head) so far.</summary>
     public long HeadTicks => Interlocked.Read(ref _headTicks);
 
-    private long _calls, _ticks, _headTicks;
+    /// <summary>Stopwatch ticks spent in <see cref="AttentionOpType"/> nodes (<see cref="CausalAttention"/>) so far.</summary>
+    public long AttentionTicks => Interlocked.Read(ref _attentionTicks);
+
+    private long _calls, _ticks, _headTicks, _attentionTicks;
     private CpuBitplaneBackend? _cpu;
 
     /// <summary>The backend of the int8 head: <see cref="Backend"/> when it is the CPU's, else a CPU backend of its own.</summary>
@@ -280,8 +283,10 @@ public sealed unsafe class BitplaneOperator : IDisposable
             var output = new Span<float>(OrtApiTable.TensorData(OrtApiTable.KernelOutput(context, 0, dims[..3])), tokens * (int)dims[2]);
             if (tokens == 0) return;
             var input = new ReadOnlySpan<float>(OrtApiTable.TensorData(qkv), tokens * shape.PackedWidth);
+            long start = System.Diagnostics.Stopwatch.GetTimestamp();
             CausalAttention.Run(shape, input, tokens, (float*)OrtApiTable.TensorData(pastKey), (float*)OrtApiTable.TensorData(pastValue), checked((int)cache[2]),
                 total - tokens, cos, sin, _scale, output, owner.Cpu.Pool);
+            Interlocked.Add(ref owner._attentionTicks, System.Diagnostics.Stopwatch.GetTimestamp() - start);
         }
     }
 
