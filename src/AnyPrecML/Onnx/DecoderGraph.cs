@@ -8,8 +8,9 @@ namespace AnyPrecML.Onnx;
 
 /// <summary>
 /// Writes the whole Llama decoder of an any-precision model as one ONNX graph. The non-linear parts are
-/// ONNX Runtime's own operators (Gather, SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization,
-/// RotaryEmbedding, GroupQueryAttention, Split, Gemm for an fp32 head); every quantized linear is in a
+/// ONNX Runtime's own operators (Gather, SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, Gemm for an
+/// fp32 head; for attention GroupQueryAttention, with RotaryEmbedding and Split for heads narrower than 16) except
+/// the CPU engine's attention, a <see cref="BitplaneOperator.AttentionOpType"/> node per layer; every quantized linear is in a
 /// <see cref="BitplaneOperator"/> node naming its layers (q,k,v in one; gate,up in one that also applies SwiGLU), so the graph holds no bitplanes at all, only the float
 /// tensors (embedding, norms, head). The width is the graph input <c>bits</c>, so one session serves every b.
 /// </summary>
@@ -20,8 +21,9 @@ namespace AnyPrecML.Onnx;
 /// <c>seqlens_k</c> int32 [1] (positions in the cache after this call, minus one); <c>total_sequence_length</c>
 /// int32 scalar; <c>logits_start</c> int64 [1] (first position whose logits are returned: 0 for all, S-1 for the
 /// last); <c>past_key_values.{l}.key|value</c> fp32 [1, kv_heads, capacity, head_dim]. Outputs: <c>logits</c>
-/// fp32 [1, S - logits_start, vocab]; <c>present.{l}.key|value</c>, which the engine binds to the same buffers
-/// as the past ones (GroupQueryAttention then appends in place).
+/// fp32 [1, S - logits_start, vocab], and in graphs whose attention is GroupQueryAttention <c>present.{l}.key|value</c>,
+/// which the engine binds to the same buffers as the past ones (GroupQueryAttention then appends in place; the CPU
+/// graph's Attention nodes write into the past buffers themselves).
 /// </remarks>
 public static class DecoderGraph
 {
