@@ -40,15 +40,15 @@ public static unsafe class CausalAttention
     public static void Run(Shape shape, ReadOnlySpan<float> qkv, int tokens, float* keys, float* values, int capacity, int past,
         ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, float scale, Span<float> output, KernelThreadPool pool)
     {
-        int hd = shape.HeadDim, qDim = shape.Heads * hd, kvDim = shape.KvHeads * hd;
+        int hd = shape.HeadDim, qDim = shape.Heads * hd;
         if (shape.Heads % shape.KvHeads != 0 || hd % 2 != 0) throw new ArgumentException($"{shape}: heads must be a multiple of KV heads and the head width even.");
         if (qkv.Length != tokens * shape.PackedWidth || output.Length != tokens * qDim) throw new ArgumentException($"{tokens} tokens: q,k,v holds {qkv.Length} floats and the output {output.Length}.");
         if (past < 0 || past + tokens > capacity) throw new ArgumentOutOfRangeException(nameof(past), past, $"{past} past positions and {tokens} new ones do not fit the cache's {capacity}.");
         if (cos.Length < (past + tokens) * (hd / 2) || sin.Length != cos.Length) throw new ArgumentException($"the RoPE tables stop before position {past + tokens - 1}.");
-        var job = t_job ??= new AttentionJob();
-        if (job.Q.Length < tokens * qDim) job.Q = new float[tokens * qDim];
+        // The rotated queries, which both paths read.
+        if (t_q is null || t_q.Length < tokens * qDim) t_q = new float[tokens * qDim];
         bool blocked = tokens >= BlockedTokens && hd % (2 * Vector<float>.Count) == 0;
-        fixed (float* x = qkv, c = cos, s = sin, q = job.Q, o = output)
+        fixed (float* x = qkv, c = cos, s = sin, q = t_q, o = output)
         {
             var rope = t_rope ??= new RopeJob();
             rope.Set(shape, x, q, keys, values, capacity, past, c, s);
@@ -66,6 +66,7 @@ public static unsafe class CausalAttention
                 products.Clear();
                 return;
             }
+            var job = t_job ??= new AttentionJob();
             job.Set(shape, q, keys, values, capacity, past, scale, o);
             int items = tokens * shape.KvHeads;
             // A short context's few items run on the calling thread: waking the pool would cost more than they do.
@@ -75,6 +76,7 @@ public static unsafe class CausalAttention
     }
 
     [ThreadStatic] private static RopeJob? t_rope;
+    [ThreadStatic] private static float[]? t_q;
 
     /// <summary>Per new token: q rotated into the job's buffer, k rotated and v copied into the cache at the token's position.</summary>
     private sealed class RopeJob : IRangeJob
@@ -244,8 +246,7 @@ public static unsafe class CausalAttention
                             var x2 = new Vector<float>(p2[p]); a2 = Vector.MultiplyAddEstimate(x2, lo, a2); b2 = Vector.MultiplyAddEstimate(x2, hi, b2);
                             var x3 = new Vector<float>(p3[p]); a3 = Vector.MultiplyAddEstimate(x3, lo, a3); b3 = Vector.MultiplyAddEstimate(x3, hi, b3);
                         }
-                        float* o0 = _output + (long)(t0 + r / group) * qDim + (g * group + r % group) * hd + d0;
-                        Store(o0, a0, b0, w);
+                        Store(Output(r) + d0, a0, b0, w);
                         if (r + 1 <= last) Store(Output(r + 1) + d0, a1, b1, w);
                         if (r + 2 <= last) Store(Output(r + 2) + d0, a2, b2, w);
                         if (r + 3 <= last) Store(Output(r + 3) + d0, a3, b3, w);
@@ -293,7 +294,6 @@ public static unsafe class CausalAttention
     /// <summary>One call's arguments, reused by the calling thread; items are (token, KV head) pairs.</summary>
     private sealed class AttentionJob : IRangeJob
     {
-        public float[] Q = [];
         private Shape _shape;
         private float* _q, _keys, _values, _output;
         private int _capacity, _past;

@@ -33,7 +33,7 @@ public sealed unsafe class BitplaneOperator : IDisposable
     public const string OpType = "BitplaneLinear";
     /// <summary>The int8 dense linear's type name (the LM head at the int8 level).</summary>
     public const string Int8OpType = "Int8Linear";
-    /// <summary>The CPU decode attention's type name.</summary>
+    /// <summary>The CPU engine's attention's type name.</summary>
     public const string AttentionOpType = "Attention";
 
     private static readonly byte* OpName = Utf8(OpType), Int8OpName = Utf8(Int8OpType), AttentionOpName = Utf8(AttentionOpType);
@@ -255,7 +255,7 @@ public sealed unsafe class BitplaneOperator : IDisposable
         }
     }
 
-    /// <summary>One layer's decode attention: <see cref="CausalAttention.Run"/>, appending to the past key and value in place.</summary>
+    /// <summary>One layer's attention on the CPU: <see cref="CausalAttention.Run"/>, appending to the past key and value in place.</summary>
     private sealed class AttentionKernel(BitplaneOperator owner, CausalAttention.Shape shape) : Kernel
     {
         private readonly float _scale = 1f / MathF.Sqrt(shape.HeadDim);
