@@ -11,6 +11,8 @@
 #                     can be the faster one, so compare native anyprec against the faster of the two
 #   --prefill         also llama-bench -p 512 (pass anyprec's prefill option through --anyprec-args)
 #   --tokens N        decode tokens (default 32)
+#   --depth N         decode after a context of N tokens (llama.cpp: llama-batched-bench -npp N -ntg TOKENS, one run,
+#                     its default F16 KV cache; anyprec: bench engine --depth N, its fp32 cache); not with --prefill
 #   --reps N          llama-bench repetitions (default 5)
 #   --types "T ..."   llama.cpp types (default "Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K Q8_0")
 #   --model DIR       Hugging Face directory to use instead of `anyprec synth --shape tinyllama-1.1b`
@@ -40,7 +42,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 work=/tmp/anyprec-llamacpp
 threads=$(nproc)
-avx2=0 llama_isa="" prefill=0 tokens=32 reps=5 layers="" outtype=f16 jobs=2
+avx2=0 llama_isa="" prefill=0 tokens=32 depth=0 reps=5 layers="" outtype=f16 jobs=2
 types="Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K Q8_0"
 model="" apdir="" src="" skip_anyprec=0 skip_llamacpp=0
 anyprec_args=()
@@ -59,6 +61,7 @@ while [[ $# -gt 0 ]]; do
         --prefill) prefill=1; shift ;;
         --tokens|-n) need_value "$@"; positive "$1" "$2"; tokens=$2; shift 2 ;;
         --reps) need_value "$@"; positive "$1" "$2"; reps=$2; shift 2 ;;
+        --depth|-d) need_value "$@"; positive "$1" "$2"; depth=$2; shift 2 ;;
         --types) need_value "$@"; types=$2; shift 2 ;;
         --model) need_value "$@"; model=$2; shift 2 ;;
         --anyprec) need_value "$@"; apdir=$2; shift 2 ;;
@@ -74,6 +77,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ $skip_llamacpp == 1 || -n $src ]] || die "give a llama.cpp source directory (see --help)"
+[[ $depth == 0 || $prefill == 0 ]] || die "--depth and --prefill are separate runs (one times decode after a context, the other the prompt itself)"
 (( threads <= $(nproc) )) || die "--threads $threads is more than the $(nproc) CPUs here"
 for t in $types; do
     case $t in Q2_K|Q3_K_M|Q4_K_M|Q5_K_M|Q6_K|Q8_0) ;; *) die "--types: $t is not one of Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K Q8_0" ;; esac
@@ -118,12 +122,12 @@ if [[ $skip_llamacpp == 0 ]]; then
     build=$work/build-$llama_isa
     flags=(-DGGML_NATIVE=ON)
     [[ $llama_isa == avx2 ]] && flags=(-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF)
-    say "building llama-bench and llama-quantize ($llama_isa) in $build (log: $build.log)"
+    say "building llama-bench, llama-batched-bench and llama-quantize ($llama_isa) in $build (log: $build.log)"
     { cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF "${flags[@]}" \
-        && cmake --build "$build" --config Release -j "$jobs" --target llama-bench llama-quantize; } > "$build.log" 2>&1 \
+        && cmake --build "$build" --config Release -j "$jobs" --target llama-bench llama-batched-bench llama-quantize; } > "$build.log" 2>&1 \
         || { tail -20 "$build.log" >&2; die "llama.cpp build failed (log: $build.log)"; }
-    bench_bin=$build/bin/llama-bench quantize_bin=$build/bin/llama-quantize
-    [[ -x $bench_bin && -x $quantize_bin ]] || die "the build left no $bench_bin or $quantize_bin"
+    bench_bin=$build/bin/llama-bench quantize_bin=$build/bin/llama-quantize batched_bin=$build/bin/llama-batched-bench
+    [[ -x $bench_bin && -x $quantize_bin && -x $batched_bin ]] || die "the build left no $bench_bin, $batched_bin or $quantize_bin"
 fi
 
 # ---- 2. the model: synthetic weights, then the any-precision parent -----------------------------
@@ -181,8 +185,18 @@ fi
 # ---- 5. the benchmarks, one after the other on the same CPUs ------------------------------------
 results=$work/results/$name-$isa-llama-$llama_isa-t$threads
 mkdir -p "$results"
-rm -f "$results"/*.json
-if [[ $skip_llamacpp == 0 ]]; then
+rm -f "$results"/*.json "$results"/*.jsonl
+if [[ $skip_llamacpp == 0 && $depth -gt 0 ]]; then
+    # llama-bench of this vintage has no depth option; llama-batched-bench prefills -npp tokens, then times -ntg decode steps.
+    for t in $types; do
+        say "llama-batched-bench $t: -t $threads -npp $depth -ntg $tokens -npl 1"
+        "${pin[@]}" "$batched_bin" -m "$gguf_dir/$name-$t.gguf" -t "$threads" -c $((depth + tokens + 16)) -b 2048 -ub 512 \
+            -npp "$depth" -ntg "$tokens" -npl 1 --output-format jsonl > "$results/llamacpp-$t.out" 2> "$results/llamacpp-$t.log" \
+            || { tail -5 "$results/llamacpp-$t.log" >&2; die "llama-batched-bench $t failed"; }
+        cat "$results/llamacpp-$t.out" "$results/llamacpp-$t.log" | grep '^{' > "$results/llamacpp-$t.jsonl" \
+            || die "llama-batched-bench $t printed no result line (log: $results/llamacpp-$t.log)"
+    done
+elif [[ $skip_llamacpp == 0 ]]; then
     pp=(-p 0)
     [[ $prefill == 1 ]] && pp=(-p 512)
     for t in $types; do
@@ -196,7 +210,7 @@ if [[ $skip_anyprec == 0 ]]; then
     [[ $avx2 == 1 ]] && env_avx2=(DOTNET_EnableAVX512=0)
     say "anyprec bench engine -m $apdir -n $tokens --json ${anyprec_args[*]} ${env_avx2[*]}"
     if ! env "${env_avx2[@]}" "${pin[@]}" dotnet run --project "$repo/src/AnyPrecML.Cli" -c Release --no-build -- \
-            bench engine -m "$apdir" -n "$tokens" --json "${anyprec_args[@]}" > "$results/anyprec.json" 2> >(tee "$results/anyprec.log" >&2); then
+            bench engine -m "$apdir" -n "$tokens" --depth "$depth" --json "${anyprec_args[@]}" > "$results/anyprec.json" 2> >(tee "$results/anyprec.log" >&2); then
         echo "warning: anyprec bench engine failed (log: $results/anyprec.log); the table shows no anyprec figures" >&2
         rm -f "$results/anyprec.json"
     fi
@@ -206,15 +220,22 @@ fi
 field() { grep -m1 "^$1" /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//'; }
 isa_flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' | grep -xE 'avx2|fma|f16c|avx_vnni|avx512f|avx512bw|avx512vbmi|avx512_vnni|gfni' | tr '\n' ' ' || true)
 cpu="$(field 'model name') (family $(field 'cpu family'), model $(field 'model'); ${isa_flags% })"
-dotnet_path="${DOTNET_EnableAVX512:+DOTNET_EnableAVX512=$DOTNET_EnableAVX512 }"
-[[ $avx2 == 1 ]] && dotnet_path="DOTNET_EnableAVX512=0 "
-"${python:-python3}" - "$results" "$types" "$prefill" "$threads" "$llama_isa" "$cpu" "$dotnet_path" "$tokens" "$(nproc)" <<'EOF'
+# Every instruction-set knob in effect for .NET (--avx2 adds DOTNET_EnableAVX512=0), as the table's path line.
+dotnet_path=$( { env | grep -E '^DOTNET_Enable[A-Za-z0-9]+=' | grep -v '^DOTNET_EnableAVX512=' || true; } | sort | tr '\n' ' ')
+if [[ $avx2 == 1 ]]; then dotnet_path="DOTNET_EnableAVX512=0 $dotnet_path"
+elif [[ -n ${DOTNET_EnableAVX512:-} ]]; then dotnet_path="DOTNET_EnableAVX512=$DOTNET_EnableAVX512 $dotnet_path"; fi
+"${python:-python3}" - "$results" "$types" "$prefill" "$threads" "$llama_isa" "$cpu" "$dotnet_path" "$tokens" "$(nproc)" "$depth" <<'EOF'
 import json, os, re, sys
-results, types, prefill, threads, isa, cpu, dotnet_env, tokens, ncpu = sys.argv[1:]
+results, types, prefill, threads, isa, cpu, dotnet_env, tokens, ncpu, depth = sys.argv[1:]
 prefill = prefill == "1"
 by_bits = {"Q2_K": 2, "Q3_K_M": 3, "Q4_K_M": 4, "Q5_K_M": 5, "Q6_K": 6, "Q8_0": 8}
 llama, info = {}, None
 for t in types.split():
+    deep = os.path.join(results, f"llamacpp-{t}.jsonl")
+    if os.path.exists(deep):  # llama-batched-bench: one run, no spread
+        for line in open(deep):
+            llama.setdefault(by_bits[t], {"type": t})["tg"] = (json.loads(line)["speed_tg"], None)
+        continue
     path = os.path.join(results, f"llamacpp-{t}.json")
     if not os.path.exists(path):
         continue
@@ -246,6 +267,8 @@ def ratio(a, l):
 print(f"CPU: {cpu}; {ncpu} CPUs, {threads} thread{'s' if threads != '1' else ''} for both")
 if info:
     print(f"llama.cpp: build {info.get('build_number')} ({info.get('build_commit')}), {isa} build, backends {info.get('backends')}, cpu_info {info.get('cpu_info')}")
+elif llama:
+    print(f"llama.cpp: {isa} build, llama-batched-bench")
 print(f".NET path: {dotnet_env}bitplane backend {backend or '(anyprec did not run)'}")
 print()
 head = "| b | llama.cpp type | llama.cpp tok/s | anyprec tok/s | anyprec / llama.cpp |"
@@ -253,7 +276,10 @@ line = "|---:|---|---:|---:|---:|"
 if prefill:
     head += " llama.cpp pp512 tok/s | anyprec prefill tok/s | prefill ratio |"
     line += "---:|---:|---:|"
-print(f"Decode of {tokens} tokens (llama.cpp: mean ± sd of llama-bench repetitions)")
+if depth != "0":
+    print(f"Decode of {tokens} tokens after a context of {depth} (llama.cpp: llama-batched-bench, one run, F16 KV cache; anyprec: fp32 cache)")
+else:
+    print(f"Decode of {tokens} tokens (llama.cpp: mean ± sd of llama-bench repetitions)")
 print()
 print(head)
 print(line)

@@ -25,13 +25,14 @@ internal static class BenchEngineCommand
         var bitsOption = new Option<int[]>("--bits") { Description = "Widths to measure (default: every width the parent serves).", AllowMultipleArgumentsPerToken = true };
         var profiles = new Option<string[]>("--profile") { Description = "Precision profiles (anyprec profile) measured too, in the same run, after the widths.", AllowMultipleArgumentsPerToken = true };
         var prefill = new Option<int>("--prefill") { Description = "Also time one prefill of a prompt this long at each width (0: skip).", DefaultValueFactory = _ => 0 };
+        var depth = new Option<int>("--depth", "-d") { Description = "Decode after a context this long (as llama-bench's -d): every timed step attends to it and the steps before.", DefaultValueFactory = _ => 0 };
         var reference = new Option<bool>("--reference") { Description = "Also time the managed reference engine on each width's dequantized weights (one fp32 copy at a time: 4 bytes per weight)." };
         var rounds = new Option<int>("--rounds") { Description = "Decode timings per width, taken round-robin over the widths and profiles, the median kept (a loaded machine's drift then falls on all alike).", DefaultValueFactory = _ => 1 };
         var accuracy = CommonOptions.Accuracy();
         var json = CommonOptions.Json();
         var command = new Command("engine", "Decode (and prefill) tokens/s of the ONNX engine at every width with its kernel/rest split, the kernel-only bound, op overhead, memory with one vs all widths.")
         {
-            model, tokens, bitsOption, profiles, rounds, prefill, reference, accuracy, json,
+            model, tokens, bitsOption, profiles, rounds, prefill, depth, reference, accuracy, json,
         };
         command.SetAction((r, ct) =>
         {
@@ -41,6 +42,9 @@ internal static class BenchEngineCommand
             int prompt = Math.Max(0, r.GetValue(prefill));
             int steps = Math.Min(r.GetValue(tokens), c.MaxSeqLen - 8);
             if (prompt + 8 > c.MaxSeqLen) throw new ArgumentException($"--prefill {prompt} does not fit the model's context of {c.MaxSeqLen} tokens.");
+            int context = r.GetValue(depth);
+            if (context < 0 || context + ContextPrompt + steps > c.MaxSeqLen)
+                throw new ArgumentException($"--depth {context} and {steps} decode steps do not fit the model's context of {c.MaxSeqLen} tokens.");
             var widths = r.GetValue(bitsOption) is { Length: > 0 } chosen ? chosen.Select(ap.CheckBits).ToArray() : ap.SupportedBits.ToArray();
             var backend = CommonOptions.Backend(r.GetValue(accuracy)) ?? BitplaneBackend.Default;
             using var engine = new OnnxEngine(ap, new OnnxEngineOptions { Backend = backend });
@@ -73,7 +77,7 @@ internal static class BenchEngineCommand
                 for (int i = 0; i < runs.Count; i++)
                 {
                     ct.ThrowIfCancellationRequested();
-                    timings[i].Add((Decode(runs[i].View, (int)runs[i].Bits, steps, out var s), s));
+                    timings[i].Add((Decode(runs[i].View, (int)runs[i].Bits, steps, out var s, context), s));
                 }
             var progress = new ConsoleProgress<int>(err, "bench engine", done => (done, runs.Count), "runs");
             for (int i = 0; i < runs.Count; i++)
@@ -107,7 +111,7 @@ internal static class BenchEngineCommand
             var result = new
             {
                 model = Path.GetFileName(dir), layers = c.Layers, dim = c.Dim, parameters = c.ParameterCount,
-                backend = backend.Name, head = engine.Int8Head ? "int8" : "fp32", decode_steps = steps, rounds = roundCount, prefill_tokens = prompt, rows,
+                backend = backend.Name, head = engine.Int8Head ? "int8" : "fp32", decode_steps = steps, decode_depth = context, rounds = roundCount, prefill_tokens = prompt, rows,
                 op_call_us = Math.Round(opUs, 2), direct_call_us = Math.Round(directUs, 2), op_overhead_us = Math.Round(opUs - directUs, 2),
                 model_file_mb = Mb(new DirectoryInfo(dir).EnumerateFiles("*.safetensors").Sum(f => f.Length)),
                 seed_width_model_resident_mb = Mb(fileOne), all_widths_model_resident_mb = Mb(fileAll),
@@ -135,18 +139,21 @@ internal static class BenchEngineCommand
     /// </summary>
     private readonly record struct KernelSplit(double KernelMs, double HeadMs, double AttentionMs, long Calls);
 
+    /// <summary>Tokens of the prompt before the timed decode steps, past any <c>--depth</c>.</summary>
+    private const int ContextPrompt = 4;
+
     /// <summary>
-    /// Greedy decode of <paramref name="steps"/> tokens after a short prompt; tokens per second of the decode alone, and
-    /// the kernel time and calls of those decode steps only (the prompt's are not counted).
+    /// Greedy decode of <paramref name="steps"/> tokens after a prompt of <paramref name="depth"/> + 4 tokens; tokens per
+    /// second of the decode alone, and the kernel time and calls of those decode steps only (the prompt's are not counted).
     /// </summary>
-    private static double Decode(IInferenceEngine engine, int bits, int steps, out KernelSplit split)
+    private static double Decode(IInferenceEngine engine, int bits, int steps, out KernelSplit split, int depth = 0)
     {
         var c = engine.Config;
         var onnx = engine as OnnxEngine ?? (engine as ProfiledEngine)?.Engine as OnnxEngine; // a profile runs at its own widths
         if (engine is OnnxEngine uniform) uniform.Bits = bits;
-        var cache = engine.CreateCache(Math.Min(c.MaxSeqLen, steps + 8));
+        var cache = engine.CreateCache(Math.Min(c.MaxSeqLen, depth + ContextPrompt + steps + 4));
         var logits = new float[c.VocabSize];
-        int[] prompt = [c.BosTokenId, 3 % c.VocabSize, 5 % c.VocabSize, 7 % c.VocabSize];
+        var prompt = PromptTokens(c, depth + ContextPrompt);
         engine.Forward(prompt, cache, logits);
         long ticks0 = onnx?.Operator.KernelTicks ?? 0, head0 = onnx?.Operator.HeadTicks ?? 0, attention0 = onnx?.Operator.AttentionTicks ?? 0, calls0 = onnx?.Operator.KernelCalls ?? 0;
         var sw = Stopwatch.StartNew();
@@ -164,15 +171,22 @@ internal static class BenchEngineCommand
     {
         var c = engine.Config;
         if (engine is OnnxEngine uniform) uniform.Bits = bits;
-        var tokens = new int[length];
-        tokens[0] = c.BosTokenId;
-        for (int i = 1; i < length; i++) tokens[i] = (int)((i * 2654435761u) % (uint)c.VocabSize);
+        var tokens = PromptTokens(c, length);
         var logits = new float[c.VocabSize];
         engine.Forward(tokens.AsSpan(0, Math.Min(length, 16)), engine.CreateCache(length + 8), logits);
         var cache = engine.CreateCache(length + 8);
         var sw = Stopwatch.StartNew();
         engine.Forward(tokens, cache, logits);
         return length / sw.Elapsed.TotalSeconds;
+    }
+
+    /// <summary>A prompt of <paramref name="length"/> tokens: BOS, then a fixed scatter over the vocabulary.</summary>
+    private static int[] PromptTokens(LlamaConfig c, int length)
+    {
+        var tokens = new int[length];
+        tokens[0] = c.BosTokenId;
+        for (int i = 1; i < length; i++) tokens[i] = (int)((i * 2654435761u) % (uint)c.VocabSize);
+        return tokens;
     }
 
     /// <summary>Milliseconds per token of the linear layers alone, run back to back by the backend (median of passes).</summary>

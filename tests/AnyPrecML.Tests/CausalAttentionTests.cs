@@ -16,6 +16,9 @@ public sealed unsafe class CausalAttentionTests
     [DataRow(3, 3, 16, false, 5, 9, DisplayName = "9 tokens, one query head per KV head: row tiles across tokens")]
     [DataRow(4, 2, 16, false, 3, 30, 16f, DisplayName = "blocked products with scores past 88")]
     [DataRow(4, 2, 16, true, 20, 2, 16f, DisplayName = "scores past 88, where e^x overflows float: the softmax subtracts the maximum")]
+    [DataRow(8, 2, 64, false, 150, 1, DisplayName = "decode after 150: keys in chunks of 64, eight and four at a time and single")]
+    [DataRow(6, 2, 48, true, 200, 1, DisplayName = "head width 48 after 200: value groups of four vectors and single vectors, chunks of 84")]
+    [DataRow(8, 2, 64, true, 300, 3, DisplayName = "verification pass of 3 after 300: every token's chunks")]
     public void MatchesAFloat64ReferenceAndAppendsTheNewRowsInPlace(int heads, int kvHeads, int hd, bool interleaved, int past, int tokens, float magnitude = 1)
     {
         var shape = new CausalAttention.Shape(heads, kvHeads, hd, interleaved);
