@@ -11,6 +11,26 @@ public sealed class CheckpointTests
     private static readonly int[] Probe = [1, 403, 407, 261, 378, 13, 300, 42, 7, 511, 256, 3];
 
     [TestMethod]
+    public void Bf16WidensToTheSameBitsAtEveryPatternAndLength()
+    {
+        // Every bf16 bit pattern (NaNs, infinities, subnormals, both zeros), and lengths around the vector width for the tail.
+        using var dir = TestData.NewTempDir();
+        int[] lengths = [1, 7, 15, 16, 17, 31, 33, 65536 + 37];
+        var values = lengths.Select(n => Enumerable.Range(0, n).Select(i => (ushort)(n > 65536 ? i : i * 40503 + n)).ToArray()).ToArray();
+        string path = dir["bf16.safetensors"];
+        SafetensorsWriter.Write(path, lengths.Select((n, k) => new TensorToWrite($"t{k}", DType.BF16, [n],
+            s => s.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(values[k].AsSpan())))).ToList());
+        var (file, tensors, _) = SafetensorsReader.Open(path);
+        using (file)
+            for (int k = 0; k < lengths.Length; k++)
+            {
+                var widened = tensors.Single(t => t.Name == $"t{k}").ToFloatArray();
+                for (int i = 0; i < lengths[k]; i++)
+                    Assert.AreEqual((uint)values[k][i] << 16, BitConverter.SingleToUInt32Bits(widened[i]), $"length {lengths[k]}, element {i}");
+            }
+    }
+
+    [TestMethod]
     public void Stories260KHeaderIsRead()
     {
         using var cp = LlamaCheckpoint.Open(TestData.Stories260K);

@@ -320,6 +320,43 @@ public sealed class OnnxEngineTests
     }
 
     [TestMethod]
+    [DataRow("bf16", DisplayName = "bf16 embedding: Gather of bf16 rows, then Cast")]
+    [DataRow("f16", DisplayName = "f16 embedding: Gather of f16 rows, then Cast")]
+    public void AnEmbeddingStoredNarrowGivesTheLogitsOfTheSameValuesStoredAsFp32(string dtype)
+    {
+        // Two parents of the same values: one keeps the narrow file's tensors, the other the same numbers widened to fp32
+        // (convert back to f32 is exact). Their bitplanes and tables are the same, so the default engines must agree bit
+        // for bit: the narrow graph gathers stored rows and casts them, the fp32 one gathers floats.
+        using var dir = TestData.NewTempDir();
+        var (code, _, err) = Cli.Run("convert", "--model", TestData.Stories260K, "--output", dir["narrow"], "--dtype", dtype);
+        Assert.AreEqual(0, code, err);
+        (code, _, err) = Cli.Run("convert", "--model", dir["narrow"], "--output", dir["wide"], "--dtype", "f32");
+        Assert.AreEqual(0, code, err);
+        foreach (var name in new[] { "narrow", "wide" })
+            using (var source = LlamaCheckpoint.Open(dir[name]))
+                AnyPrecisionQuantizer.Quantize(source, dir[name + "-ap"], new UniformSensitivity(), new QuantizerOptions());
+        using var narrow = AnyPrecisionModel.Open(dir["narrow-ap"]);
+        using var wide = AnyPrecisionModel.Open(dir["wide-ap"]);
+        Assert.AreEqual(dtype == "bf16" ? DType.BF16 : DType.F16, narrow.Checkpoint[LlamaTensorNames.Embedding].DType);
+        Assert.AreEqual(DType.F32, wide.Checkpoint[LlamaTensorNames.Embedding].DType);
+
+        var graph = DecoderGraph.Export(narrow, int8Head: true, cpuAttention: true).Graph;
+        var stored = graph.Initializer.Single(t => t.Name == LlamaTensorNames.Embedding);
+        Assert.AreEqual((int)(dtype == "bf16" ? Onnx.Proto.TensorProto.Types.DataType.Bfloat16 : Onnx.Proto.TensorProto.Types.DataType.Float16), stored.DataType);
+        Assert.AreEqual(2L * narrow.Config.VocabSize * narrow.Config.Dim, stored.RawData.Length, "two bytes per value: no fp32 copy in the graph");
+        Assert.IsTrue(graph.Node.Any(n => n.OpType == "Cast"), "the gathered rows are cast to fp32");
+
+        using var narrowEngine = new OnnxEngine(narrow, new OnnxEngineOptions());
+        using var wideEngine = new OnnxEngine(wide, new OnnxEngineOptions());
+        Assert.IsTrue(narrowEngine.Int8Head, "the default engine's head is int8, so the table is read only by the Gather");
+        foreach (int bits in new[] { 3, 8 })
+        {
+            narrowEngine.Bits = wideEngine.Bits = bits;
+            CollectionAssert.AreEqual(TestData.AllLogits(wideEngine, Prompt), TestData.AllLogits(narrowEngine, Prompt), $"b={bits}");
+        }
+    }
+
+    [TestMethod]
     public void BitsOutsideTheModelsRangeAreRejected()
     {
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => _engine.Bits = 2);

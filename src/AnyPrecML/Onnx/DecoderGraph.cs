@@ -8,7 +8,7 @@ namespace AnyPrecML.Onnx;
 
 /// <summary>
 /// Writes the whole Llama decoder of an any-precision model as one ONNX graph. The non-linear parts are
-/// ONNX Runtime's own operators (Gather, SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, Gemm for an
+/// ONNX Runtime's own operators (Gather of the embedding in its stored type, then Cast, SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, Gemm for an
 /// fp32 head; for attention GroupQueryAttention, with RotaryEmbedding and Split for heads narrower than 16) except
 /// the CPU engine's attention, a <see cref="BitplaneOperator.AttentionOpType"/> node per layer; every quantized linear is in a
 /// <see cref="BitplaneOperator"/> node naming its layers (q,k,v in one; gate,up in one that also applies SwiGLU), so the graph holds no bitplanes at all, only the float
@@ -67,7 +67,16 @@ public static class DecoderGraph
         g.Output(Logits, DataType.Float, 1, "logits_sequence", c.VocabSize);
 
         float[] Tensor(string name) => cp[name].ToFloatArray();
-        string embedding = g.Initializer(LlamaTensorNames.Embedding, Tensor(LlamaTensorNames.Embedding), c.VocabSize, c.Dim);
+        // The embedding table stays in its file's type (a Gather of its rows, then a Cast of those to fp32) unless an fp32
+        // Gemm head reads it too (tied, fp32 head). Converted whole to fp32, a bf16 model's largest tensor doubled (262 MB
+        // at the 1.1B shape) in the graph, in its serialized copy and in ONNX Runtime's, and its start-up faulted in and
+        // copied every page of those.
+        var embeddingView = cp[LlamaTensorNames.Embedding];
+        var stored = embeddingView.DType switch { DType.BF16 => DataType.Bfloat16, DType.F16 => DataType.Float16, _ => DataType.Float };
+        bool castRows = stored != DataType.Float && !(c.TiedEmbeddings && !int8Head);
+        string embedding = castRows || embeddingView.DType == DType.F32
+            ? g.Initializer(LlamaTensorNames.Embedding, castRows ? stored : DataType.Float, [c.VocabSize, c.Dim], embeddingView.Bytes)
+            : g.Initializer(LlamaTensorNames.Embedding, Tensor(LlamaTensorNames.Embedding), c.VocabSize, c.Dim);
         string headTensor = c.TiedEmbeddings ? LlamaTensorNames.Embedding : LlamaTensorNames.Head;
         string head = c.TiedEmbeddings ? embedding : int8Head ? "" : g.Initializer(LlamaTensorNames.Head, Tensor(LlamaTensorNames.Head), c.VocabSize, c.Dim);
         var (cos, sin) = Reference.ReferenceEngine.RopeTables(c, 0, c.MaxSeqLen); // the reference engine's own angles
@@ -95,7 +104,8 @@ public static class DecoderGraph
         if (!fusedAttention && !cpuAttention) g.Initializer("split.qkv", [(long)c.QDim, c.KvDim, c.KvDim], 3);
         string Norm(string name) => g.Initializer(name, Tensor(name), c.Dim);
 
-        g.Node("Gather", [embedding, InputIds], ["embedded"], name: "embed_tokens", attributes: ("axis", 0L));
+        g.Node("Gather", [embedding, InputIds], [castRows ? "embedded.stored" : "embedded"], name: "embed_tokens", attributes: ("axis", 0L));
+        if (castRows) g.Node("Cast", ["embedded.stored"], ["embedded"], name: "embed_tokens_to_float", attributes: ("to", (long)DataType.Float));
         string residual = "embedded", pending = "";
         for (int l = 0; l < c.Layers; l++)
         {
