@@ -1,4 +1,5 @@
 using AnyPrecML.Kernels;
+using AnyPrecML.Models;
 using AnyPrecML.Quantization;
 
 namespace AnyPrecML.Tests;
@@ -213,6 +214,32 @@ public sealed class KernelTests
     /// partial 32-byte rows; the reference stays within the int8 bound of the float64 product of the fp32 matrix
     /// (½·s_x·Σ|w| + ½·s_w·Σ|x|, s_w = max|w_r|/127); and a token's outputs do not depend on the other tokens in the call.
     /// </summary>
+    [TestMethod]
+    [DataRow("BF16")]
+    [DataRow("F16")]
+    [DataRow("F32")]
+    public void Int8HeadFromACheckpointTensorRowByRowEqualsTheOneFromItsFp32Copy(string dtype)
+    {
+        int rows = 300, cols = 77;
+        var dt = DTypes.Parse(dtype)!.Value;
+        var w = RandomX(rows * cols, 5);
+        using var dir = TestData.NewTempDir();
+        string path = dir["head.safetensors"];
+        SafetensorsWriter.Write(path, [TensorToWrite.FromFloats("head", w, [rows, cols], dt)]);
+        var (file, tensors, _) = SafetensorsReader.Open(path);
+        using (file)
+        {
+            var t = tensors.Single();
+            var expected = Int8Matrix.Quantize("head", t.ToFloatArray(), rows, cols);
+            var actual = Int8Matrix.Quantize(t);
+            CollectionAssert.AreEqual(expected.Scale, actual.Scale);
+            CollectionAssert.AreEqual(expected.Values, actual.Values);
+        }
+        w[123 * cols + 4] = float.PositiveInfinity;
+        var e = Assert.ThrowsExactly<ArgumentException>(() => Int8Matrix.Quantize("head", w, rows, cols));
+        StringAssert.Contains(e.Message, "row 123");
+    }
+
     [TestMethod]
     public void Int8DenseHeadPathsEqualTheScalarReferenceWhichStaysWithinItsBound()
     {

@@ -42,17 +42,41 @@ public sealed class Int8Matrix
     public static Int8Matrix Quantize(string name, float[] weights, int rows, int cols)
     {
         ArgumentNullException.ThrowIfNull(weights);
+        if (weights.LongLength != (long)rows * cols) throw new ArgumentException($"{name}: {weights.LongLength} values for a {rows}×{cols} matrix.", nameof(weights));
+        return Quantize(name, rows, cols, (r, row) => weights.AsSpan(r * cols, cols).CopyTo(row));
+    }
+
+    /// <summary>
+    /// Quantizes a 2-D checkpoint tensor (F32, F16 or BF16) row by row, each row widened to fp32 on its own: no fp32 copy
+    /// of the whole matrix (a 32000×2048 bf16 head was a 262 MB array, written once and read once).
+    /// </summary>
+    public static Int8Matrix Quantize(Models.TensorView weights)
+    {
+        ArgumentNullException.ThrowIfNull(weights);
+        if (weights.Shape.Count != 2) throw new ArgumentException($"{weights.Name} has {weights.Shape.Count} dimensions, not 2.", nameof(weights));
+        int rows = checked((int)weights.Shape[0]), cols = checked((int)weights.Shape[1]);
+        return Quantize(weights.Name, rows, cols, (r, row) => weights.CopyTo((long)r * cols, row));
+    }
+
+    private static Int8Matrix Quantize(string name, int rows, int cols, Action<int, float[]> readRow)
+    {
         ArgumentOutOfRangeException.ThrowIfLessThan(rows, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(cols, 1);
-        if (weights.LongLength != (long)rows * cols) throw new ArgumentException($"{name}: {weights.LongLength} values for a {rows}×{cols} matrix.", nameof(weights));
-        foreach (float w in weights)
-            if (!float.IsFinite(w)) throw new ArgumentException($"{name} holds a non-finite value.", nameof(weights));
         int stride = StrideOf(cols);
         var values = GC.AllocateArray<sbyte>(checked(rows * stride + 64), pinned: true);
         var scale = new float[rows];
-        // The activation quantizer's rule (max|w|/127, round half to even) is the one wanted per row.
-        Parallel.For(0, rows, r =>
-            scale[r] = BitplaneKernels.QuantizeActivations(weights.AsSpan(r * cols, cols), values.AsSpan(r * stride, cols), default, default, Int8ColumnOrder.Natural).Scale);
+        int nonFinite = -1;
+        // The activation quantizer's rule (max|w|/127, round half to even) is the one wanted per row. Its scale is
+        // max|w|/127, NaN or infinite exactly when the row holds a NaN or an infinity.
+        Parallel.For(0, rows, () => new float[cols], (r, _, row) =>
+        {
+            readRow(r, row);
+            float s = BitplaneKernels.QuantizeActivations(row, values.AsSpan(r * stride, cols), default, default, Int8ColumnOrder.Natural).Scale;
+            if (!float.IsFinite(s)) Interlocked.CompareExchange(ref nonFinite, r, -1);
+            scale[r] = s;
+            return row;
+        }, _ => { });
+        if (nonFinite >= 0) throw new ArgumentException($"{name} holds a non-finite value (row {nonFinite}).");
         return new Int8Matrix(name, rows, cols, values, scale);
     }
 

@@ -149,7 +149,19 @@ public sealed class TensorView
     {
         if (destination.Length != ElementCount)
             throw new ArgumentException($"destination holds {destination.Length} floats, tensor '{Name}' has {ElementCount}.", nameof(destination));
-        ReadOnlySpan<byte> src = Bytes;
+        CopyTo(0, destination);
+    }
+
+    /// <summary>
+    /// Converts elements [<paramref name="start"/>, <paramref name="start"/> + destination length) (F32, F16 or BF16) to
+    /// fp32: a row at a time, where a whole fp32 copy of a large tensor is not wanted.
+    /// </summary>
+    public void CopyTo(long start, Span<float> destination)
+    {
+        if (start < 0 || start + destination.Length > ElementCount)
+            throw new ArgumentOutOfRangeException(nameof(start), start, $"elements [{start}, {start + destination.Length}) are outside tensor '{Name}' of {ElementCount}.");
+        int size = DType.Size();
+        ReadOnlySpan<byte> src = _file.Slice(_offset + start * size, (long)destination.Length * size, Name);
         switch (DType)
         {
             case DType.F32:

@@ -124,7 +124,7 @@ public sealed unsafe class BitplaneOperator : IDisposable
             if (!Model.Checkpoint.Contains(name)) throw new ArgumentException($"{Int8OpType}: the model has no tensor '{name}'.");
             var t = Model.Checkpoint[name];
             if (t.Shape.Count != 2) throw new ArgumentException($"{Int8OpType}: '{name}' has {t.Shape.Count} dimensions, not 2.");
-            return heads[name] = Int8Matrix.Quantize(name, t.ToFloatArray(), checked((int)t.Shape[0]), checked((int)t.Shape[1]));
+            return heads[name] = Int8Matrix.Quantize(t);
         }
     }
 
