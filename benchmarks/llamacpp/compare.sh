@@ -11,8 +11,9 @@
 #                     can be the faster one, so compare native anyprec against the faster of the two
 #   --prefill         also llama-bench -p 512 (pass anyprec's prefill option through --anyprec-args)
 #   --tokens N        decode tokens (default 32)
-#   --depth N         decode after a context of N tokens (llama.cpp: llama-batched-bench -npp N -ntg TOKENS, one run,
-#                     its default F16 KV cache; anyprec: bench engine --depth N, its fp32 cache); not with --prefill
+#   --depth N         decode after a context of N tokens (llama.cpp: llama-batched-bench -npp N -ntg TOKENS, one run
+#                     whatever --reps says, its default F16 KV cache; anyprec: bench engine --depth N, its fp32 cache);
+#                     not with --prefill
 #   --reps N          llama-bench repetitions (default 5)
 #   --types "T ..."   llama.cpp types (default "Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K Q8_0")
 #   --model DIR       Hugging Face directory to use instead of `anyprec synth --shape tinyllama-1.1b`
@@ -184,6 +185,7 @@ fi
 
 # ---- 5. the benchmarks, one after the other on the same CPUs ------------------------------------
 results=$work/results/$name-$isa-llama-$llama_isa-t$threads
+if (( depth > 0 )); then results=$results-d$depth; fi
 mkdir -p "$results"
 rm -f "$results"/*.json "$results"/*.jsonl
 if [[ $skip_llamacpp == 0 && $depth -gt 0 ]]; then

@@ -94,7 +94,7 @@ internal static class BenchEngineCommand
                     // One dequantized copy at a time: made, timed and dropped before the next width.
                     var dense = new ReferenceEngine(ap.ToWeights(b));
                     Decode(dense, b, Math.Min(steps, 4), out _); // warm-up
-                    refTps = Math.Round(Decode(dense, b, steps, out _), 1);
+                    refTps = Math.Round(Decode(dense, b, steps, out _, context), 1);
                     dense = null;
                     GC.Collect();
                 }

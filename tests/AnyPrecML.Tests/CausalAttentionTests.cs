@@ -45,6 +45,7 @@ public sealed unsafe class CausalAttentionTests
         var (expected, expectedKeys, expectedValues, maxScore) = Reference(shape, qkv, tokens, keys, values, capacity, past, cos, sin, scale);
 
         var output = new float[tokens * heads * hd];
+        Array.Fill(output, float.NaN); // every output must be written, not accumulated onto what was there
         using var pool = new KernelThreadPool(2);
         fixed (float* k = keys, v = values)
             CausalAttention.Run(shape, qkv, tokens, k, v, capacity, past, cos, sin, scale, output, pool);

@@ -209,11 +209,6 @@ public sealed class KernelTests
         Assert.Throws<ArgumentException>(() => new CpuBitplaneBackend(pool: pool).Multiply([ws[0], RandomMatrix(4, 64, 9)], [3, 3], new float[300], 1, new float[44]));
     }
 
-    /// <summary>
-    /// The dense int8 head: every vector path equals the scalar int8 reference bit for bit, at 1..9 tokens, with
-    /// partial 32-byte rows; the reference stays within the int8 bound of the float64 product of the fp32 matrix
-    /// (½·s_x·Σ|w| + ½·s_w·Σ|x|, s_w = max|w_r|/127); and a token's outputs do not depend on the other tokens in the call.
-    /// </summary>
     [TestMethod]
     [DataRow("BF16")]
     [DataRow("F16")]
@@ -235,11 +230,21 @@ public sealed class KernelTests
             CollectionAssert.AreEqual(expected.Scale, actual.Scale);
             CollectionAssert.AreEqual(expected.Values, actual.Values);
         }
-        w[123 * cols + 4] = float.PositiveInfinity;
-        var e = Assert.ThrowsExactly<ArgumentException>(() => Int8Matrix.Quantize("head", w, rows, cols));
-        StringAssert.Contains(e.Message, "row 123");
+        // A NaN or an infinity anywhere is an error naming the first such row (a NaN's row once quantized with scale 1).
+        foreach (float bad in new[] { float.NaN, float.PositiveInfinity, float.NegativeInfinity })
+        {
+            var v = (float[])w.Clone();
+            v[250 * cols + 9] = 1; v[123 * cols + 4] = bad; v[201 * cols] = bad;
+            var e = Assert.ThrowsExactly<ArgumentException>(() => Int8Matrix.Quantize("head", v, rows, cols));
+            StringAssert.Contains(e.Message, "row 123", $"{bad}");
+        }
     }
 
+    /// <summary>
+    /// The dense int8 head: every vector path equals the scalar int8 reference bit for bit, at 1..9 tokens, with
+    /// partial 32-byte rows; the reference stays within the int8 bound of the float64 product of the fp32 matrix
+    /// (½·s_x·Σ|w| + ½·s_w·Σ|x|, s_w = max|w_r|/127); and a token's outputs do not depend on the other tokens in the call.
+    /// </summary>
     [TestMethod]
     public void Int8DenseHeadPathsEqualTheScalarReferenceWhichStaysWithinItsBound()
     {

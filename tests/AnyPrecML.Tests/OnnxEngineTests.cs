@@ -346,13 +346,22 @@ public sealed class OnnxEngineTests
         Assert.AreEqual(2L * narrow.Config.VocabSize * narrow.Config.Dim, stored.RawData.Length, "two bytes per value: no fp32 copy in the graph");
         Assert.IsTrue(graph.Node.Any(n => n.OpType == "Cast"), "the gathered rows are cast to fp32");
 
-        using var narrowEngine = new OnnxEngine(narrow, new OnnxEngineOptions());
-        using var wideEngine = new OnnxEngine(wide, new OnnxEngineOptions());
-        Assert.IsTrue(narrowEngine.Int8Head, "the default engine's head is int8, so the table is read only by the Gather");
-        foreach (int bits in new[] { 3, 8 })
+        // stories260K's head is the embedding (tied): an fp32 Gemm head reads the table too, so there it stays fp32.
+        Assert.IsTrue(narrow.Config.TiedEmbeddings);
+        var fp32Head = DecoderGraph.Export(narrow, int8Head: false, cpuAttention: true).Graph;
+        Assert.AreEqual((int)Onnx.Proto.TensorProto.Types.DataType.Float, fp32Head.Initializer.Single(t => t.Name == LlamaTensorNames.Embedding).DataType);
+        Assert.IsFalse(fp32Head.Node.Any(n => n.OpType == "Cast"));
+
+        foreach (var options in new[] { new OnnxEngineOptions(), new OnnxEngineOptions { Backend = Fp32 } })
         {
-            narrowEngine.Bits = wideEngine.Bits = bits;
-            CollectionAssert.AreEqual(TestData.AllLogits(wideEngine, Prompt), TestData.AllLogits(narrowEngine, Prompt), $"b={bits}");
+            using var narrowEngine = new OnnxEngine(narrow, options);
+            using var wideEngine = new OnnxEngine(wide, options);
+            Assert.AreEqual(options.Backend is null, narrowEngine.Int8Head, "the default engine's head is int8, the fp32 backend's a Gemm");
+            foreach (int bits in new[] { 3, 8 })
+            {
+                narrowEngine.Bits = wideEngine.Bits = bits;
+                CollectionAssert.AreEqual(TestData.AllLogits(wideEngine, Prompt), TestData.AllLogits(narrowEngine, Prompt), $"b={bits}, head {(narrowEngine.Int8Head ? "int8" : "fp32")}");
+            }
         }
     }
 

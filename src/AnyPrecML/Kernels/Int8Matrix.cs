@@ -1,4 +1,6 @@
+using System.Numerics.Tensors;
 using System.Runtime.InteropServices;
+using AnyPrecML.Models;
 
 namespace AnyPrecML.Kernels;
 
@@ -50,10 +52,12 @@ public sealed class Int8Matrix
     /// Quantizes a 2-D checkpoint tensor (F32, F16 or BF16) row by row, each row widened to fp32 on its own: no fp32 copy
     /// of the whole matrix (a 32000×2048 bf16 head was a 262 MB array, written once and read once).
     /// </summary>
-    public static Int8Matrix Quantize(Models.TensorView weights)
+    public static Int8Matrix Quantize(TensorView weights)
     {
         ArgumentNullException.ThrowIfNull(weights);
         if (weights.Shape.Count != 2) throw new ArgumentException($"{weights.Name} has {weights.Shape.Count} dimensions, not 2.", nameof(weights));
+        if (weights.DType is not (DType.F32 or DType.F16 or DType.BF16))
+            throw new ModelFormatException($"{weights.FilePath}: tensor '{weights.Name}' is {weights.DType.Name()}; a floating-point tensor (F32, F16, BF16) was expected.");
         int rows = checked((int)weights.Shape[0]), cols = checked((int)weights.Shape[1]);
         return Quantize(weights.Name, rows, cols, (r, row) => weights.CopyTo((long)r * cols, row));
     }
@@ -65,18 +69,18 @@ public sealed class Int8Matrix
         int stride = StrideOf(cols);
         var values = GC.AllocateArray<sbyte>(checked(rows * stride + 64), pinned: true);
         var scale = new float[rows];
-        int nonFinite = -1;
-        // The activation quantizer's rule (max|w|/127, round half to even) is the one wanted per row. Its scale is
-        // max|w|/127, NaN or infinite exactly when the row holds a NaN or an infinity.
+        var nonFinite = new bool[rows];
+        // The activation quantizer's rule (max|w|/127, round half to even) is the one wanted per row. max|w| is NaN or
+        // infinite exactly when the row holds a NaN or an infinity (the quantizer's own scale turns a NaN maximum into 1).
         Parallel.For(0, rows, () => new float[cols], (r, _, row) =>
         {
             readRow(r, row);
-            float s = BitplaneKernels.QuantizeActivations(row, values.AsSpan(r * stride, cols), default, default, Int8ColumnOrder.Natural).Scale;
-            if (!float.IsFinite(s)) Interlocked.CompareExchange(ref nonFinite, r, -1);
-            scale[r] = s;
+            if (!float.IsFinite(TensorPrimitives.MaxMagnitude(row))) { nonFinite[r] = true; return row; }
+            scale[r] = BitplaneKernels.QuantizeActivations(row, values.AsSpan(r * stride, cols), default, default, Int8ColumnOrder.Natural).Scale;
             return row;
         }, _ => { });
-        if (nonFinite >= 0) throw new ArgumentException($"{name} holds a non-finite value (row {nonFinite}).");
+        int bad = Array.IndexOf(nonFinite, true);
+        if (bad >= 0) throw new ArgumentException($"{name} holds a non-finite value (row {bad}).");
         return new Int8Matrix(name, rows, cols, values, scale);
     }
 

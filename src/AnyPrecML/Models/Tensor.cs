@@ -158,7 +158,7 @@ public sealed class TensorView
     /// </summary>
     public void CopyTo(long start, Span<float> destination)
     {
-        if (start < 0 || start + destination.Length > ElementCount)
+        if (start < 0 || start > ElementCount - destination.Length)
             throw new ArgumentOutOfRangeException(nameof(start), start, $"elements [{start}, {start + destination.Length}) are outside tensor '{Name}' of {ElementCount}.");
         int size = DType.Size();
         ReadOnlySpan<byte> src = _file.Slice(_offset + start * size, (long)destination.Length * size, Name);
