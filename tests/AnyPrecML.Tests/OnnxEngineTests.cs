@@ -345,6 +345,14 @@ public sealed class OnnxEngineTests
         Assert.AreEqual((int)(dtype == "bf16" ? Onnx.Proto.TensorProto.Types.DataType.Bfloat16 : Onnx.Proto.TensorProto.Types.DataType.Float16), stored.DataType);
         Assert.AreEqual(2L * narrow.Config.VocabSize * narrow.Config.Dim, stored.RawData.Length, "two bytes per value: no fp32 copy in the graph");
         Assert.IsTrue(graph.Node.Any(n => n.OpType == "Cast"), "the gathered rows are cast to fp32");
+        // The engine's own graph holds only a reference to where the table lies in the model's file; the session is
+        // given the mapped table itself.
+        var reference = DecoderGraph.Export(narrow, int8Head: true, cpuAttention: true, embeddingByReference: true).Graph.Initializer.Single(t => t.Name == LlamaTensorNames.Embedding);
+        var view = narrow.Checkpoint[LlamaTensorNames.Embedding];
+        Assert.AreEqual(0, reference.RawData.Length);
+        Assert.AreEqual(Onnx.Proto.TensorProto.Types.DataLocation.External, reference.DataLocation);
+        CollectionAssert.AreEqual(new[] { "location", "offset", "length" }, reference.ExternalData.Select(e => e.Key).ToArray());
+        CollectionAssert.AreEqual(new[] { Path.GetFileName(view.FilePath), view.FileOffset.ToString(), view.ByteLength.ToString() }, reference.ExternalData.Select(e => e.Value).ToArray());
 
         // stories260K's head is the embedding (tied): an fp32 Gemm head reads the table too, so there it stays fp32.
         Assert.IsTrue(narrow.Config.TiedEmbeddings);

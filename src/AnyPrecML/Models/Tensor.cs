@@ -63,6 +63,9 @@ public sealed class TensorView
     /// <summary>The stored bytes, straight from the mapping (valid while the checkpoint is open).</summary>
     public ReadOnlySpan<byte> Bytes => _file.Slice(_offset, ByteLength, Name);
 
+    /// <summary>Where the tensor's bytes start in <see cref="FilePath"/>.</summary>
+    internal long FileOffset => _offset;
+
     /// <summary>Product of the dimensions, or null when negative or overflowing.</summary>
     internal static long? CheckedElementCount(IReadOnlyList<long> shape)
     {

@@ -46,7 +46,28 @@ public static class DecoderGraph
     /// to the past key and value in place and attends, and the graph's only output is the logits. Without it, attention is
     /// ONNX Runtime's GroupQueryAttention (the CUDA provider's graph).
     /// </summary>
-    public static ModelProto Export(AnyPrecisionModel model, bool int8Head = false, bool cpuAttention = false)
+    public static ModelProto Export(AnyPrecisionModel model, bool int8Head = false, bool cpuAttention = false) =>
+        Export(model, int8Head, cpuAttention, embeddingByReference: false);
+
+    /// <summary>
+    /// The ONNX type the embedding table keeps in the graph when it goes in as stored (its file's bytes), or null when it
+    /// is converted to fp32 first (a tied table that an fp32 Gemm head reads too, or a type that is not F32, F16 or BF16).
+    /// </summary>
+    internal static DataType? StoredEmbeddingType(AnyPrecisionModel model, bool int8Head)
+    {
+        var view = model.Checkpoint[LlamaTensorNames.Embedding];
+        var stored = view.DType switch { DType.BF16 => DataType.Bfloat16, DType.F16 => DataType.Float16, DType.F32 => DataType.Float, _ => (DataType?)null };
+        return stored is DataType.Bfloat16 or DataType.Float16 && model.Config.TiedEmbeddings && !int8Head ? null : stored;
+    }
+
+    /// <summary>
+    /// <see cref="Export(AnyPrecisionModel, bool, bool)"/>; with <paramref name="embeddingByReference"/> and a table that
+    /// goes in as stored (<see cref="StoredEmbeddingType"/>), the table's initializer holds no data, only an external
+    /// reference to where it lies in the model's file; the engine gives the session the table itself through
+    /// SessionOptions.AddInitializer over the mapped file: the graph, its bytes and ONNX Runtime's parse then carry no
+    /// copy of the largest tensor.
+    /// </summary>
+    internal static ModelProto Export(AnyPrecisionModel model, bool int8Head, bool cpuAttention, bool embeddingByReference)
     {
         ArgumentNullException.ThrowIfNull(model);
         var c = model.Config;
@@ -71,12 +92,11 @@ public static class DecoderGraph
         // Gemm head reads it too (tied, fp32 head). Converted whole to fp32, a bf16 model's largest tensor doubled (262 MB
         // at the 1.1B shape) in the graph, in its serialized copy and in ONNX Runtime's, and its start-up faulted in and
         // copied every page of those.
-        var embeddingView = cp[LlamaTensorNames.Embedding];
-        var stored = embeddingView.DType switch { DType.BF16 => DataType.Bfloat16, DType.F16 => DataType.Float16, _ => DataType.Float };
-        bool castRows = stored != DataType.Float && !(c.TiedEmbeddings && !int8Head);
-        string embedding = castRows || embeddingView.DType == DType.F32
-            ? g.Initializer(LlamaTensorNames.Embedding, castRows ? stored : DataType.Float, [c.VocabSize, c.Dim], embeddingView.Bytes)
-            : g.Initializer(LlamaTensorNames.Embedding, Tensor(LlamaTensorNames.Embedding), c.VocabSize, c.Dim);
+        var stored = StoredEmbeddingType(model, int8Head);
+        bool castRows = stored is DataType.Bfloat16 or DataType.Float16;
+        string embedding = stored is not DataType type ? g.Initializer(LlamaTensorNames.Embedding, Tensor(LlamaTensorNames.Embedding), c.VocabSize, c.Dim)
+            : embeddingByReference ? g.ExternalInitializer(LlamaTensorNames.Embedding, type, [c.VocabSize, c.Dim], cp[LlamaTensorNames.Embedding])
+            : g.Initializer(LlamaTensorNames.Embedding, type, [c.VocabSize, c.Dim], cp[LlamaTensorNames.Embedding].Bytes);
         string headTensor = c.TiedEmbeddings ? LlamaTensorNames.Embedding : LlamaTensorNames.Head;
         string head = c.TiedEmbeddings ? embedding : int8Head ? "" : g.Initializer(LlamaTensorNames.Head, Tensor(LlamaTensorNames.Head), c.VocabSize, c.Dim);
         var (cos, sin) = Reference.ReferenceEngine.RopeTables(c, 0, c.MaxSeqLen); // the reference engine's own angles

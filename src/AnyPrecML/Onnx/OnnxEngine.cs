@@ -65,24 +65,32 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
             {
                 Int8Head = options.GraphPath is null && int8Cpu && !cuda;
                 InPlaceAttention = options.GraphPath is null && !cuda;
-                byte[]? graph = options.GraphPath is null ? Google.Protobuf.MessageExtensions.ToByteArray(DecoderGraph.Export(model, Int8Head, InPlaceAttention)) : null;
+                byte[]? graph = options.GraphPath is null ? Google.Protobuf.MessageExtensions.ToByteArray(DecoderGraph.Export(model, Int8Head, InPlaceAttention, embeddingByReference: true)) : null;
                 using var so = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL, InterOpNumThreads = 1 };
+                if (graph is not null && DecoderGraph.StoredEmbeddingType(model, Int8Head) is { } stored)
+                {
+                    // The graph's embedding initializer is a reference: the session reads the table where the model's file
+                    // is mapped (file-backed pages, only the rows in use resident), as the bitplane kernels read the planes.
+                    var view = model.Checkpoint[LlamaTensorNames.Embedding];
+                    var type = stored switch
+                    {
+                        Proto.TensorProto.Types.DataType.Bfloat16 => TensorElementType.BFloat16,
+                        Proto.TensorProto.Types.DataType.Float16 => TensorElementType.Float16,
+                        _ => TensorElementType.Float,
+                    };
+                    _embedding?.Dispose();
+                    fixed (byte* table = view.Bytes) // the mapping does not move: the pointer stays valid while the model is open
+                        _embedding = OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, type, [.. view.Shape], (nint)table, view.ByteLength);
+                    so.AddInitializer(LlamaTensorNames.Embedding, _embedding);
+                    // The reference must name an existing file where ONNX Runtime looks (it checks before it takes the table given).
+                    so.AddSessionConfigEntry("session.model_external_initializers_file_folder_path", Path.GetDirectoryName(view.FilePath)!);
+                }
                 if (options.IntraOpThreads > 0) so.IntraOpNumThreads = options.IntraOpThreads;
                 // The bitplane kernels have their own pool: ORT's idle threads spinning beside it tripled kernel time
                 // (stories110M shape, 3 bits: 60.8 tok/s without spinning, 25.2 with; docs/BENCHMARKS.md).
                 so.AddSessionConfigEntry("session.intra_op.allow_spinning", "0");
                 if (cuda) so.AppendExecutionProvider_CUDA(0);
-                if (graph is null) return _op.CreateSession(options.GraphPath!, so);
-                var session = _op.CreateSession(graph, so);
-                // The exported graph passed through several transient copies of its float initializers (the protobuf, its
-                // bytes, ONNX Runtime's parse): hundreds of MB on a 1.1B model, collected here rather than inside the first
-                // decode steps. One of them is released by a finalizer, hence the second collection: 1.1B shape, private
-                // memory after serving 1347 MB with one, 1097 with both.
-                graph = null;
-                GC.Collect(GC.MaxGeneration, GCCollectionMode.Forced, blocking: true, compacting: true);
-                GC.WaitForPendingFinalizers();
-                GC.Collect(GC.MaxGeneration, GCCollectionMode.Forced, blocking: true, compacting: true);
-                return session;
+                return graph is null ? _op.CreateSession(options.GraphPath!, so) : _op.CreateSession(graph, so);
             }
             // The CUDA provider is in the GPU package only, and it loads CUDA's libraries when a session asks for it:
             // a missing library is an exception here, which Auto turns into the CPU and a stated reason.
@@ -237,9 +245,13 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
     public void Dispose()
     {
         _session.Dispose();
+        _embedding?.Dispose();
         _run.Dispose();
         _op.Dispose();
     }
+
+    /// <summary>The embedding table over the mapped model file, given to the session in place of the graph's reference.</summary>
+    private OrtValue? _embedding;
 }
 
 /// <summary>

@@ -30,6 +30,21 @@ public sealed class OnnxGraphBuilder
         return name;
     }
 
+    /// <summary>
+    /// A constant tensor whose data stays in its checkpoint file: an external-data reference (the file's name, the tensor's
+    /// offset and length), valid where the session's external-initializer folder is the file's directory.
+    /// </summary>
+    public string ExternalInitializer(string name, TensorProto.Types.DataType type, long[] dims, Models.TensorView data)
+    {
+        var t = new TensorProto { Name = name, DataType = (int)type, DataLocation = TensorProto.Types.DataLocation.External };
+        t.Dims.AddRange(dims);
+        t.ExternalData.Add(new StringStringEntryProto { Key = "location", Value = Path.GetFileName(data.FilePath) });
+        t.ExternalData.Add(new StringStringEntryProto { Key = "offset", Value = data.FileOffset.ToString(System.Globalization.CultureInfo.InvariantCulture) });
+        t.ExternalData.Add(new StringStringEntryProto { Key = "length", Value = data.ByteLength.ToString(System.Globalization.CultureInfo.InvariantCulture) });
+        _graph.Initializer.Add(t);
+        return name;
+    }
+
     /// <summary>A constant fp32 tensor.</summary>
     public string Initializer(string name, float[] data, params long[] dims) =>
         Initializer(name, TensorProto.Types.DataType.Float, dims, System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.AsSpan()));
