@@ -192,9 +192,9 @@ public static class DecoderGraph
         return proto;
     }
 
-    /// <summary>True when <see cref="Export"/> writes one fused attention node per layer (rotary inside GroupQueryAttention): heads a multiple of 16 wide.</summary>
+    /// <summary>True when <see cref="Export(AnyPrecisionModel, bool, bool)"/> writes one fused attention node per layer (rotary inside GroupQueryAttention): heads a multiple of 16 wide.</summary>
     public static bool FusedAttention(LlamaConfig config) => config.HeadDim % 16 == 0;
 
-    /// <summary>Writes <see cref="Export"/>'s model to <paramref name="path"/> (temporary name, then rename).</summary>
+    /// <summary>Writes <see cref="Export(AnyPrecisionModel, bool, bool)"/>'s model to <paramref name="path"/> (temporary name, then rename).</summary>
     public static void Save(AnyPrecisionModel model, string path) => OnnxGraphBuilder.Save(Export(model), path);
 }
