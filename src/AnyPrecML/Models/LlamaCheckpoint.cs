@@ -118,8 +118,14 @@ public sealed class LlamaCheckpoint : IDisposable
         for (int l = 0; l < c.Layers; l++)
             foreach (var part in parts)
                 this[LlamaTensorNames.Layer(l, part)].Expect(LlamaTensorNames.ShapeOf(c, part));
-        // NaN or ±Inf weights make every output NaN (empty generations, NaN perplexity): refused here, once, by name.
-        foreach (var t in _tensors.Values) t.ExpectFinite();
+        // NaN or ±Inf weights make every output NaN (empty generations, NaN perplexity): refused here, once, by name. The
+        // scan reads every float tensor (half a GB of tables and embedding at the 1.1B shape), so tensors go in parallel;
+        // the error names the first bad one in the file's order, as a scan one by one would.
+        var tensors = _tensors.Values.ToArray();
+        var nonFinite = new long[tensors.Length];
+        Parallel.For(0, tensors.Length, i => nonFinite[i] = tensors[i].IndexOfNonFinite());
+        int bad = Array.FindIndex(nonFinite, i => i >= 0);
+        if (bad >= 0) tensors[bad].ExpectFinite();
         return this;
     }
 

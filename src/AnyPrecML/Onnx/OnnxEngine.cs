@@ -36,7 +36,8 @@ public enum OnnxDevice
 
 /// <summary>
 /// The any-precision engine: the decoder graph (<see cref="DecoderGraph"/>) in one ONNX Runtime session, with the
-/// quantized linears run by <see cref="BitplaneOperator"/> on the model's mapped bitplanes. The width is chosen per
+/// quantized linears run by <see cref="BitplaneOperator"/> on the model's mapped bitplanes, and the embedding table read where
+/// the model's file is mapped too. The width is chosen per
 /// call (<see cref="Bits"/>, or the <c>bits</c> argument of <see cref="Forward(ReadOnlySpan{int}, KvCache, Span{float}, int)"/>),
 /// so one session and one copy of the weights serve every b. Same contract as the reference engine.
 /// </summary>
