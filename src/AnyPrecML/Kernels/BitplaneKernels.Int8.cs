@@ -67,28 +67,47 @@ public static unsafe partial class BitplaneKernels
     /// </summary>
     internal sealed class Int8Tables
     {
-        public required byte[] V;      // [rows, 2^b] signed values as bytes, padded by 64 bytes (whole-register loads)
-        public required byte[] U;      // V + 128 as unsigned bytes, for vpdpbusd (see TableBytes)
+        // [rows, 2^b] table bytes, padded by 64 bytes (whole-register loads): the signed values V as bytes, or U = V + 128
+        // as unsigned bytes for vpdpbusd (see TableBytes). A process's kernels read one of the two, so only that one is
+        // built; the other is derived on first use (the scalar and 128-bit references read V): at b = 8 on the 1.1B shape
+        // one form is 100 MB.
+        private byte[]? _v, _u;
         public required float[] Scale, Mid;
+
+        public byte[] V => _v ?? LazyInitializer.EnsureInitialized(ref _v, () => Flipped(_u!));
+        public byte[] U => _u ?? LazyInitializer.EnsureInitialized(ref _u, () => Flipped(_v!));
+
+        private static byte[] Flipped(byte[] table)
+        {
+            var flipped = GC.AllocateArray<byte>(table.Length, pinned: true);
+            TensorPrimitives.Xor(table, (byte)0x80, flipped);
+            return flipped;
+        }
 
         public static Int8Tables Build(BitplaneMatrix m, int bits)
         {
             int k = 1 << bits;
-            var table = m.Table(bits);
-            var v = GC.AllocateArray<byte>(m.Rows * k + 64, pinned: true);
+            var t = GC.AllocateArray<byte>(m.Rows * k + 64, pinned: true);
             var scale = new float[m.Rows];
             var mid = new float[m.Rows];
-            for (int r = 0; r < m.Rows; r++)
+            // In blocks of rows on every core: the first product at a new width waits for its tables (b = 8, 1.1B shape:
+            // 100 M entries).
+            byte offset = OffsetTables ? (byte)0x80 : (byte)0;
+            Parallel.For(0, (m.Rows + 255) / 256, block =>
             {
-                float lo = float.MaxValue, hi = float.MinValue;
-                for (int c = 0; c < k; c++) { float t = (float)table[r * k + c]; lo = Math.Min(lo, t); hi = Math.Max(hi, t); }
-                float s = hi > lo ? (hi - lo) / 254f : 1f, center = (hi + lo) / 2;
-                scale[r] = s; mid[r] = center;
-                for (int c = 0; c < k; c++) v[r * k + c] = (byte)(sbyte)Math.Clamp(MathF.Round(((float)table[r * k + c] - center) / s), -127, 127);
-            }
-            var u = GC.AllocateArray<byte>(v.Length, pinned: true);
-            for (int i = 0; i < v.Length; i++) u[i] = (byte)(v[i] ^ 0x80);
-            return new Int8Tables { V = v, U = u, Scale = scale, Mid = mid };
+                var table = m.Table(bits);
+                for (int r = block * 256; r < Math.Min(m.Rows, block * 256 + 256); r++)
+                {
+                    float lo = float.MaxValue, hi = float.MinValue;
+                    for (int c = 0; c < k; c++) { float x = (float)table[r * k + c]; lo = Math.Min(lo, x); hi = Math.Max(hi, x); }
+                    float s = hi > lo ? (hi - lo) / 254f : 1f, center = (hi + lo) / 2;
+                    scale[r] = s; mid[r] = center;
+                    for (int c = 0; c < k; c++) t[r * k + c] = (byte)((byte)(sbyte)Math.Clamp(MathF.Round(((float)table[r * k + c] - center) / s), -127, 127) ^ offset);
+                }
+            });
+            // The 64 padding bytes hold the form's zero (0, or 128 offset), as V's padding held 0 before U was derived from it.
+            t.AsSpan(m.Rows * k).Fill(offset);
+            return OffsetTables ? new Int8Tables { _u = t, Scale = scale, Mid = mid } : new Int8Tables { _v = t, Scale = scale, Mid = mid };
         }
     }
 
@@ -238,14 +257,16 @@ public static unsafe partial class BitplaneKernels
     internal static void RowsInt8(KernelPath path, in BitplaneOperand w, Int8Tables tables, sbyte* x8, byte* xAbs, sbyte* xSign, int xStride,
         float* xScale, int* xSum, int m, float* y, int rowStart, int rowEnd, byte* scratch)
     {
-        fixed (byte* v = tables.V, u = tables.U)
+        // The 512- and 256-bit kernels read the offset form where AVX-VNNI makes them multiply it (TableBytes); the rest V.
+        bool offset = TableBytes.Offset && path is KernelPath.Vector512 or KernelPath.Vector256;
+        fixed (byte* t = offset ? tables.U : tables.V)
         {
             switch (path)
             {
-                case KernelPath.Vector512: RowsInt8Vbmi512(w, TableBytes.Offset ? u : v, x8, xAbs, xSign, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
-                case KernelPath.Vector256: RowsInt8Avx2(w, TableBytes.Offset ? u : v, x8, xAbs, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
-                case KernelPath.Vector128: RowsInt8Vector128(w, (sbyte*)v, x8, xStride, m, y, rowStart, rowEnd, scratch); break;
-                default: RowsInt8Scalar(w, (sbyte*)v, x8, xStride, m, y, rowStart, rowEnd); break;
+                case KernelPath.Vector512: RowsInt8Vbmi512(w, t, x8, xAbs, xSign, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+                case KernelPath.Vector256: RowsInt8Avx2(w, t, x8, xAbs, xSum, xStride, m, y, rowStart, rowEnd, scratch); break;
+                case KernelPath.Vector128: RowsInt8Vector128(w, (sbyte*)t, x8, xStride, m, y, rowStart, rowEnd, scratch); break;
+                default: RowsInt8Scalar(w, (sbyte*)t, x8, xStride, m, y, rowStart, rowEnd); break;
             }
         }
         // The paths above leave the exact Σ_j V·x8 in y; the affine table and the activation scale make it y.
