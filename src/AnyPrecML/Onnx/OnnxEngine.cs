@@ -47,6 +47,7 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
     private readonly BitplaneOperator _op;
     private readonly InferenceSession _session;
     private readonly RunOptions _run = new();
+    private OrtValue? _embedding; // the embedding table over the mapped model file, given to the session in place of the graph's reference
     private readonly string[] _inputNames, _outputNames, _logitsOnly = [DecoderGraph.Logits];
     private int _bits;
 
@@ -73,15 +74,10 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
                     // The graph's embedding initializer is a reference: the session reads the table where the model's file
                     // is mapped (file-backed pages, only the rows in use resident), as the bitplane kernels read the planes.
                     var view = model.Checkpoint[LlamaTensorNames.Embedding];
-                    var type = stored switch
-                    {
-                        Proto.TensorProto.Types.DataType.Bfloat16 => TensorElementType.BFloat16,
-                        Proto.TensorProto.Types.DataType.Float16 => TensorElementType.Float16,
-                        _ => TensorElementType.Float,
-                    };
                     _embedding?.Dispose();
+                    // ONNX Runtime's element types are numbered as ONNX's data types.
                     fixed (byte* table = view.Bytes) // the mapping does not move: the pointer stays valid while the model is open
-                        _embedding = OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, type, [.. view.Shape], (nint)table, view.ByteLength);
+                        _embedding = OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, (TensorElementType)(int)stored, [.. view.Shape], (nint)table, view.ByteLength);
                     so.AddInitializer(LlamaTensorNames.Embedding, _embedding);
                     // The reference must name an existing file where ONNX Runtime looks (it checks before it takes the table given).
                     so.AddSessionConfigEntry("session.model_external_initializers_file_folder_path", Path.GetDirectoryName(view.FilePath)!);
@@ -251,8 +247,6 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
         _op.Dispose();
     }
 
-    /// <summary>The embedding table over the mapped model file, given to the session in place of the graph's reference.</summary>
-    private OrtValue? _embedding;
 }
 
 /// <summary>
