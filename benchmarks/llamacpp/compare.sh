@@ -12,7 +12,8 @@
 #   --prefill         also llama-bench -p 512 (pass anyprec's prefill option through --anyprec-args)
 #   --tokens N        decode tokens (default 32)
 #   --depth N         decode after a context of N tokens (llama.cpp: llama-batched-bench -npp N -ntg TOKENS, one run
-#                     whatever --reps says, its default F16 KV cache; anyprec: bench engine --depth N, its fp32 cache);
+#                     whatever --reps says, its default F16 KV cache; anyprec: bench engine --depth N, its default
+#                     bf16 cache, or fp32 with --anyprec-args --kv-cache fp32);
 #                     not with --prefill
 #   --reps N          llama-bench repetitions (default 5)
 #   --types "T ..."   llama.cpp types (default "Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K Q8_0")
@@ -245,11 +246,12 @@ for t in types.split():
         kind = "tg" if r["n_prompt"] == 0 else "pp"
         llama.setdefault(by_bits[t], {"type": t})[kind] = (r["avg_ts"], r["stddev_ts"])
         info = r
-anyprec, backend = {}, None
+anyprec, backend, kv = {}, None, "its default"
 path = os.path.join(results, "anyprec.json")
 if os.path.exists(path):
     a = json.load(open(path))
     backend = a.get("backend")
+    kv = a.get("kv_cache", "fp32")  # runs before the bf16 cache wrote no kv_cache: they were fp32
     for row in a.get("rows", []):
         tg = row.get("onnx_tokens_per_second", row.get("tokens_per_second"))
         pp = next((v for k, v in row.items() if "prefill" in k and k.endswith("tokens_per_second")), None)
@@ -279,7 +281,7 @@ if prefill:
     head += " llama.cpp pp512 tok/s | anyprec prefill tok/s | prefill ratio |"
     line += "---:|---:|---:|"
 if depth != "0":
-    print(f"Decode of {tokens} tokens after a context of {depth} (llama.cpp: llama-batched-bench, one run, F16 KV cache; anyprec: fp32 cache)")
+    print(f"Decode of {tokens} tokens after a context of {depth} (llama.cpp: llama-batched-bench, one run, F16 KV cache; anyprec: {kv} cache)")
 else:
     print(f"Decode of {tokens} tokens (llama.cpp: mean ± sd of llama-bench repetitions)")
 print()

@@ -25,6 +25,8 @@ public sealed class AnyPrecisionChatClientOptions
     public int DefaultMaxOutputTokens { get; set; } = 256;
     /// <summary>Bitplane kernels of the engine (default: the library's default backend).</summary>
     public BitplaneBackend? Backend { get; set; }
+    /// <summary>What the engine's key/value caches hold (default: the engine's, bf16 on the CPU; see <see cref="OnnxEngineOptions.KvCacheType"/>).</summary>
+    public KvCacheType? KvCacheType { get; set; }
 }
 
 /// <summary>A request named a model or width the client does not serve (OpenAI's <c>model_not_found</c>).</summary>
@@ -122,7 +124,7 @@ public sealed class AnyPrecisionChatClient : IChatClient
                 : (ChatTemplate.Plain, "none");
             Metadata = new AnyPrecisionChatClientMetadata(name, template, source, defaultBits, model.SupportedBits, model.Config.MaxSeqLen);
             _metadata = new ChatClientMetadata("AnyPrecML", new Uri(fullDirectory), ModelId(name, defaultBits));
-            _engine = new OnnxEngine(model, new OnnxEngineOptions { Bits = defaultBits, Backend = options.Backend });
+            _engine = new OnnxEngine(model, new OnnxEngineOptions { Bits = defaultBits, Backend = options.Backend, KvCacheType = options.KvCacheType });
             _generators = model.SupportedBits.ToDictionary(b => b, b => new TextGenerator(new WidthEngine(_engine, b), _tokenizer));
             // Measured the first time a request has a budget, with the fingerprint `anyprec generate` gives the same engine.
             string accuracy = options.Backend is CpuBitplaneBackend { Accuracy: KernelAccuracy.Float32 } ? "fp32" : "int8";

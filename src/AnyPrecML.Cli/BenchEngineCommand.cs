@@ -29,10 +29,11 @@ internal static class BenchEngineCommand
         var reference = new Option<bool>("--reference") { Description = "Also time the managed reference engine on each width's dequantized weights (one fp32 copy at a time: 4 bytes per weight)." };
         var rounds = new Option<int>("--rounds") { Description = "Decode timings per width, taken round-robin over the widths and profiles, the median kept (a loaded machine's drift then falls on all alike).", DefaultValueFactory = _ => 1 };
         var accuracy = CommonOptions.Accuracy();
+        var kvCache = CommonOptions.KvCache();
         var json = CommonOptions.Json();
         var command = new Command("engine", "Decode (and prefill) tokens/s of the ONNX engine at every width with its kernel/rest split, the kernel-only bound, op overhead, memory with one vs all widths.")
         {
-            model, tokens, bitsOption, profiles, rounds, prefill, depth, reference, accuracy, json,
+            model, tokens, bitsOption, profiles, rounds, prefill, depth, reference, accuracy, kvCache, json,
         };
         command.SetAction((r, ct) =>
         {
@@ -47,8 +48,9 @@ internal static class BenchEngineCommand
                 throw new ArgumentException($"--depth {context} and {steps} decode steps do not fit the model's context of {c.MaxSeqLen} tokens.");
             var widths = r.GetValue(bitsOption) is { Length: > 0 } chosen ? chosen.Select(ap.CheckBits).ToArray() : ap.SupportedBits.ToArray();
             var backend = CommonOptions.Backend(r.GetValue(accuracy)) ?? BitplaneBackend.Default;
-            using var engine = new OnnxEngine(ap, new OnnxEngineOptions { Backend = backend });
-            err.WriteLine($"{c.Layers} layers, dim {c.Dim}, {c.ParameterCount / 1e6:F1}M parameters; bitplane backend: {backend.Name}; head {(engine.Int8Head ? "int8" : "fp32")}");
+            using var engine = new OnnxEngine(ap, new OnnxEngineOptions { Backend = backend, KvCacheType = CommonOptions.CacheType(r.GetValue(kvCache)) });
+            string cacheType = engine.KvCacheType == KvCacheType.BFloat16 ? "bf16" : "fp32";
+            err.WriteLine($"{c.Layers} layers, dim {c.Dim}, {c.ParameterCount / 1e6:F1}M parameters; bitplane backend: {backend.Name}; head {(engine.Int8Head ? "int8" : "fp32")}; kv cache {cacheType}");
 
             // Memory first, on a fresh engine: the narrowest width alone, then every width through the same session.
             // The weights are the mapped model file, so its resident pages show what was read; private memory
@@ -111,7 +113,7 @@ internal static class BenchEngineCommand
             var result = new
             {
                 model = Path.GetFileName(dir), layers = c.Layers, dim = c.Dim, parameters = c.ParameterCount,
-                backend = backend.Name, head = engine.Int8Head ? "int8" : "fp32", decode_steps = steps, decode_depth = context, rounds = roundCount, prefill_tokens = prompt, rows,
+                backend = backend.Name, head = engine.Int8Head ? "int8" : "fp32", kv_cache = cacheType, decode_steps = steps, decode_depth = context, rounds = roundCount, prefill_tokens = prompt, rows,
                 op_call_us = Math.Round(opUs, 2), direct_call_us = Math.Round(directUs, 2), op_overhead_us = Math.Round(opUs - directUs, 2),
                 model_file_mb = Mb(new DirectoryInfo(dir).EnumerateFiles("*.safetensors").Sum(f => f.Length)),
                 seed_width_model_resident_mb = Mb(fileOne), all_widths_model_resident_mb = Mb(fileAll),

@@ -24,6 +24,7 @@ internal static class BenchSpeculativeCommand
         var tokenizer = CommonOptions.Tokenizer();
         var engine = CommonOptions.Engine();
         var accuracy = CommonOptions.Accuracy();
+        var kvCache = CommonOptions.KvCache();
         var text = new Option<string?>("--text") { Description = "Prompts: the first words of each line of this file (default: eight story openings)." };
         var prompts = new Option<int>("--prompts") { Description = "Prompts to decode from.", DefaultValueFactory = _ => 8 };
         var tokens = new Option<int>("--tokens", "-n") { Description = "Tokens generated per prompt.", DefaultValueFactory = _ => 128 };
@@ -38,12 +39,12 @@ internal static class BenchSpeculativeCommand
         var json = CommonOptions.Json();
         var command = new Command("speculative", "Self-speculative decoding: acceptance, tokens per target pass and tokens/s per (draft, target, k) beside target-only; best (d, k) per target.")
         {
-            model, tokenizer, engine, accuracy, text, prompts, tokens, targets, drafts, ks, acceptance, json,
+            model, tokenizer, engine, accuracy, kvCache, text, prompts, tokens, targets, drafts, ks, acceptance, json,
         };
         command.SetAction((r, ct) =>
         {
             // The engine line names the kernels that ran (path, instruction set, arithmetic): pass times depend on them.
-            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), null, r.GetValue(engine), r.GetValue(accuracy), log: r.Err());
+            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), null, r.GetValue(engine), r.GetValue(accuracy), log: r.Err(), kvCache: r.GetValue(kvCache));
             if (m.Engine is not IAnyPrecisionEngine e) throw new ArgumentException($"'{r.GetValue(model)}' is not an any-precision model (quantize it with `anyprec quantize`).");
             var c = e.Config;
             int n = r.GetValue(tokens), count = r.GetValue(prompts);

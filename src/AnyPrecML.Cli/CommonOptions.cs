@@ -82,14 +82,22 @@ internal static class CommonOptions
         DefaultValueFactory = _ => "auto",
     }.AcceptOnlyFromAmong("auto", "cpu", "cuda");
 
+    public static Option<string?> KvCache() => new Option<string?>("--kv-cache")
+    {
+        Description = "What the onnx engine's key/value cache holds: bf16 (the default on the CPU: half the memory per sequence and half the bytes each step reads) or fp32 (the only type under CUDA).",
+    }.AcceptOnlyFromAmong("bf16", "fp32");
+
+    /// <summary>A --kv-cache value as the engine's option; null (the engine's default) when absent.</summary>
+    public static KvCacheType? CacheType(string? kvCache) => kvCache switch { "fp32" => KvCacheType.Float32, "bf16" => KvCacheType.BFloat16, _ => null };
+
     /// <summary>
     /// The ONNX engine on <paramref name="device"/>. With `cuda` in a GPU build on a machine without the CUDA libraries,
     /// ONNX Runtime fails to load its provider: that is the user's choice of device, not an internal failure, so it is a
     /// one-line error (exit 2) that names the fallback (`auto` falls back by itself, with a warning).
     /// </summary>
-    private static OnnxEngine OnnxEngineOn(AnyPrecisionModel ap, int bits, string? accuracy, string device)
+    private static OnnxEngine OnnxEngineOn(AnyPrecisionModel ap, int bits, string? accuracy, string device, string? kvCache)
     {
-        var options = new OnnxEngineOptions { Bits = bits, Backend = Backend(accuracy), Device = Enum.Parse<OnnxDevice>(device, ignoreCase: true) };
+        var options = new OnnxEngineOptions { Bits = bits, Backend = Backend(accuracy), Device = Enum.Parse<OnnxDevice>(device, ignoreCase: true), KvCacheType = CacheType(kvCache) };
         try { return new OnnxEngine(ap, options); }
         catch (Exception e) when (options.Device == OnnxDevice.Cuda && e is Microsoft.ML.OnnxRuntime.OnnxRuntimeException or DllNotFoundException or EntryPointNotFoundException)
         {
@@ -121,7 +129,7 @@ internal static class CommonOptions
     /// "reference" (that width dequantized into the managed engine).
     /// </summary>
     public static LoadedModel Load(string modelPath, string? tokenizerPath, double? bits = null, string? engine = null, string? accuracy = null,
-        string device = "auto", TextWriter? log = null, string? profilePath = null)
+        string device = "auto", TextWriter? log = null, string? profilePath = null, string? kvCache = null)
     {
         if (Directory.Exists(modelPath) && LlamaCheckpoint.IsAnyPrecision(modelPath))
         {
@@ -131,7 +139,7 @@ internal static class CommonOptions
                 var tokenizer = LlamaTokenizerLoader.Load(ap.Checkpoint, tokenizerPath);
                 var profile = ResolveProfile(ap, modelPath, bits, profilePath);
                 int b = ap.CheckBits(WholeBits(bits, profile) ?? ap.ParentBits);
-                IAnyPrecisionEngine e = engine == "reference" ? new AnyPrecisionReferenceEngine(ap, b) : OnnxEngineOn(ap, b, accuracy, device);
+                IAnyPrecisionEngine e = engine == "reference" ? new AnyPrecisionReferenceEngine(ap, b) : OnnxEngineOn(ap, b, accuracy, device, kvCache);
                 if (e is OnnxEngine { DeviceFallback: { } why }) log?.WriteLine($"warning: {why}");
                 // Which kernels run is never silent: the path, its instruction set and the arithmetic.
                 string widths = profile?.ToString() ?? $"{b} bits";

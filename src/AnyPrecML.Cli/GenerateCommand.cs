@@ -16,6 +16,7 @@ internal static class GenerateCommand
         var profile = CommonOptions.Profile();
         var engine = CommonOptions.Engine();
         var accuracy = CommonOptions.Accuracy();
+        var kvCache = CommonOptions.KvCache();
         var device = CommonOptions.Device();
         var prompt = new Option<string>("--prompt", "-p") { Description = "Text to complete (empty: start from BOS).", DefaultValueFactory = _ => "" };
         var maxTokens = new Option<int>("--max-tokens", "-n") { Description = "Most tokens to generate.", DefaultValueFactory = _ => 256 };
@@ -30,11 +31,11 @@ internal static class GenerateCommand
         var budget = new Option<double?>("--latency-budget-ms") { Description = "Per-token latency budget: runs the widest width (or draft/target pair) whose cost, measured on this machine and cached beside the model, meets it. Replaces --bits and --draft-bits." };
         var command = new Command("generate", "Generate text from a prompt.")
         {
-            model, tokenizer, bits, profile, engine, accuracy, device, prompt, maxTokens, temperature, topK, topP, seed, draftBits, draftTokens, draftThreshold, speculate, budget, json,
+            model, tokenizer, bits, profile, engine, accuracy, device, kvCache, prompt, maxTokens, temperature, topK, topP, seed, draftBits, draftTokens, draftThreshold, speculate, budget, json,
         };
         command.SetAction((r, ct) =>
         {
-            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), r.GetValue(device)!, r.Err(), r.GetValue(profile));
+            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), r.GetValue(device)!, r.Err(), r.GetValue(profile), r.GetValue(kvCache));
             var options = new GenerationOptions
             {
                 MaxTokens = r.GetValue(maxTokens), Temperature = r.GetValue(temperature),

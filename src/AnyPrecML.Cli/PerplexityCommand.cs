@@ -15,6 +15,7 @@ internal static class PerplexityCommand
         var profile = CommonOptions.Profile();
         var engine = CommonOptions.Engine();
         var accuracy = CommonOptions.Accuracy();
+        var kvCache = CommonOptions.KvCache();
         var device = CommonOptions.Device();
         var text = new Option<string>("--text") { Description = "Text file to evaluate.", Required = true };
         var context = new Option<int>("--context", "-c") { Description = "Tokens per window (0: the model's context).", DefaultValueFactory = _ => 0 };
@@ -22,11 +23,11 @@ internal static class PerplexityCommand
         var truncate = Truncate();
         var command = new Command("perplexity", "Perplexity of a text in non-overlapping windows of the context length, or (--bos-per-line --truncate N) of each line on its first N tokens.")
         {
-            model, tokenizer, bits, profile, engine, accuracy, device, text, context, bosPerLine, truncate, json,
+            model, tokenizer, bits, profile, engine, accuracy, device, kvCache, text, context, bosPerLine, truncate, json,
         };
         command.SetAction((r, ct) =>
         {
-            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), r.GetValue(device)!, r.Err(), r.GetValue(profile));
+            using var m = CommonOptions.Load(r.GetValue(model)!, r.GetValue(tokenizer), r.GetValue(bits), r.GetValue(engine), r.GetValue(accuracy), r.GetValue(device)!, r.Err(), r.GetValue(profile), r.GetValue(kvCache));
             string path = r.GetValue(text)!;
             if (!File.Exists(path)) throw new FileNotFoundException($"Text file '{path}' does not exist.", path);
             var progress = new ConsoleProgress<EvaluationProgress>(r.Err(), "perplexity", p => (p.Done, p.Total));

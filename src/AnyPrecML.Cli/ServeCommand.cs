@@ -20,6 +20,7 @@ internal static class ServeCommand
         var bits = CommonOptions.Bits();
         bits.Description = "Width of requests that name none (default: the parent width).";
         var accuracy = CommonOptions.Accuracy();
+        var kvCache = CommonOptions.KvCache();
         var port = new Option<int>("--port") { Description = "TCP port (0: any free port; the address is printed).", DefaultValueFactory = _ => 8080 };
         var host = new Option<string>("--host") { Description = "Address to listen on.", DefaultValueFactory = _ => "127.0.0.1" };
         var name = new Option<string?>("--name") { Description = "Model name in model ids (default: the directory's name)." };
@@ -28,7 +29,7 @@ internal static class ServeCommand
         var queue = new Option<int>("--max-queue") { Description = "Requests waiting for a slot before 429.", DefaultValueFactory = _ => 64 };
         var command = new Command("serve", "Serve an any-precision model over the OpenAI HTTP API (/v1/models, /v1/chat/completions, /v1/completions, /health).")
         {
-            model, bits, accuracy, port, host, name, template, concurrent, queue,
+            model, bits, accuracy, kvCache, port, host, name, template, concurrent, queue,
         };
         command.SetAction(async (r, ct) =>
         {
@@ -46,6 +47,7 @@ internal static class ServeCommand
                 o.ModelName = r.GetValue(name);
                 o.ChatTemplate = r.GetValue(template);
                 o.Backend = CommonOptions.Backend(r.GetValue(accuracy));
+                o.KvCacheType = CommonOptions.CacheType(r.GetValue(kvCache));
             });
             var client = app.Services.GetRequiredService<AnyPrecisionChatClient>();
             await app.StartAsync(ct);

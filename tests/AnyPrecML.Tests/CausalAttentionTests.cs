@@ -1,4 +1,5 @@
 using AnyPrecML.Kernels;
+using AnyPrecML.Models;
 
 namespace AnyPrecML.Tests;
 
@@ -22,25 +23,13 @@ public sealed unsafe class CausalAttentionTests
     public void MatchesAFloat64ReferenceAndAppendsTheNewRowsInPlace(int heads, int kvHeads, int hd, bool interleaved, int past, int tokens, float magnitude = 1)
     {
         var shape = new CausalAttention.Shape(heads, kvHeads, hd, interleaved);
-        int capacity = past + tokens + 3, half = hd / 2;
+        int capacity = past + tokens + 3;
         var rng = new Random(heads * 1000 + past);
         float Next() => (float)(rng.NextDouble() * 2 - 1) * magnitude;
         var qkv = new float[tokens * shape.PackedWidth];
         for (int i = 0; i < qkv.Length; i++) qkv[i] = Next();
-        var keys = new float[kvHeads * capacity * hd];
-        var values = new float[keys.Length];
-        for (int g = 0; g < kvHeads; g++)
-            for (int p = 0; p < past; p++)
-                for (int i = 0; i < hd; i++) { keys[(g * capacity + p) * hd + i] = Next(); values[(g * capacity + p) * hd + i] = Next(); }
-        var cos = new float[capacity * half];
-        var sin = new float[capacity * half];
-        for (int p = 0; p < capacity; p++)
-            for (int j = 0; j < half; j++)
-            {
-                double angle = p * Math.Pow(10000, -2.0 * j / hd);
-                cos[p * half + j] = (float)Math.Cos(angle);
-                sin[p * half + j] = (float)Math.Sin(angle);
-            }
+        var (keys, values) = PastRows(kvHeads, capacity, hd, past, Next);
+        var (cos, sin) = RopeTables(capacity, hd);
         float scale = 1f / MathF.Sqrt(hd);
         var (expected, expectedKeys, expectedValues, maxScore) = Reference(shape, qkv, tokens, keys, values, capacity, past, cos, sin, scale);
 
@@ -48,13 +37,66 @@ public sealed unsafe class CausalAttentionTests
         Array.Fill(output, float.NaN); // every output must be written, not accumulated onto what was there
         using var pool = new KernelThreadPool(2);
         fixed (float* k = keys, v = values)
-            CausalAttention.Run(shape, qkv, tokens, k, v, capacity, past, cos, sin, scale, output, pool);
+            CausalAttention.Run(shape, qkv, tokens, KvCacheType.Float32, k, v, capacity, past, cos, sin, scale, output, pool);
 
         if (magnitude > 1) Assert.IsGreaterThan(100.0, maxScore, "scores reach where e^x overflows float");
         // Values scale with the magnitude; the scores' float rounding with its square.
         Assert.IsLessThan(1e-5 * magnitude * magnitude * magnitude, TestData.MaxAbsDiff(output, expected), "attention");
         Assert.IsLessThan(1e-6 * magnitude, TestData.MaxAbsDiff(keys, expectedKeys), "keys: the new rows rotated in place, the others untouched");
         CollectionAssert.AreEqual(expectedValues, values, "values: the new rows copied in place, the others untouched");
+    }
+
+    [TestMethod]
+    [DataRow(8, 2, 64, true, 37, 1, DisplayName = "bf16: decode step after 37 positions")]
+    [DataRow(6, 3, 12, false, 101, 3, DisplayName = "bf16: head width 12, not a multiple of 2·W: each chunk widened for the fp32 loops")]
+    [DataRow(4, 2, 16, false, 0, 40, DisplayName = "bf16: prompt of 40, the blocked products over widened keys and values")]
+    [DataRow(8, 2, 64, false, 150, 1, DisplayName = "bf16: decode after 150, keys and values read in place a chunk at a time")]
+    [DataRow(6, 2, 48, true, 200, 1, DisplayName = "bf16: head width 48 after 200")]
+    [DataRow(8, 2, 64, true, 300, 3, DisplayName = "bf16: verification pass of 3 after 300")]
+    public void ABFloat16CacheMatchesAFloat64ReferenceOverItsRoundedRows(int heads, int kvHeads, int hd, bool interleaved, int past, int tokens)
+    {
+        var shape = new CausalAttention.Shape(heads, kvHeads, hd, interleaved);
+        int capacity = past + tokens + 3, half = hd / 2;
+        var rng = new Random(heads * 1000 + past + 7);
+        float Next() => (float)(rng.NextDouble() * 2 - 1);
+        var qkv = new float[tokens * shape.PackedWidth];
+        for (int i = 0; i < qkv.Length; i++) qkv[i] = Next();
+        var (pastKeys, pastValues) = PastRows(kvHeads, capacity, hd, past, Next);
+        ushort[] keys = [.. pastKeys.Select(TensorEncoding.ToBFloat16)], values = [.. pastValues.Select(TensorEncoding.ToBFloat16)];
+        var (cos, sin) = RopeTables(capacity, hd);
+        float scale = 1f / MathF.Sqrt(hd);
+
+        // What the cache must hold afterwards, written plainly: the new keys rotated in fp32 (as the RoPE step computes
+        // them), then each new key and value rounded to bf16 (nearest even); the past rows untouched.
+        var expectedKeys = (ushort[])keys.Clone();
+        var expectedValues = (ushort[])values.Clone();
+        int qDim = heads * hd, kvDim = kvHeads * hd;
+        for (int t = 0; t < tokens; t++)
+            for (int g = 0; g < kvHeads; g++)
+            {
+                int pos = past + t, row = t * shape.PackedWidth + qDim + g * hd, at = (g * capacity + pos) * hd;
+                for (int j = 0; j < half; j++)
+                {
+                    int i0 = interleaved ? 2 * j : j, i1 = interleaved ? 2 * j + 1 : j + half;
+                    float a = qkv[row + i0], b = qkv[row + i1], c = cos[pos * half + j], s = sin[pos * half + j];
+                    expectedKeys[at + i0] = TensorEncoding.ToBFloat16(a * c - b * s);
+                    expectedKeys[at + i1] = TensorEncoding.ToBFloat16(a * s + b * c);
+                }
+                for (int i = 0; i < hd; i++) expectedValues[at + i] = TensorEncoding.ToBFloat16(qkv[t * shape.PackedWidth + qDim + kvDim + g * hd + i]);
+            }
+        // The float64 attention over those rows: its own RoPE of q, and the cache's keys and values as they are.
+        float[] Widen(ushort[] bits) => [.. bits.Select(x => BitConverter.UInt32BitsToSingle((uint)x << 16))];
+        var expected = Attention(shape, qkv, tokens, Widen(expectedKeys), Widen(expectedValues), capacity, past, cos, sin, scale);
+
+        var output = new float[tokens * qDim];
+        Array.Fill(output, float.NaN);
+        using var pool = new KernelThreadPool(2);
+        fixed (ushort* k = keys, v = values)
+            CausalAttention.Run(shape, qkv, tokens, KvCacheType.BFloat16, k, v, capacity, past, cos, sin, scale, output, pool);
+
+        CollectionAssert.AreEqual(expectedKeys, keys, "keys: the new rows rotated and rounded to bf16 in place, the others untouched");
+        CollectionAssert.AreEqual(expectedValues, values, "values: the new rows rounded to bf16 in place, the others untouched");
+        Assert.IsLessThan(1e-5, TestData.MaxAbsDiff(output, expected), "attention over the bf16 rows");
     }
 
     [TestMethod]
@@ -68,8 +110,71 @@ public sealed unsafe class CausalAttentionTests
         fixed (float* k = keys, v = values)
         {
             float* kp = k, vp = v;
-            Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => CausalAttention.Run(shape, new float[2 * shape.PackedWidth], 2, kp, vp, 8, 7, table, table, 0.5f, new float[2 * 8], pool));
+            Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => CausalAttention.Run(shape, new float[2 * shape.PackedWidth], 2, KvCacheType.Float32, kp, vp, 8, 7, table, table, 0.5f, new float[2 * 8], pool));
         }
+    }
+
+    /// <summary>RoPE angles as the engine's tables hold them: [positions, hd/2] cos and sin.</summary>
+    private static (float[] Cos, float[] Sin) RopeTables(int capacity, int hd)
+    {
+        int half = hd / 2;
+        var cos = new float[capacity * half];
+        var sin = new float[capacity * half];
+        for (int p = 0; p < capacity; p++)
+            for (int j = 0; j < half; j++)
+            {
+                double angle = p * Math.Pow(10000, -2.0 * j / hd);
+                cos[p * half + j] = (float)Math.Cos(angle);
+                sin[p * half + j] = (float)Math.Sin(angle);
+            }
+        return (cos, sin);
+    }
+
+    /// <summary>A cache [kvHeads, capacity, hd] whose first <paramref name="past"/> rows per head are drawn from <paramref name="next"/>, the rest zero.</summary>
+    private static (float[] Keys, float[] Values) PastRows(int kvHeads, int capacity, int hd, int past, Func<float> next)
+    {
+        var keys = new float[kvHeads * capacity * hd];
+        var values = new float[keys.Length];
+        for (int g = 0; g < kvHeads; g++)
+            for (int p = 0; p < past; p++)
+                for (int i = 0; i < hd; i++) { keys[(g * capacity + p) * hd + i] = next(); values[(g * capacity + p) * hd + i] = next(); }
+        return (keys, values);
+    }
+
+    /// <summary>Float64 causal attention of the new tokens' q (rotated here) over caches already holding every row up to the last token.</summary>
+    private static float[] Attention(CausalAttention.Shape shape, float[] qkv, int tokens, float[] keys, float[] values, int capacity, int past, float[] cos, float[] sin, float scale)
+    {
+        int hd = shape.HeadDim, half = hd / 2, qDim = shape.Heads * hd, group = shape.Heads / shape.KvHeads;
+        var output = new float[tokens * qDim];
+        for (int t = 0; t < tokens; t++)
+            for (int h = 0; h < shape.Heads; h++)
+            {
+                int pos = past + t, g = h / group, length = pos + 1;
+                var q = new double[hd];
+                for (int j = 0; j < half; j++)
+                {
+                    int i0 = shape.Interleaved ? 2 * j : j, i1 = shape.Interleaved ? 2 * j + 1 : j + half;
+                    double a = qkv[t * shape.PackedWidth + h * hd + i0], b = qkv[t * shape.PackedWidth + h * hd + i1], c = cos[pos * half + j], s = sin[pos * half + j];
+                    q[i0] = a * c - b * s;
+                    q[i1] = a * s + b * c;
+                }
+                var scores = new double[length];
+                for (int p = 0; p < length; p++)
+                {
+                    double dot = 0;
+                    for (int i = 0; i < hd; i++) dot += q[i] * keys[(g * capacity + p) * hd + i];
+                    scores[p] = dot * scale;
+                }
+                double max = scores.Max(), sum = 0;
+                for (int p = 0; p < length; p++) sum += scores[p] = Math.Exp(scores[p] - max);
+                for (int i = 0; i < hd; i++)
+                {
+                    double o = 0;
+                    for (int p = 0; p < length; p++) o += scores[p] / sum * values[(g * capacity + p) * hd + i];
+                    output[t * qDim + h * hd + i] = (float)o;
+                }
+            }
+        return output;
     }
 
     /// <summary>The same attention in float64, written plainly: rotate q and the new k, append k and v, causal softmax attention.</summary>

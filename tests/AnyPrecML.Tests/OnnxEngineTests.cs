@@ -26,8 +26,9 @@ public sealed class OnnxEngineTests
         using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
             AnyPrecisionQuantizer.Quantize(source, _dir["ap"], new UniformSensitivity(), new QuantizerOptions());
         _model = AnyPrecisionModel.Open(_dir["ap"]);
-        // The graph is checked on the fp32 kernels against the fp32 reference; the int8 level has a test of its own.
-        _engine = new OnnxEngine(_model, new OnnxEngineOptions { Backend = Fp32 });
+        // The graph is checked on the fp32 kernels and an fp32 cache against the fp32 reference; the int8 level and the
+        // bf16 cache (both defaults) have tests of their own.
+        _engine = new OnnxEngine(_model, new OnnxEngineOptions { Backend = Fp32, KvCacheType = KvCacheType.Float32 });
     }
 
     private static readonly CpuBitplaneBackend Fp32 = new(accuracy: KernelAccuracy.Float32);
@@ -74,6 +75,73 @@ public sealed class OnnxEngineTests
         double scale = 0;
         foreach (float e in expected) scale = Math.Max(scale, Math.Abs(e));
         return TestData.MaxAbsDiff(actual, expected) / scale;
+    }
+
+    [TestMethod]
+    public void TheDefaultBFloat16CacheHalvesTheCacheHoldsTheFp32CachesRowsRoundedAndKeepsPerplexityWithinHalfAPercent()
+    {
+        using var fp32 = new OnnxEngine(_model, new OnnxEngineOptions { Backend = Fp32, KvCacheType = KvCacheType.Float32 });
+        using var bf16 = new OnnxEngine(_model, new OnnxEngineOptions { Backend = Fp32 });
+        Assert.AreEqual(KvCacheType.BFloat16, bf16.KvCacheType, "bf16 is the CPU engine's default");
+        StringAssert.Contains(bf16.Kernels, "kv cache bf16");
+        StringAssert.Contains(fp32.Kernels, "kv cache fp32");
+        var (wide, narrow) = ((OnnxKvCache)fp32.CreateCache(), (OnnxKvCache)bf16.CreateCache());
+        Assert.AreEqual(wide.Bytes, 2 * narrow.Bytes, "half the bytes");
+        Assert.AreEqual(2L * _model.Config.Layers * _model.Config.KvHeads * _model.Config.MaxSeqLen * _model.Config.HeadDim * 4, wide.Bytes);
+
+        // Layer 0's keys and values depend on nothing the cache type changes: the bf16 cache holds exactly the fp32
+        // cache's, each rounded to nearest even; later layers see attention over rounded rows, so they only come close.
+        int vocab = _model.Config.VocabSize;
+        foreach (int bits in new[] { _model.SeedBits, _model.ParentBits })
+        {
+            fp32.Bits = bf16.Bits = bits;
+            wide.Reset(); narrow.Reset();
+            var (a, b) = (new float[Prompt.Length * vocab], new float[Prompt.Length * vocab]);
+            fp32.Forward(Prompt, wide, a);
+            bf16.Forward(Prompt, narrow, b);
+            for (int t = 0; t < 8; t++)
+            {
+                fp32.Forward([Prompt[t]], wide, a.AsSpan(0, vocab));
+                bf16.Forward([Prompt[t]], narrow, b.AsSpan(0, vocab));
+            }
+            for (int i = 0; i < 2; i++)
+            {
+                var rounded = wide.Buffers[i].Select(x => BitConverter.UInt32BitsToSingle((uint)TensorEncoding.ToBFloat16(x) << 16)).ToArray();
+                CollectionAssert.AreEqual(rounded, narrow.Buffers[i], $"b={bits}: layer 0 {(i == 0 ? "keys" : "values")}");
+            }
+            Assert.IsGreaterThan(0.0, TestData.MaxAbsDiff(wide.Buffers[^1], narrow.Buffers[^1]), $"b={bits}: the last layer's values differ");
+            double error = RelativeError(b.AsSpan(0, vocab).ToArray(), a.AsSpan(0, vocab).ToArray());
+            Assert.IsLessThan(5e-2, error, $"b={bits}: logits after 24 positions differ by {error:E2} of their largest (2.6% measured at b = 8)");
+        }
+
+        // What the cache type costs in quality: perplexity of stories260K's own kind of text at every width, within half a
+        // percent (the bound the int8 level was made the default under; measured +0.21% at b = 3, under 0.05% above).
+        var tokens = Evaluation.PerplexityEvaluator.Tokenize(LlamaTokenizerLoader.Load(_model.Checkpoint, null), File.ReadAllText(TestData.TinyStories), bosPerLine: true);
+        var lines = new List<string>();
+        double worst = 0;
+        foreach (int bits in _model.SupportedBits)
+        {
+            fp32.Bits = bf16.Bits = bits;
+            double exact = Evaluation.PerplexityEvaluator.Evaluate(fp32, tokens, 256).Perplexity, rounded = Evaluation.PerplexityEvaluator.Evaluate(bf16, tokens, 256).Perplexity;
+            lines.Add($"b={bits}: fp32 cache {exact:F4}, bf16 {rounded:F4} ({100 * (rounded / exact - 1):+0.000;-0.000}%)");
+            worst = Math.Max(worst, Math.Abs(rounded / exact - 1));
+        }
+        Console.WriteLine(string.Join("\n", lines));
+        Assert.IsFalse(double.IsNaN(worst), string.Join("; ", lines));
+        Assert.IsLessThan(0.005, worst, string.Join("; ", lines));
+        Assert.IsGreaterThan(0.0, worst, "the rounding must show somewhere");
+    }
+
+    [TestMethod]
+    public void ABFloat16CacheWhereGroupQueryAttentionRunsIsRefused()
+    {
+        string path = _dir["gqa-for-bf16.onnx"];
+        DecoderGraph.Save(_model, path);
+        var e = Assert.ThrowsExactly<NotSupportedException>(() => new OnnxEngine(_model, new OnnxEngineOptions { GraphPath = path, KvCacheType = KvCacheType.BFloat16 }));
+        StringAssert.Contains(e.Message, "bf16");
+        using var fromFile = new OnnxEngine(_model, new OnnxEngineOptions { GraphPath = path });
+        Assert.AreEqual(KvCacheType.Float32, fromFile.KvCacheType, "a graph file's GroupQueryAttention keeps fp32 by default");
+        Assert.ThrowsExactly<ArgumentException>(() => DecoderGraph.Export(_model, int8Head: false, cpuAttention: false, embeddingByReference: false, KvCacheType.BFloat16));
     }
 
     [TestMethod]
@@ -199,7 +267,7 @@ public sealed class OnnxEngineTests
     [TestMethod]
     public void SwitchingBitsBetweenRunsOfOneSessionGivesThatWidthsResult()
     {
-        using var engine = new OnnxEngine(_model, new OnnxEngineOptions { Bits = 3, Backend = Fp32 });
+        using var engine = new OnnxEngine(_model, new OnnxEngineOptions { Bits = 3, Backend = Fp32, KvCacheType = KvCacheType.Float32 });
         var at3 = TestData.AllLogits(engine, Prompt);
         engine.Bits = 8;
         var at8 = TestData.AllLogits(engine, Prompt);
@@ -268,7 +336,7 @@ public sealed class OnnxEngineTests
             Assert.AreEqual(0, cpuNodes.Count(n => n.OpType == "GroupQueryAttention"), rope.ToString());
             string gqaPath = _dir[$"wide-gqa-{rope}.onnx"];
             File.WriteAllBytes(gqaPath, gqa.ToByteArray());
-            using var cpu = new OnnxEngine(model, new OnnxEngineOptions { Backend = Fp32 });
+            using var cpu = new OnnxEngine(model, new OnnxEngineOptions { Backend = Fp32, KvCacheType = KvCacheType.Float32 });
             using var fromFile = new OnnxEngine(model, new OnnxEngineOptions { Backend = Fp32, GraphPath = gqaPath });
             Assert.IsTrue(cpu.InPlaceAttention);
             Assert.IsFalse(fromFile.InPlaceAttention);

@@ -40,7 +40,7 @@ public sealed class PrecisionProfileTests
     [TestMethod]
     public void OnnxEngineRunsEveryLinearAtItsOwnWidthAsTheReferenceDoes()
     {
-        using var onnx = new OnnxEngine(_model, new OnnxEngineOptions { Backend = new CpuBitplaneBackend(accuracy: KernelAccuracy.Float32) });
+        using var onnx = new OnnxEngine(_model, new OnnxEngineOptions { Backend = new CpuBitplaneBackend(accuracy: KernelAccuracy.Float32), KvCacheType = KvCacheType.Float32 });
         var reference = new AnyPrecisionReferenceEngine(_model);
         float[] Logits(IAnyPrecisionEngine e, IReadOnlyList<int> widths) => TestData.AllLogits(new ProfiledEngine(e, new PrecisionProfile(_model, widths)), Prompt);
 

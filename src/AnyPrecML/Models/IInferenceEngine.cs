@@ -43,6 +43,18 @@ public interface IAnyPrecisionEngine : IInferenceEngine
     void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, IReadOnlyList<int> widths);
 }
 
+/// <summary>What a key/value cache stores its keys and values as.</summary>
+public enum KvCacheType
+{
+    /// <summary>fp32: the keys and values exactly as the layer computed them.</summary>
+    Float32,
+    /// <summary>
+    /// bfloat16 (rounded to nearest even): half the memory and half the bytes each step reads. Models trained and served
+    /// in bf16 keep their cache in it; fp32's exponent range, so no value overflows.
+    /// </summary>
+    BFloat16,
+}
+
 /// <summary>An engine's key/value cache: the positions already processed for one sequence.</summary>
 public abstract class KvCache
 {

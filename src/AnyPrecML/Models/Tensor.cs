@@ -175,28 +175,11 @@ public sealed class TensorView
                 TensorPrimitives.ConvertToSingle(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, Half>(src), destination);
                 break;
             case DType.BF16:
-                WidenBf16(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(src), System.Runtime.InteropServices.MemoryMarshal.Cast<float, uint>(destination));
+                TensorEncoding.WidenBFloat16(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(src), destination);
                 break;
             default:
                 throw new ModelFormatException($"{FilePath}: tensor '{Name}' is {DType.Name()}; a floating-point tensor (F32, F16, BF16) was expected.");
         }
-    }
-
-    /// <summary>
-    /// bf16 is the top half of an fp32: each value's bits shifted up 16. Whole vectors, then one at a time (a model's
-    /// embedding table is 65M of them at the 1.1B shape, which a loop of one at a time took about a second to widen).
-    /// </summary>
-    private static void WidenBf16(ReadOnlySpan<ushort> bf16, Span<uint> fp32Bits)
-    {
-        int i = 0;
-        if (Vector.IsHardwareAccelerated)
-            for (int w = Vector<ushort>.Count; i + w <= bf16.Length; i += w)
-            {
-                Vector.Widen(new Vector<ushort>(bf16[i..]), out var low, out var high);
-                (low << 16).CopyTo(fp32Bits[i..]);
-                (high << 16).CopyTo(fp32Bits[(i + w / 2)..]);
-            }
-        for (; i < bf16.Length; i++) fp32Bits[i] = (uint)bf16[i] << 16;
     }
 
     /// <summary>The elements converted to a new fp32 array.</summary>

@@ -2,6 +2,7 @@ using System.Numerics.Tensors;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using AnyPrecML.Kernels;
+using AnyPrecML.Models;
 using AnyPrecML.Quantization;
 using Microsoft.ML.OnnxRuntime;
 
@@ -269,9 +270,15 @@ public sealed unsafe class BitplaneOperator : IDisposable
                 throw new ArgumentException($"{AttentionOpType}: q,k,v of shape [{string.Join(", ", dims[..qRank].ToArray())}]; [1, S, {shape.PackedWidth}] expected.");
             int tokens = checked((int)dims[1]);
             void* pastKey = OrtApiTable.KernelInput(context, 1), pastValue = OrtApiTable.KernelInput(context, 2);
-            int rank = OrtApiTable.Shape(pastKey, cache);
+            int rank = OrtApiTable.Shape(pastKey, cache, out int keyType);
             if (rank != 4 || cache[0] != 1 || cache[1] != shape.KvHeads || cache[3] != shape.HeadDim)
                 throw new ArgumentException($"{AttentionOpType}: past key of shape [{string.Join(", ", cache[..rank].ToArray())}]; [1, {shape.KvHeads}, capacity, {shape.HeadDim}] expected.");
+            Span<long> valueDims = stackalloc long[8];
+            int valueRank = OrtApiTable.Shape(pastValue, valueDims, out int valueType);
+            // The cache inputs take any element type (see GetInputType): fp32 or bf16, the same for keys and values.
+            if (keyType is not (ElementFloat or ElementBFloat16) || valueType != keyType || !valueDims[..valueRank].SequenceEqual(cache[..rank]))
+                throw new ArgumentException($"{AttentionOpType}: past key and value must be fp32 or bf16 tensors of one type and shape.");
+            var cacheType = keyType == ElementBFloat16 ? KvCacheType.BFloat16 : KvCacheType.Float32;
             int total = *(int*)OrtApiTable.TensorData(OrtApiTable.KernelInput(context, 4));
             if (*(int*)OrtApiTable.TensorData(OrtApiTable.KernelInput(context, 3)) != total - 1)
                 throw new ArgumentException($"{AttentionOpType}: seqlens_k must be total_sequence_length - 1.");
@@ -284,7 +291,7 @@ public sealed unsafe class BitplaneOperator : IDisposable
             if (tokens == 0) return;
             var input = new ReadOnlySpan<float>(OrtApiTable.TensorData(qkv), tokens * shape.PackedWidth);
             long start = System.Diagnostics.Stopwatch.GetTimestamp();
-            CausalAttention.Run(shape, input, tokens, (float*)OrtApiTable.TensorData(pastKey), (float*)OrtApiTable.TensorData(pastValue), checked((int)cache[2]),
+            CausalAttention.Run(shape, input, tokens, cacheType, OrtApiTable.TensorData(pastKey), OrtApiTable.TensorData(pastValue), checked((int)cache[2]),
                 total - tokens, cos, sin, _scale, output, owner.Cpu.Pool);
             Interlocked.Add(ref owner._attentionTicks, System.Diagnostics.Stopwatch.GetTimestamp() - start);
         }
@@ -394,8 +401,11 @@ public sealed unsafe class BitplaneOperator : IDisposable
 
     [UnmanagedCallersOnly] private static byte* GetName(OrtCustomOp* op) => KindOf(op) switch { OpKind.Int8 => Int8OpName, OpKind.Attention => AttentionOpName, _ => OpName };
     [UnmanagedCallersOnly] private static byte* GetExecutionProviderType(OrtCustomOp* op) => CpuProvider;
-    // ONNXTensorElementDataType: 1 = float, 6 = int32 (bits; attention's seqlens_k and total_sequence_length).
-    [UnmanagedCallersOnly] private static int GetInputType(OrtCustomOp* op, nuint index) => KindOf(op) == OpKind.Attention ? index is 3 or 4 ? 6 : 1 : index == 0 ? 1 : 6;
+    // ONNXTensorElementDataType: 1 = float, 6 = int32 (bits; attention's seqlens_k and total_sequence_length), 0 = any
+    // type (attention's past key and value: fp32 or bf16, which the kernel reads from the tensors and checks).
+    private const int ElementFloat = 1, ElementBFloat16 = 16;
+    [UnmanagedCallersOnly]
+    private static int GetInputType(OrtCustomOp* op, nuint index) => KindOf(op) == OpKind.Attention ? index switch { 1 or 2 => 0, 3 or 4 => 6, _ => ElementFloat } : index == 0 ? ElementFloat : 6;
     [UnmanagedCallersOnly] private static nuint GetInputTypeCount(OrtCustomOp* op) => KindOf(op) switch { OpKind.Int8 => 1u, OpKind.Attention => 7u, _ => 2u };
     [UnmanagedCallersOnly] private static int GetOutputType(OrtCustomOp* op, nuint index) => 1;
     [UnmanagedCallersOnly] private static nuint GetOutputTypeCount(OrtCustomOp* op) => 1;

@@ -20,7 +20,7 @@ namespace AnyPrecML.Onnx;
 /// linear in <see cref="AnyPrecisionModel.LinearIndex"/> order: a precision profile);
 /// <c>seqlens_k</c> int32 [1] (positions in the cache after this call, minus one); <c>total_sequence_length</c>
 /// int32 scalar; <c>logits_start</c> int64 [1] (first position whose logits are returned: 0 for all, S-1 for the
-/// last); <c>past_key_values.{l}.key|value</c> fp32 [1, kv_heads, capacity, head_dim]. Outputs: <c>logits</c>
+/// last); <c>past_key_values.{l}.key|value</c> fp32, or bf16 for a bf16 cache (CPU attention only), [1, kv_heads, capacity, head_dim]. Outputs: <c>logits</c>
 /// fp32 [1, S - logits_start, vocab], and in graphs whose attention is GroupQueryAttention <c>present.{l}.key|value</c>,
 /// which the engine binds to the same buffers as the past ones (GroupQueryAttention then appends in place; the CPU
 /// graph's Attention nodes write into the past buffers themselves).
@@ -65,10 +65,13 @@ public static class DecoderGraph
     /// goes in as stored (<see cref="StoredEmbeddingType"/>), the table's initializer holds no data, only an external
     /// reference to where it lies in the model's file; the engine gives the session the table itself through
     /// SessionOptions.AddInitializer over the mapped file: the graph, its bytes and ONNX Runtime's parse then carry no
-    /// copy of the largest tensor.
+    /// copy of the largest tensor. <paramref name="cacheType"/>: the element type of the past key/value inputs (bf16 only
+    /// with <paramref name="cpuAttention"/>).
     /// </summary>
-    internal static ModelProto Export(AnyPrecisionModel model, bool int8Head, bool cpuAttention, bool embeddingByReference)
+    internal static ModelProto Export(AnyPrecisionModel model, bool int8Head, bool cpuAttention, bool embeddingByReference, KvCacheType cacheType = KvCacheType.Float32)
     {
+        if (cacheType == KvCacheType.BFloat16 && !cpuAttention) throw new ArgumentException("a bf16 cache needs the CPU attention: GroupQueryAttention's cache is fp32 here.", nameof(cacheType));
+        var cacheData = cacheType == KvCacheType.BFloat16 ? DataType.Bfloat16 : DataType.Float;
         ArgumentNullException.ThrowIfNull(model);
         var c = model.Config;
         var cp = model.Checkpoint;
@@ -82,7 +85,7 @@ public static class DecoderGraph
         for (int l = 0; l < c.Layers; l++)
             foreach (bool v in new[] { false, true })
             {
-                g.Input(Past(l, v), DataType.Float, 1, c.KvHeads, "capacity", c.HeadDim);
+                g.Input(Past(l, v), cacheData, 1, c.KvHeads, "capacity", c.HeadDim);
                 if (!cpuAttention) g.Output(Present(l, v), DataType.Float, 1, c.KvHeads, "capacity", c.HeadDim);
             }
         g.Output(Logits, DataType.Float, 1, "logits_sequence", c.VocabSize);

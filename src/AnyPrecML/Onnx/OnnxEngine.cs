@@ -21,6 +21,12 @@ public sealed class OnnxEngineOptions
     public string? GraphPath { get; set; }
     /// <summary>Where ONNX Runtime runs the non-bitplane operators (default: <see cref="OnnxDevice.Auto"/>).</summary>
     public OnnxDevice Device { get; set; }
+    /// <summary>
+    /// What the CPU attention's caches hold (default: <see cref="KvCacheType.BFloat16"/>, as llama.cpp keeps a 16-bit
+    /// cache: half the memory per sequence and half the bytes each step reads). ONNX Runtime's GroupQueryAttention (CUDA,
+    /// or a graph given by <see cref="GraphPath"/>) keeps fp32, and asking it for bf16 is an error.
+    /// </summary>
+    public KvCacheType? KvCacheType { get; set; }
 }
 
 /// <summary>The execution provider choice of an <see cref="OnnxEngine"/>.</summary>
@@ -67,7 +73,10 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
             {
                 Int8Head = options.GraphPath is null && int8Cpu && !cuda;
                 InPlaceAttention = options.GraphPath is null && !cuda;
-                byte[]? graph = options.GraphPath is null ? Google.Protobuf.MessageExtensions.ToByteArray(DecoderGraph.Export(model, Int8Head, InPlaceAttention, embeddingByReference: true)) : null;
+                if (!InPlaceAttention && options.KvCacheType == Models.KvCacheType.BFloat16)
+                    throw new NotSupportedException($"a bf16 key/value cache needs the CPU attention; {(cuda ? "under CUDA" : "with a graph file")} GroupQueryAttention keeps fp32.");
+                KvCacheType = InPlaceAttention ? options.KvCacheType ?? Models.KvCacheType.BFloat16 : Models.KvCacheType.Float32;
+                byte[]? graph = options.GraphPath is null ? Google.Protobuf.MessageExtensions.ToByteArray(DecoderGraph.Export(model, Int8Head, InPlaceAttention, embeddingByReference: true, KvCacheType)) : null;
                 using var so = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL, InterOpNumThreads = 1 };
                 if (graph is not null && DecoderGraph.StoredEmbeddingType(model, Int8Head) is { } stored)
                 {
@@ -139,6 +148,9 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
     /// </summary>
     public bool InPlaceAttention { get; private set; }
 
+    /// <summary>What this engine's caches hold (<see cref="OnnxEngineOptions.KvCacheType"/>).</summary>
+    public KvCacheType KvCacheType { get; private set; }
+
     /// <summary>Why <see cref="OnnxDevice.Auto"/> fell back to the CPU although the CUDA provider was there; null when it did not.</summary>
     public string? DeviceFallback { get; }
 
@@ -152,7 +164,7 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
     public int ParentBits => _model.ParentBits;
 
     /// <inheritdoc/>
-    public string Kernels => $"bitplane kernels: {_op.Backend.Name}, head {(Int8Head ? "int8" : "fp32")}";
+    public string Kernels => $"bitplane kernels: {_op.Backend.Name}, head {(Int8Head ? "int8" : "fp32")}, kv cache {(KvCacheType == KvCacheType.BFloat16 ? "bf16" : "fp32")}";
 
     /// <summary>Width used by <see cref="Forward(ReadOnlySpan{int}, KvCache, Span{float})"/>; validated against seed..n.</summary>
     public int Bits
@@ -165,7 +177,7 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
     public KvCache CreateCache(int capacity = 0)
     {
         if (capacity > Config.MaxSeqLen) throw new ArgumentOutOfRangeException(nameof(capacity), $"capacity {capacity} exceeds the model's context of {Config.MaxSeqLen}.");
-        return new OnnxKvCache(Config, capacity <= 0 ? Config.MaxSeqLen : capacity);
+        return new OnnxKvCache(Config, capacity <= 0 ? Config.MaxSeqLen : capacity, KvCacheType);
     }
 
     /// <inheritdoc/>
@@ -250,48 +262,63 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
 }
 
 /// <summary>
-/// The ONNX engine's cache: per layer, pinned [1, kv_heads, capacity, head_dim] keys and values, as GroupQueryAttention
-/// lays them out, with the OrtValues over them made once (ONNX Runtime's finalizer releases them with the cache).
+/// The ONNX engine's cache: per layer, pinned [1, kv_heads, capacity, head_dim] keys and values (fp32, or bf16 bits),
+/// as GroupQueryAttention lays them out, with the OrtValues over them made once (ONNX Runtime's finalizer releases them
+/// with the cache).
 /// </summary>
 internal sealed unsafe class OnnxKvCache : KvCache
 {
-    public OnnxKvCache(LlamaConfig owner, int capacity)
+    public OnnxKvCache(LlamaConfig owner, int capacity, KvCacheType type)
     {
         Owner = owner;
         Capacity = capacity;
-        int size = checked(owner.KvHeads * capacity * owner.HeadDim);
+        Type = type;
+        int size = checked(owner.KvHeads * capacity * owner.HeadDim), bytes = type == KvCacheType.BFloat16 ? 2 : 4;
         long[] shape = [1, owner.KvHeads, capacity, owner.HeadDim];
+        var element = type == KvCacheType.BFloat16 ? TensorElementType.BFloat16 : TensorElementType.Float;
         Past = new OrtValue[2 * owner.Layers];
         Present = new OrtValue[2 * owner.Layers];
-        _buffers = new float[2 * owner.Layers][];
+        _buffers = new byte[2 * owner.Layers][];
         for (int i = 0; i < _buffers.Length; i++)
         {
             // Even entries are keys, odd ones values, in the order of the graph's inputs and outputs.
-            _buffers[i] = GC.AllocateArray<float>(size, pinned: true);
+            _buffers[i] = GC.AllocateArray<byte>(checked(size * bytes), pinned: true);
             nint data = (nint)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_buffers[i]));
-            Past[i] = OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, TensorElementType.Float, shape, data, (long)size * 4);
-            Present[i] = OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, TensorElementType.Float, shape, data, (long)size * 4);
+            Past[i] = OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, element, shape, data, (long)size * bytes);
+            Present[i] = OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, element, shape, data, (long)size * bytes);
         }
     }
 
-    private readonly float[][] _buffers;
+    private readonly byte[][] _buffers;
 
     public LlamaConfig Owner { get; }
     public override int Capacity { get; }
+    /// <summary>What the buffers hold.</summary>
+    public KvCacheType Type { get; }
     /// <summary>past_key_values.{l}.key/value inputs.</summary>
     public OrtValue[] Past { get; }
     /// <summary>present.{l}.key/value outputs over the same memory.</summary>
     public OrtValue[] Present { get; }
     public void Advance(int n) => Length += n;
 
+    /// <summary>Bytes the keys and values of every layer take, whole capacity.</summary>
+    public long Bytes => _buffers.Sum(b => (long)b.Length);
+
     protected override void Erase(int from, int to)
     {
         // [1, kv_heads, capacity, head_dim]: each head's positions are contiguous.
-        int hd = Owner.HeadDim;
+        int row = Owner.HeadDim * (Type == KvCacheType.BFloat16 ? 2 : 4);
         foreach (var buffer in _buffers)
             for (int h = 0; h < Owner.KvHeads; h++)
-                buffer.AsSpan((h * Capacity + from) * hd, (to - from) * hd).Clear();
+                buffer.AsSpan((h * Capacity + from) * row, (to - from) * row).Clear();
     }
 
-    internal override IReadOnlyList<float[]> Buffers => _buffers;
+    internal override IReadOnlyList<float[]> Buffers => [.. _buffers.Select(b => Type == KvCacheType.BFloat16 ? Widened(b) : MemoryMarshal.Cast<byte, float>(b).ToArray())];
+
+    private static float[] Widened(byte[] bf16)
+    {
+        var values = new float[bf16.Length / 2];
+        TensorEncoding.WidenBFloat16(MemoryMarshal.Cast<byte, ushort>(bf16), values);
+        return values;
+    }
 }

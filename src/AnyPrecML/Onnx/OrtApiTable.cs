@@ -20,6 +20,7 @@ internal static unsafe class OrtApiTable
     internal const int CustomOpDomainAddIndex = 27;
     internal const int AddCustomOpDomainIndex = 28;
     internal const int GetTensorMutableDataIndex = 51;
+    internal const int GetTensorElementTypeIndex = 60;
     internal const int GetDimensionsCountIndex = 61;
     internal const int GetDimensionsIndex = 62;
     internal const int GetTensorTypeAndShapeIndex = 65;
@@ -139,12 +140,18 @@ internal static unsafe class OrtApiTable
     }
 
     /// <summary>Writes the dimensions of a tensor value into <paramref name="dims"/> (no allocation) and returns its rank.</summary>
-    public static int Shape(void* value, Span<long> dims)
+    public static int Shape(void* value, Span<long> dims) => Shape(value, dims, out _);
+
+    /// <summary><see cref="Shape(void*, Span{long})"/>, and the tensor's element type (ONNX's numbering: 1 float, 16 bfloat16).</summary>
+    public static int Shape(void* value, Span<long> dims, out int elementType)
     {
         void* info;
         Check(((delegate* unmanaged<void*, void**, void*>)Table[GetTensorTypeAndShapeIndex])(value, &info), "read a tensor's shape");
         try
         {
+            int type;
+            Check(((delegate* unmanaged<void*, int*, void*>)Table[GetTensorElementTypeIndex])(info, &type), "read a tensor's element type");
+            elementType = type;
             nuint count;
             Check(((delegate* unmanaged<void*, nuint*, void*>)Table[GetDimensionsCountIndex])(info, &count), "read a tensor's rank");
             if ((int)count > dims.Length) throw new ArgumentException($"a tensor of rank {count} is more than the {dims.Length} dimensions expected.");
