@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
 
@@ -10,6 +11,7 @@ namespace AnyPrecML.Kernels;
 // 512-bit machines run the AVX2 path: the head is a stream of bytes from memory, not arithmetic.
 public static unsafe partial class BitplaneKernels
 {
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void RowsDenseInt8(KernelPath path, Int8Matrix w, sbyte* q, sbyte* x8, byte* xAbs, int m, float* y, int rowStart, int rowEnd)
     {
         switch (path)
@@ -20,6 +22,7 @@ public static unsafe partial class BitplaneKernels
         }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void RowsDenseInt8Scalar(Int8Matrix w, sbyte* q, sbyte* x8, int m, float* y, int rowStart, int rowEnd)
     {
         int stride = w.Stride;
@@ -33,6 +36,7 @@ public static unsafe partial class BitplaneKernels
             }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void RowsDenseInt8Vector128(Int8Matrix w, sbyte* q, sbyte* x8, int m, float* y, int rowStart, int rowEnd)
     {
         int stride = w.Stride;
@@ -53,6 +57,7 @@ public static unsafe partial class BitplaneKernels
             }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void RowsDenseInt8Avx2(Int8Matrix w, sbyte* q, sbyte* x8, byte* xAbs, int m, float* y, int rowStart, int rowEnd)
     {
         int stride = w.Stride;

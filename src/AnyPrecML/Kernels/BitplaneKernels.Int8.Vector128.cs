@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
 
 namespace AnyPrecML.Kernels;
@@ -6,6 +7,7 @@ namespace AnyPrecML.Kernels;
 // the AVX2 path taken 16 bytes at a time. Correct everywhere, not tuned: on x86 the AVX2 path runs instead.
 public static unsafe partial class BitplaneKernels
 {
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void RowsInt8Vector128(in BitplaneOperand w, sbyte* u0, sbyte* x8, int xStride, int m, float* y, int rowStart, int rowEnd, byte* scratch)
     {
         int k = 1 << w.Bits, blocks = xStride >> 8;

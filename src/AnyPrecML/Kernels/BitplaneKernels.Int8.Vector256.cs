@@ -40,6 +40,7 @@ public static unsafe partial class BitplaneKernels
     private const int Int8RowGroup = 16;
 
     /// <summary>Int8 rows on AVX2: y[t, r] = Σ_j U[r, c_j]·x8[t, j] (the caller rescales); x8 in Slice256 order.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void RowsInt8Avx2(in BitplaneOperand w, byte* u, sbyte* x8, byte* xAbs, int* xSum, int xStride, int m, float* y, int rowStart, int rowEnd, byte* scratch)
     {
         switch (w.Bits)
@@ -54,6 +55,7 @@ public static unsafe partial class BitplaneKernels
         }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void RowsInt8Avx2<TW>(in BitplaneOperand w, byte* u0, sbyte* x8, byte* xAbs, int* xSum, int xStride, int m, float* y, int rowStart, int rowEnd, byte* scratch)
         where TW : struct, IWidth
     {

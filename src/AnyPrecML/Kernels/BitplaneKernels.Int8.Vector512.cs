@@ -27,6 +27,7 @@ public static unsafe partial class BitplaneKernels
     /// x8 in column order, <paramref name="xStride"/> apart (a multiple of 64), readable 64 bytes past the last column
     /// (zero weights meet whatever lies there).
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void RowsInt8Vbmi512(in BitplaneOperand w, byte* u, sbyte* x8, byte* xAbs, sbyte* xSign, int* xSum, int xStride, int m, float* y, int rowStart, int rowEnd, byte* scratch)
     {
         switch (w.Bits)
@@ -41,6 +42,7 @@ public static unsafe partial class BitplaneKernels
         }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void RowsInt8Vbmi512<TW>(in BitplaneOperand w, byte* u0, sbyte* x8, byte* xAbs, sbyte* xSign, int* xSum, int xStride, int m, float* y, int rowStart, int rowEnd, byte* scratch)
         where TW : struct, IWidth
     {

@@ -254,6 +254,7 @@ public static unsafe partial class BitplaneKernels
     /// Int8 rows: y[t, r] = s_x[t]·(Scale[r]·Σ_j V[r, c_j]·x8[t, j] + Mid[r]·Σ_j x8[t, j]). x8, |x8| and sign(x8)
     /// are [m, xStride] in the path's <see cref="Int8Order"/>.
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void RowsInt8(KernelPath path, in BitplaneOperand w, Int8Tables tables, sbyte* x8, byte* xAbs, sbyte* xSign, int xStride,
         float* xScale, int* xSum, int m, float* y, int rowStart, int rowEnd, byte* scratch)
     {
@@ -282,6 +283,7 @@ public static unsafe partial class BitplaneKernels
     internal static int Int8ScratchBytes(int cols) => 256 + Int8RowGroup * ((cols + 255) & ~255);
 
     /// <summary>The scalar reference: Σ_j V[r, c_j]·x8[t, j] in column order, as an exact integer.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void RowsInt8Scalar(in BitplaneOperand w, sbyte* u0, sbyte* x8, int xStride, int m, float* y, int rowStart, int rowEnd)
     {
         int k = 1 << w.Bits;

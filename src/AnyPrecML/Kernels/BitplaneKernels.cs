@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Numerics.Tensors;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
@@ -75,6 +76,7 @@ public static unsafe partial class BitplaneKernels
     /// path's column order (<see cref="PermutesColumns"/>), y is [m, rows], both row-major.
     /// <paramref name="scratch"/> holds <see cref="ScratchFloats"/> floats.
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void Rows(KernelPath path, in BitplaneOperand w, float* x, int m, float* y, int rowStart, int rowEnd, float* scratch)
     {
         int k = 1 << w.Bits;

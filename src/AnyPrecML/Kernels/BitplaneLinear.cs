@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using AnyPrecML.Quantization;
 
 namespace AnyPrecML.Kernels;
@@ -307,6 +308,7 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
             if (XScale.Length < tokens) { XScale = GC.AllocateArray<float>(tokens, pinned: true); XSum = GC.AllocateArray<int>(tokens, pinned: true); }
         }
 
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Execute(int start, int end)
         {
             if (Dense is { } dense)

@@ -43,6 +43,7 @@ public sealed unsafe class DenseLinear(float[] weight, int rows, int cols, Kerne
     {
         public float* X, Y;
         public int Tokens;
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Execute(int start, int end)
         {
             for (int r = start; r < end; r++)
