@@ -149,7 +149,8 @@ internal static class BenchGpuCommand
             using var model = AnyPrecisionModel.Open(modelPath);
             var tokenizer = LlamaTokenizerLoader.Load(model.Checkpoint);
             using var device = new OnnxEngine(model, new OnnxEngineOptions { Backend = backend, Device = cuda ? OnnxDevice.Auto : OnnxDevice.Cpu });
-            using var cpu = new OnnxEngine(model, new OnnxEngineOptions { Backend = new CpuBitplaneBackend(accuracy: KernelAccuracy.Float32), Device = OnnxDevice.Cpu });
+            // The reference keeps what CUDA's GroupQueryAttention keeps, an fp32 cache: greedy texts are compared exactly.
+            using var cpu = new OnnxEngine(model, new OnnxEngineOptions { Backend = new CpuBitplaneBackend(accuracy: KernelAccuracy.Float32), Device = OnnxDevice.Cpu, KvCacheType = KvCacheType.Float32 });
             note($"  generation: ONNX Runtime on {device.ExecutionProvider}, bitplane products on {backend.Name}");
             var options = new GenerationOptions { MaxTokens = tokens, Temperature = 0 };
             var results = new List<GenerationCheck>();

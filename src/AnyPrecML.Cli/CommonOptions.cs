@@ -131,6 +131,8 @@ internal static class CommonOptions
     public static LoadedModel Load(string modelPath, string? tokenizerPath, double? bits = null, string? engine = null, string? accuracy = null,
         string device = "auto", TextWriter? log = null, string? profilePath = null, string? kvCache = null)
     {
+        if (kvCache is not null && (engine == "reference" || !(Directory.Exists(modelPath) && LlamaCheckpoint.IsAnyPrecision(modelPath))))
+            throw new ArgumentException("--kv-cache applies to the onnx engine on an any-precision model; the reference engine keeps fp32.");
         if (Directory.Exists(modelPath) && LlamaCheckpoint.IsAnyPrecision(modelPath))
         {
             var ap = AnyPrecisionModel.Open(modelPath);

@@ -53,6 +53,11 @@ public sealed unsafe class CausalAttentionTests
     [DataRow(8, 2, 64, false, 150, 1, DisplayName = "bf16: decode after 150, keys and values read in place a chunk at a time")]
     [DataRow(6, 2, 48, true, 200, 1, DisplayName = "bf16: head width 48 after 200")]
     [DataRow(8, 2, 64, true, 300, 3, DisplayName = "bf16: verification pass of 3 after 300")]
+    [DataRow(4, 2, 8, false, 90, 1, DisplayName = "bf16: head width 8, a multiple of W but not of 2·W at W = 8")]
+    [DataRow(4, 1, 24, true, 70, 2, DisplayName = "bf16: head width 24 (in place at W = 4, widened at 8 and 16)")]
+    [DataRow(4, 2, 40, false, 130, 1, DisplayName = "bf16: head width 40")]
+    [DataRow(4, 2, 80, true, 260, 1, DisplayName = "bf16: head width 80, in place with a tail of 2·W at W = 8")]
+    [DataRow(4, 2, 128, false, 100, 40, DisplayName = "bf16: prompt of 40 after 100, head width 128: the widened values outgrow their first buffer")]
     public void ABFloat16CacheMatchesAFloat64ReferenceOverItsRoundedRows(int heads, int kvHeads, int hd, bool interleaved, int past, int tokens)
     {
         var shape = new CausalAttention.Shape(heads, kvHeads, hd, interleaved);
@@ -97,6 +102,67 @@ public sealed unsafe class CausalAttentionTests
         CollectionAssert.AreEqual(expectedKeys, keys, "keys: the new rows rotated and rounded to bf16 in place, the others untouched");
         CollectionAssert.AreEqual(expectedValues, values, "values: the new rows rounded to bf16 in place, the others untouched");
         Assert.IsLessThan(1e-5, TestData.MaxAbsDiff(output, expected), "attention over the bf16 rows");
+    }
+
+    [TestMethod]
+    [DataRow(8, 1, 64, false, 700, 1, 4, DisplayName = "multi-query decode after 700 on 4 threads: 2 splits")]
+    [DataRow(8, 1, 64, true, 1000, 3, 8, DisplayName = "multi-query verification of 3 after 1000 on 8 threads: 3 splits each, uneven bounds")]
+    [DataRow(6, 2, 48, false, 900, 1, 8, DisplayName = "2 KV heads, head width 48, after 900 on 8 threads: 3 splits")]
+    [DataRow(4, 2, 12, true, 600, 1, 5, DisplayName = "head width 12 after 600 on 5 threads: 2 splits of the widened path")]
+    public void PositionsSplitAcrossThreadsGiveTheUnsplitAttention(int heads, int kvHeads, int hd, bool interleaved, int past, int tokens, int threads)
+    {
+        var shape = new CausalAttention.Shape(heads, kvHeads, hd, interleaved);
+        int splits = CausalAttention.Splits(tokens * kvHeads, past + 1, threads);
+        Assert.IsGreaterThan(1, splits, "the case must split");
+        int capacity = past + tokens + 3;
+        var rng = new Random(heads * 31 + past);
+        float Next() => (float)(rng.NextDouble() * 2 - 1);
+        var qkv = new float[tokens * shape.PackedWidth];
+        for (int i = 0; i < qkv.Length; i++) qkv[i] = Next();
+        var (keys, values) = PastRows(kvHeads, capacity, hd, past, Next);
+        var (cos, sin) = RopeTables(capacity, hd);
+        float scale = 1f / MathF.Sqrt(hd);
+        var expected = Reference(shape, qkv, tokens, keys, values, capacity, past, cos, sin, scale).Output;
+
+        float[] Run(KvCacheType type, int poolThreads)
+        {
+            var output = new float[tokens * heads * hd];
+            Array.Fill(output, float.NaN);
+            using var pool = new KernelThreadPool(poolThreads);
+            if (type == KvCacheType.Float32)
+            {
+                var (k, v) = ((float[])keys.Clone(), (float[])values.Clone());
+                fixed (float* kp = k, vp = v) CausalAttention.Run(shape, qkv, tokens, type, kp, vp, capacity, past, cos, sin, scale, output, pool);
+            }
+            else
+            {
+                ushort[] k = [.. keys.Select(TensorEncoding.ToBFloat16)], v = [.. values.Select(TensorEncoding.ToBFloat16)];
+                fixed (ushort* kp = k, vp = v) CausalAttention.Run(shape, qkv, tokens, type, kp, vp, capacity, past, cos, sin, scale, output, pool);
+            }
+            return output;
+        }
+        // fp32: split against the float64 reference; bf16: split against the same cache unsplit (one thread), which the
+        // bf16 test above holds to the reference.
+        Assert.IsLessThan(1e-5, TestData.MaxAbsDiff(Run(KvCacheType.Float32, threads), expected), $"fp32 cache, {splits} splits");
+        Assert.IsLessThan(1e-6, TestData.MaxAbsDiff(Run(KvCacheType.BFloat16, threads), Run(KvCacheType.BFloat16, 1)), $"bf16 cache, {splits} splits");
+    }
+
+    [TestMethod]
+    public void SplitsGiveEveryThreadWorkOnlyWhenThePairsCannotAndNeverGoBelowTheMinimumSpan()
+    {
+        for (int threads = 1; threads <= 64; threads++)
+            for (int pairs = 1; pairs <= 40; pairs++)
+                foreach (int positions in new[] { 1, 255, 256, 511, 512, 1000, 2000, 4096, 32768 })
+                {
+                    int splits = CausalAttention.Splits(pairs, positions, threads);
+                    string at = $"{pairs} pairs, {positions} positions, {threads} threads: {splits} splits";
+                    Assert.IsGreaterThanOrEqualTo(1, splits, at);
+                    if (pairs >= threads) Assert.AreEqual(1, splits, at);
+                    if (splits > 1) Assert.IsGreaterThanOrEqualTo(CausalAttention.MinSplitPositions, positions / splits, at);
+                    // As many items as threads wherever the positions allow it, and no more splits than that takes.
+                    if (positions / CausalAttention.MinSplitPositions >= threads) Assert.IsGreaterThanOrEqualTo(threads, pairs * splits, at);
+                    Assert.IsLessThanOrEqualTo((threads + pairs - 1) / pairs, splits, at);
+                }
     }
 
     [TestMethod]

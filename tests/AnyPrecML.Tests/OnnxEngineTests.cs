@@ -89,30 +89,12 @@ public sealed class OnnxEngineTests
         Assert.AreEqual(wide.Bytes, 2 * narrow.Bytes, "half the bytes");
         Assert.AreEqual(2L * _model.Config.Layers * _model.Config.KvHeads * _model.Config.MaxSeqLen * _model.Config.HeadDim * 4, wide.Bytes);
 
-        // Layer 0's keys and values depend on nothing the cache type changes: the bf16 cache holds exactly the fp32
-        // cache's, each rounded to nearest even; later layers see attention over rounded rows, so they only come close.
-        int vocab = _model.Config.VocabSize;
         foreach (int bits in new[] { _model.SeedBits, _model.ParentBits })
         {
             fp32.Bits = bf16.Bits = bits;
-            wide.Reset(); narrow.Reset();
-            var (a, b) = (new float[Prompt.Length * vocab], new float[Prompt.Length * vocab]);
-            fp32.Forward(Prompt, wide, a);
-            bf16.Forward(Prompt, narrow, b);
-            for (int t = 0; t < 8; t++)
-            {
-                fp32.Forward([Prompt[t]], wide, a.AsSpan(0, vocab));
-                bf16.Forward([Prompt[t]], narrow, b.AsSpan(0, vocab));
-            }
-            for (int i = 0; i < 2; i++)
-            {
-                var rounded = wide.Buffers[i].Select(x => BitConverter.UInt32BitsToSingle((uint)TensorEncoding.ToBFloat16(x) << 16)).ToArray();
-                CollectionAssert.AreEqual(rounded, narrow.Buffers[i], $"b={bits}: layer 0 {(i == 0 ? "keys" : "values")}");
-            }
-            Assert.IsGreaterThan(0.0, TestData.MaxAbsDiff(wide.Buffers[^1], narrow.Buffers[^1]), $"b={bits}: the last layer's values differ");
-            double error = RelativeError(b.AsSpan(0, vocab).ToArray(), a.AsSpan(0, vocab).ToArray());
-            Assert.IsLessThan(5e-2, error, $"b={bits}: logits after 24 positions differ by {error:E2} of their largest (2.6% measured at b = 8)");
+            AssertTheBFloat16CacheHoldsTheFp32CachesRoundedRows(fp32, bf16, Prompt, $"stories260K (head width 8: rows widened), b={bits}", 5e-2);
         }
+        Assert.ThrowsExactly<ArgumentException>(() => bf16.Forward(Prompt, fp32.CreateCache(), new float[_model.Config.VocabSize]), "an fp32 cache in a bf16 engine");
 
         // What the cache type costs in quality: perplexity of stories260K's own kind of text at every width, within half a
         // percent (the bound the int8 level was made the default under; measured +0.21% at b = 3, under 0.05% above).
@@ -130,6 +112,34 @@ public sealed class OnnxEngineTests
         Assert.IsFalse(double.IsNaN(worst), string.Join("; ", lines));
         Assert.IsLessThan(0.005, worst, string.Join("; ", lines));
         Assert.IsGreaterThan(0.0, worst, "the rounding must show somewhere");
+    }
+
+    /// <summary>
+    /// Prefill of <paramref name="prompt"/> and 8 decode steps through both engines. Layer 0's keys and values depend on
+    /// nothing the cache type changes: the bf16 cache must hold exactly the fp32 cache's, each rounded to nearest even.
+    /// Later layers attend over rounded rows, so their rows and the logits only come close (within
+    /// <paramref name="logitsBound"/> of the largest logit; 2.6% measured on stories260K at b = 8).
+    /// </summary>
+    private static void AssertTheBFloat16CacheHoldsTheFp32CachesRoundedRows(OnnxEngine fp32, OnnxEngine bf16, int[] prompt, string what, double logitsBound)
+    {
+        int vocab = fp32.Config.VocabSize;
+        var (wide, narrow) = (fp32.CreateCache(), bf16.CreateCache());
+        var (a, b) = (new float[prompt.Length * vocab], new float[prompt.Length * vocab]);
+        fp32.Forward(prompt, wide, a);
+        bf16.Forward(prompt, narrow, b);
+        for (int t = 0; t < 8; t++)
+        {
+            fp32.Forward([prompt[t]], wide, a.AsSpan(0, vocab));
+            bf16.Forward([prompt[t]], narrow, b.AsSpan(0, vocab));
+        }
+        for (int i = 0; i < 2; i++)
+        {
+            var rounded = wide.Buffers[i].Select(x => BitConverter.UInt32BitsToSingle((uint)TensorEncoding.ToBFloat16(x) << 16)).ToArray();
+            CollectionAssert.AreEqual(rounded, narrow.Buffers[i], $"{what}: layer 0 {(i == 0 ? "keys" : "values")}");
+        }
+        Assert.IsGreaterThan(0.0, TestData.MaxAbsDiff(wide.Buffers[^1], narrow.Buffers[^1]), $"{what}: the last layer's values differ");
+        double error = RelativeError(b.AsSpan(0, vocab).ToArray(), a.AsSpan(0, vocab).ToArray());
+        Assert.IsLessThan(logitsBound, error, $"{what}: logits after {prompt.Length + 8} positions differ by {error:E2} of their largest");
     }
 
     [TestMethod]
@@ -366,6 +376,14 @@ public sealed class OnnxEngineTests
                         engine.Forward([token], cache, ol);
                     }
                 }
+            // The default bf16 cache over 16-wide heads: decode steps read its rows in place (a multiple of 2·W wide).
+            using var bf16 = new OnnxEngine(model, new OnnxEngineOptions { Backend = Fp32 });
+            Assert.AreEqual(KvCacheType.BFloat16, bf16.KvCacheType);
+            foreach (int bits in new[] { 3, 8 })
+            {
+                cpu.Bits = bf16.Bits = bits;
+                AssertTheBFloat16CacheHoldsTheFp32CachesRoundedRows(cpu, bf16, prompt, $"{rope}, 16-wide heads, b={bits}", 5e-2);
+            }
         }
     }
 

@@ -72,15 +72,19 @@ public sealed class ScoreCliTests
     public void PerplexityIsTheSameThroughEitherEngine()
     {
         File.WriteAllLines(_dir["eval.txt"], File.ReadLines(TestData.TinyStories).Skip(3).Take(2));
-        double Ppl(string engine, string accuracy = "fp32", string kvCache = "fp32")
+        double Ppl(string engine, string accuracy = "fp32", string? kvCache = null)
         {
-            var (code, json, err) = Cli.Run("perplexity", "--model", _dir["ap"], "--bits", "4", "--engine", engine, "--accuracy", accuracy, "--kv-cache", kvCache, "--text", _dir["eval.txt"], "--json");
+            string[] cache = kvCache is null ? [] : ["--kv-cache", kvCache];
+            var (code, json, err) = Cli.Run(["perplexity", "--model", _dir["ap"], "--bits", "4", "--engine", engine, "--accuracy", accuracy, .. cache, "--text", _dir["eval.txt"], "--json"]);
             Assert.AreEqual(0, code, err);
             using var doc = JsonDocument.Parse(json);
             return doc.RootElement.GetProperty("perplexity").GetDouble();
         }
         double reference = Ppl("reference");
-        Assert.AreEqual(reference, Ppl("onnx"), 1e-3);
+        Assert.AreEqual(reference, Ppl("onnx", kvCache: "fp32"), 1e-3);
+        var (refused, _, why) = Cli.Run("perplexity", "--model", _dir["ap"], "--engine", "reference", "--kv-cache", "bf16", "--text", _dir["eval.txt"]);
+        Assert.AreEqual(2, refused, why);
+        StringAssert.StartsWith(why.Trim(), "error: --kv-cache applies to the onnx engine");
         // The defaults, int8 kernels and a bf16 cache, stay within 1%; the bf16 cache alone within half a percent.
         Assert.AreEqual(reference, Ppl("onnx", "int8", "bf16"), 0.01 * reference);
         Assert.AreEqual(reference, Ppl("onnx", "fp32", "bf16"), 0.005 * reference);

@@ -165,9 +165,11 @@ public sealed class SpeculativeTests
     }
 
     [TestMethod]
-    public void TruncateRestoresTheOnnxCacheExactlyAndDecodingContinuesAsIfTheRejectedTokensNeverRan()
+    [DataRow(KvCacheType.BFloat16)]
+    [DataRow(KvCacheType.Float32)]
+    public void TruncateRestoresTheOnnxCacheExactlyAndDecodingContinuesAsIfTheRejectedTokensNeverRan(KvCacheType type)
     {
-        using var onnx = new OnnxEngine(_model, new OnnxEngineOptions { Bits = 6 });
+        using var onnx = new OnnxEngine(_model, new OnnxEngineOptions { Bits = 6, KvCacheType = type });
         int[] a = [1, 403, 407, 261, 378], rejected = [324, 261, 264, 416, 319], c = [267, 417, 265];
         int vocab = _model.Config.VocabSize;
         var cache = onnx.CreateCache(32);

@@ -16,8 +16,10 @@ namespace AnyPrecML.Kernels;
 /// <see cref="BlockedTokens"/> or more (prompts) run two matrix products per (KV head, block of tokens) instead
 /// (<see cref="BlockedJob"/>). The cache holds fp32 or bf16 (<see cref="KvCacheType"/>): decode steps read bf16 rows in
 /// place (<see cref="ScoresBf16"/>, <see cref="MixBf16"/>: half the bytes); prompts, and head widths those loops cannot
-/// take, widen the rows they need into a buffer for the fp32 loops. It is the CPU engine's only attention. Checked against
-/// a float64 reference in the tests.
+/// take, widen the rows they need into a buffer for the fp32 loops. When a call has fewer (token, KV head) pairs than the
+/// pool has threads (a decode step of a model with few KV heads on a machine with more cores), each pair's positions are
+/// split among threads and the parts merged by their softmax maxima and sums (<see cref="Splits"/>, flash-decoding). It
+/// is the CPU engine's only attention. Checked against a float64 reference in the tests.
 /// </summary>
 public static unsafe class CausalAttention
 {
@@ -74,10 +76,12 @@ public static unsafe class CausalAttention
                 return;
             }
             var job = t_job ??= new AttentionJob();
-            job.Set(shape, q, cache, past, scale, o);
-            int items = tokens * shape.KvHeads;
+            int pairs = tokens * shape.KvHeads, splits = Splits(pairs, past + 1, pool.Threads);
+            job.Set(shape, q, cache, past, scale, o, splits, tokens);
+            int items = pairs * splits;
             // A short context's few items run on the calling thread: waking the pool would cost more than they do.
-            pool.Run(job, items, (long)items * (past + tokens) * hd < 1 << 15 ? items : 1);
+            pool.Run(job, items, (long)pairs * (past + tokens) * hd < 1 << 15 ? items : 1);
+            if (splits > 1) job.Merge();
             job.Clear();
         }
     }
@@ -320,6 +324,18 @@ public static unsafe class CausalAttention
 
     [ThreadStatic] private static AttentionJob? t_job;
 
+    /// <summary>Fewest positions a split of one (token, KV head) pair's attention covers (see <see cref="Splits"/>).</summary>
+    public const int MinSplitPositions = 256;
+
+    /// <summary>
+    /// Parts each (token, KV head) pair's positions are split into (flash-decoding): 1 while the pairs alone give every
+    /// thread work, else enough parts for every thread, none shorter than <see cref="MinSplitPositions"/>. A decode step
+    /// has only as many pairs as KV heads (4 in TinyLlama, 8 in Llama-3-8B, 1 with multi-query attention), so on a
+    /// machine with more cores than that the rest of the cores would wait out a long context's attention.
+    /// </summary>
+    internal static int Splits(int pairs, int positions, int threads) =>
+        pairs >= threads ? 1 : Math.Clamp(positions / MinSplitPositions, 1, (threads + pairs - 1) / pairs);
+
     /// <summary>Rotates each pair of x's <paramref name="hd"/> values by its angle into y.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Rotate(float* x, float* y, float* cos, float* sin, int hd, bool interleaved)
@@ -351,16 +367,53 @@ public static unsafe class CausalAttention
         private Shape _shape;
         private float* _q, _output;
         private Cache _cache;
-        private int _past;
+        private int _past, _splits, _tokens;
         private float _scale;
+        // Split items' results (splits > 1): per item, every query head of the group's unnormalised output (hd floats),
+        // then each head's score maximum and its sum of e^(score − maximum), merged by Merge.
+        private float[] _partial = [];
         [ThreadStatic] private static float[]? t_scores;
 
-        public void Set(Shape shape, float* q, Cache cache, int past, float scale, float* output)
+        public void Set(Shape shape, float* q, Cache cache, int past, float scale, float* output, int splits, int tokens)
         {
-            _shape = shape; _q = q; _cache = cache; _past = past; _scale = scale; _output = output;
+            _shape = shape; _q = q; _cache = cache; _past = past; _scale = scale; _output = output; _splits = splits; _tokens = tokens;
+            long need = splits > 1 ? (long)tokens * shape.KvHeads * splits * PartialFloats : 0;
+            if (_partial.Length < need) _partial = GC.AllocateUninitializedArray<float>(checked((int)need), pinned: true);
         }
 
+        private int PartialFloats => _shape.Heads / _shape.KvHeads * (_shape.HeadDim + 2);
+
         public void Clear() { _q = _output = null; _cache = default; }
+
+        /// <summary>
+        /// Each (token, KV head) pair's output from its splits: per query head, o = Σ_s e^(m_s − M)·o_s / Σ_s e^(m_s − M)·l_s,
+        /// M the largest split maximum m_s (every split's exponentials were taken against its own maximum).
+        /// </summary>
+        public void Merge()
+        {
+            int hd = _shape.HeadDim, group = _shape.Heads / _shape.KvHeads, qDim = _shape.Heads * hd, per = PartialFloats;
+            fixed (float* partial = _partial)
+                for (int pair = 0; pair < _tokens * _shape.KvHeads; pair++)
+                {
+                    int t = pair / _shape.KvHeads, g = pair % _shape.KvHeads;
+                    float* first = partial + (long)pair * _splits * per;
+                    for (int i = 0; i < group; i++)
+                    {
+                        float max = float.NegativeInfinity, sum = 0;
+                        for (int sp = 0; sp < _splits; sp++) max = Math.Max(max, first[sp * per + group * hd + i]);
+                        var o = new Span<float>(_output + (long)t * qDim + (g * group + i) * hd, hd);
+                        o.Clear();
+                        for (int sp = 0; sp < _splits; sp++)
+                        {
+                            float* part = first + sp * per;
+                            float weight = MathF.Exp(part[group * hd + i] - max);
+                            sum += weight * part[group * hd + group + i];
+                            TensorPrimitives.MultiplyAdd(new ReadOnlySpan<float>(part + i * hd, hd), weight, o, o);
+                        }
+                        TensorPrimitives.Divide(o, sum, o);
+                    }
+                }
+        }
 
         [SkipLocalsInit]
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
@@ -378,42 +431,53 @@ public static unsafe class CausalAttention
             float* qPairs = stackalloc float[paired ? group * hd : 0], oPairs = stackalloc float[paired ? group * hd : 0];
             for (int item = start; item < end; item++)
             {
-                int t = item / _shape.KvHeads, g = item % _shape.KvHeads, length = _past + t + 1;
-                if (t_scores is null || t_scores.Length < group * length) t_scores = new float[Math.Max(group * length, 256)];
-                float* q = _q + t * qDim + g * group * hd, o = _output + t * qDim + g * group * hd;
-                if (paired) ToPairOrder(q, qPairs, group * hd);
-                fixed (float* scores = t_scores)
+                // Item = (token t, KV head g, split sp): positions [p0, p1) of the t-th token's p0..past + t.
+                int pair = item / _splits, sp = item % _splits, t = pair / _shape.KvHeads, g = pair % _shape.KvHeads, length = _past + t + 1;
+                int p0 = (int)((long)length * sp / _splits), p1 = (int)((long)length * (sp + 1) / _splits), span = p1 - p0;
+                if (t_scores is null || t_scores.Length < group * span) t_scores = new float[Math.Max(group * span, 256)];
+                float* q = _q + t * qDim + g * group * hd;
+                // One split: the output itself. Several: this split's part of the partial buffer, for Merge.
+                bool whole = _splits == 1;
+                fixed (float* scores = t_scores, partial = _partial)
                 {
-                    for (int p = 0; p < length; p += chunk)
+                    float* o = whole ? _output + t * qDim + g * group * hd : partial + (long)item * PartialFloats;
+                    if (paired) ToPairOrder(q, qPairs, group * hd);
+                    for (int p = p0; p < p1; p += chunk)
                     {
-                        int n = Math.Min(chunk, length - p);
+                        int n = Math.Min(chunk, p1 - p);
                         if (paired)
                         {
                             ushort* k = _cache.Bf16Rows(false, g, p);
-                            for (int i = 0; i < group; i++) ScoresBf16(qPairs + i * hd, k, hd, n, _scale, scores + i * length + p);
+                            for (int i = 0; i < group; i++) ScoresBf16(qPairs + i * hd, k, hd, n, _scale, scores + i * span + p - p0);
                             continue;
                         }
                         float* kf = _cache.Rows(false, g, p, n, widened);
-                        for (int i = 0; i < group; i++) Scores(q + i * hd, kf, hd, n, _scale, new Span<float>(scores + i * length + p, n));
+                        for (int i = 0; i < group; i++) Scores(q + i * hd, kf, hd, n, _scale, new Span<float>(scores + i * span + p - p0, n));
                     }
                     for (int i = 0; i < group; i++)
                     {
-                        var row = new Span<float>(scores + i * length, length);
-                        StableSoftMax.Compute(row, row); // as the reference engine's attention
+                        var row = new Span<float>(scores + i * span, span);
+                        if (whole) { StableSoftMax.Compute(row, row); continue; } // as the reference engine's attention
+                        // A split keeps its maximum and its sum of exponentials: Merge weighs the splits with them.
+                        float max = TensorPrimitives.Max(row);
+                        TensorPrimitives.Subtract(row, max, row);
+                        TensorPrimitives.Exp(row, row);
+                        o[group * hd + i] = max;
+                        o[group * hd + group + i] = TensorPrimitives.Sum(row);
                     }
                     float* sum = paired ? oPairs : o;
                     new Span<float>(sum, group * hd).Clear();
-                    for (int p = 0; p < length; p += chunk)
+                    for (int p = p0; p < p1; p += chunk)
                     {
-                        int n = Math.Min(chunk, length - p);
+                        int n = Math.Min(chunk, p1 - p);
                         if (paired)
                         {
                             ushort* v = _cache.Bf16Rows(true, g, p);
-                            for (int i = 0; i < group; i++) MixBf16(scores + i * length + p, v, hd, n, sum + i * hd);
+                            for (int i = 0; i < group; i++) MixBf16(scores + i * span + p - p0, v, hd, n, sum + i * hd);
                             continue;
                         }
                         float* vf = _cache.Rows(true, g, p, n, widened);
-                        for (int i = 0; i < group; i++) Mix(scores + i * length + p, vf, hd, n, sum + i * hd);
+                        for (int i = 0; i < group; i++) Mix(scores + i * span + p - p0, vf, hd, n, sum + i * hd);
                     }
                     if (paired) FromPairOrder(oPairs, o, group * hd);
                 }

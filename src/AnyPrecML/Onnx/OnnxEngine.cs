@@ -74,7 +74,7 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
                 Int8Head = options.GraphPath is null && int8Cpu && !cuda;
                 InPlaceAttention = options.GraphPath is null && !cuda;
                 if (!InPlaceAttention && options.KvCacheType == Models.KvCacheType.BFloat16)
-                    throw new NotSupportedException($"a bf16 key/value cache needs the CPU attention; {(cuda ? "under CUDA" : "with a graph file")} GroupQueryAttention keeps fp32.");
+                    throw new NotSupportedException($"a bf16 key/value cache needs the CPU attention; {(cuda ? "under CUDA" : "with a graph file")} GroupQueryAttention keeps fp32 (ask for an fp32 cache{(cuda ? ", or the CPU device" : "")}).");
                 KvCacheType = InPlaceAttention ? options.KvCacheType ?? Models.KvCacheType.BFloat16 : Models.KvCacheType.Float32;
                 byte[]? graph = options.GraphPath is null ? Google.Protobuf.MessageExtensions.ToByteArray(DecoderGraph.Export(model, Int8Head, InPlaceAttention, embeddingByReference: true, KvCacheType)) : null;
                 using var so = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL, InterOpNumThreads = 1 };
@@ -104,6 +104,12 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
             if (options.Device == OnnxDevice.Cuda && !packaged)
                 throw new NotSupportedException("this build's ONNX Runtime has no CUDA provider (build with -p:UseOnnxRuntimeGpu=true).");
             if (options.Device == OnnxDevice.Cpu || !packaged) _session = Session(cuda: false);
+            else if (options.Device == OnnxDevice.Auto && options.KvCacheType == Models.KvCacheType.BFloat16)
+            {
+                // Auto picks what can run what was asked for: a bf16 cache only the CPU attention keeps.
+                DeviceFallback = "a bf16 key/value cache was asked for, which only the CPU attention keeps; running on the CPU";
+                _session = Session(cuda: false);
+            }
             else
             {
                 try
@@ -205,6 +211,7 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
         var c = Config;
         int n = tokens.Length, vocab = c.VocabSize;
         if (cache is not OnnxKvCache kv || kv.Owner != c) throw new ArgumentException("the cache was not created by this engine.", nameof(cache));
+        if (kv.Type != KvCacheType) throw new ArgumentException($"the cache holds {kv.Type}; this engine's caches hold {KvCacheType} (make it with this engine's CreateCache).", nameof(cache));
         bool allLogits = ForwardArguments.Check(c, tokens, cache, logits);
         int pos0 = kv.Length;
 
@@ -278,18 +285,18 @@ internal sealed unsafe class OnnxKvCache : KvCache
         var element = type == KvCacheType.BFloat16 ? TensorElementType.BFloat16 : TensorElementType.Float;
         Past = new OrtValue[2 * owner.Layers];
         Present = new OrtValue[2 * owner.Layers];
-        _buffers = new byte[2 * owner.Layers][];
+        _buffers = new Array[2 * owner.Layers];
         for (int i = 0; i < _buffers.Length; i++)
         {
-            // Even entries are keys, odd ones values, in the order of the graph's inputs and outputs.
-            _buffers[i] = GC.AllocateArray<byte>(checked(size * bytes), pinned: true);
+            // Even entries are keys, odd ones values, in the order of the graph's inputs and outputs; bf16 as its bits.
+            _buffers[i] = type == KvCacheType.BFloat16 ? GC.AllocateArray<ushort>(size, pinned: true) : GC.AllocateArray<float>(size, pinned: true);
             nint data = (nint)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_buffers[i]));
             Past[i] = OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, element, shape, data, (long)size * bytes);
             Present[i] = OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, element, shape, data, (long)size * bytes);
         }
     }
 
-    private readonly byte[][] _buffers;
+    private readonly Array[] _buffers; // float[] or ushort[] (bf16 bits)
 
     public LlamaConfig Owner { get; }
     public override int Capacity { get; }
@@ -302,23 +309,23 @@ internal sealed unsafe class OnnxKvCache : KvCache
     public void Advance(int n) => Length += n;
 
     /// <summary>Bytes the keys and values of every layer take, whole capacity.</summary>
-    public long Bytes => _buffers.Sum(b => (long)b.Length);
+    public long Bytes => _buffers.Sum(b => (long)b.Length * (Type == KvCacheType.BFloat16 ? 2 : 4));
 
     protected override void Erase(int from, int to)
     {
         // [1, kv_heads, capacity, head_dim]: each head's positions are contiguous.
-        int row = Owner.HeadDim * (Type == KvCacheType.BFloat16 ? 2 : 4);
+        int hd = Owner.HeadDim;
         foreach (var buffer in _buffers)
             for (int h = 0; h < Owner.KvHeads; h++)
-                buffer.AsSpan((h * Capacity + from) * row, (to - from) * row).Clear();
+                Array.Clear(buffer, (h * Capacity + from) * hd, (to - from) * hd);
     }
 
-    internal override IReadOnlyList<float[]> Buffers => [.. _buffers.Select(b => Type == KvCacheType.BFloat16 ? Widened(b) : MemoryMarshal.Cast<byte, float>(b).ToArray())];
+    internal override IReadOnlyList<float[]> Buffers => [.. _buffers.Select(b => b is ushort[] bf16 ? Widened(bf16) : (float[])((float[])b).Clone())];
 
-    private static float[] Widened(byte[] bf16)
+    private static float[] Widened(ushort[] bf16)
     {
-        var values = new float[bf16.Length / 2];
-        TensorEncoding.WidenBFloat16(MemoryMarshal.Cast<byte, ushort>(bf16), values);
+        var values = new float[bf16.Length];
+        TensorEncoding.WidenBFloat16(bf16, values);
         return values;
     }
 }
