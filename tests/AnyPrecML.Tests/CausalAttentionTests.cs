@@ -1,3 +1,4 @@
+using AnyPrecML.Generation;
 using AnyPrecML.Kernels;
 using AnyPrecML.Models;
 
@@ -12,10 +13,10 @@ public sealed unsafe class CausalAttentionTests
     [DataRow(8, 2, 64, true, 37, 1, DisplayName = "decode step after 37 positions")]
     [DataRow(8, 2, 64, false, 37, 5, DisplayName = "verification pass of 5 after 37")]
     [DataRow(6, 3, 12, false, 101, 3, DisplayName = "head width 12: the vector loops' tails")]
-    [DataRow(4, 2, 16, false, 0, 40, DisplayName = "prompt of 40: the blocked products, 32 query rows per block")]
-    [DataRow(8, 1, 32, true, 13, 21, DisplayName = "chunk of 21 after 13, 8 query heads per KV head: blocks of 8 tokens")]
-    [DataRow(3, 3, 16, false, 5, 9, DisplayName = "9 tokens, one query head per KV head: row tiles across tokens")]
-    [DataRow(4, 2, 16, false, 3, 30, 16f, DisplayName = "blocked products with scores past 88")]
+    [DataRow(4, 2, 16, false, 0, 70, DisplayName = "prompt of 70: the blocked products, 32 query rows per block")]
+    [DataRow(8, 1, 32, true, 13, 69, DisplayName = "chunk of 69 after 13, 8 query heads per KV head: blocks of 8 tokens")]
+    [DataRow(3, 3, 16, false, 5, 67, DisplayName = "67 tokens, one query head per KV head: row tiles across tokens")]
+    [DataRow(4, 2, 16, false, 3, 70, 16f, DisplayName = "blocked products with scores past 88")]
     [DataRow(4, 2, 16, true, 20, 2, 16f, DisplayName = "scores past 88, where e^x overflows float: the softmax subtracts the maximum")]
     [DataRow(8, 2, 64, false, 150, 1, DisplayName = "decode after 150: keys in chunks of 64, eight and four at a time and single")]
     [DataRow(6, 2, 48, true, 200, 1, DisplayName = "head width 48 after 200: value groups of four vectors and single vectors, chunks of 84")]
@@ -49,7 +50,7 @@ public sealed unsafe class CausalAttentionTests
     [TestMethod]
     [DataRow(8, 2, 64, true, 37, 1, DisplayName = "bf16: decode step after 37 positions")]
     [DataRow(6, 3, 12, false, 101, 3, DisplayName = "bf16: head width 12, not a multiple of 2·W: each chunk widened for the fp32 loops")]
-    [DataRow(4, 2, 16, false, 0, 40, DisplayName = "bf16: prompt of 40, the blocked products over widened keys and values")]
+    [DataRow(4, 2, 16, false, 0, 70, DisplayName = "bf16: prompt of 70, the blocked products over widened keys and values")]
     [DataRow(8, 2, 64, false, 150, 1, DisplayName = "bf16: decode after 150, keys and values read in place a chunk at a time")]
     [DataRow(6, 2, 48, true, 200, 1, DisplayName = "bf16: head width 48 after 200")]
     [DataRow(8, 2, 64, true, 300, 3, DisplayName = "bf16: verification pass of 3 after 300")]
@@ -57,7 +58,7 @@ public sealed unsafe class CausalAttentionTests
     [DataRow(4, 1, 24, true, 70, 2, DisplayName = "bf16: head width 24 (in place at W = 4, widened at 8 and 16)")]
     [DataRow(4, 2, 40, false, 130, 1, DisplayName = "bf16: head width 40")]
     [DataRow(4, 2, 80, true, 260, 1, DisplayName = "bf16: head width 80, in place with a tail of 2·W at W = 8")]
-    [DataRow(4, 2, 128, false, 100, 40, DisplayName = "bf16: prompt of 40 after 100, head width 128: the widened values outgrow their first buffer")]
+    [DataRow(4, 2, 128, false, 100, 70, DisplayName = "bf16: prompt of 70 after 100, head width 128: the widened values outgrow their first buffer")]
     public void ABFloat16CacheMatchesAFloat64ReferenceOverItsRoundedRows(int heads, int kvHeads, int hd, bool interleaved, int past, int tokens)
     {
         var shape = new CausalAttention.Shape(heads, kvHeads, hd, interleaved);
@@ -145,6 +146,50 @@ public sealed unsafe class CausalAttentionTests
         // bf16 test above holds to the reference.
         Assert.IsLessThan(1e-5, TestData.MaxAbsDiff(Run(KvCacheType.Float32, threads), expected), $"fp32 cache, {splits} splits");
         Assert.IsLessThan(1e-6, TestData.MaxAbsDiff(Run(KvCacheType.BFloat16, threads), Run(KvCacheType.BFloat16, 1)), $"bf16 cache, {splits} splits");
+    }
+
+    /// <summary>
+    /// A call of several tokens below <see cref="CausalAttention.BlockedTokens"/> (a verification pass) gives each token
+    /// bit for bit what one-token calls (decode steps) give: speculative greedy output equals target-only greedy output
+    /// only if it does. With 4 threads and one KV head the tokens' positions are split, each token as its own decode step
+    /// would be; with 1 thread nothing splits.
+    /// </summary>
+    [TestMethod]
+    [DataRow(KvCacheType.Float32, 4)]
+    [DataRow(KvCacheType.BFloat16, 4)]
+    [DataRow(KvCacheType.Float32, 1)]
+    [DataRow(KvCacheType.BFloat16, 1)]
+    public void AVerificationPassGivesEachTokenExactlyWhatItsDecodeStepGives(KvCacheType type, int threads)
+    {
+        var shape = new CausalAttention.Shape(8, 1, 64, false);
+        int past = 700, tokens = CausalAttention.BlockedTokens - 1, capacity = past + tokens;
+        Assert.IsGreaterThan(GenerationOptions.MaxDraftTokens, CausalAttention.BlockedTokens - 1, "a verification pass of the most drafts stays per token");
+        if (threads > 1) Assert.IsGreaterThan(1, CausalAttention.Splits(shape.KvHeads, past + 1, threads), "the case must split");
+        var rng = new Random(5);
+        float Next() => (float)(rng.NextDouble() * 2 - 1);
+        var qkv = new float[tokens * shape.PackedWidth];
+        for (int i = 0; i < qkv.Length; i++) qkv[i] = Next();
+        var (keys, values) = PastRows(shape.KvHeads, capacity, shape.HeadDim, past, Next);
+        var (cos, sin) = RopeTables(capacity, shape.HeadDim);
+        using var pool = new KernelThreadPool(threads);
+        float[] Attend(bool oneAtATime)
+        {
+            int width = shape.Heads * shape.HeadDim;
+            var output = new float[tokens * width];
+            var (k, v) = ((float[])keys.Clone(), (float[])values.Clone());
+            ushort[] kb = [.. k.Select(TensorEncoding.ToBFloat16)], vb = [.. v.Select(TensorEncoding.ToBFloat16)];
+            fixed (float* kp = k, vp = v)
+            fixed (ushort* kbp = kb, vbp = vb)
+            {
+                void* ks = type == KvCacheType.Float32 ? (void*)kp : kbp, vs = type == KvCacheType.Float32 ? (void*)vp : vbp;
+                if (!oneAtATime) CausalAttention.Run(shape, qkv, tokens, type, ks, vs, capacity, past, cos, sin, 0.125f, output, pool);
+                else
+                    for (int t = 0; t < tokens; t++)
+                        CausalAttention.Run(shape, qkv.AsSpan(t * shape.PackedWidth, shape.PackedWidth), 1, type, ks, vs, capacity, past + t, cos, sin, 0.125f, output.AsSpan(t * width, width), pool);
+            }
+            return output;
+        }
+        CollectionAssert.AreEqual(Attend(oneAtATime: true), Attend(oneAtATime: false));
     }
 
     [TestMethod]

@@ -23,8 +23,14 @@ public sealed record GenerationOptions
     /// target-only decoding. Needs an <see cref="Models.IAnyPrecisionEngine"/>.
     /// </summary>
     public int? DraftBits { get; init; }
-    /// <summary>Most tokens the draft proposes per round (k).</summary>
+    /// <summary>Most tokens the draft proposes per round (k), 1..<see cref="MaxDraftTokens"/>.</summary>
     public int DraftTokens { get; init; } = 4;
+
+    /// <summary>
+    /// Largest <see cref="DraftTokens"/>. A verification pass (k + 1 tokens) then stays below
+    /// <see cref="Kernels.CausalAttention.BlockedTokens"/>, so it attends token by token exactly as decode steps do.
+    /// </summary>
+    public const int MaxDraftTokens = 64;
     /// <summary>Adaptive draft length: a round stops drafting when the draft's top probability falls under this (0: always k).</summary>
     public float DraftThreshold { get; init; }
 
@@ -35,7 +41,7 @@ public sealed record GenerationOptions
         if (!(Temperature >= 0) || float.IsInfinity(Temperature)) throw new ArgumentOutOfRangeException(nameof(Temperature), Temperature, "temperature must be 0 (greedy) or positive.");
         if (TopK < 0) throw new ArgumentOutOfRangeException(nameof(TopK), TopK, "top-k must be 0 (off) or positive.");
         if (!(TopP > 0 && TopP <= 1)) throw new ArgumentOutOfRangeException(nameof(TopP), TopP, "top-p must be in (0, 1].");
-        if (DraftTokens is < 1 or > 64) throw new ArgumentOutOfRangeException(nameof(DraftTokens), DraftTokens, "draft tokens must be in 1..64.");
+        if (DraftTokens is < 1 or > MaxDraftTokens) throw new ArgumentOutOfRangeException(nameof(DraftTokens), DraftTokens, $"draft tokens must be in 1..{MaxDraftTokens}.");
         if (!(DraftThreshold >= 0 && DraftThreshold < 1)) throw new ArgumentOutOfRangeException(nameof(DraftThreshold), DraftThreshold, "the draft threshold must be in [0, 1).");
         return this;
     }

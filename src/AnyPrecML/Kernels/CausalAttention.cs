@@ -76,8 +76,10 @@ public static unsafe class CausalAttention
                 return;
             }
             var job = t_job ??= new AttentionJob();
-            int pairs = tokens * shape.KvHeads, splits = Splits(pairs, past + 1, pool.Threads);
-            job.Set(shape, q, cache, past, scale, o, splits, tokens);
+            // Each token is split as a decode step at its position would be (by the KV heads alone, whatever else the
+            // call holds): its result must not depend on the call. The call's last token has the most positions.
+            int pairs = tokens * shape.KvHeads, splits = Splits(shape.KvHeads, past + tokens, pool.Threads);
+            job.Set(shape, q, cache, past, scale, o, splits, tokens, pool.Threads);
             int items = pairs * splits;
             // A short context's few items run on the calling thread: waking the pool would cost more than they do.
             pool.Run(job, items, (long)pairs * (past + tokens) * hd < 1 << 15 ? items : 1);
@@ -165,8 +167,14 @@ public static unsafe class CausalAttention
         }
     }
 
-    /// <summary>Calls of at least this many tokens run <see cref="BlockedJob"/>; shorter ones one item per (token, KV head).</summary>
-    public const int BlockedTokens = 8;
+    /// <summary>
+    /// Calls of at least this many tokens (prompts) run <see cref="BlockedJob"/>; shorter ones one item per (token, KV
+    /// head), which gives each token bit for bit what a decode step at its position gives (the same loops in the same
+    /// order, the same splits): a verification pass of up to 64 drafts (65 tokens) then leaves speculative greedy
+    /// output identical to target-only greedy output. (At 8, a verification pass of 9 tokens ran blocked, whose sums
+    /// run in another order, and a near-tie flipped a greedy token.)
+    /// </summary>
+    public const int BlockedTokens = 66;
 
     [ThreadStatic] private static BlockedJob? t_blocked;
 
@@ -367,16 +375,16 @@ public static unsafe class CausalAttention
         private Shape _shape;
         private float* _q, _output;
         private Cache _cache;
-        private int _past, _splits, _tokens;
+        private int _past, _splits, _tokens, _threads;
         private float _scale;
         // Split items' results (splits > 1): per item, every query head of the group's unnormalised output (hd floats),
         // then each head's score maximum and its sum of e^(score − maximum), merged by Merge.
         private float[] _partial = [];
         [ThreadStatic] private static float[]? t_scores;
 
-        public void Set(Shape shape, float* q, Cache cache, int past, float scale, float* output, int splits, int tokens)
+        public void Set(Shape shape, float* q, Cache cache, int past, float scale, float* output, int splits, int tokens, int threads)
         {
-            _shape = shape; _q = q; _cache = cache; _past = past; _scale = scale; _output = output; _splits = splits; _tokens = tokens;
+            _shape = shape; _q = q; _cache = cache; _past = past; _scale = scale; _output = output; _splits = splits; _tokens = tokens; _threads = threads;
             long need = splits > 1 ? (long)tokens * shape.KvHeads * splits * PartialFloats : 0;
             if (_partial.Length < need) _partial = GC.AllocateUninitializedArray<float>(checked((int)need), pinned: true);
         }
@@ -384,6 +392,9 @@ public static unsafe class CausalAttention
         private int PartialFloats => _shape.Heads / _shape.KvHeads * (_shape.HeadDim + 2);
 
         public void Clear() { _q = _output = null; _cache = default; }
+
+        /// <summary>Splits of token t's positions: a decode step's at that position (<see cref="Splits"/> by the KV heads alone).</summary>
+        private int SplitsOf(int t) => Splits(_shape.KvHeads, _past + t + 1, _threads);
 
         /// <summary>
         /// Each (token, KV head) pair's output from its splits: per query head, o = Σ_s e^(m_s − M)·o_s / Σ_s e^(m_s − M)·l_s,
@@ -395,15 +406,16 @@ public static unsafe class CausalAttention
             fixed (float* partial = _partial)
                 for (int pair = 0; pair < _tokens * _shape.KvHeads; pair++)
                 {
-                    int t = pair / _shape.KvHeads, g = pair % _shape.KvHeads;
+                    int t = pair / _shape.KvHeads, g = pair % _shape.KvHeads, splits = SplitsOf(t);
+                    if (splits == 1) continue; // written in place
                     float* first = partial + (long)pair * _splits * per;
                     for (int i = 0; i < group; i++)
                     {
                         float max = float.NegativeInfinity, sum = 0;
-                        for (int sp = 0; sp < _splits; sp++) max = Math.Max(max, first[sp * per + group * hd + i]);
+                        for (int sp = 0; sp < splits; sp++) max = Math.Max(max, first[sp * per + group * hd + i]);
                         var o = new Span<float>(_output + (long)t * qDim + (g * group + i) * hd, hd);
                         o.Clear();
-                        for (int sp = 0; sp < _splits; sp++)
+                        for (int sp = 0; sp < splits; sp++)
                         {
                             float* part = first + sp * per;
                             float weight = MathF.Exp(part[group * hd + i] - max);
@@ -431,13 +443,15 @@ public static unsafe class CausalAttention
             float* qPairs = stackalloc float[paired ? group * hd : 0], oPairs = stackalloc float[paired ? group * hd : 0];
             for (int item = start; item < end; item++)
             {
-                // Item = (token t, KV head g, split sp): positions [p0, p1) of the t-th token's p0..past + t.
-                int pair = item / _splits, sp = item % _splits, t = pair / _shape.KvHeads, g = pair % _shape.KvHeads, length = _past + t + 1;
-                int p0 = (int)((long)length * sp / _splits), p1 = (int)((long)length * (sp + 1) / _splits), span = p1 - p0;
+                // Item = (token t, KV head g, split sp): positions [p0, p1) of the t-th token's 0..past + t, in that token's
+                // own number of splits (earlier tokens of a call may have fewer: their extra items do nothing).
+                int pair = item / _splits, sp = item % _splits, t = pair / _shape.KvHeads, g = pair % _shape.KvHeads, length = _past + t + 1, splits = SplitsOf(t);
+                if (sp >= splits) continue;
+                int p0 = (int)((long)length * sp / splits), p1 = (int)((long)length * (sp + 1) / splits), span = p1 - p0;
                 if (t_scores is null || t_scores.Length < group * span) t_scores = new float[Math.Max(group * span, 256)];
                 float* q = _q + t * qDim + g * group * hd;
                 // One split: the output itself. Several: this split's part of the partial buffer, for Merge.
-                bool whole = _splits == 1;
+                bool whole = splits == 1;
                 fixed (float* scores = t_scores, partial = _partial)
                 {
                     float* o = whole ? _output + t * qDim + g * group * hd : partial + (long)item * PartialFloats;
