@@ -113,7 +113,7 @@ public sealed unsafe class CausalAttentionTests
     public void PositionsSplitAcrossThreadsGiveTheUnsplitAttention(int heads, int kvHeads, int hd, bool interleaved, int past, int tokens, int threads)
     {
         var shape = new CausalAttention.Shape(heads, kvHeads, hd, interleaved);
-        int splits = CausalAttention.Splits(tokens * kvHeads, past + 1, threads);
+        int splits = CausalAttention.Splits(kvHeads, past + 1, threads);
         Assert.IsGreaterThan(1, splits, "the case must split");
         int capacity = past + tokens + 3;
         var rng = new Random(heads * 31 + past);
@@ -159,12 +159,18 @@ public sealed unsafe class CausalAttentionTests
     [DataRow(KvCacheType.BFloat16, 4)]
     [DataRow(KvCacheType.Float32, 1)]
     [DataRow(KvCacheType.BFloat16, 1)]
-    public void AVerificationPassGivesEachTokenExactlyWhatItsDecodeStepGives(KvCacheType type, int threads)
+    [DataRow(KvCacheType.Float32, 4, 460)]
+    [DataRow(KvCacheType.BFloat16, 4, 460)]
+    [DataRow(KvCacheType.Float32, 3, 1000)]
+    [DataRow(KvCacheType.BFloat16, 8, 1500)]
+    public void AVerificationPassGivesEachTokenExactlyWhatItsDecodeStepGives(KvCacheType type, int threads, int past = 740)
     {
+        // After 460 the call's first tokens take one part and its last two (from 512 positions); after 740 and 1500 the
+        // count grows within the call too: every token must be split as its own decode step is.
         var shape = new CausalAttention.Shape(8, 1, 64, false);
-        int past = 700, tokens = CausalAttention.BlockedTokens - 1, capacity = past + tokens;
+        int tokens = CausalAttention.BlockedTokens - 1, capacity = past + tokens;
         Assert.IsGreaterThan(GenerationOptions.MaxDraftTokens, CausalAttention.BlockedTokens - 1, "a verification pass of the most drafts stays per token");
-        if (threads > 1) Assert.IsGreaterThan(1, CausalAttention.Splits(shape.KvHeads, past + 1, threads), "the case must split");
+        if (threads > 1) Assert.IsGreaterThan(1, CausalAttention.Splits(shape.KvHeads, past + tokens, threads), "the case must split");
         var rng = new Random(5);
         float Next() => (float)(rng.NextDouble() * 2 - 1);
         var qkv = new float[tokens * shape.PackedWidth];

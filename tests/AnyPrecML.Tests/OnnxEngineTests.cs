@@ -320,7 +320,7 @@ public sealed class OnnxEngineTests
         // products), and the CUDA provider's, one GroupQueryAttention per layer taking the packed q,k,v and rotating them
         // itself, run here on the CPU from a graph file. A Hugging Face directory (4 query over 2 KV heads) rotates
         // half-split, a llama2.c file (4 over 4) interleaved; every combination against the reference engine, for a
-        // prompt, the prompt in two chunks (5 tokens, then 19 after that past) and decode steps.
+        // prompt, the prompt in two chunks (5 tokens, then 67 after that past) and decode steps.
         var c = TestData.TinyConfig() with { Dim = 64, HiddenDim = 96, Heads = 4, KvHeads = 2, HeadDim = 16, VocabSize = 96, MaxSeqLen = 128 };
         Assert.IsTrue(DecoderGraph.FusedAttention(c));
         Assert.IsFalse(DecoderGraph.FusedAttention(_model.Config), "stories260K's 8-wide heads keep Split and RotaryEmbedding");

@@ -49,7 +49,9 @@ public sealed class SpeculativeTests
     {
         var cache = engine.CreateCache();
         var logits = new float[engine.Config.VocabSize];
-        engine.Forward(prompt, cache, logits, bits);
+        // The prompt's last token as a decode step, as a verification pass feeds it (see TextGenerator.TargetOnly).
+        if (prompt.Length > 1) engine.Forward(prompt.AsSpan(0, prompt.Length - 1), cache, new float[engine.Config.VocabSize], bits);
+        engine.Forward(prompt.AsSpan(prompt.Length - 1), cache, logits, bits);
         var tokens = new List<int>();
         for (int i = 0; i < count; i++)
         {
@@ -114,13 +116,8 @@ public sealed class SpeculativeTests
     [TestMethod]
     public void GreedySpeculativeEqualsTargetOnlyOnASyntheticGqaModelInBothEngines()
     {
-        // 8 query heads over 2 KV heads; random weights, so draft and target disagree often (many rollbacks). Heads 16
-        // wide: the ONNX graph's fused attention (rotation inside GroupQueryAttention) sees every rollback.
-        var c = TestData.TinyConfig() with { Dim = 128, HiddenDim = 192, Heads = 8, KvHeads = 2, HeadDim = 16, VocabSize = 96, MaxSeqLen = 256 };
-        SyntheticModel.Write(c, _dir["gqa-hf"], DType.F32);
-        using (var source = LlamaCheckpoint.Open(_dir["gqa-hf"]))
-            AnyPrecisionQuantizer.Quantize(source, _dir["gqa-ap"], new UniformSensitivity(), new QuantizerOptions());
-        using var model = AnyPrecisionModel.Open(_dir["gqa-ap"]);
+        // Heads 16 wide: the ONNX graph's fused attention (rotation inside GroupQueryAttention) sees every rollback.
+        using var model = SyntheticGqaModel("gqa");
         Assert.AreEqual(4, model.Config.Heads / model.Config.KvHeads);
         Assert.IsTrue(DecoderGraph.FusedAttention(model.Config));
         using var onnx = new OnnxEngine(model);
@@ -139,29 +136,64 @@ public sealed class SpeculativeTests
     }
 
     [TestMethod]
-    public void AfterRollbacksBothCachesAreIdenticalToPlainRunsOverTheSameAcceptedPrefix()
+    public void AfterRollbacksBothCachesAreIdenticalToPlainRunsOverTheSameAcceptedPrefix() =>
+        AssertCachesAreThoseOfPlainRuns(_engine, Prompt("The cat sat"), targetBits: 8, draftBits: 3);
+
+    /// <summary>
+    /// The same over a prompt of more than <see cref="Kernels.CausalAttention.BlockedTokens"/> tokens on 16-wide heads,
+    /// which the blocked products take: the verification passes (9 tokens) must still leave exactly what decode steps
+    /// leave, and the prompt's last token must go in as a step in both runs.
+    /// </summary>
+    [TestMethod]
+    public void AfterALongPromptBothCachesAreIdenticalToPlainRuns()
     {
-        int[] prompt = Prompt("The cat sat");
-        var options = new GenerationOptions { DraftBits = 3, DraftTokens = 8 };
-        var generator = new SpeculativeGenerator(_engine, prompt, options, new Sampler(options), 8, capacity: 160);
-        while (generator.Tokens.Count < 120) generator.NextRound();
+        using var model = SyntheticGqaModel("long-prompt");
+        using var onnx = new OnnxEngine(model);
+        int[] prompt = [1, .. Enumerable.Range(0, 79).Select(i => (i * 53 + 7) % 96)];
+        Assert.IsGreaterThanOrEqualTo(Kernels.CausalAttention.BlockedTokens, prompt.Length - 1, "the prompt takes the blocked products");
+        AssertCachesAreThoseOfPlainRuns(onnx, prompt, targetBits: 8, draftBits: 3);
+    }
+
+    /// <summary>
+    /// A model with random weights (so draft and target disagree often: many rollbacks), 8 query heads over 2 KV heads
+    /// 16 wide, 256 positions, quantized into <paramref name="name"/>-ap.
+    /// </summary>
+    private static AnyPrecisionModel SyntheticGqaModel(string name)
+    {
+        var c = TestData.TinyConfig() with { Dim = 128, HiddenDim = 192, Heads = 8, KvHeads = 2, HeadDim = 16, VocabSize = 96, MaxSeqLen = 256 };
+        SyntheticModel.Write(c, _dir[$"{name}-hf"], DType.F32);
+        using (var source = LlamaCheckpoint.Open(_dir[$"{name}-hf"]))
+            AnyPrecisionQuantizer.Quantize(source, _dir[$"{name}-ap"], new UniformSensitivity(), new QuantizerOptions());
+        return AnyPrecisionModel.Open(_dir[$"{name}-ap"]);
+    }
+
+    /// <summary>
+    /// 120 tokens of greedy speculative decoding with k = 8 (many rollbacks), then both caches against plain runs: the first
+    /// `prefill` tokens in one call, then one decode step per token. The target cache holds the committed tokens but the
+    /// last, its prompt fed as target-only decoding feeds it (all but the last token in one call, the last as a step); the
+    /// draft's first call fed the whole prompt.
+    /// </summary>
+    private static void AssertCachesAreThoseOfPlainRuns(IAnyPrecisionEngine engine, int[] prompt, int targetBits, int draftBits)
+    {
+        var options = new GenerationOptions { DraftBits = draftBits, DraftTokens = 8 };
+        int capacity = prompt.Length + 160;
+        var generator = new SpeculativeGenerator(engine, prompt, options, new Sampler(options), targetBits, capacity: capacity);
+        while (generator.Tokens.Count < prompt.Length + 120) generator.NextRound();
         Assert.IsLessThan(generator.Stats.Drafted, generator.Stats.Accepted, "the run must have rolled back rejected drafts");
         var committed = generator.Tokens.ToArray();
-
-        // The target cache holds the committed tokens but the last: a plain run feeds them token by token after the prompt.
-        void AssertSameAsPlain(KvCache actual, int bits, int length, string what)
+        void AssertSameAsPlain(KvCache actual, int bits, int prefill, int length, string what)
         {
-            var plain = _engine.CreateCache(160);
-            var logits = new float[_model.Config.VocabSize];
-            _engine.Forward(committed.AsSpan(0, prompt.Length), plain, logits, bits);
-            for (int p = prompt.Length; p < length; p++) _engine.Forward(committed.AsSpan(p, 1), plain, logits, bits);
+            var plain = engine.CreateCache(capacity);
+            var logits = new float[engine.Config.VocabSize];
+            engine.Forward(committed.AsSpan(0, prefill), plain, logits, bits);
+            for (int p = prefill; p < length; p++) engine.Forward(committed.AsSpan(p, 1), plain, logits, bits);
             Assert.AreEqual(length, actual.Length, what);
             for (int i = 0; i < plain.Buffers.Count; i++)
                 CollectionAssert.AreEqual(plain.Buffers[i], actual.Buffers[i], $"{what}: buffer {i} (whole capacity, rolled-back positions zero)");
         }
-        AssertSameAsPlain(generator.TargetCache, 8, committed.Length - 1, "target");
+        AssertSameAsPlain(generator.TargetCache, targetBits, prompt.Length - 1, committed.Length - 1, "target");
         Assert.IsGreaterThanOrEqualTo(prompt.Length, generator.DraftCache.Length);
-        AssertSameAsPlain(generator.DraftCache, 3, generator.DraftCache.Length, "draft");
+        AssertSameAsPlain(generator.DraftCache, draftBits, prompt.Length, generator.DraftCache.Length, "draft");
     }
 
     [TestMethod]

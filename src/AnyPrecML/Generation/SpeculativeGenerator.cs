@@ -171,7 +171,9 @@ public sealed class SpeculativeGenerator
     {
         var cache = engine.CreateCache(Math.Min(engine.Config.MaxSeqLen, prompt.Length + count));
         var logits = new float[engine.Config.VocabSize];
-        engine.Forward(prompt, cache, logits, bits);
+        // As TextGenerator's target-only decoding: the last prompt token as a decode step, as a verification pass feeds it.
+        if (prompt.Length > 1) engine.Forward(prompt.AsSpan(0, prompt.Length - 1), cache, new float[engine.Config.VocabSize], bits);
+        engine.Forward(prompt.AsSpan(prompt.Length - 1), cache, logits, bits);
         var output = new int[count];
         for (int i = 0; i < count; i++)
         {

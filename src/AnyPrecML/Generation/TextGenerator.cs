@@ -95,7 +95,12 @@ public sealed class TextGenerator
     {
         var cache = _engine.CreateCache(capacity);
         var logits = new float[_engine.Config.VocabSize];
-        _engine.Forward(prompt, cache, logits);
+        // The prompt but its last token in one call, then the last as a decode step: as speculative decoding feeds it
+        // (its first verification pass), so both give that token bit for bit the same logits. In one call with the rest,
+        // a prompt of CausalAttention.BlockedTokens or more attends it in the blocked products, whose sums run in
+        // another order.
+        if (prompt.Length > 1) _engine.Forward(prompt.AsSpan(0, prompt.Length - 1), cache, new float[_engine.Config.VocabSize]);
+        _engine.Forward(prompt.AsSpan(prompt.Length - 1), cache, logits);
         while (true)
         {
             int next = sampler.Next(logits);

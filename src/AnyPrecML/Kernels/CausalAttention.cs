@@ -16,10 +16,10 @@ namespace AnyPrecML.Kernels;
 /// <see cref="BlockedTokens"/> or more (prompts) run two matrix products per (KV head, block of tokens) instead
 /// (<see cref="BlockedJob"/>). The cache holds fp32 or bf16 (<see cref="KvCacheType"/>): decode steps read bf16 rows in
 /// place (<see cref="ScoresBf16"/>, <see cref="MixBf16"/>: half the bytes); prompts, and head widths those loops cannot
-/// take, widen the rows they need into a buffer for the fp32 loops. When a call has fewer (token, KV head) pairs than the
-/// pool has threads (a decode step of a model with few KV heads on a machine with more cores), each pair's positions are
-/// split among threads and the parts merged by their softmax maxima and sums (<see cref="Splits"/>, flash-decoding). It
-/// is the CPU engine's only attention. Checked against a float64 reference in the tests.
+/// take, widen the rows they need into a buffer for the fp32 loops. When the model has fewer KV heads than the pool has
+/// threads, each token's positions are split among threads as a decode step's would be, and the parts merged by their
+/// softmax maxima and sums (<see cref="Splits"/>, flash-decoding). It is the CPU engine's only attention. Checked against
+/// a float64 reference in the tests.
 /// </summary>
 public static unsafe class CausalAttention
 {
@@ -336,10 +336,12 @@ public static unsafe class CausalAttention
     public const int MinSplitPositions = 256;
 
     /// <summary>
-    /// Parts each (token, KV head) pair's positions are split into (flash-decoding): 1 while the pairs alone give every
-    /// thread work, else enough parts for every thread, none shorter than <see cref="MinSplitPositions"/>. A decode step
-    /// has only as many pairs as KV heads (4 in TinyLlama, 8 in Llama-3-8B, 1 with multi-query attention), so on a
-    /// machine with more cores than that the rest of the cores would wait out a long context's attention.
+    /// Parts a token's positions are split into per KV head (flash-decoding), given <paramref name="pairs"/> = the KV
+    /// heads (what a decode step has; every token of a call is split as its own decode step would be, so its result
+    /// does not depend on the call): 1 while the pairs alone give every thread work, else enough parts for every thread,
+    /// none shorter than <see cref="MinSplitPositions"/>. A decode step has only as many items as KV heads (4 in
+    /// TinyLlama, 8 in Llama-3-8B, 1 with multi-query attention), so on a machine with more cores than that the rest of
+    /// the cores would wait out a long context's attention.
     /// </summary>
     internal static int Splits(int pairs, int positions, int threads) =>
         pairs >= threads ? 1 : Math.Clamp(positions / MinSplitPositions, 1, (threads + pairs - 1) / pairs);
