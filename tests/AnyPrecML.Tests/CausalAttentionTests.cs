@@ -58,7 +58,7 @@ public sealed unsafe class CausalAttentionTests
     [DataRow(4, 1, 24, true, 70, 2, DisplayName = "bf16: head width 24 (in place at W = 4, widened at 8 and 16)")]
     [DataRow(4, 2, 40, false, 130, 1, DisplayName = "bf16: head width 40")]
     [DataRow(4, 2, 80, true, 260, 1, DisplayName = "bf16: head width 80, in place with a tail of 2·W at W = 8")]
-    [DataRow(4, 2, 128, false, 100, 70, DisplayName = "bf16: prompt of 70 after 100, head width 128: the widened values outgrow their first buffer")]
+    [DataRow(4, 2, 128, false, 100, 70, DisplayName = "bf16: prompt of 70 after 100, head width 128: every tile's values widened once")]
     public void ABFloat16CacheMatchesAFloat64ReferenceOverItsRoundedRows(int heads, int kvHeads, int hd, bool interleaved, int past, int tokens)
     {
         var shape = new CausalAttention.Shape(heads, kvHeads, hd, interleaved);

@@ -187,15 +187,17 @@ public static unsafe class CausalAttention
     private sealed class BlockedJob : IRangeJob
     {
         private Shape _shape;
-        private float* _q, _output, _keysT;
+        private float* _q, _output, _keysT, _values;
         private Cache _cache;
         private int _past, _tokens, _blockTokens, _blocks, _tiles;
         private float _scale;
         private bool _attend;
-        private float[] _keysTBuffer = [];
-        [ThreadStatic] private static float[]? t_scores, t_values;
+        // A bf16 cache's values, widened to fp32 once per call in the transposition's tiles ([KvHeads, tiles·2·W, hd]):
+        // every block of tokens reads them.
+        private float[] _keysTBuffer = [], _valuesBuffer = [];
+        [ThreadStatic] private static float[]? t_scores;
 
-        /// <summary>Work items of the transposition: (KV head, tile of 2·W keys).</summary>
+        /// <summary>Work items of the transposition (of the keys, and the widening of bf16 values): (KV head, tile of 2·W positions).</summary>
         public int KeyTiles => _tiles * _shape.KvHeads;
 
         /// <summary>Work items of the products: (KV head, block of tokens).</summary>
@@ -212,13 +214,18 @@ public static unsafe class CausalAttention
             long need = (long)shape.KvHeads * _tiles * tile * shape.HeadDim;
             if (_keysTBuffer.Length < need) _keysTBuffer = GC.AllocateUninitializedArray<float>(checked((int)need), pinned: true);
             _keysT = (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_keysTBuffer));
+            if (cache.Bf16 && _valuesBuffer.Length < need) _valuesBuffer = GC.AllocateUninitializedArray<float>(checked((int)need), pinned: true);
+            _values = cache.Bf16 ? (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_valuesBuffer)) : null;
             _attend = false;
         }
 
         /// <summary>Switches from the transposition to the products.</summary>
         public void Attend() => _attend = true;
 
-        public void Clear() { _q = _output = _keysT = null; _cache = default; }
+        public void Clear() { _q = _output = _keysT = _values = null; _cache = default; }
+
+        /// <summary>KV head g's values as fp32: the cache's own rows, or (bf16) their widened copy.</summary>
+        private float* Values(int g) => _cache.Bf16 ? _values + (long)g * _tiles * 2 * Vector<float>.Count * _shape.HeadDim : _cache.Rows(true, g, 0, 0, null);
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Execute(int start, int end)
@@ -228,13 +235,14 @@ public static unsafe class CausalAttention
                 else Transpose(item / _tiles, item % _tiles);
         }
 
-        /// <summary>KV head g's keys of tile i as [head width][2·W keys], zero past the last position.</summary>
+        /// <summary>KV head g's keys of tile i as [head width][2·W keys], zero past the last position; a bf16 cache's values of the tile widened.</summary>
         [SkipLocalsInit]
         private void Transpose(int g, int i)
         {
             int tile = 2 * Vector<float>.Count, hd = _shape.HeadDim, kb = i * tile, n = Math.Min(tile, _past + _tokens - kb);
             float* widened = stackalloc float[_cache.Bf16 ? tile * hd : 0];
             float* k = _cache.Rows(false, g, kb, n, widened), kt = TileOf(g, i);
+            if (_cache.Bf16) _cache.Rows(true, g, kb, n, Values(g) + (long)kb * hd);
             for (int d = 0; d < hd; d++)
             {
                 for (int j = 0; j < n; j++) kt[d * tile + j] = k[(long)j * hd + d];
@@ -251,9 +259,7 @@ public static unsafe class CausalAttention
             int t0 = block * _blockTokens, t1 = Math.Min(_tokens, t0 + _blockTokens), rows = (t1 - t0) * group;
             int length = _past + t1, stride = (length + tile - 1) / tile * tile;
             if (t_scores is null || t_scores.Length < rows * stride) t_scores = new float[Math.Max(rows * stride, 1 << 14)];
-            // bf16 values are widened once per item: every query row of the block reads them.
-            if (_cache.Bf16 && (t_values is null || t_values.Length < length * hd)) t_values = GC.AllocateUninitializedArray<float>(Math.Max(length * hd, 1 << 14), pinned: true);
-            float* v = _cache.Rows(true, g, 0, length, _cache.Bf16 ? (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(t_values!)) : null);
+            float* v = Values(g);
             // Row r is token t0 + r / group, query head g·group + r % group; it sees positions below Limit(r).
             float* Query(int r) => _q + (long)(t0 + r / group) * qDim + (g * group + r % group) * hd;
             int Limit(int r) => _past + t0 + r / group + 1;
@@ -475,11 +481,7 @@ public static unsafe class CausalAttention
                         var row = new Span<float>(scores + i * span, span);
                         if (whole) { StableSoftMax.Compute(row, row); continue; } // as the reference engine's attention
                         // A split keeps its maximum and its sum of exponentials: Merge weighs the splits with them.
-                        float max = TensorPrimitives.Max(row);
-                        TensorPrimitives.Subtract(row, max, row);
-                        TensorPrimitives.Exp(row, row);
-                        o[group * hd + i] = max;
-                        o[group * hd + group + i] = TensorPrimitives.Sum(row);
+                        (o[group * hd + i], o[group * hd + group + i]) = StableSoftMax.Exponentiate(row, row);
                     }
                     float* sum = paired ? oPairs : o;
                     new Span<float>(sum, group * hd).Clear();

@@ -14,12 +14,22 @@ public static class StableSoftMax
     /// <exception cref="ArgumentException"><paramref name="x"/> is empty or <paramref name="destination"/> shorter than it.</exception>
     public static void Compute(ReadOnlySpan<float> x, Span<float> destination)
     {
+        var (_, sum) = Exponentiate(x, destination);
+        TensorPrimitives.Divide(destination[..x.Length], sum, destination[..x.Length]);
+    }
+
+    /// <summary>
+    /// The softmax before its division: destination[i] = e^(x[i] − max x); returns max x and Σ destination. Parts of
+    /// one softmax taken apart (attention split across threads) are merged with them.
+    /// </summary>
+    public static (float Max, float Sum) Exponentiate(ReadOnlySpan<float> x, Span<float> destination)
+    {
         if (x.IsEmpty) throw new ArgumentException("softmax of an empty span.", nameof(x));
         if (destination.Length < x.Length) throw new ArgumentException($"destination holds {destination.Length} floats; {x.Length} needed.", nameof(destination));
         destination = destination[..x.Length];
         float max = TensorPrimitives.Max(x);
         TensorPrimitives.Subtract(x, max, destination);
         TensorPrimitives.Exp(destination, destination);
-        TensorPrimitives.Divide(destination, TensorPrimitives.Sum(destination), destination);
+        return (max, TensorPrimitives.Sum(destination));
     }
 }
