@@ -27,6 +27,12 @@ public sealed class AnyPrecisionChatClientOptions
     public BitplaneBackend? Backend { get; set; }
     /// <summary>What the engine's key/value caches hold (default: the engine's, bf16 on the CPU; see <see cref="OnnxEngineOptions.KvCacheType"/>).</summary>
     public KvCacheType? KvCacheType { get; set; }
+    /// <summary>
+    /// Most concurrent requests whose decode steps run as one pass (<see cref="BatchingEngine"/>; default 16, 1 turns
+    /// batching off). Requests at one width then share each linear's reads of the planes; each still gets exactly the
+    /// tokens it would get alone.
+    /// </summary>
+    public int MaxBatch { get; set; } = 16;
 }
 
 /// <summary>A request named a model or width the client does not serve (OpenAI's <c>model_not_found</c>).</summary>
@@ -85,6 +91,7 @@ public sealed class AnyPrecisionChatClient : IChatClient
 
     private readonly AnyPrecisionModel _model;
     private readonly OnnxEngine _engine;
+    private readonly BatchingEngine _batcher;
     private readonly Tokenizer _tokenizer;
     private readonly bool _owns;
     private readonly int _defaultMaxTokens;
@@ -113,6 +120,7 @@ public sealed class AnyPrecisionChatClient : IChatClient
         try
         {
             ArgumentOutOfRangeException.ThrowIfNegative(options.DefaultMaxOutputTokens);
+            ArgumentOutOfRangeException.ThrowIfLessThan(options.MaxBatch, 1);
             _defaultMaxTokens = options.DefaultMaxOutputTokens;
             _tokenizer = LlamaTokenizerLoader.Load(model.Checkpoint);
             int defaultBits = model.CheckBits(options.DefaultBits ?? model.ParentBits);
@@ -125,7 +133,8 @@ public sealed class AnyPrecisionChatClient : IChatClient
             Metadata = new AnyPrecisionChatClientMetadata(name, template, source, defaultBits, model.SupportedBits, model.Config.MaxSeqLen);
             _metadata = new ChatClientMetadata("AnyPrecML", new Uri(fullDirectory), ModelId(name, defaultBits));
             _engine = new OnnxEngine(model, new OnnxEngineOptions { Bits = defaultBits, Backend = options.Backend, KvCacheType = options.KvCacheType });
-            _generators = model.SupportedBits.ToDictionary(b => b, b => new TextGenerator(new WidthEngine(_engine, b), _tokenizer));
+            _batcher = new BatchingEngine(_engine, options.MaxBatch);
+            _generators = model.SupportedBits.ToDictionary(b => b, b => new TextGenerator(new WidthEngine(_batcher, b), _tokenizer));
             // Measured the first time a request has a budget, with the fingerprint `anyprec generate` gives the same engine.
             string accuracy = options.Backend is CpuBitplaneBackend { Accuracy: KernelAccuracy.Float32 } ? "fp32" : "int8";
             _costs = new Lazy<PrecisionCosts>(() => PrecisionRouter.Load(_engine, fullDirectory, $"{nameof(OnnxEngine)} {accuracy}", out _));
@@ -139,6 +148,9 @@ public sealed class AnyPrecisionChatClient : IChatClient
 
     /// <summary>The engine serving every width.</summary>
     public OnnxEngine Engine => _engine;
+
+    /// <summary>What gathers concurrent requests' decode steps into shared passes, with its counts (passes, steps, largest).</summary>
+    public BatchingEngine Batching => _batcher;
 
     /// <summary>The model's name, template, widths and context.</summary>
     public AnyPrecisionChatClientMetadata Metadata { get; }
@@ -428,7 +440,7 @@ public sealed class AnyPrecisionChatClient : IChatClient
     }
 
     /// <summary>The shared engine fixed at one width, so <see cref="TextGenerator"/> runs it as it is and concurrent requests keep their widths.</summary>
-    private sealed class WidthEngine(OnnxEngine engine, int bits) : IAnyPrecisionEngine
+    private sealed class WidthEngine(IAnyPrecisionEngine engine, int bits) : IAnyPrecisionEngine
     {
         public LlamaConfig Config => engine.Config;
         public int SeedBits => engine.SeedBits;
@@ -438,6 +450,7 @@ public sealed class AnyPrecisionChatClient : IChatClient
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int width) => engine.Forward(tokens, cache, logits, width);
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, IReadOnlyList<int> widths) => engine.Forward(tokens, cache, logits, widths);
         public KvCache CreateCache(int capacity = 0) => engine.CreateCache(capacity);
+        public void ForwardBatch(ReadOnlySpan<int> tokens, IReadOnlyList<KvCache> caches, Span<float> logits, int width) => engine.ForwardBatch(tokens, caches, logits, width);
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits) => engine.Forward(tokens, cache, logits, bits);
         public void Dispose() { } // the engine is the client's
     }

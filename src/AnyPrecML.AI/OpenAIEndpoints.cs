@@ -12,8 +12,11 @@ namespace AnyPrecML.AI;
 /// <summary>Limits of the OpenAI-compatible endpoints.</summary>
 public sealed class AnyPrecisionServerOptions
 {
-    /// <summary>Requests generating at once (default: one per core).</summary>
-    public int MaxConcurrentRequests { get; set; } = Environment.ProcessorCount;
+    /// <summary>
+    /// Requests generating at once (default 16). More than the cores pay: their decode steps at one width run as shared
+    /// passes (<see cref="AnyPrecisionChatClientOptions.MaxBatch"/>), while their prompts take turns on the cores.
+    /// </summary>
+    public int MaxConcurrentRequests { get; set; } = 16;
     /// <summary>Requests waiting for a slot; one more is refused with 429.</summary>
     public int MaxQueuedRequests { get; set; } = 64;
     /// <summary>Largest request body; a larger one is refused with 413.</summary>

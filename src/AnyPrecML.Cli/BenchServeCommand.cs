@@ -22,11 +22,13 @@ internal static class BenchServeCommand
         var requests = new Option<int>("--requests") { Description = "Requests per client at each level.", DefaultValueFactory = _ => 8 };
         var maxTokens = new Option<int>("--max-tokens") { Description = "Tokens per request.", DefaultValueFactory = _ => 64 };
         var widths = new Option<int[]>("--widths") { Description = "Widths the clients ask for, round-robin (default: the seed and the parent width).", AllowMultipleArgumentsPerToken = true };
-        var concurrent = new Option<int>("--max-concurrent") { Description = "Server slots (requests generating at once).", DefaultValueFactory = _ => Environment.ProcessorCount };
+        var concurrent = new Option<int>("--max-concurrent") { Description = "Server slots (requests generating at once).", DefaultValueFactory = _ => 16 };
+        var maxBatch = CommonOptions.MaxBatch();
+        var accuracy = CommonOptions.Accuracy();
         var json = CommonOptions.Json();
         var command = new Command("serve", "Load `anyprec serve` with concurrent streaming clients: requests/s, tokens/s, time to first token.")
         {
-            model, clients, requests, maxTokens, widths, concurrent, json,
+            model, clients, requests, maxTokens, widths, concurrent, maxBatch, accuracy, json,
         };
         command.SetAction(async (r, ct) =>
         {
@@ -34,23 +36,31 @@ internal static class BenchServeCommand
             if (levels.Length == 0 || levels.Any(c => c < 1)) throw new ArgumentException("--clients must list counts of 1 or more.");
             if (r.GetValue(requests) < 1) throw new ArgumentException("--requests must be 1 or more.");
             if (r.GetValue(maxTokens) < 1) throw new ArgumentException("--max-tokens must be 1 or more.");
+            if (r.GetValue(maxBatch) < 1) throw new ArgumentException("--max-batch must be 1 or more.");
             var server = new AnyPrecisionServerOptions { MaxConcurrentRequests = r.GetValue(concurrent), MaxQueuedRequests = levels.Max() };
-            await using var app = ServeCommand.Host(r.GetValue(model)!, "http://127.0.0.1:0", server, _ => { });
+            await using var app = ServeCommand.Host(r.GetValue(model)!, "http://127.0.0.1:0", server, o =>
+            {
+                o.MaxBatch = r.GetValue(maxBatch);
+                o.Backend = CommonOptions.Backend(r.GetValue(accuracy));
+            });
             await app.StartAsync(ct);
-            var meta = app.Services.GetRequiredService<AnyPrecisionChatClient>().Metadata;
+            var chat = app.Services.GetRequiredService<AnyPrecisionChatClient>();
+            var meta = chat.Metadata;
             int[] bits = r.GetValue(widths) is { Length: > 0 } w ? w : [meta.SupportedBits[0], meta.SupportedBits[^1]];
             foreach (int b in bits) meta.ModelIds.Single(id => id == AnyPrecisionChatClient.ModelId(meta.ModelName, b)); // unknown widths fail here
             var completions = new Uri(ServeCommand.Address(app) + "/v1/completions");
             using var http = new HttpClient { Timeout = TimeSpan.FromMinutes(10) };
 
-            await Request(http, completions, meta.ModelName, 8, ct); // warm-up: the first call pays JIT and session start
+            // Warm-up, one request per width measured: the first call pays JIT and session start, a width's first its tables.
+            foreach (int b in bits) await Request(http, completions, AnyPrecisionChatClient.ModelId(meta.ModelName, b), 8, ct);
             var rows = new List<object>();
-            if (!r.GetValue(json)) r.Out().WriteLine($"{meta.ModelName}, widths {string.Join(",", bits)}, {r.GetValue(maxTokens)} tokens per request, {server.MaxConcurrentRequests} server slots, {Environment.ProcessorCount} cores\n"
-                + "| clients | requests | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms |\n|---|---|---|---|---|---|");
+            if (!r.GetValue(json)) r.Out().WriteLine($"{meta.ModelName}, widths {string.Join(",", bits)}, {r.GetValue(maxTokens)} tokens per request, {server.MaxConcurrentRequests} server slots, decode batches up to {r.GetValue(maxBatch)}, {chat.Engine.Kernels}, {Environment.ProcessorCount} cores\n"
+                + "| clients | requests | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | decode steps per pass |\n|---|---|---|---|---|---|---|");
             long requestsDone = 0;
             var progress = new ConsoleProgress<long>(r.Err(), "bench serve", done => (done, levels.Sum(l => (long)l * r.GetValue(requests))), "requests");
             foreach (int level in levels)
             {
+                long passes0 = chat.Batching.Batches, steps0 = chat.Batching.BatchedSteps;
                 var sw = Stopwatch.StartNew();
                 var results = await Task.WhenAll(Enumerable.Range(0, level).Select(async client =>
                 {
@@ -73,9 +83,11 @@ internal static class BenchServeCommand
                     tokens_per_second = Math.Round(all.Sum(x => x.Tokens) / seconds, 1),
                     ttft_p50_ms = Math.Round(Percentile(ttft, 0.50), 1),
                     ttft_p99_ms = Math.Round(Percentile(ttft, 0.99), 1),
+                    // Decode steps per pass: how many requests' steps the batcher ran together, on average.
+                    steps_per_pass = chat.Batching.Batches == passes0 ? (double?)null : Math.Round((double)(chat.Batching.BatchedSteps - steps0) / (chat.Batching.Batches - passes0), 2),
                 };
                 rows.Add(row);
-                if (!r.GetValue(json)) progress.Line($"| {row.clients} | {row.requests} | {row.requests_per_second} | {row.tokens_per_second} | {row.ttft_p50_ms} | {row.ttft_p99_ms} |", r.Out());
+                if (!r.GetValue(json)) progress.Line($"| {row.clients} | {row.requests} | {row.requests_per_second} | {row.tokens_per_second} | {row.ttft_p50_ms} | {row.ttft_p99_ms} | {row.steps_per_pass?.ToString() ?? "- (off)"} |", r.Out());
             }
             long peak = Process.GetCurrentProcess().PeakWorkingSet64;
             if (r.GetValue(json)) r.WriteJson(new { model = meta.ModelName, widths = bits, max_tokens = r.GetValue(maxTokens), rows, peak_working_set_mb = peak >> 20 });

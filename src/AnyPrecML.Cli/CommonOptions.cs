@@ -87,6 +87,12 @@ internal static class CommonOptions
         Description = "What the onnx engine's key/value cache holds: bf16 (the default on the CPU: half the memory per sequence and half the bytes each step reads) or fp32 (the only type under CUDA).",
     }.AcceptOnlyFromAmong("bf16", "fp32");
 
+    public static Option<int> MaxBatch() => new Option<int>("--max-batch")
+    {
+        Description = "Most concurrent requests whose decode steps at one width run as one pass (each linear then reads its planes once for all of them; every request still gets the tokens it would alone). 1 turns batching off.",
+        DefaultValueFactory = _ => 16,
+    };
+
     /// <summary>A --kv-cache value as the engine's option; null (the engine's default) when absent.</summary>
     public static KvCacheType? CacheType(string? kvCache) => kvCache switch { "fp32" => KvCacheType.Float32, "bf16" => KvCacheType.BFloat16, _ => null };
 

@@ -25,11 +25,12 @@ internal static class ServeCommand
         var host = new Option<string>("--host") { Description = "Address to listen on.", DefaultValueFactory = _ => "127.0.0.1" };
         var name = new Option<string?>("--name") { Description = "Model name in model ids (default: the directory's name)." };
         var template = new Option<string?>("--chat-template") { Description = "plain, llama2, llama3, chatml or zephyr (default: detected from tokenizer_config.json)." };
-        var concurrent = new Option<int>("--max-concurrent") { Description = "Requests generating at once.", DefaultValueFactory = _ => Environment.ProcessorCount };
+        var concurrent = new Option<int>("--max-concurrent") { Description = "Requests generating at once (their decode steps at one width share passes).", DefaultValueFactory = _ => 16 };
+        var maxBatch = CommonOptions.MaxBatch();
         var queue = new Option<int>("--max-queue") { Description = "Requests waiting for a slot before 429.", DefaultValueFactory = _ => 64 };
         var command = new Command("serve", "Serve an any-precision model over the OpenAI HTTP API (/v1/models, /v1/chat/completions, /v1/completions, /health).")
         {
-            model, bits, accuracy, kvCache, port, host, name, template, concurrent, queue,
+            model, bits, accuracy, kvCache, port, host, name, template, concurrent, queue, maxBatch,
         };
         command.SetAction(async (r, ct) =>
         {
@@ -39,6 +40,7 @@ internal static class ServeCommand
             if (r.GetValue(port) is < 0 or > 65535) throw new ArgumentException($"--port must be in 0..65535, not {r.GetValue(port)}.");
             if (r.GetValue(concurrent) < 1) throw new ArgumentException("--max-concurrent must be 1 or more.");
             if (r.GetValue(queue) < 0) throw new ArgumentException("--max-queue must be 0 or more.");
+            if (r.GetValue(maxBatch) < 1) throw new ArgumentException("--max-batch must be 1 or more.");
             var server = new AnyPrecisionServerOptions { MaxConcurrentRequests = r.GetValue(concurrent), MaxQueuedRequests = r.GetValue(queue) };
 
             await using var app = Host(directory, $"http://{r.GetValue(host)}:{r.GetValue(port)}", server, o =>
@@ -48,6 +50,7 @@ internal static class ServeCommand
                 o.ChatTemplate = r.GetValue(template);
                 o.Backend = CommonOptions.Backend(r.GetValue(accuracy));
                 o.KvCacheType = CommonOptions.CacheType(r.GetValue(kvCache));
+                o.MaxBatch = r.GetValue(maxBatch);
             });
             var client = app.Services.GetRequiredService<AnyPrecisionChatClient>();
             await app.StartAsync(ct);

@@ -34,6 +34,28 @@ public sealed class BenchEngineTests
         }
     }
 
+    /// <summary><c>bench batch</c>: one row per width and batch size, the gain over the first size, and bad sizes refused in one line.</summary>
+    [TestMethod]
+    public void BenchBatchReportsEveryWidthAndBatchSize()
+    {
+        var (code, output, err) = Cli.Run("bench", "batch", "-m", _fixture.ModelDirectory, "--batch", "1", "3", "-n", "2", "--rounds", "1", "--json");
+        Assert.AreEqual(0, code, err);
+        using var doc = JsonDocument.Parse(output);
+        var rows = doc.RootElement.GetProperty("rows").EnumerateArray().ToList();
+        CollectionAssert.AreEqual(new[] { (3, 1), (3, 3), (8, 1), (8, 3) }, rows.Select(r => (r.GetProperty("bits").GetInt32(), r.GetProperty("batch").GetInt32())).ToArray(), "the seed and the parent width by default");
+        foreach (var row in rows)
+        {
+            double ms = row.GetProperty("ms_per_pass").GetDouble();
+            int batch = row.GetProperty("batch").GetInt32();
+            Assert.IsGreaterThan(0, ms);
+            Assert.AreEqual(batch * 1000 / ms, row.GetProperty("tokens_per_second").GetDouble(), 0.05 * batch * 1000 / ms + 0.1);
+            if (batch == 1) Assert.AreEqual(1.0, row.GetProperty("gain").GetDouble());
+        }
+        var (bad, _, badErr) = Cli.Run("bench", "batch", "-m", _fixture.ModelDirectory, "--batch", "0");
+        Assert.AreEqual(2, bad);
+        Assert.AreEqual("error: --batch must list sizes of 1 or more.", badErr.Trim());
+    }
+
     [TestMethod]
     public void AnFp32CacheIsTakenAndAnUnknownTypeIsOneLineError()
     {

@@ -72,6 +72,22 @@ public sealed class ChatClientTests
         Assert.AreEqual(MaxTokens, streamed.Usage!.OutputTokenCount);
     }
 
+    /// <summary>
+    /// Six requests at once, three at 3 bits and three at 8: each gets the text `anyprec generate` gives for its width,
+    /// and their decode steps ran in shared passes (more steps than passes).
+    /// </summary>
+    [TestMethod]
+    public async Task ConcurrentRequestsShareDecodePassesAndKeepTheirText()
+    {
+        long passes = _client.Batching.Batches, steps = _client.Batching.BatchedSteps;
+        int[] widths = [3, 8, 3, 8, 3, 8];
+        var responses = await Task.WhenAll(widths.Select(b => Task.Run(() =>
+            _client.GetResponseAsync(User(ChatFixture.Prompt), new ChatOptions { ModelId = $"stories260K@{b}bit", MaxOutputTokens = MaxTokens }))));
+        for (int i = 0; i < widths.Length; i++) Assert.AreEqual(widths[i] == 3 ? _cli3 : _cli8, responses[i].Text, $"request {i} at {widths[i]} bits");
+        Assert.AreEqual(16, _client.Batching.MaxBatch);
+        Assert.IsLessThan(_client.Batching.BatchedSteps - steps, _client.Batching.Batches - passes, "some passes ran several requests' steps");
+    }
+
     [TestMethod]
     public async Task DraftBitsPropertyDecodesSpeculativelyWithTheTargetsGreedyText()
     {

@@ -136,8 +136,8 @@ public sealed class KernelTests
     /// <summary>
     /// The int8 level: every path gives exactly the scalar int8 reference's outputs (integer sums, one shared
     /// rescale), and that reference stays within the bound stated on <see cref="KernelAccuracy.Int8"/> of the
-    /// float64 product, at every width 2..8 and at 1, 3, 6 and 9 tokens (one token, and every remainder of the 4-token
-    /// tiles), on shapes with whole and partial 256-column blocks and odd row counts.
+    /// float64 product, at every width 2..8 and at 1, 2, 3, 4, 6 and 9 tokens (one token, the fused few-token kernels, and
+    /// every remainder of the 4-token tiles), on shapes with whole and partial 256-column blocks and odd row counts.
     /// </summary>
     [TestMethod]
     [DynamicData(nameof(Int8Shapes))]
@@ -148,7 +148,7 @@ public sealed class KernelTests
         var ran = new List<string>();
         using var pool = new KernelThreadPool(2);
         var reference = new CpuBitplaneBackend(KernelPath.Scalar, pool, KernelAccuracy.Int8);
-        foreach (int tokens in new[] { 1, 3, 6, 9 })
+        foreach (int tokens in new[] { 1, 2, 3, 4, 6, 9 })
         {
             var x = RandomX(tokens * cols, 11 * tokens);
             for (int bits = 2; bits <= 8; bits++)

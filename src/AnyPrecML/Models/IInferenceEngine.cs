@@ -41,6 +41,15 @@ public interface IAnyPrecisionEngine : IInferenceEngine
     /// model's linear order: layer-major, parts in <see cref="LlamaTensorNames.BlockLinears"/> order), each in seed..parent.
     /// </summary>
     void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, IReadOnlyList<int> widths);
+    /// <summary>
+    /// One decode step of several sequences at width <paramref name="bits"/>: <paramref name="tokens"/>[i] is appended to
+    /// <paramref name="caches"/>[i] (distinct caches, each at its own length) and row i of <paramref name="logits"/>
+    /// ([tokens.Length, vocab]) is its next-token logits, as <see cref="Forward(ReadOnlySpan{int}, KvCache, Span{float}, int)"/>
+    /// of that one token would give. An engine that can runs them in one pass, so every linear reads its planes once for
+    /// all of them (<see cref="Generation.BatchingEngine"/> gathers concurrent generations' steps into such calls); this
+    /// default runs them one after another.
+    /// </summary>
+    void ForwardBatch(ReadOnlySpan<int> tokens, IReadOnlyList<KvCache> caches, Span<float> logits, int bits) => ForwardArguments.ForwardEach(this, tokens, caches, logits, bits);
 }
 
 /// <summary>What a key/value cache stores its keys and values as.</summary>
@@ -101,5 +110,34 @@ public static class ForwardArguments
         foreach (int id in tokens)
             if ((uint)id >= (uint)vocab) throw new ArgumentOutOfRangeException(nameof(tokens), $"token id {id} is outside the vocabulary of {vocab}.");
         return allLogits;
+    }
+
+    /// <summary>
+    /// Throws unless <paramref name="caches"/> are as many as <paramref name="tokens"/> (at least one) and distinct, each with
+    /// room for one more position, the ids are inside the vocabulary, and <paramref name="logits"/> holds one row per sequence.
+    /// </summary>
+    public static void CheckBatch(LlamaConfig config, ReadOnlySpan<int> tokens, IReadOnlyList<KvCache> caches, Span<float> logits)
+    {
+        ArgumentNullException.ThrowIfNull(caches);
+        int n = tokens.Length, vocab = config.VocabSize;
+        if (n == 0) throw new ArgumentException("no sequences to run.", nameof(tokens));
+        if (caches.Count != n) throw new ArgumentException($"{n} tokens but {caches.Count} caches: one token per sequence.", nameof(caches));
+        if (logits.Length != (long)n * vocab) throw new ArgumentException($"logits must hold {(long)n * vocab} floats ({n} sequences × {vocab}), not {logits.Length}.", nameof(logits));
+        var seen = new HashSet<KvCache>(ReferenceEqualityComparer.Instance);
+        for (int i = 0; i < n; i++)
+        {
+            var cache = caches[i] ?? throw new ArgumentNullException(nameof(caches), $"cache {i} is null.");
+            if (!seen.Add(cache)) throw new ArgumentException($"cache {i} appears twice: each sequence of a batch has its own cache.", nameof(caches));
+            if (cache.Length + 1 > cache.Capacity) throw new InvalidOperationException($"context full: sequence {i}'s cache holds {cache.Length} of {cache.Capacity} positions.");
+            if ((uint)tokens[i] >= (uint)vocab) throw new ArgumentOutOfRangeException(nameof(tokens), $"token id {tokens[i]} is outside the vocabulary of {vocab}.");
+        }
+    }
+
+    /// <summary><see cref="IAnyPrecisionEngine.ForwardBatch"/> as one <c>Forward</c> per sequence (engines without a batched pass).</summary>
+    public static void ForwardEach(IAnyPrecisionEngine engine, ReadOnlySpan<int> tokens, IReadOnlyList<KvCache> caches, Span<float> logits, int bits)
+    {
+        CheckBatch(engine.Config, tokens, caches, logits);
+        int vocab = engine.Config.VocabSize;
+        for (int i = 0; i < tokens.Length; i++) engine.Forward(tokens.Slice(i, 1), caches[i], logits.Slice(i * vocab, vocab), bits);
     }
 }

@@ -24,7 +24,10 @@ namespace AnyPrecML.Onnx;
 /// <c>ai.anyprecml.Attention</c>, the CPU engine's attention (<see cref="CausalAttention"/>): inputs q,k,v packed
 /// [1, S, (heads + 2·kv_heads)·head_dim], the past key and value [1, kv_heads, capacity, head_dim] (the new rows are
 /// written into them: the engine's cache), seqlens_k [1] and total_sequence_length (int32, as GroupQueryAttention takes
-/// them) and the RoPE cos and sin tables [positions, head_dim/2]; output the attention [1, S, heads·head_dim].
+/// them), the RoPE cos and sin tables [positions, head_dim/2] and batch_caches (int64 [B]: empty, or for a decode
+/// step of B sequences the ids of the caches lent by <see cref="LendCaches"/>, token i appended to cache i at its own
+/// position); output the attention [1, S, heads·head_dim]. Its attribute <c>layer</c> says which of a lent cache's
+/// layers it reads.
 /// </summary>
 public sealed unsafe class BitplaneOperator : IDisposable
 {
@@ -43,6 +46,8 @@ public sealed unsafe class BitplaneOperator : IDisposable
     private static readonly ConditionalWeakTable<AnyPrecisionModel, Dictionary<string, Int8Matrix>> Int8Heads = new();
 
     private readonly OpBlock* _op, _int8Op, _attentionOp;
+    // Caches lent to the Attention nodes for one batched call, by id (see LendCaches).
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<long, OnnxKvCache> _lent = new();
     private GCHandle _self;
     private void* _domain;
 
@@ -257,7 +262,7 @@ public sealed unsafe class BitplaneOperator : IDisposable
     }
 
     /// <summary>One layer's attention on the CPU: <see cref="CausalAttention.Run"/>, appending to the past key and value in place.</summary>
-    private sealed class AttentionKernel(BitplaneOperator owner, CausalAttention.Shape shape) : Kernel
+    private sealed class AttentionKernel(BitplaneOperator owner, CausalAttention.Shape shape, int layer) : Kernel
     {
         private readonly float _scale = 1f / MathF.Sqrt(shape.HeadDim);
 
@@ -290,10 +295,57 @@ public sealed unsafe class BitplaneOperator : IDisposable
             var output = new Span<float>(OrtApiTable.TensorData(OrtApiTable.KernelOutput(context, 0, dims[..3])), tokens * (int)dims[2]);
             if (tokens == 0) return;
             var input = new ReadOnlySpan<float>(OrtApiTable.TensorData(qkv), tokens * shape.PackedWidth);
+            void* batchValue = OrtApiTable.KernelInput(context, 7);
+            int batch = OrtApiTable.Shape(batchValue, rope) == 1 ? checked((int)rope[0]) : -1;
+            if (batch < 0) throw new ArgumentException($"{AttentionOpType}: batch_caches must be int64 [B].");
             long start = System.Diagnostics.Stopwatch.GetTimestamp();
-            CausalAttention.Run(shape, input, tokens, cacheType, OrtApiTable.TensorData(pastKey), OrtApiTable.TensorData(pastValue), checked((int)cache[2]),
-                total - tokens, cos, sin, _scale, output, owner.Cpu.Pool);
+            if (batch == 0)
+                CausalAttention.Run(shape, input, tokens, cacheType, OrtApiTable.TensorData(pastKey), OrtApiTable.TensorData(pastValue), checked((int)cache[2]),
+                    total - tokens, cos, sin, _scale, output, owner.Cpu.Pool);
+            else
+            {
+                // One decode step of several sequences: token i goes to lent cache i, at that cache's own position.
+                if (batch != tokens) throw new ArgumentException($"{AttentionOpType}: {batch} batch caches for {tokens} tokens; one token per sequence.");
+                var ids = new ReadOnlySpan<long>(OrtApiTable.TensorData(batchValue), batch);
+                int packed = shape.PackedWidth, width = shape.Heads * shape.HeadDim;
+                for (int i = 0; i < batch; i++)
+                {
+                    if (!owner._lent.TryGetValue(ids[i], out var kv)) throw new ArgumentException($"{AttentionOpType}: batch cache {ids[i]} was not lent for this call.");
+                    CausalAttention.Run(shape, input.Slice(i * packed, packed), 1, kv.Type, kv.Data(2 * layer), kv.Data(2 * layer + 1), kv.Capacity,
+                        kv.Length, cos, sin, _scale, output.Slice(i * width, width), owner.Cpu.Pool);
+                }
+            }
             Interlocked.Add(ref owner._attentionTicks, System.Diagnostics.Stopwatch.GetTimestamp() - start);
+        }
+    }
+
+    /// <summary>
+    /// Lends <paramref name="caches"/> to the Attention nodes until the returned lease is disposed: a batched call's
+    /// batch_caches input names them by <see cref="OnnxKvCache.Id"/>. A cache already lent (to a call still running) is refused.
+    /// </summary>
+    internal IDisposable LendCaches(IReadOnlyList<OnnxKvCache> caches)
+    {
+        var lease = new CacheLease(this, caches.Count);
+        foreach (var cache in caches)
+        {
+            if (!_lent.TryAdd(cache.Id, cache))
+            {
+                lease.Dispose();
+                throw new InvalidOperationException("a cache is already in a running batched call: each sequence's steps run one at a time.");
+            }
+            lease.Ids.Add(cache.Id);
+        }
+        return lease;
+    }
+
+    private sealed class CacheLease(BitplaneOperator owner, int count) : IDisposable
+    {
+        public readonly List<long> Ids = new(count);
+
+        public void Dispose()
+        {
+            foreach (long id in Ids) owner._lent.TryRemove(id, out _);
+            Ids.Clear();
         }
     }
 
@@ -308,7 +360,9 @@ public sealed unsafe class BitplaneOperator : IDisposable
             long heads = OrtApiTable.KernelInfoInt64(info, "num_heads") ?? 0, kvHeads = OrtApiTable.KernelInfoInt64(info, "kv_num_heads") ?? 0;
             if (heads != c.Heads || kvHeads != c.KvHeads)
                 throw new ArgumentException($"{AttentionOpType} node has {heads} heads over {kvHeads}; the model has {c.Heads} over {c.KvHeads}.");
-            return new AttentionKernel(owner, new CausalAttention.Shape(c.Heads, c.KvHeads, c.HeadDim, OrtApiTable.KernelInfoInt64(info, "interleaved") == 1));
+            long attentionLayer = OrtApiTable.KernelInfoInt64(info, "layer") ?? -1;
+            if (attentionLayer < 0 || attentionLayer >= c.Layers) throw new ArgumentException($"{AttentionOpType} node's layer attribute is {attentionLayer}; the model has layers 0..{c.Layers - 1}.");
+            return new AttentionKernel(owner, new CausalAttention.Shape(c.Heads, c.KvHeads, c.HeadDim, OrtApiTable.KernelInfoInt64(info, "interleaved") == 1), (int)attentionLayer);
         }
         if (((OpBlock*)op)->Kind == OpKind.Int8)
         {
@@ -401,12 +455,13 @@ public sealed unsafe class BitplaneOperator : IDisposable
 
     [UnmanagedCallersOnly] private static byte* GetName(OrtCustomOp* op) => KindOf(op) switch { OpKind.Int8 => Int8OpName, OpKind.Attention => AttentionOpName, _ => OpName };
     [UnmanagedCallersOnly] private static byte* GetExecutionProviderType(OrtCustomOp* op) => CpuProvider;
-    // ONNXTensorElementDataType: 1 = float, 6 = int32 (bits; attention's seqlens_k and total_sequence_length), 0 = any
+    // ONNXTensorElementDataType: 1 = float, 6 = int32 (bits; attention's seqlens_k and total_sequence_length), 7 = int64
+    // (attention's batch_caches), 0 = any
     // type (attention's past key and value: fp32 or bf16, which the kernel reads from the tensors and checks).
-    private const int ElementFloat = 1, ElementBFloat16 = 16;
+    private const int ElementFloat = 1, ElementInt64 = 7, ElementBFloat16 = 16;
     [UnmanagedCallersOnly]
-    private static int GetInputType(OrtCustomOp* op, nuint index) => KindOf(op) == OpKind.Attention ? index switch { 1 or 2 => 0, 3 or 4 => 6, _ => ElementFloat } : index == 0 ? ElementFloat : 6;
-    [UnmanagedCallersOnly] private static nuint GetInputTypeCount(OrtCustomOp* op) => KindOf(op) switch { OpKind.Int8 => 1u, OpKind.Attention => 7u, _ => 2u };
+    private static int GetInputType(OrtCustomOp* op, nuint index) => KindOf(op) == OpKind.Attention ? index switch { 1 or 2 => 0, 3 or 4 => 6, 7 => ElementInt64, _ => ElementFloat } : index == 0 ? ElementFloat : 6;
+    [UnmanagedCallersOnly] private static nuint GetInputTypeCount(OrtCustomOp* op) => KindOf(op) switch { OpKind.Int8 => 1u, OpKind.Attention => 8u, _ => 2u };
     [UnmanagedCallersOnly] private static int GetOutputType(OrtCustomOp* op, nuint index) => 1;
     [UnmanagedCallersOnly] private static nuint GetOutputTypeCount(OrtCustomOp* op) => 1;
     [UnmanagedCallersOnly] private static int Required(OrtCustomOp* op, nuint index) => 0; // INPUT_OUTPUT_REQUIRED

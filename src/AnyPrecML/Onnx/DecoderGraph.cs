@@ -23,13 +23,16 @@ namespace AnyPrecML.Onnx;
 /// last); <c>past_key_values.{l}.key|value</c> fp32, or bf16 for a bf16 cache (CPU attention only), [1, kv_heads, capacity, head_dim]. Outputs: <c>logits</c>
 /// fp32 [1, S - logits_start, vocab], and in graphs whose attention is GroupQueryAttention <c>present.{l}.key|value</c>,
 /// which the engine binds to the same buffers as the past ones (GroupQueryAttention then appends in place; the CPU
-/// graph's Attention nodes write into the past buffers themselves).
+/// graph's Attention nodes write into the past buffers themselves). The CPU graph has one more input,
+/// <c>batch_caches</c> int64 [B]: empty for one sequence; for a decode step of B sequences (S = B, token i of
+/// sequence i) the ids of their caches, which the engine lends the Attention nodes for the call (the past inputs are then
+/// not read).
 /// </remarks>
 public static class DecoderGraph
 {
     /// <summary>Graph input names.</summary>
     public const string InputIds = "input_ids", PositionIds = "position_ids", Bits = "bits", SeqLensK = "seqlens_k",
-        TotalSequenceLength = "total_sequence_length", LogitsStart = "logits_start", Logits = "logits";
+        TotalSequenceLength = "total_sequence_length", LogitsStart = "logits_start", Logits = "logits", BatchCaches = "batch_caches";
 
     /// <summary>Past key (or value) input of block <paramref name="layer"/>.</summary>
     public static string Past(int layer, bool value) => $"past_key_values.{layer}.{(value ? "value" : "key")}";
@@ -82,6 +85,7 @@ public static class DecoderGraph
         g.Input(SeqLensK, DataType.Int32, 1);
         g.Input(TotalSequenceLength, DataType.Int32);
         g.Input(LogitsStart, DataType.Int64, 1);
+        if (cpuAttention) g.Input(BatchCaches, DataType.Int64, "batch");
         for (int l = 0; l < c.Layers; l++)
             foreach (bool v in new[] { false, true })
             {
@@ -146,9 +150,9 @@ public static class DecoderGraph
             string qkv = Linear(l, "self_attn.qkv_proj", normed, "", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj");
             var heads = new (string, object)[] { ("num_heads", (long)c.Heads), ("kv_num_heads", (long)c.KvHeads), ("scale", 1f / MathF.Sqrt(c.HeadDim)) };
             if (cpuAttention)
-                g.Node(BitplaneOperator.AttentionOpType, [qkv, Past(l, false), Past(l, true), SeqLensK, TotalSequenceLength, "rope.cos_cache", "rope.sin_cache"],
+                g.Node(BitplaneOperator.AttentionOpType, [qkv, Past(l, false), Past(l, true), SeqLensK, TotalSequenceLength, "rope.cos_cache", "rope.sin_cache", BatchCaches],
                     [$"{p}.attention"], BitplaneOperator.Domain, $"{p}.self_attn",
-                    ("num_heads", (long)c.Heads), ("kv_num_heads", (long)c.KvHeads), ("interleaved", interleaved));
+                    ("num_heads", (long)c.Heads), ("kv_num_heads", (long)c.KvHeads), ("interleaved", interleaved), ("layer", (long)l));
             else if (fusedAttention)
                 g.Node("GroupQueryAttention", [qkv, "", "", Past(l, false), Past(l, true), SeqLensK, TotalSequenceLength, "rope.cos_cache", "rope.sin_cache"],
                     [$"{p}.attention", Present(l, false), Present(l, true)], "com.microsoft", $"{p}.self_attn",

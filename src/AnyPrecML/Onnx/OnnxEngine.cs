@@ -131,6 +131,7 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
         }
         var c = Config;
         _inputNames = [DecoderGraph.InputIds, DecoderGraph.PositionIds, DecoderGraph.Bits, DecoderGraph.SeqLensK, DecoderGraph.TotalSequenceLength, DecoderGraph.LogitsStart,
+            .. (InPlaceAttention ? new[] { DecoderGraph.BatchCaches } : []),
             .. Enumerable.Range(0, c.Layers).SelectMany(l => new[] { DecoderGraph.Past(l, false), DecoderGraph.Past(l, true) })];
         _outputNames = [DecoderGraph.Logits, .. Enumerable.Range(0, c.Layers).SelectMany(l => new[] { DecoderGraph.Present(l, false), DecoderGraph.Present(l, true) })];
     }
@@ -208,36 +209,76 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
 
     private void Run(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int[] bitsValue)
     {
-        var c = Config;
-        int n = tokens.Length, vocab = c.VocabSize;
-        if (cache is not OnnxKvCache kv || kv.Owner != c) throw new ArgumentException("the cache was not created by this engine.", nameof(cache));
-        if (kv.Type != KvCacheType) throw new ArgumentException($"the cache holds {kv.Type}; this engine's caches hold {KvCacheType} (make it with this engine's CreateCache).", nameof(cache));
-        bool allLogits = ForwardArguments.Check(c, tokens, cache, logits);
-        int pos0 = kv.Length;
-
-        var ids = new long[n];
+        var kv = OwnCache(cache, nameof(cache));
+        bool allLogits = ForwardArguments.Check(Config, tokens, cache, logits);
+        int n = tokens.Length, pos0 = kv.Length;
         var positions = new long[n];
-        for (int t = 0; t < n; t++)
+        for (int t = 0; t < n; t++) positions[t] = pos0 + t;
+        Run(tokens, positions, pos0 + n, allLogits ? 0 : n - 1, kv, [], logits, bitsValue);
+        kv.Advance(n);
+    }
+
+    /// <summary>
+    /// <inheritdoc/> On the CPU graph the steps run as one pass of B tokens: every linear reads its planes once for all of
+    /// them, and each Attention node appends token i to cache i at that cache's position. Elsewhere (GroupQueryAttention
+    /// takes one cache), one pass per sequence.
+    /// </summary>
+    public void ForwardBatch(ReadOnlySpan<int> tokens, IReadOnlyList<KvCache> caches, Span<float> logits, int bits)
+    {
+        if (!InPlaceAttention)
         {
-            int id = tokens[t];
-            ids[t] = id;
-            positions[t] = pos0 + t;
+            ForwardArguments.ForwardEach(this, tokens, caches, logits, bits);
+            return;
         }
-        int[] seqLensK = [pos0 + n - 1], total = [pos0 + n];
-        long[] logitsStart = [allLogits ? 0 : n - 1];
+        ForwardArguments.CheckBatch(Config, tokens, caches, logits);
+        int n = tokens.Length;
+        var kvs = new OnnxKvCache[n];
+        var positions = new long[n];
+        var ids = new long[n];
+        for (int i = 0; i < n; i++)
+        {
+            kvs[i] = OwnCache(caches[i], nameof(caches));
+            positions[i] = kvs[i].Length;
+            ids[i] = kvs[i].Id;
+        }
+        using (_op.LendCaches(kvs))
+            // total_sequence_length and seqlens_k are not read for a batch (each cache has its own length); the past
+            // inputs are bound to the first cache only because the graph has them.
+            Run(tokens, positions, n, 0, kvs[0], ids, logits, [_model.CheckBits(bits)]);
+        foreach (var kv in kvs) kv.Advance(1);
+    }
+
+    private OnnxKvCache OwnCache(KvCache cache, string parameter)
+    {
+        if (cache is not OnnxKvCache kv || kv.Owner != Config) throw new ArgumentException("the cache was not created by this engine.", parameter);
+        if (kv.Type != KvCacheType) throw new ArgumentException($"the cache holds {kv.Type}; this engine's caches hold {KvCacheType} (make it with this engine's CreateCache).", parameter);
+        return kv;
+    }
+
+    /// <summary>One session run: <paramref name="tokens"/> at <paramref name="positions"/>, logits from row <paramref name="logitsStart"/> on.</summary>
+    private void Run(ReadOnlySpan<int> tokens, long[] positions, int total, int logitsStart, OnnxKvCache kv, long[] batchCaches, Span<float> logits, int[] bitsValue)
+    {
+        int n = tokens.Length, vocab = Config.VocabSize;
+        var ids = new long[n];
+        for (int t = 0; t < n; t++) ids[t] = tokens[t];
+        int[] seqLensK = [total - 1], totalValue = [total];
+        long[] start = [logitsStart];
         var inputs = new List<OrtValue>(_inputNames.Length);
         var outputs = new List<OrtValue>(_outputNames.Length);
+        int owned = 0;
         try
         {
             inputs.Add(OrtValue.CreateTensorValueFromMemory(ids, [1, n]));
             inputs.Add(OrtValue.CreateTensorValueFromMemory(positions, [1, n]));
             inputs.Add(OrtValue.CreateTensorValueFromMemory(bitsValue, [bitsValue.Length]));
             inputs.Add(OrtValue.CreateTensorValueFromMemory(seqLensK, [1]));
-            inputs.Add(OrtValue.CreateTensorValueFromMemory(total, []));
-            inputs.Add(OrtValue.CreateTensorValueFromMemory(logitsStart, [1]));
+            inputs.Add(OrtValue.CreateTensorValueFromMemory(totalValue, []));
+            inputs.Add(OrtValue.CreateTensorValueFromMemory(start, [1]));
+            if (InPlaceAttention) inputs.Add(OrtValue.CreateTensorValueFromMemory(batchCaches, [batchCaches.Length]));
+            owned = inputs.Count;
             fixed (float* lp = logits)
             {
-                outputs.Add(OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, TensorElementType.Float, [1, allLogits ? n : 1, vocab], (nint)lp, (long)logits.Length * 4));
+                outputs.Add(OrtValue.CreateTensorValueWithData(OrtMemoryInfo.DefaultInstance, TensorElementType.Float, [1, n - logitsStart, vocab], (nint)lp, (long)logits.Length * 4));
                 // The cache's own values, made once with it: past and present on the same pinned buffers, so
                 // GroupQueryAttention appends in place; the Attention nodes append to the past ones and return nothing.
                 inputs.AddRange(kv.Past);
@@ -251,10 +292,9 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
         }
         finally
         {
-            for (int i = 0; i < 6; i++) inputs[i].Dispose();
-            outputs[0].Dispose();
+            for (int i = 0; i < owned; i++) inputs[i].Dispose();
+            if (outputs.Count > 0) outputs[0].Dispose();
         }
-        kv.Advance(n);
     }
 
     /// <summary>Closes the session, then releases the operator (the model stays open: it is the caller's).</summary>
@@ -297,6 +337,13 @@ internal sealed unsafe class OnnxKvCache : KvCache
     }
 
     private readonly Array[] _buffers; // float[] or ushort[] (bf16 bits)
+    private static long s_ids;
+
+    /// <summary>This cache's id in a batched call's batch_caches input (unique in the process).</summary>
+    public long Id { get; } = Interlocked.Increment(ref s_ids);
+
+    /// <summary>Buffer <paramref name="index"/> (layer index/2's keys when even, its values when odd): pinned, so the address holds while the cache lives.</summary>
+    public void* Data(int index) => Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_buffers[index]));
 
     public LlamaConfig Owner { get; }
     public override int Capacity { get; }

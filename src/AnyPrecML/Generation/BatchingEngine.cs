@@ -1,0 +1,187 @@
+using System.Runtime.ExceptionServices;
+using AnyPrecML.Models;
+
+namespace AnyPrecML.Generation;
+
+/// <summary>
+/// Gathers the decode steps of concurrent generations into batched passes: one-token <c>Forward</c> calls made on
+/// different threads at the same width run together as one <see cref="IAnyPrecisionEngine.ForwardBatch"/> of the inner
+/// engine, so each linear reads its planes (and, at b ≥ 5 on AVX2, pays its table lookups) once for all of them instead
+/// of once per sequence. Prompts and verify passes (several tokens) go straight to the inner engine. Each call returns
+/// the logits it would have alone: the CPU engine's int8 products are exact integer sums whatever the batch, and its
+/// attention runs per sequence, so batched greedy output is the solo output token for token (tests hold this).
+/// </summary>
+/// <remarks>
+/// No scheduler thread: the first caller to find no batch running leads. It waits for as many steps at its width as the
+/// previous batch at that width held (the generations that just got their logits are sampling their next token), but no
+/// longer than <see cref="GatherWait"/> or a quarter of that batch's pass (so a small model's short passes are not
+/// stretched by the wait), runs the batch on its own thread, hands the lead to the oldest step still waiting, and
+/// returns. A lone generation never waits (its previous batch held one step). The inner engine stays the caller's.
+/// </remarks>
+public sealed unsafe class BatchingEngine : IAnyPrecisionEngine
+{
+    private readonly IAnyPrecisionEngine _inner;
+    private readonly object _gate = new();
+    private readonly List<Step> _waiting = [];
+    private readonly int[] _lastBatch;
+    private readonly long[] _lastPassTicks;
+    private bool _leading;
+    private long _batches, _steps, _largest;
+
+    /// <summary>Batches the one-token steps made concurrently on <paramref name="inner"/>, up to <paramref name="maxBatch"/> a pass.</summary>
+    /// <param name="inner">The engine that runs the passes (kept open by the caller).</param>
+    /// <param name="maxBatch">Most sequences in one pass; 1 runs every call on its own.</param>
+    /// <param name="gatherWait">Longest a batch waits for the previous batch's sequences to come back (default 1 ms; never more than a quarter of that batch's pass).</param>
+    public BatchingEngine(IAnyPrecisionEngine inner, int maxBatch = 16, TimeSpan? gatherWait = null)
+    {
+        _inner = inner ?? throw new ArgumentNullException(nameof(inner));
+        ArgumentOutOfRangeException.ThrowIfLessThan(maxBatch, 1);
+        MaxBatch = maxBatch;
+        GatherWait = gatherWait ?? TimeSpan.FromMilliseconds(1);
+        if (GatherWait < TimeSpan.Zero) throw new ArgumentOutOfRangeException(nameof(gatherWait), gatherWait, "the wait cannot be negative.");
+        _lastBatch = new int[inner.ParentBits + 1];
+        _lastPassTicks = new long[inner.ParentBits + 1];
+    }
+
+    /// <summary>Most sequences in one pass.</summary>
+    public int MaxBatch { get; }
+    /// <summary>Longest a batch waits for the sequences of the previous batch at its width (never more than a quarter of that batch's pass).</summary>
+    public TimeSpan GatherWait { get; }
+    /// <summary>Passes run for one-token steps so far.</summary>
+    public long Batches => Interlocked.Read(ref _batches);
+    /// <summary>One-token steps run so far (over <see cref="Batches"/> passes).</summary>
+    public long BatchedSteps => Interlocked.Read(ref _steps);
+    /// <summary>Most steps one pass has held.</summary>
+    public long LargestBatch => Interlocked.Read(ref _largest);
+
+    /// <inheritdoc/>
+    public LlamaConfig Config => _inner.Config;
+    /// <inheritdoc/>
+    public int SeedBits => _inner.SeedBits;
+    /// <inheritdoc/>
+    public int ParentBits => _inner.ParentBits;
+    /// <inheritdoc/>
+    public int Bits { get => _inner.Bits; set => _inner.Bits = value; }
+    /// <inheritdoc/>
+    public string Kernels => _inner.Kernels;
+    /// <inheritdoc/>
+    public KvCache CreateCache(int capacity = 0) => _inner.CreateCache(capacity);
+    /// <inheritdoc/>
+    public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits) => Forward(tokens, cache, logits, _inner.Bits);
+    /// <inheritdoc/>
+    public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, IReadOnlyList<int> widths) => _inner.Forward(tokens, cache, logits, widths);
+    /// <inheritdoc/>
+    public void ForwardBatch(ReadOnlySpan<int> tokens, IReadOnlyList<KvCache> caches, Span<float> logits, int bits) => _inner.ForwardBatch(tokens, caches, logits, bits);
+
+    /// <summary>
+    /// <inheritdoc/> A one-token step joins the next batch at <paramref name="bits"/> and returns when that batch has run;
+    /// several tokens run at once on the inner engine.
+    /// </summary>
+    public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int bits)
+    {
+        if (tokens.Length != 1 || MaxBatch == 1)
+        {
+            _inner.Forward(tokens, cache, logits, bits);
+            return;
+        }
+        // A bad step is refused here, on its own thread, before it can fail a batch it shares with others.
+        ForwardArguments.Check(Config, tokens, cache, logits);
+        if (bits < SeedBits || bits > ParentBits) throw new ArgumentOutOfRangeException(nameof(bits), bits, $"the model serves {SeedBits}..{ParentBits} bits.");
+        // The caller waits until its batch has run, so its logits stay where they are meanwhile.
+        fixed (float* destination = logits)
+        {
+            var step = new Step(tokens[0], cache, destination, bits);
+            lock (_gate)
+            {
+                foreach (var other in _waiting)
+                    if (ReferenceEquals(other.Cache, cache)) throw new InvalidOperationException("this cache already has a step waiting: a sequence's steps run one at a time.");
+                _waiting.Add(step);
+                Monitor.PulseAll(_gate);
+                if (!_leading) _leading = step.Leads = true;
+                while (!step.Leads && !step.Done) Monitor.Wait(_gate);
+            }
+            if (step.Leads && !step.Done) Lead(step);
+            step.Error?.Throw();
+        }
+    }
+
+    /// <summary>Runs one batch holding <paramref name="own"/> (and the steps at its width waiting with it), then passes the lead on.</summary>
+    private void Lead(Step own)
+    {
+        List<Step> batch;
+        lock (_gate)
+        {
+            int want = Math.Min(MaxBatch, _lastBatch[own.Bits]);
+            long wait = Math.Min((long)(GatherWait.TotalSeconds * System.Diagnostics.Stopwatch.Frequency), _lastPassTicks[own.Bits] / 4);
+            long until = System.Diagnostics.Stopwatch.GetTimestamp() + wait;
+            while (Waiting(own.Bits) < want)
+            {
+                long left = until - System.Diagnostics.Stopwatch.GetTimestamp();
+                if (left <= 0) break;
+                Monitor.Wait(_gate, TimeSpan.FromTicks(Math.Max(1, left * TimeSpan.TicksPerSecond / System.Diagnostics.Stopwatch.Frequency)));
+            }
+            batch = [own];
+            for (int i = 0; i < _waiting.Count && batch.Count < MaxBatch; i++)
+                if (_waiting[i] != own && _waiting[i].Bits == own.Bits) batch.Add(_waiting[i]);
+            foreach (var s in batch) _waiting.Remove(s);
+        }
+        ExceptionDispatchInfo? error = null;
+        long start = System.Diagnostics.Stopwatch.GetTimestamp();
+        try { Run(batch, own.Bits); }
+        catch (Exception e) { error = ExceptionDispatchInfo.Capture(e); }
+        long ticks = System.Diagnostics.Stopwatch.GetTimestamp() - start;
+        Interlocked.Increment(ref _batches);
+        Interlocked.Add(ref _steps, batch.Count);
+        long largest;
+        while ((largest = Interlocked.Read(ref _largest)) < batch.Count && Interlocked.CompareExchange(ref _largest, batch.Count, largest) != largest) { }
+        lock (_gate)
+        {
+            _lastBatch[own.Bits] = batch.Count;
+            _lastPassTicks[own.Bits] = ticks;
+            foreach (var s in batch)
+            {
+                s.Error = error;
+                s.Done = true;
+            }
+            if (_waiting.Count > 0) _waiting[0].Leads = true;
+            else _leading = false;
+            Monitor.PulseAll(_gate);
+        }
+    }
+
+    private int Waiting(int bits)
+    {
+        int n = 0;
+        foreach (var s in _waiting) if (s.Bits == bits) n++;
+        return n;
+    }
+
+    private void Run(List<Step> batch, int bits)
+    {
+        int vocab = Config.VocabSize;
+        if (batch.Count == 1)
+        {
+            var s = batch[0];
+            _inner.Forward([s.Token], s.Cache, new Span<float>(s.Logits, vocab), bits);
+            return;
+        }
+        var tokens = new int[batch.Count];
+        var caches = new KvCache[batch.Count];
+        for (int i = 0; i < batch.Count; i++) (tokens[i], caches[i]) = (batch[i].Token, batch[i].Cache);
+        var logits = new float[batch.Count * vocab];
+        _inner.ForwardBatch(tokens, caches, logits, bits);
+        for (int i = 0; i < batch.Count; i++) logits.AsSpan(i * vocab, vocab).CopyTo(new Span<float>(batch[i].Logits, vocab));
+    }
+
+    /// <summary>Nothing to release: the inner engine is the caller's.</summary>
+    public void Dispose() { }
+
+    private sealed class Step(int token, KvCache cache, float* logits, int bits)
+    {
+        public readonly int Token = token, Bits = bits;
+        public readonly KvCache Cache = cache;
+        public readonly float* Logits = logits;
+        public bool Leads, Done;
+        public ExceptionDispatchInfo? Error;
+    }
+}

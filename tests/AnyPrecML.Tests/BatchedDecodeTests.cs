@@ -1,0 +1,187 @@
+using System.Numerics.Tensors;
+using AnyPrecML.Generation;
+using AnyPrecML.Kernels;
+using AnyPrecML.Models;
+using AnyPrecML.Onnx;
+using AnyPrecML.Quantization;
+using AnyPrecML.Tokenization;
+
+namespace AnyPrecML.Tests;
+
+/// <summary>
+/// Decode steps of several sequences in one pass (<see cref="IAnyPrecisionEngine.ForwardBatch"/>) and the batcher that
+/// gathers concurrent generations' steps into such passes (<see cref="BatchingEngine"/>): each sequence must get exactly
+/// what its own step gives, logits and cache, bit for bit.
+/// </summary>
+[TestClass]
+public sealed class BatchedDecodeTests
+{
+    private static TestData.TempDir _dir = null!;
+    private static AnyPrecisionModel _model = null!;
+
+    [ClassInitialize]
+    public static void QuantizeOnce(TestContext _)
+    {
+        _dir = TestData.NewTempDir();
+        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
+            AnyPrecisionQuantizer.Quantize(source, _dir["ap"], new UniformSensitivity(), new QuantizerOptions());
+        _model = AnyPrecisionModel.Open(_dir["ap"]);
+    }
+
+    [ClassCleanup]
+    public static void Cleanup()
+    {
+        _model.Dispose();
+        _dir.Dispose();
+    }
+
+    /// <summary>Prompts of 1, 6, 30 and 80 tokens (the last past CausalAttention.BlockedTokens: a blocked prefill).</summary>
+    private static int[][] Prompts() =>
+        [.. new[] { 1, 6, 30, 80 }.Select(n => (int[])[1, .. Enumerable.Range(0, n - 1).Select(i => (i * 37 + 11 * n) % 500 + 3)])];
+
+    /// <summary>
+    /// Four sequences at different lengths, twelve steps at widths 3, 5 and 8 in turn: one batched step against one step per
+    /// sequence on a second set of caches fed alike. Logits and caches equal bit for bit with the int8 kernels (integer
+    /// products whatever the batch; attention per sequence), and to fp32 rounding with the fp32 kernels, whose several-token
+    /// products sum in another order.
+    /// </summary>
+    [TestMethod]
+    [DataRow(KvCacheType.BFloat16, KernelAccuracy.Int8)]
+    [DataRow(KvCacheType.Float32, KernelAccuracy.Int8)]
+    [DataRow(KvCacheType.Float32, KernelAccuracy.Float32)]
+    public void ABatchedStepGivesEverySequenceExactlyWhatItsOwnStepGives(KvCacheType cacheType, KernelAccuracy accuracy)
+    {
+        using var engine = new OnnxEngine(_model, new OnnxEngineOptions { KvCacheType = cacheType, Backend = new CpuBitplaneBackend(accuracy: accuracy) });
+        Assert.IsTrue(engine.InPlaceAttention, "the CPU graph runs a batch as one pass");
+        int vocab = _model.Config.VocabSize;
+        var prompts = Prompts();
+        int n = prompts.Length;
+        var batched = new KvCache[n];
+        var alone = new KvCache[n];
+        var tokens = new int[n];
+        for (int i = 0; i < n; i++)
+        {
+            batched[i] = engine.CreateCache();
+            alone[i] = engine.CreateCache();
+            if (prompts[i].Length > 1)
+            {
+                engine.Forward(prompts[i].AsSpan(0, prompts[i].Length - 1), batched[i], new float[vocab], 8);
+                engine.Forward(prompts[i].AsSpan(0, prompts[i].Length - 1), alone[i], new float[vocab], 8);
+            }
+            tokens[i] = prompts[i][^1];
+        }
+        var logits = new float[n * vocab];
+        var own = new float[vocab];
+        int[] widths = [3, 5, 8];
+        for (int step = 0; step < 12; step++)
+        {
+            int bits = widths[step % widths.Length];
+            engine.ForwardBatch(tokens, batched, logits, bits);
+            for (int i = 0; i < n; i++)
+            {
+                engine.Forward([tokens[i]], alone[i], own, bits);
+                var row = logits.AsSpan(i * vocab, vocab);
+                if (accuracy == KernelAccuracy.Int8) CollectionAssert.AreEqual(own, row.ToArray(), $"step {step}, sequence {i}, {bits} bits");
+                else Assert.IsLessThan(2e-3, TestData.MaxAbsDiff(own, row), $"step {step}, sequence {i}, {bits} bits");
+                Assert.AreEqual(alone[i].Length, batched[i].Length);
+                tokens[i] = TensorPrimitives.IndexOfMax(own);
+            }
+        }
+        for (int i = 0; i < n; i++)
+        {
+            Assert.AreEqual(prompts[i].Length - 1 + 12, batched[i].Length);
+            var a = batched[i].Buffers;
+            var b = alone[i].Buffers;
+            for (int j = 0; j < a.Count; j++)
+                if (accuracy == KernelAccuracy.Int8) CollectionAssert.AreEqual(b[j], a[j], $"sequence {i}, cache buffer {j}");
+                else Assert.IsLessThan(2e-3, TestData.MaxAbsDiff(b[j], a[j]), $"sequence {i}, cache buffer {j}");
+        }
+    }
+
+    /// <summary>A batch is checked whole before it runs: nothing is appended to any cache when one part is wrong.</summary>
+    [TestMethod]
+    public void ABadBatchIsRefusedBeforeAnyCacheChanges()
+    {
+        using var onnx = new OnnxEngine(_model);
+        using var reference = new AnyPrecisionReferenceEngine(_model);
+        foreach (IAnyPrecisionEngine engine in new IAnyPrecisionEngine[] { onnx, reference })
+        {
+            int vocab = engine.Config.VocabSize;
+            var a = engine.CreateCache();
+            var b = engine.CreateCache();
+            var full = engine.CreateCache(2);
+            engine.Forward([1, 5], full, new float[vocab]);
+            string name = engine.GetType().Name;
+            Assert.ThrowsExactly<ArgumentException>(() => engine.ForwardBatch([1, 2], [a, a], new float[2 * vocab], 4), name);
+            Assert.ThrowsExactly<ArgumentException>(() => engine.ForwardBatch([1, 2], [a], new float[2 * vocab], 4), name);
+            Assert.ThrowsExactly<ArgumentException>(() => engine.ForwardBatch([1, 2], [a, b], new float[vocab], 4), name);
+            Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => engine.ForwardBatch([1, vocab], [a, b], new float[2 * vocab], 4), name);
+            var error = Assert.ThrowsExactly<InvalidOperationException>(() => engine.ForwardBatch([1, 2], [a, full], new float[2 * vocab], 4), name);
+            StringAssert.Contains(error.Message, "context full");
+            Assert.AreEqual((0, 0, 2), (a.Length, b.Length, full.Length), name);
+        }
+        var foreign = reference.CreateCache();
+        Assert.ThrowsExactly<ArgumentException>(() => onnx.ForwardBatch([1, 2], [onnx.CreateCache(), foreign], new float[2 * onnx.Config.VocabSize], 4));
+    }
+
+    /// <summary>
+    /// Six generations at once through one batcher, three at 3 bits and three at 8: each gives the tokens it gives alone,
+    /// and the batcher ran steps together (the steps outnumber the passes).
+    /// </summary>
+    [TestMethod]
+    public void ConcurrentGenerationsShareDecodePassesAndKeepTheirOwnTokens()
+    {
+        using var engine = new OnnxEngine(_model);
+        var batcher = new BatchingEngine(engine, maxBatch: 8);
+        var tokenizer = LlamaTokenizerLoader.Load(_model.Checkpoint);
+        string[] prompts = ["Once upon a time", "Lily and Tom", "The cat sat", "A big dog", "One day, a little girl", "Tim had a red ball"];
+        int[] widths = [3, 8, 3, 8, 3, 8];
+        var options = new GenerationOptions { MaxTokens = 40, StopAtEos = false };
+        var expected = prompts.Select((p, i) => new TextGenerator(new WidthView(engine, widths[i]), tokenizer).GenerateTokens(p, options).Select(s => s.Id).ToList()).ToList();
+        var actual = new List<int>[prompts.Length];
+        using var start = new Barrier(prompts.Length);
+        var threads = prompts.Select((p, i) => new Thread(() =>
+        {
+            start.SignalAndWait();
+            actual[i] = new TextGenerator(new WidthView(batcher, widths[i]), tokenizer).GenerateTokens(p, options).Select(s => s.Id).ToList();
+        })).ToList();
+        threads.ForEach(t => t.Start());
+        threads.ForEach(t => t.Join());
+        for (int i = 0; i < prompts.Length; i++) CollectionAssert.AreEqual(expected[i], actual[i], $"'{prompts[i]}' at {widths[i]} bits");
+        // One-token steps: the prompt's last token and every generated token but the last (and a two-token prompt's first).
+        long steps = prompts.Sum(p => 40L + (tokenizer.EncodeToIds(p).Count == 1 ? 1 : 0));
+        Assert.AreEqual(steps, batcher.BatchedSteps);
+        Assert.IsLessThan(batcher.BatchedSteps, batcher.Batches, "some passes ran several generations' steps");
+        Assert.IsGreaterThanOrEqualTo(2L, batcher.LargestBatch);
+        Assert.IsLessThanOrEqualTo(8L, batcher.LargestBatch);
+    }
+
+    /// <summary>A step that cannot run is refused on its own thread; the batcher keeps serving (a lone step never waits).</summary>
+    [TestMethod]
+    public void AStepThatCannotRunFailsAloneAndTheBatcherGoesOn()
+    {
+        using var engine = new OnnxEngine(_model);
+        var batcher = new BatchingEngine(engine);
+        int vocab = engine.Config.VocabSize;
+        var full = batcher.CreateCache(1);
+        batcher.Forward([1], full, new float[vocab], 4);
+        Assert.ThrowsExactly<InvalidOperationException>(() => batcher.Forward([2], full, new float[vocab], 4));
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => batcher.Forward([2], batcher.CreateCache(), new float[vocab], 9));
+        var cache = batcher.CreateCache();
+        var logits = new float[vocab];
+        var expected = new float[vocab];
+        batcher.Forward([1], cache, logits, 4);
+        engine.Forward([1], engine.CreateCache(), expected, 4);
+        CollectionAssert.AreEqual(expected, logits);
+        Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => new BatchingEngine(engine, maxBatch: 0));
+    }
+
+    /// <summary>An engine fixed at one width over another (as the chat client's views): TextGenerator then runs that width.</summary>
+    private sealed class WidthView(IAnyPrecisionEngine inner, int bits) : IInferenceEngine
+    {
+        public LlamaConfig Config => inner.Config;
+        public KvCache CreateCache(int capacity = 0) => inner.CreateCache(capacity);
+        public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits) => inner.Forward(tokens, cache, logits, bits);
+        public void Dispose() { }
+    }
+}
