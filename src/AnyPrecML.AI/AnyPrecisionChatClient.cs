@@ -29,10 +29,15 @@ public sealed class AnyPrecisionChatClientOptions
     public KvCacheType? KvCacheType { get; set; }
     /// <summary>
     /// Most concurrent requests whose decode steps run as one pass (<see cref="BatchingEngine"/>; default 16, 1 turns
-    /// batching off). Requests at one width then share each linear's reads of the planes; each still gets exactly the
-    /// tokens it would get alone.
+    /// batching off). Requests at one width then share each linear's reads of the planes; with the CPU engine's int8
+    /// kernels each still gets exactly the tokens it would get alone (fp32 kernels sum several tokens in another order).
     /// </summary>
     public int MaxBatch { get; set; } = 16;
+    /// <summary>
+    /// Finished requests' key/value caches kept per width for the next prompts (<see cref="PromptCache"/>; default 4, 0
+    /// keeps none): a chat's next turn, or a prompt with a shared start, then prefills only its new tokens.
+    /// </summary>
+    public int PromptCacheEntries { get; set; } = 4;
 }
 
 /// <summary>A request named a model or width the client does not serve (OpenAI's <c>model_not_found</c>).</summary>
@@ -121,6 +126,7 @@ public sealed class AnyPrecisionChatClient : IChatClient
         {
             ArgumentOutOfRangeException.ThrowIfNegative(options.DefaultMaxOutputTokens);
             ArgumentOutOfRangeException.ThrowIfLessThan(options.MaxBatch, 1);
+            ArgumentOutOfRangeException.ThrowIfNegative(options.PromptCacheEntries);
             _defaultMaxTokens = options.DefaultMaxOutputTokens;
             _tokenizer = LlamaTokenizerLoader.Load(model.Checkpoint);
             int defaultBits = model.CheckBits(options.DefaultBits ?? model.ParentBits);
@@ -134,7 +140,10 @@ public sealed class AnyPrecisionChatClient : IChatClient
             _metadata = new ChatClientMetadata("AnyPrecML", new Uri(fullDirectory), ModelId(name, defaultBits));
             _engine = new OnnxEngine(model, new OnnxEngineOptions { Bits = defaultBits, Backend = options.Backend, KvCacheType = options.KvCacheType });
             _batcher = new BatchingEngine(_engine, options.MaxBatch);
-            _generators = model.SupportedBits.ToDictionary(b => b, b => new TextGenerator(new WidthEngine(_batcher, b), _tokenizer));
+            _generators = model.SupportedBits.ToDictionary(b => b, b => new TextGenerator(new WidthEngine(_batcher, b), _tokenizer)
+            {
+                PromptCache = options.PromptCacheEntries > 0 ? new PromptCache(options.PromptCacheEntries) : null,
+            });
             // Measured the first time a request has a budget, with the fingerprint `anyprec generate` gives the same engine.
             string accuracy = options.Backend is CpuBitplaneBackend { Accuracy: KernelAccuracy.Float32 } ? "fp32" : "int8";
             _costs = new Lazy<PrecisionCosts>(() => PrecisionRouter.Load(_engine, fullDirectory, $"{nameof(OnnxEngine)} {accuracy}", out _));
@@ -151,6 +160,9 @@ public sealed class AnyPrecisionChatClient : IChatClient
 
     /// <summary>What gathers concurrent requests' decode steps into shared passes, with its counts (passes, steps, largest).</summary>
     public BatchingEngine Batching => _batcher;
+
+    /// <summary>The key/value caches kept for requests at <paramref name="bits"/>, with their counts; null when none are kept.</summary>
+    public PromptCache? PromptCacheOf(int bits) => _generators.TryGetValue(bits, out var generator) ? generator.PromptCache : throw new UnknownModelException($"the model serves {string.Join(", ", _generators.Keys)} bits, not {bits}.");
 
     /// <summary>The model's name, template, widths and context.</summary>
     public AnyPrecisionChatClientMetadata Metadata { get; }

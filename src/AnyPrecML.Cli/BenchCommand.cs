@@ -8,9 +8,9 @@ namespace AnyPrecML.Cli;
 /// <summary>`anyprec bench`: measured figures for docs/BENCHMARKS.md and docs/QUALITY.md.</summary>
 internal static class BenchCommand
 {
-    public static Command Create() => new("bench", "Benchmarks: quantization speed, k-means quality on a real row, format memory, Fisher, kernels, the ONNX engine, batched decode, the OpenAI server, speculative decoding, the GPU kernel.")
+    public static Command Create() => new("bench", "Benchmarks: quantization speed, k-means quality on a real row, format memory, Fisher, kernels, the ONNX engine, batched decode, the OpenAI server, a growing chat, speculative decoding, the GPU kernel.")
     {
-        Quantize(), KMeans(), Memory(), Fisher(), BenchKernelsCommand.Create(), BenchEngineCommand.Create(), BenchBatchCommand.Create(), BenchServeCommand.Create(), BenchSpeculativeCommand.Create(), BenchGpuCommand.Create(),
+        Quantize(), KMeans(), Memory(), Fisher(), BenchKernelsCommand.Create(), BenchEngineCommand.Create(), BenchBatchCommand.Create(), BenchServeCommand.Create(), BenchChatCommand.Create(), BenchSpeculativeCommand.Create(), BenchGpuCommand.Create(),
     };
 
     private static Command Fisher()

@@ -89,7 +89,7 @@ internal static class CommonOptions
 
     public static Option<int> MaxBatch() => new Option<int>("--max-batch")
     {
-        Description = "Most concurrent requests whose decode steps at one width run as one pass (each linear then reads its planes once for all of them; every request still gets the tokens it would alone). 1 turns batching off.",
+        Description = "Most concurrent requests whose decode steps at one width run as one pass (each linear then reads its planes once for all of them; with the int8 kernels every request still gets the tokens it would alone). 1 turns batching off.",
         DefaultValueFactory = _ => 16,
     };
 

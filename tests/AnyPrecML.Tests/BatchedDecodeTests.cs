@@ -125,14 +125,14 @@ public sealed class BatchedDecodeTests
     }
 
     /// <summary>
-    /// Six generations at once through one batcher, three at 3 bits and three at 8: each gives the tokens it gives alone,
-    /// and the batcher ran steps together (the steps outnumber the passes).
+    /// Six generations at once through one batcher of at most 4 steps a pass, three at 3 bits and three at 8: each gives
+    /// the tokens it gives alone, and the batcher ran steps together (the steps outnumber the passes) within its cap.
     /// </summary>
     [TestMethod]
     public void ConcurrentGenerationsShareDecodePassesAndKeepTheirOwnTokens()
     {
         using var engine = new OnnxEngine(_model);
-        var batcher = new BatchingEngine(engine, maxBatch: 8);
+        var batcher = new BatchingEngine(engine, maxBatch: 4);
         var tokenizer = LlamaTokenizerLoader.Load(_model.Checkpoint);
         string[] prompts = ["Once upon a time", "Lily and Tom", "The cat sat", "A big dog", "One day, a little girl", "Tim had a red ball"];
         int[] widths = [3, 8, 3, 8, 3, 8];
@@ -146,14 +146,14 @@ public sealed class BatchedDecodeTests
             actual[i] = new TextGenerator(new WidthView(batcher, widths[i]), tokenizer).GenerateTokens(p, options).Select(s => s.Id).ToList();
         })).ToList();
         threads.ForEach(t => t.Start());
-        threads.ForEach(t => t.Join());
+        foreach (var t in threads) Assert.IsTrue(t.Join(TimeSpan.FromMinutes(2)), "a generation never finished: the batcher lost its lead");
         for (int i = 0; i < prompts.Length; i++) CollectionAssert.AreEqual(expected[i], actual[i], $"'{prompts[i]}' at {widths[i]} bits");
         // One-token steps: the prompt's last token and every generated token but the last (and a two-token prompt's first).
         long steps = prompts.Sum(p => 40L + (tokenizer.EncodeToIds(p).Count == 1 ? 1 : 0));
         Assert.AreEqual(steps, batcher.BatchedSteps);
         Assert.IsLessThan(batcher.BatchedSteps, batcher.Batches, "some passes ran several generations' steps");
         Assert.IsGreaterThanOrEqualTo(2L, batcher.LargestBatch);
-        Assert.IsLessThanOrEqualTo(8L, batcher.LargestBatch);
+        Assert.IsLessThanOrEqualTo(4L, batcher.LargestBatch);
     }
 
     /// <summary>A step that cannot run is refused on its own thread; the batcher keeps serving (a lone step never waits).</summary>
@@ -174,6 +174,79 @@ public sealed class BatchedDecodeTests
         engine.Forward([1], engine.CreateCache(), expected, 4);
         CollectionAssert.AreEqual(expected, logits);
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => new BatchingEngine(engine, maxBatch: 0));
+    }
+
+    /// <summary>
+    /// A step whose cache the engine refuses (an fp32 cache on a bf16 engine), in one pass with a good step: the pass fails,
+    /// each step runs again alone, and only the bad one fails; the good one gets its own logits. A waiting step whose thread
+    /// is interrupted leaves the queue, and the batcher goes on.
+    /// </summary>
+    [TestMethod]
+    public void ABadStepFailsAloneAndAnInterruptedWaiterLeavesTheQueue()
+    {
+        using var engine = new OnnxEngine(_model);
+        using var fp32 = new OnnxEngine(_model, new OnnxEngineOptions { KvCacheType = KvCacheType.Float32 });
+        var gate = new GatedEngine(engine);
+        var batcher = new BatchingEngine(gate, gatherWait: TimeSpan.Zero);
+        int vocab = engine.Config.VocabSize;
+        float[] leader = new float[vocab], good = new float[vocab], expected = new float[vocab];
+        Exception? bad = null, interrupted = null, failed = null;
+        var goodCache = engine.CreateCache();
+        var threads = new List<Thread>
+        {
+            new(() => batcher.Forward([1], engine.CreateCache(), leader, 4)),
+        };
+        threads[0].Start();
+        Assert.IsTrue(gate.Entered.Wait(TimeSpan.FromMinutes(1)), "the leader reached the engine");
+        // While the leader is held inside the engine, three steps queue: a good one, a bad one, and one to interrupt.
+        threads.Add(new Thread(() => { try { batcher.Forward([1], goodCache, good, 4); } catch (Exception e) { failed = e; } }));
+        threads.Add(new Thread(() => { try { batcher.Forward([1], fp32.CreateCache(), new float[vocab], 4); } catch (Exception e) { bad = e; } }));
+        var waiter = new Thread(() => { try { batcher.Forward([1], engine.CreateCache(), new float[vocab], 3); } catch (Exception e) { interrupted = e; } });
+        threads.Add(waiter);
+        foreach (var t in threads.Skip(1)) t.Start();
+        SpinWait.SpinUntil(() => waiter.ThreadState.HasFlag(ThreadState.WaitSleepJoin), TimeSpan.FromSeconds(30));
+        Thread.Sleep(200);
+        waiter.Interrupt();
+        Assert.IsTrue(waiter.Join(TimeSpan.FromMinutes(1)));
+        Assert.IsInstanceOfType<ThreadInterruptedException>(interrupted);
+        gate.Release.Set();
+        foreach (var t in threads) Assert.IsTrue(t.Join(TimeSpan.FromMinutes(1)), "every step finished");
+        Assert.IsNull(failed, "the good step must not fail with the bad one");
+        Assert.IsInstanceOfType<ArgumentException>(bad);
+        StringAssert.Contains(bad!.Message, "Float32");
+        engine.Forward([1], engine.CreateCache(), expected, 4);
+        CollectionAssert.AreEqual(expected, good, "the good step got its own logits");
+        Assert.AreEqual(1, goodCache.Length);
+        // The batcher still serves.
+        var after = new float[vocab];
+        var done = Task.Run(() => batcher.Forward([1], engine.CreateCache(), after, 4));
+        Assert.IsTrue(done.Wait(TimeSpan.FromMinutes(1)), "the batcher kept a leader");
+        CollectionAssert.AreEqual(expected, after);
+    }
+
+    /// <summary>An engine whose first one-token step waits inside it until released (so others queue behind the leader).</summary>
+    private sealed class GatedEngine(IAnyPrecisionEngine inner) : IAnyPrecisionEngine
+    {
+        public readonly ManualResetEventSlim Entered = new(), Release = new();
+        private int _calls;
+        public LlamaConfig Config => inner.Config;
+        public int SeedBits => inner.SeedBits;
+        public int ParentBits => inner.ParentBits;
+        public int Bits { get => inner.Bits; set => inner.Bits = value; }
+        public KvCache CreateCache(int capacity = 0) => inner.CreateCache(capacity);
+        public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits) => Forward(tokens, cache, logits, inner.Bits);
+        public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, IReadOnlyList<int> widths) => inner.Forward(tokens, cache, logits, widths);
+        public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int bits)
+        {
+            if (Interlocked.Increment(ref _calls) == 1)
+            {
+                Entered.Set();
+                Release.Wait();
+            }
+            inner.Forward(tokens, cache, logits, bits);
+        }
+        public void ForwardBatch(ReadOnlySpan<int> tokens, IReadOnlyList<KvCache> caches, Span<float> logits, int bits) => inner.ForwardBatch(tokens, caches, logits, bits);
+        public void Dispose() { }
     }
 
     /// <summary>An engine fixed at one width over another (as the chat client's views): TextGenerator then runs that width.</summary>

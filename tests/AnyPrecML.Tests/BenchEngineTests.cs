@@ -56,6 +56,23 @@ public sealed class BenchEngineTests
         Assert.AreEqual("error: --batch must list sizes of 1 or more.", badErr.Trim());
     }
 
+    /// <summary><c>bench chat</c>: each turn with and without the prompt cache; the cached run's later turns reuse the earlier ones.</summary>
+    [TestMethod]
+    public void BenchChatReusesEarlierTurnsOnlyWithThePromptCache()
+    {
+        var (code, output, err) = Cli.Run("bench", "chat", "-m", _fixture.ModelDirectory, "--turns", "2", "--system-repeats", "2", "--max-tokens", "4", "--json");
+        Assert.AreEqual(0, code, err);
+        using var doc = JsonDocument.Parse(output);
+        var rows = doc.RootElement.GetProperty("rows").EnumerateArray().ToList();
+        CollectionAssert.AreEqual(new[] { (false, 1), (false, 2), (true, 1), (true, 2) }, rows.Select(r => (r.GetProperty("prompt_cache").GetBoolean(), r.GetProperty("turn").GetInt32())).ToArray());
+        long Reused(int i) => rows[i].GetProperty("reused_tokens").GetInt64();
+        Assert.AreEqual((0L, 0L, 0L), (Reused(0), Reused(1), Reused(2)));
+        int firstPrompt = rows[2].GetProperty("prompt_tokens").GetInt32();
+        Assert.IsGreaterThan(firstPrompt / 2L, Reused(3), "the second turn reuses most of the first turn's prompt");
+        Assert.IsLessThan((long)rows[3].GetProperty("prompt_tokens").GetInt32(), Reused(3), "the new question is prefilled");
+        Assert.AreEqual(rows[1].GetProperty("prompt_tokens").GetInt32(), rows[3].GetProperty("prompt_tokens").GetInt32(), "the same conversation either way");
+    }
+
     [TestMethod]
     public void AnFp32CacheIsTakenAndAnUnknownTypeIsOneLineError()
     {

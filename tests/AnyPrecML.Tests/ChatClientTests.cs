@@ -88,6 +88,26 @@ public sealed class ChatClientTests
         Assert.IsLessThan(_client.Batching.BatchedSteps - steps, _client.Batching.Batches - passes, "some passes ran several requests' steps");
     }
 
+    /// <summary>A conversation's second turn reuses the first turn's keys and values and still gives a fresh client's text.</summary>
+    [TestMethod]
+    public async Task ANextTurnReusesTheConversationsCacheAndKeepsTheText()
+    {
+        using var fresh = new AnyPrecisionChatClient(_fixture.ModelDirectory, new AnyPrecisionChatClientOptions { PromptCacheEntries = 0, MaxBatch = 1 });
+        Assert.IsNull(fresh.PromptCacheOf(3));
+        var cache = _client.PromptCacheOf(3)!;
+        Assert.AreEqual(4, cache.MaxEntries);
+        var options = new ChatOptions { ModelId = "stories260K@3bit", MaxOutputTokens = 12 };
+        List<ChatMessage> conversation = [new(ChatRole.User, "Lily and Tom went to the park.")];
+        var first = await _client.GetResponseAsync(conversation, options);
+        conversation.Add(new ChatMessage(ChatRole.Assistant, first.Text));
+        conversation.Add(new ChatMessage(ChatRole.User, "Then they went home."));
+        long reused = cache.ReusedTokens;
+        var second = await _client.GetResponseAsync(conversation, options);
+        Assert.IsGreaterThanOrEqualTo(reused + 8, cache.ReusedTokens, "the first turn's tokens were not prefilled again");
+        Assert.AreEqual((await fresh.GetResponseAsync(conversation, options)).Text, second.Text);
+        Assert.ThrowsExactly<UnknownModelException>(() => _client.PromptCacheOf(9));
+    }
+
     [TestMethod]
     public async Task DraftBitsPropertyDecodesSpeculativelyWithTheTargetsGreedyText()
     {

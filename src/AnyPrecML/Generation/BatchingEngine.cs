@@ -1,3 +1,5 @@
+using System.Buffers;
+using System.Diagnostics;
 using System.Runtime.ExceptionServices;
 using AnyPrecML.Models;
 
@@ -18,7 +20,7 @@ namespace AnyPrecML.Generation;
 /// stretched by the wait), runs the batch on its own thread, hands the lead to the oldest step still waiting, and
 /// returns. A lone generation never waits (its previous batch held one step). The inner engine stays the caller's.
 /// </remarks>
-public sealed unsafe class BatchingEngine : IAnyPrecisionEngine
+public sealed class BatchingEngine : IAnyPrecisionEngine
 {
     private readonly IAnyPrecisionEngine _inner;
     private readonly object _gate = new();
@@ -84,25 +86,34 @@ public sealed unsafe class BatchingEngine : IAnyPrecisionEngine
             _inner.Forward(tokens, cache, logits, bits);
             return;
         }
-        // A bad step is refused here, on its own thread, before it can fail a batch it shares with others.
         ForwardArguments.Check(Config, tokens, cache, logits);
         if (bits < SeedBits || bits > ParentBits) throw new ArgumentOutOfRangeException(nameof(bits), bits, $"the model serves {SeedBits}..{ParentBits} bits.");
-        // The caller waits until its batch has run, so its logits stay where they are meanwhile.
-        fixed (float* destination = logits)
+        // The step's logits land in a pooled buffer of its own, copied out here once its batch has run: the leader never
+        // writes into a caller's memory, even one that has stopped waiting.
+        var step = new Step(tokens[0], cache, bits, ArrayPool<float>.Shared.Rent(Config.VocabSize));
+        lock (_gate)
         {
-            var step = new Step(tokens[0], cache, destination, bits);
-            lock (_gate)
+            foreach (var other in _waiting)
+                if (ReferenceEquals(other.Cache, cache)) throw new InvalidOperationException("this cache already has a step waiting: a sequence's steps run one at a time.");
+            _waiting.Add(step);
+            Monitor.PulseAll(_gate);
+            if (!_leading) _leading = step.Leads = true;
+            try
             {
-                foreach (var other in _waiting)
-                    if (ReferenceEquals(other.Cache, cache)) throw new InvalidOperationException("this cache already has a step waiting: a sequence's steps run one at a time.");
-                _waiting.Add(step);
-                Monitor.PulseAll(_gate);
-                if (!_leading) _leading = step.Leads = true;
                 while (!step.Leads && !step.Done) Monitor.Wait(_gate);
             }
-            if (step.Leads && !step.Done) Lead(step);
-            step.Error?.Throw();
+            catch
+            {
+                // Interrupted while waiting: leave the queue, and pass on a lead handed to this step, so the others go on.
+                // (A step already taken into a running batch runs there; only its buffer is left to the collector.)
+                if (_waiting.Remove(step) && step.Leads) HandOver();
+                throw;
+            }
         }
+        if (!step.Done) Lead(step);
+        step.Error?.Throw();
+        step.Logits.AsSpan(0, Config.VocabSize).CopyTo(logits);
+        ArrayPool<float>.Shared.Return(step.Logits);
     }
 
     /// <summary>Runs one batch holding <paramref name="own"/> (and the steps at its width waiting with it), then passes the lead on.</summary>
@@ -112,41 +123,44 @@ public sealed unsafe class BatchingEngine : IAnyPrecisionEngine
         lock (_gate)
         {
             int want = Math.Min(MaxBatch, _lastBatch[own.Bits]);
-            long wait = Math.Min((long)(GatherWait.TotalSeconds * System.Diagnostics.Stopwatch.Frequency), _lastPassTicks[own.Bits] / 4);
-            long until = System.Diagnostics.Stopwatch.GetTimestamp() + wait;
+            long wait = Math.Min((long)(GatherWait.TotalSeconds * Stopwatch.Frequency), _lastPassTicks[own.Bits] / 4);
+            long until = Stopwatch.GetTimestamp() + wait;
             while (Waiting(own.Bits) < want)
             {
-                long left = until - System.Diagnostics.Stopwatch.GetTimestamp();
+                long left = until - Stopwatch.GetTimestamp();
                 if (left <= 0) break;
-                Monitor.Wait(_gate, TimeSpan.FromTicks(Math.Max(1, left * TimeSpan.TicksPerSecond / System.Diagnostics.Stopwatch.Frequency)));
+                Monitor.Wait(_gate, TimeSpan.FromTicks(Math.Max(1, left * TimeSpan.TicksPerSecond / Stopwatch.Frequency)));
             }
             batch = [own];
             for (int i = 0; i < _waiting.Count && batch.Count < MaxBatch; i++)
                 if (_waiting[i] != own && _waiting[i].Bits == own.Bits) batch.Add(_waiting[i]);
             foreach (var s in batch) _waiting.Remove(s);
         }
-        ExceptionDispatchInfo? error = null;
-        long start = System.Diagnostics.Stopwatch.GetTimestamp();
+        long start = Stopwatch.GetTimestamp();
         try { Run(batch, own.Bits); }
-        catch (Exception e) { error = ExceptionDispatchInfo.Capture(e); }
-        long ticks = System.Diagnostics.Stopwatch.GetTimestamp() - start;
-        Interlocked.Increment(ref _batches);
-        Interlocked.Add(ref _steps, batch.Count);
-        long largest;
-        while ((largest = Interlocked.Read(ref _largest)) < batch.Count && Interlocked.CompareExchange(ref _largest, batch.Count, largest) != largest) { }
-        lock (_gate)
+        finally
         {
-            _lastBatch[own.Bits] = batch.Count;
-            _lastPassTicks[own.Bits] = ticks;
-            foreach (var s in batch)
+            long ticks = Stopwatch.GetTimestamp() - start;
+            Interlocked.Increment(ref _batches);
+            Interlocked.Add(ref _steps, batch.Count);
+            long largest;
+            while ((largest = Interlocked.Read(ref _largest)) < batch.Count && Interlocked.CompareExchange(ref _largest, batch.Count, largest) != largest) { }
+            lock (_gate)
             {
-                s.Error = error;
-                s.Done = true;
+                _lastBatch[own.Bits] = batch.Count;
+                _lastPassTicks[own.Bits] = ticks;
+                foreach (var s in batch) s.Done = true;
+                HandOver();
             }
-            if (_waiting.Count > 0) _waiting[0].Leads = true;
-            else _leading = false;
-            Monitor.PulseAll(_gate);
         }
+    }
+
+    /// <summary>Gives the lead to the oldest waiting step, or ends it when none waits (under the lock).</summary>
+    private void HandOver()
+    {
+        if (_waiting.Count > 0) _waiting[0].Leads = true;
+        else _leading = false;
+        Monitor.PulseAll(_gate);
     }
 
     private int Waiting(int bits)
@@ -156,31 +170,44 @@ public sealed unsafe class BatchingEngine : IAnyPrecisionEngine
         return n;
     }
 
+    /// <summary>
+    /// One pass over <paramref name="batch"/>, each step's logits into its buffer. When a pass of several steps fails, each
+    /// step runs again alone, so a step that cannot run fails by itself and the others get their logits (a failed pass
+    /// appends to no cache: the inner engine checks a batch whole before it runs, and rolls back what it ran otherwise).
+    /// </summary>
     private void Run(List<Step> batch, int bits)
     {
         int vocab = Config.VocabSize;
-        if (batch.Count == 1)
+        if (batch.Count > 1)
         {
-            var s = batch[0];
-            _inner.Forward([s.Token], s.Cache, new Span<float>(s.Logits, vocab), bits);
-            return;
+            var tokens = new int[batch.Count];
+            var caches = new KvCache[batch.Count];
+            for (int i = 0; i < batch.Count; i++) (tokens[i], caches[i]) = (batch[i].Token, batch[i].Cache);
+            var logits = ArrayPool<float>.Shared.Rent(batch.Count * vocab);
+            try
+            {
+                _inner.ForwardBatch(tokens, caches, logits.AsSpan(0, batch.Count * vocab), bits);
+                for (int i = 0; i < batch.Count; i++) logits.AsSpan(i * vocab, vocab).CopyTo(batch[i].Logits);
+                return;
+            }
+            catch (Exception) { /* each step alone below */ }
+            finally { ArrayPool<float>.Shared.Return(logits); }
         }
-        var tokens = new int[batch.Count];
-        var caches = new KvCache[batch.Count];
-        for (int i = 0; i < batch.Count; i++) (tokens[i], caches[i]) = (batch[i].Token, batch[i].Cache);
-        var logits = new float[batch.Count * vocab];
-        _inner.ForwardBatch(tokens, caches, logits, bits);
-        for (int i = 0; i < batch.Count; i++) logits.AsSpan(i * vocab, vocab).CopyTo(new Span<float>(batch[i].Logits, vocab));
+        foreach (var s in batch)
+        {
+            try { _inner.Forward([s.Token], s.Cache, s.Logits.AsSpan(0, vocab), bits); }
+            catch (Exception e) { s.Error = ExceptionDispatchInfo.Capture(e); }
+        }
     }
 
     /// <summary>Nothing to release: the inner engine is the caller's.</summary>
     public void Dispose() { }
 
-    private sealed class Step(int token, KvCache cache, float* logits, int bits)
+    private sealed class Step(int token, KvCache cache, int bits, float[] logits)
     {
         public readonly int Token = token, Bits = bits;
         public readonly KvCache Cache = cache;
-        public readonly float* Logits = logits;
+        public readonly float[] Logits = logits;
         public bool Leads, Done;
         public ExceptionDispatchInfo? Error;
     }

@@ -41,6 +41,12 @@ public sealed class TextGenerator
     }
 
     /// <summary>
+    /// Key/value caches kept between calls for target-only decoding (null: none): a prompt that starts with tokens of an
+    /// earlier generation's cache prefills only the rest (see <see cref="Generation.PromptCache"/>). One per engine and width.
+    /// </summary>
+    public PromptCache? PromptCache { get; init; }
+
+    /// <summary>
     /// Generates token by token. Each step carries the text that token added (empty while a multi-byte
     /// character is incomplete); the last step carries the stop reason.
     /// </summary>
@@ -93,19 +99,35 @@ public sealed class TextGenerator
     /// <summary>Target-only decoding: one forward pass per token.</summary>
     private IEnumerable<int> TargetOnly(int[] prompt, Sampler sampler, int capacity)
     {
-        var cache = _engine.CreateCache(capacity);
-        var logits = new float[_engine.Config.VocabSize];
-        // The prompt but its last token in one call, then the last as a decode step: as speculative decoding feeds it
-        // (its first verification pass), so both give that token bit for bit the same logits. In one call with the rest,
-        // a prompt of CausalAttention.BlockedTokens or more attends it in the blocked products, whose sums run in
-        // another order.
-        if (prompt.Length > 1) _engine.Forward(prompt.AsSpan(0, prompt.Length - 1), cache, new float[_engine.Config.VocabSize]);
-        _engine.Forward(prompt.AsSpan(prompt.Length - 1), cache, logits);
-        while (true)
+        // A kept cache that already holds the prompt's start (the conversation so far) saves prefilling it.
+        var (cache, start) = PromptCache?.Take(prompt, capacity, _engine.CreateCache) ?? (_engine.CreateCache(capacity), 0);
+        var fed = new List<int>(prompt.AsSpan(0, start).ToArray());
+        bool whole = true; // false while a forward pass is under way: a pass that throws leaves the cache unfit to keep
+        try
         {
-            int next = sampler.Next(logits);
-            yield return next;
-            _engine.Forward([next], cache, logits);
+            var logits = new float[_engine.Config.VocabSize];
+            // The prompt but its last token in one call, then the last as a decode step: as speculative decoding feeds it
+            // (its first verification pass), so both give that token bit for bit the same logits. In one call with the
+            // rest, a prompt of CausalAttention.BlockedTokens or more attends it in the blocked products, whose sums run in
+            // another order.
+            whole = false;
+            if (prompt.Length - 1 > start) _engine.Forward(prompt.AsSpan(start, prompt.Length - 1 - start), cache, new float[_engine.Config.VocabSize]);
+            _engine.Forward(prompt.AsSpan(prompt.Length - 1), cache, logits);
+            whole = true;
+            fed.AddRange(prompt.AsSpan(start));
+            while (true)
+            {
+                int next = sampler.Next(logits);
+                yield return next;
+                whole = false;
+                _engine.Forward([next], cache, logits);
+                whole = true;
+                fed.Add(next);
+            }
+        }
+        finally
+        {
+            if (whole) PromptCache?.Return(cache, [.. fed]);
         }
     }
 

@@ -89,6 +89,21 @@ public abstract class KvCache
     /// <summary>Zeroes the keys and values of positions <paramref name="from"/>..<paramref name="to"/> (exclusive) in every layer.</summary>
     protected abstract void Erase(int from, int to);
 
+    /// <summary>
+    /// Copies every position this cache holds into <paramref name="destination"/>, an empty cache of the same engine with room
+    /// for them (a kept prompt's cache moved to a larger one, <see cref="Generation.PromptCache"/>).
+    /// </summary>
+    internal void CopyTo(KvCache destination)
+    {
+        if (destination.GetType() != GetType()) throw new ArgumentException("the caches come from different engines.", nameof(destination));
+        if (destination.Length != 0 || destination.Capacity < Length) throw new ArgumentException($"the destination must be empty with room for {Length} positions.", nameof(destination));
+        CopyPositions(destination, Length);
+        destination.Length = Length;
+    }
+
+    /// <summary>Copies positions 0..<paramref name="count"/> of every layer into <paramref name="destination"/> (same type, checked).</summary>
+    private protected abstract void CopyPositions(KvCache destination, int count);
+
     /// <summary>The raw key and value buffers, whole capacity (for tests comparing caches).</summary>
     internal abstract IReadOnlyList<float[]> Buffers { get; }
 }
@@ -133,11 +148,22 @@ public static class ForwardArguments
         }
     }
 
-    /// <summary><see cref="IAnyPrecisionEngine.ForwardBatch"/> as one <c>Forward</c> per sequence (engines without a batched pass).</summary>
+    /// <summary>
+    /// <see cref="IAnyPrecisionEngine.ForwardBatch"/> as one <c>Forward</c> per sequence (engines without a batched pass). When
+    /// one fails, the sequences already run are rolled back, so the batch appends to every cache or to none.
+    /// </summary>
     public static void ForwardEach(IAnyPrecisionEngine engine, ReadOnlySpan<int> tokens, IReadOnlyList<KvCache> caches, Span<float> logits, int bits)
     {
         CheckBatch(engine.Config, tokens, caches, logits);
-        int vocab = engine.Config.VocabSize;
-        for (int i = 0; i < tokens.Length; i++) engine.Forward(tokens.Slice(i, 1), caches[i], logits.Slice(i * vocab, vocab), bits);
+        int vocab = engine.Config.VocabSize, i = 0;
+        try
+        {
+            for (; i < tokens.Length; i++) engine.Forward(tokens.Slice(i, 1), caches[i], logits.Slice(i * vocab, vocab), bits);
+        }
+        catch
+        {
+            for (int j = 0; j < i; j++) caches[j].Truncate(caches[j].Length - 1);
+            throw;
+        }
     }
 }

@@ -214,8 +214,13 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
         int n = tokens.Length, pos0 = kv.Length;
         var positions = new long[n];
         for (int t = 0; t < n; t++) positions[t] = pos0 + t;
-        Run(tokens, positions, pos0 + n, allLogits ? 0 : n - 1, kv, [], logits, bitsValue);
-        kv.Advance(n);
+        kv.Enter();
+        try
+        {
+            Run(tokens, positions, pos0 + n, allLogits ? 0 : n - 1, kv, [], logits, bitsValue);
+            kv.Advance(n);
+        }
+        finally { kv.Exit(); }
     }
 
     /// <summary>
@@ -241,11 +246,20 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
             positions[i] = kvs[i].Length;
             ids[i] = kvs[i].Id;
         }
-        using (_op.LendCaches(kvs))
-            // total_sequence_length and seqlens_k are not read for a batch (each cache has its own length); the past
-            // inputs are bound to the first cache only because the graph has them.
-            Run(tokens, positions, n, 0, kvs[0], ids, logits, [_model.CheckBits(bits)]);
-        foreach (var kv in kvs) kv.Advance(1);
+        int entered = 0;
+        try
+        {
+            for (; entered < n; entered++) kvs[entered].Enter();
+            using (_op.LendCaches(kvs))
+                // total_sequence_length and seqlens_k are not read for a batch (each cache has its own length); the past
+                // inputs are bound to the first cache only because the graph has them.
+                Run(tokens, positions, n, 0, kvs[0], ids, logits, [_model.CheckBits(bits)]);
+            foreach (var kv in kvs) kv.Advance(1);
+        }
+        finally
+        {
+            for (int i = 0; i < entered; i++) kvs[i].Exit();
+        }
     }
 
     private OnnxKvCache OwnCache(KvCache cache, string parameter)
@@ -265,7 +279,7 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
         long[] start = [logitsStart];
         var inputs = new List<OrtValue>(_inputNames.Length);
         var outputs = new List<OrtValue>(_outputNames.Length);
-        int owned = 0;
+        int owned = -1; // inputs made here (the rest are the cache's own); all of the list until they are complete
         try
         {
             inputs.Add(OrtValue.CreateTensorValueFromMemory(ids, [1, n]));
@@ -292,7 +306,7 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
         }
         finally
         {
-            for (int i = 0; i < owned; i++) inputs[i].Dispose();
+            for (int i = 0; i < (owned < 0 ? inputs.Count : owned); i++) inputs[i].Dispose();
             if (outputs.Count > 0) outputs[0].Dispose();
         }
     }
@@ -355,6 +369,17 @@ internal sealed unsafe class OnnxKvCache : KvCache
     public OrtValue[] Present { get; }
     public void Advance(int n) => Length += n;
 
+    private int _busy;
+
+    /// <summary>Marks the cache as in a forward pass; a second pass on it meanwhile (another thread, a batch) is refused.</summary>
+    public void Enter()
+    {
+        if (Interlocked.Exchange(ref _busy, 1) != 0) throw new InvalidOperationException("the cache is in another forward pass: a sequence's steps run one at a time.");
+    }
+
+    /// <summary>Ends <see cref="Enter"/>.</summary>
+    public void Exit() => Volatile.Write(ref _busy, 0);
+
     /// <summary>Bytes the keys and values of every layer take, whole capacity.</summary>
     public long Bytes => _buffers.Sum(b => (long)b.Length * (Type == KvCacheType.BFloat16 ? 2 : 4));
 
@@ -368,6 +393,17 @@ internal sealed unsafe class OnnxKvCache : KvCache
     }
 
     internal override IReadOnlyList<float[]> Buffers => [.. _buffers.Select(b => b is ushort[] bf16 ? Widened(bf16) : (float[])((float[])b).Clone())];
+
+    private protected override void CopyPositions(KvCache destination, int count)
+    {
+        var to = (OnnxKvCache)destination;
+        if (to.Owner != Owner || to.Type != Type) throw new ArgumentException("the caches come from different engines or hold different types.", nameof(destination));
+        // [kv_heads, capacity, head_dim]: each head's first positions are one contiguous run.
+        int hd = Owner.HeadDim;
+        for (int i = 0; i < _buffers.Length; i++)
+            for (int h = 0; h < Owner.KvHeads; h++)
+                Array.Copy(_buffers[i], (long)h * Capacity * hd, to._buffers[i], (long)h * to.Capacity * hd, (long)count * hd);
+    }
 
     private static float[] Widened(ushort[] bf16)
     {

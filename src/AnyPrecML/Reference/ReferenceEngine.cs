@@ -250,6 +250,17 @@ internal sealed class ReferenceKvCache : KvCache
     public float[][] Values { get; }
     public void Advance(int n) => Length += n;
 
+    private protected override void CopyPositions(KvCache destination, int count)
+    {
+        var to = (ReferenceKvCache)destination;
+        if (to.Owner != Owner) throw new ArgumentException("the caches come from different engines.", nameof(destination));
+        for (int l = 0; l < Owner.Layers; l++)
+        {
+            Array.Copy(Keys[l], to.Keys[l], (long)count * Owner.KvDim);
+            Array.Copy(Values[l], to.Values[l], (long)count * Owner.KvDim);
+        }
+    }
+
     protected override void Erase(int from, int to)
     {
         int kvDim = Owner.KvDim;
