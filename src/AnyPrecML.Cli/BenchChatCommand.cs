@@ -33,19 +33,21 @@ internal static class BenchChatCommand
             if (r.GetValue(maxTokens) < 1) throw new ArgumentException("--max-tokens must be 1 or more.");
             string directory = r.GetValue(model)!;
             var rows = new List<Row>();
-            string kernels = "";
             var progress = new ConsoleProgress<int>(r.Err(), "bench chat", done => (done, 2 * r.GetValue(turns)), "turns");
-            foreach (int entries in new[] { 0, 4 })
-            {
-                using var client = new AnyPrecisionChatClient(directory, new AnyPrecisionChatClientOptions { PromptCacheEntries = entries });
-                int width = client.Engine.Model.CheckBits(r.GetValue(bits) ?? client.Engine.SeedBits);
-                kernels = client.Engine.Kernels;
-                var options = new ChatOptions { ModelId = AnyPrecisionChatClient.ModelId(client.Metadata.ModelName, width), MaxOutputTokens = r.GetValue(maxTokens), Temperature = 0 };
-                await client.GetResponseAsync([new ChatMessage(ChatRole.User, "Hello")], options, ct); // warm-up: JIT, tables
-                List<ChatMessage> history = [new(ChatRole.System, string.Join(" ", Enumerable.Repeat(
-                    "You are a helpful assistant who answers questions about the old lighthouse by the harbour, its keepers and the ships that passed it.", r.GetValue(system))))];
-                for (int turn = 0; turn < r.GetValue(turns); turn++)
+            // Both clients open at once and their turns alternate, so neither runs on a cooler or warmer machine than the other.
+            using var plain = new AnyPrecisionChatClient(directory, new AnyPrecisionChatClientOptions { PromptCacheEntries = 0 });
+            using var cached = new AnyPrecisionChatClient(directory, new AnyPrecisionChatClientOptions { PromptCacheEntries = 4 });
+            int width = plain.Engine.Model.CheckBits(r.GetValue(bits) ?? plain.Engine.SeedBits);
+            string kernels = plain.Engine.Kernels;
+            var options = new ChatOptions { ModelId = AnyPrecisionChatClient.ModelId(plain.Metadata.ModelName, width), MaxOutputTokens = r.GetValue(maxTokens), Temperature = 0 };
+            foreach (var client in new[] { plain, cached }) await client.GetResponseAsync([new ChatMessage(ChatRole.User, "Hello")], options, ct); // warm-up: JIT, tables
+            cached.PromptCacheOf(width)!.Clear(); // the warm-up's cache would be reused by the first turn (a chat template's tokens)
+            var histories = new[] { plain, cached }.ToDictionary(c => c, _ => new List<ChatMessage> { new(ChatRole.System, string.Join(" ", Enumerable.Repeat(
+                "You are a helpful assistant who answers questions about the old lighthouse by the harbour, its keepers and the ships that passed it.", r.GetValue(system)))) });
+            for (int turn = 0; turn < r.GetValue(turns); turn++)
+                foreach (var client in new[] { plain, cached })
                 {
+                    var history = histories[client];
                     history.Add(new ChatMessage(ChatRole.User, $"Question {turn + 1}: what happened at the lighthouse in {1850 + 7 * turn}?"));
                     long reused = client.PromptCacheOf(width)?.ReusedTokens ?? 0;
                     var sw = Stopwatch.StartNew();
@@ -59,11 +61,11 @@ internal static class BenchChatCommand
                         foreach (var usage in update.Contents.OfType<UsageContent>()) promptTokens = (int?)usage.Details.InputTokenCount;
                     }
                     history.Add(new ChatMessage(ChatRole.Assistant, reply.ToString()));
-                    rows.Add(new Row(entries > 0, turn + 1, promptTokens ?? 0, (client.PromptCacheOf(width)?.ReusedTokens ?? 0) - reused,
+                    rows.Add(new Row(client == cached, turn + 1, promptTokens ?? 0, (client.PromptCacheOf(width)?.ReusedTokens ?? 0) - reused,
                         Math.Round(first, 1), Math.Round(sw.Elapsed.TotalMilliseconds, 1)));
                     progress.Report(rows.Count);
                 }
-            }
+            rows = [.. rows.OrderBy(x => x.Cache).ThenBy(x => x.Turn)];
             if (r.GetValue(json))
             {
                 r.WriteJson(new { kernels, rows = rows.Select(x => new { prompt_cache = x.Cache, turn = x.Turn, prompt_tokens = x.PromptTokens, reused_tokens = x.Reused, ttft_ms = x.FirstMs, total_ms = x.TotalMs }) });

@@ -186,7 +186,7 @@ public sealed class BatchedDecodeTests
     {
         using var engine = new OnnxEngine(_model);
         using var fp32 = new OnnxEngine(_model, new OnnxEngineOptions { KvCacheType = KvCacheType.Float32 });
-        var gate = new GatedEngine(engine);
+        var gate = new TestEngine(engine, TimeSpan.Zero) { GateFirstCall = true };
         var batcher = new BatchingEngine(gate, gatherWait: TimeSpan.Zero);
         int vocab = engine.Config.VocabSize;
         float[] leader = new float[vocab], good = new float[vocab], expected = new float[vocab];
@@ -204,14 +204,15 @@ public sealed class BatchedDecodeTests
         var waiter = new Thread(() => { try { batcher.Forward([1], engine.CreateCache(), new float[vocab], 3); } catch (Exception e) { interrupted = e; } });
         threads.Add(waiter);
         foreach (var t in threads.Skip(1)) t.Start();
-        SpinWait.SpinUntil(() => waiter.ThreadState.HasFlag(ThreadState.WaitSleepJoin), TimeSpan.FromSeconds(30));
-        Thread.Sleep(200);
+        Assert.IsTrue(SpinWait.SpinUntil(() => batcher.Queued == 3, TimeSpan.FromMinutes(1)), "three steps queued behind the leader");
         waiter.Interrupt();
         Assert.IsTrue(waiter.Join(TimeSpan.FromMinutes(1)));
         Assert.IsInstanceOfType<ThreadInterruptedException>(interrupted);
+        Assert.AreEqual(2, batcher.Queued, "the interrupted step left the queue");
         gate.Release.Set();
         foreach (var t in threads) Assert.IsTrue(t.Join(TimeSpan.FromMinutes(1)), "every step finished");
         Assert.IsNull(failed, "the good step must not fail with the bad one");
+        Assert.AreEqual(2L, batcher.LargestBatch, "the good and the bad step ran as one pass first");
         Assert.IsInstanceOfType<ArgumentException>(bad);
         StringAssert.Contains(bad!.Message, "Float32");
         engine.Forward([1], engine.CreateCache(), expected, 4);
@@ -224,11 +225,77 @@ public sealed class BatchedDecodeTests
         CollectionAssert.AreEqual(expected, after);
     }
 
-    /// <summary>An engine whose first one-token step waits inside it until released (so others queue behind the leader).</summary>
-    private sealed class GatedEngine(IAnyPrecisionEngine inner) : IAnyPrecisionEngine
+    /// <summary>
+    /// A leader interrupted while it waits for the previous pass's sequences leaves the queue and hands on the lead: the
+    /// next step still runs. (A slow engine makes the last pass long, so the gathering wait, a quarter of it, can be caught.)
+    /// </summary>
+    [TestMethod]
+    public void ALeaderInterruptedWhileGatheringHandsOnTheLead()
+    {
+        using var engine = new OnnxEngine(_model);
+        var slow = new TestEngine(engine, TimeSpan.FromSeconds(4));
+        var batcher = new BatchingEngine(slow, gatherWait: TimeSpan.FromSeconds(10));
+        int vocab = engine.Config.VocabSize;
+        // One pass alone, then two steps that queued during it run as a pass of two (4 s): the next leader waits up to 1 s for two.
+        var first = new Thread(() => batcher.Forward([1], engine.CreateCache(), new float[vocab], 4));
+        first.Start();
+        Assert.IsTrue(SpinWait.SpinUntil(() => slow.Calls == 1, TimeSpan.FromMinutes(1)));
+        var pair = Enumerable.Range(0, 2).Select(_ => new Thread(() => batcher.Forward([1], engine.CreateCache(), new float[vocab], 4))).ToList();
+        pair.ForEach(t => t.Start());
+        foreach (var t in pair.Append(first)) Assert.IsTrue(t.Join(TimeSpan.FromMinutes(1)));
+        Assert.AreEqual(2L, batcher.LargestBatch);
+        Exception? interrupted = null;
+        var lone = new Thread(() => { try { batcher.Forward([1], engine.CreateCache(), new float[vocab], 4); } catch (Exception e) { interrupted = e; } });
+        lone.Start();
+        Assert.IsTrue(SpinWait.SpinUntil(() => lone.ThreadState.HasFlag(ThreadState.WaitSleepJoin), TimeSpan.FromMinutes(1)), "the lone leader is gathering");
+        lone.Interrupt();
+        Assert.IsTrue(lone.Join(TimeSpan.FromMinutes(1)));
+        Assert.IsInstanceOfType<ThreadInterruptedException>(interrupted);
+        Assert.AreEqual(0, batcher.Queued);
+        var next = Task.Run(() => batcher.Forward([1], engine.CreateCache(), new float[vocab], 4));
+        Assert.IsTrue(next.Wait(TimeSpan.FromMinutes(1)), "the batcher kept a leader");
+    }
+
+    /// <summary>A cache in a forward pass refuses a second one (another thread, a batch), and serves again after it.</summary>
+    [TestMethod]
+    public void ACacheInAPassRefusesASecondPass()
+    {
+        using var engine = new OnnxEngine(_model);
+        var cache = (OnnxKvCache)engine.CreateCache();
+        int vocab = engine.Config.VocabSize;
+        cache.Enter();
+        Assert.ThrowsExactly<InvalidOperationException>(() => engine.Forward([1], cache, new float[vocab]));
+        Assert.ThrowsExactly<InvalidOperationException>(() => engine.ForwardBatch([1, 1], [engine.CreateCache(), cache], new float[2 * vocab], 4));
+        cache.Exit();
+        Assert.AreEqual(0, cache.Length);
+        engine.ForwardBatch([1, 1], [engine.CreateCache(), cache], new float[2 * vocab], 4);
+        Assert.AreEqual(1, cache.Length);
+    }
+
+    /// <summary>The one-by-one fallback of ForwardBatch rolls back the sequences it ran when a later one fails.</summary>
+    [TestMethod]
+    public void TheOneByOneFallbackRollsBackWhenASequenceFails()
+    {
+        using var reference = new AnyPrecisionReferenceEngine(_model, 4);
+        var failing = new TestEngine(reference, TimeSpan.Zero) { FailOnCall = 2 };
+        int vocab = reference.Config.VocabSize;
+        var caches = new[] { reference.CreateCache(), reference.CreateCache(), reference.CreateCache() };
+        Assert.ThrowsExactly<InvalidOperationException>(() => ForwardArguments.ForwardEach(failing, [1, 1, 1], caches, new float[3 * vocab], 4));
+        CollectionAssert.AreEqual(new[] { 0, 0, 0 }, caches.Select(c => c.Length).ToArray(), "no cache keeps the batch's token");
+    }
+
+    /// <summary>
+    /// A real engine with hooks: its first call can wait inside until released (so steps queue behind the leader) or be
+    /// slow, batched passes take <paramref name="delay"/> longer, and call <c>FailOnCall</c> throws.
+    /// </summary>
+    private sealed class TestEngine(IAnyPrecisionEngine inner, TimeSpan delay) : IAnyPrecisionEngine
     {
         public readonly ManualResetEventSlim Entered = new(), Release = new();
         private int _calls;
+        public int Calls => Volatile.Read(ref _calls);
+        public int FailOnCall { get; init; }
+        /// <summary>The first call waits inside until <see cref="Release"/> is set.</summary>
+        public bool GateFirstCall { get; init; }
         public LlamaConfig Config => inner.Config;
         public int SeedBits => inner.SeedBits;
         public int ParentBits => inner.ParentBits;
@@ -238,16 +305,24 @@ public sealed class BatchedDecodeTests
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, IReadOnlyList<int> widths) => inner.Forward(tokens, cache, logits, widths);
         public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int bits)
         {
-            if (Interlocked.Increment(ref _calls) == 1)
+            int call = Interlocked.Increment(ref _calls);
+            if (call == FailOnCall) throw new InvalidOperationException("a failing pass");
+            if (call == 1 && GateFirstCall)
             {
                 Entered.Set();
                 Release.Wait();
             }
+            if (call == 1) Thread.Sleep(delay / 2); // the first pass alone is slow too, so steps queue behind it
             inner.Forward(tokens, cache, logits, bits);
         }
-        public void ForwardBatch(ReadOnlySpan<int> tokens, IReadOnlyList<KvCache> caches, Span<float> logits, int bits) => inner.ForwardBatch(tokens, caches, logits, bits);
+        public void ForwardBatch(ReadOnlySpan<int> tokens, IReadOnlyList<KvCache> caches, Span<float> logits, int bits)
+        {
+            Thread.Sleep(delay);
+            inner.ForwardBatch(tokens, caches, logits, bits);
+        }
         public void Dispose() { }
     }
+
 
     /// <summary>An engine fixed at one width over another (as the chat client's views): TextGenerator then runs that width.</summary>
     private sealed class WidthView(IAnyPrecisionEngine inner, int bits) : IInferenceEngine

@@ -80,7 +80,7 @@ public sealed class PromptCacheTests
         Assert.IsLessThan(Kernels.CausalAttention.BlockedTokens, longest, "short prompts: every path attends token by token");
     }
 
-    /// <summary>The same prompt again reuses all of it but its last token, even past the blocked products' threshold.</summary>
+    /// <summary>The same long prompt again reuses all of it but its last token (stories260K's 8-wide heads never take the blocked products).</summary>
     [TestMethod]
     public void ARepeatedPromptReusesAllButItsLastTokenAndGivesTheSameTokens()
     {
@@ -88,7 +88,7 @@ public sealed class PromptCacheTests
         var cached = new TextGenerator(_engine, _tokenizer) { PromptCache = cache };
         string prompt = string.Join(" ", Enumerable.Repeat("Once upon a time, there was a little girl named Lily.", 6));
         int length = PromptLength(prompt);
-        Assert.IsGreaterThan(Kernels.CausalAttention.BlockedTokens, length, "a prompt whose prefill takes the blocked products");
+        Assert.IsGreaterThan(Kernels.CausalAttention.BlockedTokens, length, "a prompt past the blocked products' length");
         var first = Run(cached, prompt);
         var second = Run(cached, prompt);
         CollectionAssert.AreEqual(first.Ids, second.Ids);
@@ -97,27 +97,42 @@ public sealed class PromptCacheTests
     }
 
     /// <summary>
-    /// A kept cache too small for the next generation has its shared positions copied into a larger one (a chat's history
-    /// outgrows the last turn's cache), with the tokens a fresh run gives; past MaxEntries the least recently used goes.
+    /// A prompt that parts from a kept cache midway (the same prompt again, another reply) gets a copy of the shared
+    /// positions and leaves the kept cache in place; one that continues a kept cache whole takes it, copied into a larger
+    /// one when it lacks room; past MaxEntries the least recently used goes.
     /// </summary>
     [TestMethod]
-    public void ACacheWithoutRoomIsCopiedIntoALargerOneAndTheOldestEntryGoes()
+    public void CachesArePartedByCopyTakenWholeOrMovedToALargerOne()
     {
         var cache = new PromptCache(2);
         var cached = new TextGenerator(_engine, _tokenizer) { PromptCache = cache };
         Run(cached, "The cat sat", Greedy with { MaxTokens = 4 });
-        var longer = Run(cached, "The cat sat", Greedy with { MaxTokens = 40 });
-        Assert.AreEqual((1L, (long)PromptLength("The cat sat") - 1), (cache.Hits, cache.ReusedTokens), "the 4-token cache lacked room for 40 tokens: copied");
-        CollectionAssert.AreEqual(Run(new TextGenerator(_engine, _tokenizer), "The cat sat", Greedy with { MaxTokens = 40 }).Ids, longer.Ids);
-        Assert.AreEqual(1, cache.Count, "the copy was kept, the small cache dropped");
+        var again = Run(cached, "The cat sat", Greedy with { MaxTokens = 40 });
+        Assert.AreEqual((1L, (long)PromptLength("The cat sat") - 1), (cache.Hits, cache.ReusedTokens));
+        CollectionAssert.AreEqual(Run(new TextGenerator(_engine, _tokenizer), "The cat sat", Greedy with { MaxTokens = 40 }).Ids, again.Ids);
+        Assert.AreEqual(2, cache.Count, "the first run's cache stayed; the second's joined it");
         Run(cached, "A big dog");
         Run(cached, "Tim had a red ball");
-        Assert.AreEqual(2, cache.Count, "three kept, the oldest dropped");
+        Assert.AreEqual(2, cache.Count, "four kept, the oldest two dropped");
         Assert.AreEqual(1L, cache.Hits, "prompts sharing only BOS take no kept cache");
-        Run(cached, "The cat sat");
-        Assert.AreEqual(1L, cache.Hits, "'The cat sat' was the least recently used: gone");
+        cache.Clear();
+
+        // Taken whole, and moved to a larger cache when the next generation needs more room than it has.
+        int[] tokens = [1, 403, 407, 261, 378, 30];
+        var kept = _engine.CreateCache(8);
+        _engine.Forward(tokens, kept, new float[_engine.Config.VocabSize]);
+        cache.Return(kept, tokens);
+        var (taken, reused) = cache.Take([.. tokens, 52, 41], 8, _engine.CreateCache)!.Value;
+        Assert.AreSame(kept, taken);
+        Assert.AreEqual((6, 0), (reused, cache.Count));
+        cache.Return(taken, tokens);
+        var (moved, again6) = cache.Take([.. tokens, 52, 41], 100, _engine.CreateCache)!.Value;
+        Assert.AreNotSame(kept, moved);
+        Assert.AreEqual((6, 6, 0), (again6, moved.Length, cache.Count));
+        Assert.IsGreaterThanOrEqualTo(100, moved.Capacity);
         Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => new PromptCache(0));
     }
+
     /// <summary>A cache copied into a larger one continues exactly as the original (both engines; the layouts differ by capacity).</summary>
     [TestMethod]
     public void ACopiedCacheContinuesExactlyAsTheOriginal()
@@ -129,15 +144,50 @@ public sealed class PromptCacheTests
             var original = engine.CreateCache(12);
             engine.Forward([1, 403, 407, 261, 378, 30, 41], original, new float[vocab]);
             var larger = engine.CreateCache(40);
-            original.CopyTo(larger);
+            original.CopyTo(larger, 7);
             Assert.AreEqual(7, larger.Length);
-            float[] a = new float[vocab], b = new float[vocab];
+            // The first 5 positions only: continuing it at position 5 equals a cache fed those 5 tokens alone.
+            var start = engine.CreateCache(30);
+            original.CopyTo(start, 5);
+            var five = engine.CreateCache(12);
+            engine.Forward([1, 403, 407, 261, 378], five, new float[vocab]);
+            float[] a = new float[vocab], b = new float[vocab], c = new float[vocab], d = new float[vocab];
             engine.Forward([52], original, a);
             engine.Forward([52], larger, b);
             CollectionAssert.AreEqual(a, b, engine.GetType().Name);
-            Assert.ThrowsExactly<ArgumentException>(() => original.CopyTo(engine.CreateCache(4)), "no room");
-            Assert.ThrowsExactly<ArgumentException>(() => original.CopyTo(larger), "not empty");
+            engine.Forward([52], start, c);
+            engine.Forward([52], five, d);
+            CollectionAssert.AreEqual(d, c, engine.GetType().Name);
+            Assert.ThrowsExactly<ArgumentException>(() => original.CopyTo(engine.CreateCache(4), 8), "no room");
+            Assert.ThrowsExactly<ArgumentException>(() => original.CopyTo(larger, 8), "not empty");
+            Assert.ThrowsExactly<ArgumentOutOfRangeException>(() => original.CopyTo(engine.CreateCache(40), 9), "more than it holds");
         }
-        Assert.ThrowsExactly<ArgumentException>(() => _engine.CreateCache(8).CopyTo(reference.CreateCache(8)), "another engine's cache");
+        Assert.ThrowsExactly<ArgumentException>(() => _engine.CreateCache(8).CopyTo(reference.CreateCache(8), 0), "another engine's cache");
+    }
+
+    /// <summary>
+    /// Two conversations after the same long system prompt, turns interleaved: the second starts from a copy of the first's
+    /// shared start and leaves the first's cache whole, so each next turn reuses its own history.
+    /// </summary>
+    [TestMethod]
+    public void InterleavedConversationsKeepTheirOwnHistories()
+    {
+        var cache = new PromptCache(4);
+        var cached = new TextGenerator(_engine, _tokenizer) { PromptCache = cache };
+        string system = "Once upon a time, there was a little girl named Lily. She loved to play outside. ";
+        string a = system + "One day Lily", b = system + "Tom had a red ball";
+        var a1 = Run(cached, a);
+        var b1 = Run(cached, b);
+        Assert.AreEqual(2, cache.Count, "B copied the shared start and left A's cache in place");
+        Assert.IsGreaterThanOrEqualTo(PromptLength(system) - 2L, cache.ReusedTokens, "B reused the system prompt");
+        long before = cache.ReusedTokens;
+        a += a1.Text + " Then";
+        var fresh = new TextGenerator(_engine, _tokenizer);
+        CollectionAssert.AreEqual(Run(fresh, a).Ids, Run(cached, a).Ids);
+        Assert.IsGreaterThanOrEqualTo(before + PromptLength(system + "One day Lily") - 2, cache.ReusedTokens, "A's second turn reused A's whole first turn");
+        b += b1.Text + " Then";
+        before = cache.ReusedTokens;
+        CollectionAssert.AreEqual(Run(fresh, b).Ids, Run(cached, b).Ids);
+        Assert.IsGreaterThanOrEqualTo(before + PromptLength(system + "Tom had a red ball") - 2, cache.ReusedTokens, "so did B's");
     }
 }

@@ -49,6 +49,9 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
     public int MaxBatch { get; }
     /// <summary>Longest a batch waits for the sequences of the previous batch at its width (never more than a quarter of that batch's pass).</summary>
     public TimeSpan GatherWait { get; }
+    /// <summary>Steps waiting for a pass now.</summary>
+    internal int Queued { get { lock (_gate) return _waiting.Count; } }
+
     /// <summary>Passes run for one-token steps so far.</summary>
     public long Batches => Interlocked.Read(ref _batches);
     /// <summary>One-token steps run so far (over <see cref="Batches"/> passes).</summary>
@@ -125,11 +128,21 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
             int want = Math.Min(MaxBatch, _lastBatch[own.Bits]);
             long wait = Math.Min((long)(GatherWait.TotalSeconds * Stopwatch.Frequency), _lastPassTicks[own.Bits] / 4);
             long until = Stopwatch.GetTimestamp() + wait;
-            while (Waiting(own.Bits) < want)
+            try
             {
-                long left = until - Stopwatch.GetTimestamp();
-                if (left <= 0) break;
-                Monitor.Wait(_gate, TimeSpan.FromTicks(Math.Max(1, left * TimeSpan.TicksPerSecond / Stopwatch.Frequency)));
+                while (Waiting(own.Bits) < want)
+                {
+                    long left = until - Stopwatch.GetTimestamp();
+                    if (left <= 0) break;
+                    Monitor.Wait(_gate, TimeSpan.FromTicks(Math.Max(1, left * TimeSpan.TicksPerSecond / Stopwatch.Frequency)));
+                }
+            }
+            catch
+            {
+                // Interrupted while gathering: leave the queue and pass the lead on, so the others go on.
+                _waiting.Remove(own);
+                HandOver();
+                throw;
             }
             batch = [own];
             for (int i = 0; i < _waiting.Count && batch.Count < MaxBatch; i++)

@@ -9,12 +9,15 @@ namespace AnyPrecML.Generation;
 /// takes one (<see cref="TextGenerator.PromptCache"/>); the chat client and <c>serve</c> keep one per width.
 /// </summary>
 /// <remarks>
-/// A reused position holds what the generation that wrote it computed: decode steps, or a prompt of
-/// <see cref="Kernels.CausalAttention.BlockedTokens"/> or more in the blocked products. A fresh prefill of a long prompt
-/// attends in the blocked products' order, so a continuation after a long reused prefix can differ from a fresh run's in
-/// the last bits of its attention sums (up to its greedy choice at a near tie). Prompts shorter than that, and a prompt
-/// repeated exactly, give bit for bit what a fresh run gives with the CPU engine's int8 kernels (tests hold both).
-/// Entries are taken whole: two generations never share one. The least recently used entry goes when more than
+/// A reused position holds what the call that wrote it computed: a decode step, or a prompt of
+/// <see cref="Kernels.CausalAttention.BlockedTokens"/> or more attended in the blocked products, whose sums run in another
+/// order. With the CPU engine's int8 kernels a continuation gives bit for bit what a fresh run gives when its reused
+/// positions were written as a fresh run of the new prompt would write them (a conversation whose prompts stay under that
+/// length; a prompt repeated after a fresh run of it; tests hold both); otherwise its attention sums can differ in their last
+/// bits, and a greedy choice at a near tie with them.
+/// A generation that continues a kept cache takes it whole; one that parts from it midway gets a copy of the shared
+/// positions, so two generations never share a cache and one conversation never cuts another's short. The least recently
+/// used entry goes when more than
 /// <see cref="MaxEntries"/> are kept; each holds its cache's memory (capacity × layers × 2 × KV width × 2 bytes in bf16).
 /// </remarks>
 public sealed class PromptCache
@@ -46,16 +49,17 @@ public sealed class PromptCache
     }
 
     /// <summary>
-    /// The kept cache (removed from the pool) sharing the longest start with <paramref name="prompt"/>'s tokens but its last
-    /// (which a generation feeds as a decode step), rolled back to that shared start; null when none shares two tokens or
-    /// more (every prompt starts with BOS: one shared token would only take another conversation's cache). A
-    /// cache without room for <paramref name="capacity"/> positions (a chat's history outgrowing the last turn's) has its
-    /// shared positions copied into a new one from <paramref name="create"/>.
+    /// A cache holding the longest start <paramref name="prompt"/>'s tokens but its last (which a generation feeds as a
+    /// decode step) share with a kept one; null when none shares two tokens or more (every prompt starts with BOS). When
+    /// the prompt continues a kept cache whole (a conversation's next turn), that cache leaves the pool and is returned,
+    /// copied into a larger one from <paramref name="create"/> when it lacks room for <paramref name="capacity"/>
+    /// positions. When the prompt parts from it midway (another conversation after the same system prompt or template),
+    /// the shared positions are copied into a new cache and the kept one stays for its own conversation.
     /// </summary>
     internal (KvCache Cache, int Reused)? Take(ReadOnlySpan<int> prompt, int capacity, Func<int, KvCache> create)
     {
         var usable = prompt[..^1];
-        Entry entry;
+        KvCache cache;
         int shared = 0;
         lock (_gate)
         {
@@ -63,20 +67,29 @@ public sealed class PromptCache
             for (int i = 0; i < _entries.Count; i++)
             {
                 int length = usable.CommonPrefixLength(_entries[i].Tokens);
-                // Ties go to a cache with room (no copy).
-                if (length > shared || (length == shared && best >= 0 && length > 0 && _entries[i].Cache.Capacity >= capacity && _entries[best].Cache.Capacity < capacity))
+                // Ties go to a cache the prompt continues whole (no copy).
+                if (length > shared || (length == shared && best >= 0 && length == _entries[i].Tokens.Length && length < _entries[best].Tokens.Length))
                     (best, shared) = (i, length);
             }
             if (best < 0 || shared < 2) return null;
-            entry = _entries[best];
-            _entries.RemoveAt(best);
+            var entry = _entries[best];
+            if (shared == entry.Tokens.Length)
+            {
+                _entries.RemoveAt(best);
+                cache = entry.Cache;
+            }
+            else
+            {
+                // Copied under the lock: no other Take may take the kept cache meanwhile.
+                cache = create(capacity);
+                entry.Cache.CopyTo(cache, shared);
+                entry.LastUse = ++_clock;
+            }
         }
-        var cache = entry.Cache;
-        cache.Truncate(shared);
         if (cache.Capacity < capacity)
         {
             var larger = create(capacity);
-            cache.CopyTo(larger);
+            cache.CopyTo(larger, shared);
             cache = larger;
         }
         Interlocked.Increment(ref _hits);
@@ -100,5 +113,10 @@ public sealed class PromptCache
         }
     }
 
-    private sealed record Entry(int[] Tokens, KvCache Cache, long LastUse);
+    private sealed class Entry(int[] tokens, KvCache cache, long lastUse)
+    {
+        public readonly int[] Tokens = tokens;
+        public readonly KvCache Cache = cache;
+        public long LastUse = lastUse;
+    }
 }

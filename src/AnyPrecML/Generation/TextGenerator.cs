@@ -99,7 +99,9 @@ public sealed class TextGenerator
     /// <summary>Target-only decoding: one forward pass per token.</summary>
     private IEnumerable<int> TargetOnly(int[] prompt, Sampler sampler, int capacity)
     {
-        // A kept cache that already holds the prompt's start (the conversation so far) saves prefilling it.
+        // A kept cache that already holds the prompt's start (the conversation so far) saves prefilling it. Caches that may
+        // be kept are made in whole 256-position steps, so a conversation's next turns mostly fit without a copy.
+        if (PromptCache is not null) capacity = Math.Min(_engine.Config.MaxSeqLen, (capacity + 255) & ~255);
         var (cache, start) = PromptCache?.Take(prompt, capacity, _engine.CreateCache) ?? (_engine.CreateCache(capacity), 0);
         var fed = new List<int>(prompt.AsSpan(0, start).ToArray());
         bool whole = true; // false while a forward pass is under way: a pass that throws leaves the cache unfit to keep

@@ -90,15 +90,18 @@ public abstract class KvCache
     protected abstract void Erase(int from, int to);
 
     /// <summary>
-    /// Copies every position this cache holds into <paramref name="destination"/>, an empty cache of the same engine with room
-    /// for them (a kept prompt's cache moved to a larger one, <see cref="Generation.PromptCache"/>).
+    /// Copies this cache's first <paramref name="count"/> positions into <paramref name="destination"/>, an empty cache of the
+    /// same engine with room for them (a kept prompt's cache moved to a larger one, or its start shared with another
+    /// conversation: <see cref="Generation.PromptCache"/>).
     /// </summary>
-    internal void CopyTo(KvCache destination)
+    internal void CopyTo(KvCache destination, int count)
     {
+        ArgumentOutOfRangeException.ThrowIfNegative(count);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(count, Length);
         if (destination.GetType() != GetType()) throw new ArgumentException("the caches come from different engines.", nameof(destination));
-        if (destination.Length != 0 || destination.Capacity < Length) throw new ArgumentException($"the destination must be empty with room for {Length} positions.", nameof(destination));
-        CopyPositions(destination, Length);
-        destination.Length = Length;
+        if (destination.Length != 0 || destination.Capacity < count) throw new ArgumentException($"the destination must be empty with room for {count} positions.", nameof(destination));
+        CopyPositions(destination, count);
+        destination.Length = count;
     }
 
     /// <summary>Copies positions 0..<paramref name="count"/> of every layer into <paramref name="destination"/> (same type, checked).</summary>

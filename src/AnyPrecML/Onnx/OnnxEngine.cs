@@ -210,13 +210,14 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
     private void Run(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits, int[] bitsValue)
     {
         var kv = OwnCache(cache, nameof(cache));
-        bool allLogits = ForwardArguments.Check(Config, tokens, cache, logits);
-        int n = tokens.Length, pos0 = kv.Length;
-        var positions = new long[n];
-        for (int t = 0; t < n; t++) positions[t] = pos0 + t;
+        // Marked busy before its length is read: a second pass on it meanwhile is refused, not run at the same position.
         kv.Enter();
         try
         {
+            bool allLogits = ForwardArguments.Check(Config, tokens, cache, logits);
+            int n = tokens.Length, pos0 = kv.Length;
+            var positions = new long[n];
+            for (int t = 0; t < n; t++) positions[t] = pos0 + t;
             Run(tokens, positions, pos0 + n, allLogits ? 0 : n - 1, kv, [], logits, bitsValue);
             kv.Advance(n);
         }
@@ -238,18 +239,16 @@ public sealed unsafe class OnnxEngine : IAnyPrecisionEngine
         ForwardArguments.CheckBatch(Config, tokens, caches, logits);
         int n = tokens.Length;
         var kvs = new OnnxKvCache[n];
+        for (int i = 0; i < n; i++) kvs[i] = OwnCache(caches[i], nameof(caches));
         var positions = new long[n];
         var ids = new long[n];
-        for (int i = 0; i < n; i++)
-        {
-            kvs[i] = OwnCache(caches[i], nameof(caches));
-            positions[i] = kvs[i].Length;
-            ids[i] = kvs[i].Id;
-        }
         int entered = 0;
         try
         {
+            // Each cache marked busy before its length is read; the lengths checked again now that no other pass moves them.
             for (; entered < n; entered++) kvs[entered].Enter();
+            ForwardArguments.CheckBatch(Config, tokens, caches, logits);
+            for (int i = 0; i < n; i++) (positions[i], ids[i]) = (kvs[i].Length, kvs[i].Id);
             using (_op.LendCaches(kvs))
                 // total_sequence_length and seqlens_k are not read for a batch (each cache has its own length); the past
                 // inputs are bound to the first cache only because the graph has them.
