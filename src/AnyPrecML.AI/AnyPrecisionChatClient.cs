@@ -59,9 +59,11 @@ public sealed record AnyPrecisionChatClientMetadata(string ModelName, ChatTempla
 /// <summary>
 /// <see cref="IChatClient"/> over one any-precision parent: one <see cref="OnnxEngine"/> and one copy of the
 /// weights serve every width, chosen per request by <see cref="ChatOptions.ModelId"/> (<c>stories260K@3bit</c>)
-/// or <c>AdditionalProperties["bits"]</c>. Requests may run concurrently, at the same or different widths.
-/// Generation runs on its own thread, at most a few tokens ahead of the reader, and stops between tokens when
-/// the token is cancelled or the reader stops reading.
+/// or <c>AdditionalProperties["bits"]</c>. Requests may run concurrently, at the same or different widths; the decode
+/// steps of those at one width run as shared passes (<see cref="Batching"/>), and each width keeps its last requests'
+/// key/value caches for prompts that start the same way (<see cref="PromptCacheOf"/>: a chat's next turn prefills only
+/// its new tokens). Generation runs on its own thread, at most a few tokens ahead of the reader, and stops between tokens
+/// when the token is cancelled or the reader stops reading.
 /// </summary>
 public sealed class AnyPrecisionChatClient : IChatClient
 {
