@@ -190,4 +190,30 @@ public sealed class PromptCacheTests
         CollectionAssert.AreEqual(Run(fresh, b).Ids, Run(cached, b).Ids);
         Assert.IsGreaterThanOrEqualTo(before + PromptLength(system + "Tom had a red ball") - 2, cache.ReusedTokens, "so did B's");
     }
+
+    /// <summary>A generation whose forward pass fails keeps nothing: its cache may hold a half-written position.</summary>
+    [TestMethod]
+    public void AGenerationThatFailsMidwayKeepsNoCache()
+    {
+        var cache = new PromptCache(2);
+        var failing = new TextGenerator(new FailingEngine(_engine, failOnCall: 5), _tokenizer) { PromptCache = cache };
+        Assert.ThrowsExactly<InvalidOperationException>(() => Run(failing, "The cat sat"));
+        Assert.AreEqual(0, cache.Count);
+        Run(new TextGenerator(_engine, _tokenizer) { PromptCache = cache }, "The cat sat");
+        Assert.AreEqual(1, cache.Count, "a generation that ends well keeps its cache");
+    }
+
+    /// <summary>An engine whose forward call number <paramref name="failOnCall"/> throws.</summary>
+    private sealed class FailingEngine(IInferenceEngine inner, int failOnCall) : IInferenceEngine
+    {
+        private int _calls;
+        public LlamaConfig Config => inner.Config;
+        public KvCache CreateCache(int capacity = 0) => inner.CreateCache(capacity);
+        public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits)
+        {
+            if (++_calls == failOnCall) throw new InvalidOperationException("a failing pass");
+            inner.Forward(tokens, cache, logits);
+        }
+        public void Dispose() { }
+    }
 }
