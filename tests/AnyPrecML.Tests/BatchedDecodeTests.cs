@@ -23,8 +23,7 @@ public sealed class BatchedDecodeTests
     public static void QuantizeOnce(TestContext _)
     {
         _dir = TestData.NewTempDir();
-        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
-            AnyPrecisionQuantizer.Quantize(source, _dir["ap"], new UniformSensitivity(), new QuantizerOptions());
+        TestData.QuantizeStories260K(_dir["ap"]);
         _model = AnyPrecisionModel.Open(_dir["ap"]);
     }
 

@@ -19,8 +19,7 @@ public sealed class ConcurrentEngineTests
     public void EnginesOpenedAtOnceAllStartAndAgree()
     {
         using var dir = TestData.NewTempDir();
-        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
-            AnyPrecisionQuantizer.Quantize(source, dir["ap"], new UniformSensitivity(), new QuantizerOptions { SeedBits = 3, ParentBits = 4 });
+        TestData.QuantizeStories260K(dir["ap"], new QuantizerOptions { SeedBits = 3, ParentBits = 4 });
         using var model = AnyPrecisionModel.Open(dir["ap"]);
         int[] prompt = [1, 403, 407, 261, 378];
         var outputs = new float[8][];

@@ -23,8 +23,7 @@ public sealed class OnnxEngineTests
     public static void QuantizeOnce(TestContext _)
     {
         _dir = TestData.NewTempDir();
-        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
-            AnyPrecisionQuantizer.Quantize(source, _dir["ap"], new UniformSensitivity(), new QuantizerOptions());
+        TestData.QuantizeStories260K(_dir["ap"]);
         _model = AnyPrecisionModel.Open(_dir["ap"]);
         // The graph is checked on the fp32 kernels and an fp32 cache against the fp32 reference; the int8 level and the
         // bf16 cache (both defaults) have tests of their own.

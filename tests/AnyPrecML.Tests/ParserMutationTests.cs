@@ -105,8 +105,7 @@ public sealed class ParserMutationTests
     public void MutatedAnyPrecisionSectionsAreAcceptedOrRejectedAsFormatErrors()
     {
         using var dir = TestData.NewTempDir();
-        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
-            AnyPrecisionQuantizer.Quantize(source, dir["ap"], new UniformSensitivity(), new QuantizerOptions { SeedBits = 2, ParentBits = 3 });
+        TestData.QuantizeStories260K(dir["ap"], new QuantizerOptions { SeedBits = 2, ParentBits = 3 });
         string cfg = dir["ap/config.json"];
         string original = File.ReadAllText(cfg);
         int section = original.IndexOf("\"anyprecision\"", StringComparison.Ordinal);

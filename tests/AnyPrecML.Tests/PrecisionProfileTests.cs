@@ -19,8 +19,7 @@ public sealed class PrecisionProfileTests
     public static void QuantizeOnce(TestContext _)
     {
         _dir = TestData.NewTempDir();
-        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
-            AnyPrecisionQuantizer.Quantize(source, _dir["ap"], new UniformSensitivity(), new QuantizerOptions { SeedBits = 3, ParentBits = 5 });
+        TestData.QuantizeStories260K(_dir["ap"], new QuantizerOptions { SeedBits = 3, ParentBits = 5 });
         _model = AnyPrecisionModel.Open(_dir["ap"]);
     }
 

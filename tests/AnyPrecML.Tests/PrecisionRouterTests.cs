@@ -61,8 +61,7 @@ public sealed class PrecisionRouterTests
     public void TheFingerprintNamesTheKernelsThatRun()
     {
         using var dir = TestData.NewTempDir();
-        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
-            AnyPrecisionQuantizer.Quantize(source, dir["ap"], new UniformSensitivity(), new QuantizerOptions { SeedBits = 3, ParentBits = 4 });
+        TestData.QuantizeStories260K(dir["ap"], new QuantizerOptions { SeedBits = 3, ParentBits = 4 });
         using var model = AnyPrecisionModel.Open(dir["ap"]);
         using var pool = new AnyPrecML.Kernels.KernelThreadPool(1);
         string Print(AnyPrecML.Kernels.KernelPath path, out string kernels)
@@ -82,8 +81,7 @@ public sealed class PrecisionRouterTests
     public void GenerateRoutesByBudgetWithCostsMeasuredOnceAndCachedForThisMachine()
     {
         using var dir = TestData.NewTempDir();
-        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
-            AnyPrecisionQuantizer.Quantize(source, dir["ap"], new UniformSensitivity(), new QuantizerOptions { SeedBits = 3, ParentBits = 5 });
+        TestData.QuantizeStories260K(dir["ap"], new QuantizerOptions { SeedBits = 3, ParentBits = 5 });
         JsonElement Route(double budget, out int code, out string err)
         {
             var (c, output, e) = Cli.Run("generate", "--model", dir["ap"], "--engine", "reference", "--max-tokens", "16", "--latency-budget-ms", budget.ToString(System.Globalization.CultureInfo.InvariantCulture), "--json");

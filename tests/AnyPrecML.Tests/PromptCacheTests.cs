@@ -24,8 +24,7 @@ public sealed class PromptCacheTests
     public static void QuantizeOnce(TestContext _)
     {
         _dir = TestData.NewTempDir();
-        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
-            AnyPrecisionQuantizer.Quantize(source, _dir["ap"], new UniformSensitivity(), new QuantizerOptions { SeedBits = 3, ParentBits = 4 });
+        TestData.QuantizeStories260K(_dir["ap"], new QuantizerOptions { SeedBits = 3, ParentBits = 4 });
         _model = AnyPrecisionModel.Open(_dir["ap"]);
         _engine = new OnnxEngine(_model, new OnnxEngineOptions { Bits = 4 });
         _tokenizer = LlamaTokenizerLoader.Load(_model.Checkpoint);

@@ -42,8 +42,7 @@ public sealed class ScoreJobTests
     public static void UninterruptedRun(TestContext _)
     {
         _dir = TestData.NewTempDir();
-        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
-            AnyPrecisionQuantizer.Quantize(source, _dir["ap"], new UniformSensitivity(), new QuantizerOptions { SeedBits = 3, ParentBits = 4 });
+        TestData.QuantizeStories260K(_dir["ap"], new QuantizerOptions { SeedBits = 3, ParentBits = 4 });
         // Enough rows (16 stories, six times) that a fast machine is still mid-run when the kill test strikes.
         var stories = File.ReadLines(TestData.TinyStories).Where(l => l.Trim().Length > 0).Take(16).Select(t => JsonSerializer.Serialize(new { text = t })).ToList();
         var lines = Enumerable.Repeat(stories, 6).SelectMany(x => x).ToList();

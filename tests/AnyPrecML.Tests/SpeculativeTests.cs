@@ -22,8 +22,7 @@ public sealed class SpeculativeTests
     public static void QuantizeOnce(TestContext _)
     {
         _dir = TestData.NewTempDir();
-        using (var source = LlamaCheckpoint.Open(TestData.Stories260K))
-            AnyPrecisionQuantizer.Quantize(source, _dir["ap"], new UniformSensitivity(), new QuantizerOptions());
+        TestData.QuantizeStories260K(_dir["ap"]);
         _model = AnyPrecisionModel.Open(_dir["ap"]);
         _engine = new AnyPrecisionReferenceEngine(_model);
         _tok = LlamaTokenizerLoader.Load(_model.Checkpoint);

@@ -1,4 +1,5 @@
 using AnyPrecML.Models;
+using AnyPrecML.Quantization;
 using AnyPrecML.Reference;
 
 namespace AnyPrecML.Tests;
@@ -30,6 +31,13 @@ internal static class TestData
 
     /// <summary>A fresh empty directory under the temp folder, deleted by the caller's using.</summary>
     public static TempDir NewTempDir() => new();
+
+    /// <summary>stories260K quantized into <paramref name="directory"/> with uniform sensitivity (default options: seed 3, parent 8).</summary>
+    public static void QuantizeStories260K(string directory, QuantizerOptions? options = null)
+    {
+        using var source = LlamaCheckpoint.Open(Stories260K);
+        AnyPrecisionQuantizer.Quantize(source, directory, new UniformSensitivity(), options ?? new QuantizerOptions());
+    }
 
     public sealed class TempDir : IDisposable
     {

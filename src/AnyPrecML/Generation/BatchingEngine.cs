@@ -53,11 +53,11 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
     internal int Queued { get { lock (_gate) return _waiting.Count; } }
 
     /// <summary>Passes run for one-token steps so far.</summary>
-    public long Batches => Interlocked.Read(ref _batches);
+    public long Batches { get { lock (_gate) return _batches; } }
     /// <summary>One-token steps run so far (over <see cref="Batches"/> passes).</summary>
-    public long BatchedSteps => Interlocked.Read(ref _steps);
+    public long BatchedSteps { get { lock (_gate) return _steps; } }
     /// <summary>Most steps one pass has held.</summary>
-    public long LargestBatch => Interlocked.Read(ref _largest);
+    public long LargestBatch { get { lock (_gate) return _largest; } }
 
     /// <inheritdoc/>
     public LlamaConfig Config => _inner.Config;
@@ -154,12 +154,11 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
         finally
         {
             long ticks = Stopwatch.GetTimestamp() - start;
-            Interlocked.Increment(ref _batches);
-            Interlocked.Add(ref _steps, batch.Count);
-            long largest;
-            while ((largest = Interlocked.Read(ref _largest)) < batch.Count && Interlocked.CompareExchange(ref _largest, batch.Count, largest) != largest) { }
             lock (_gate)
             {
+                _batches++;
+                _steps += batch.Count;
+                _largest = Math.Max(_largest, batch.Count);
                 _lastBatch[own.Bits] = batch.Count;
                 _lastPassTicks[own.Bits] = ticks;
                 foreach (var s in batch) s.Done = true;
