@@ -19,10 +19,13 @@ namespace AnyPrecML.Kernels;
 //    1.1B shape b = 5 +65..85%, b = 6 +30%: docs/BENCHMARKS.md); b = 7, 8 loop over slices (a 16-way tree written
 //    out eight times exceeds the JIT's inlining budget, and then runs 2-3× slower).
 //  - With AVX-VNNI the tables are read offset by 128 and vpdpbusd takes x8 as it is (TableBytes below).
-//  - M > 1 (prefill, scoring, verify passes): a group of rows is decoded to bytes once, by the same block loops as one
-//    token (a sink stores the bytes instead of multiplying them), and register tiles over every token reuse it (2 rows
-//    × 4 tokens; 4 rows × 2-5 tokens where AVX-512's 32 registers hold them: TileInt8Avx2), so the per-weight decode
-//    cost is paid once per group of tokens.
+//  - M = 2-4 (batched decode, short verify passes), where FewTokensInRegisters says so: the same block loops multiply
+//    each looked-up vector with every token's x8 while it is in a register (FewTokensSink), two accumulator chains a
+//    token.
+//  - Larger M (prefill, scoring, long verify passes): a group of rows is decoded to bytes once, by the same block loops
+//    (a sink stores the bytes instead of multiplying them), and register tiles over every token reuse it (2 rows × 4
+//    tokens; 4 rows × 2-5 tokens where AVX-512's 32 registers hold them: TileInt8Avx2), so the per-weight decode cost
+//    is paid once per group of tokens.
 //  - The loop methods here and in the 512-bit file are AggressiveOptimization: compiled fully optimized at their first
 //    call, so a generation's first tokens (and a bench's first width) never run tier-0 kernel code.
 public static unsafe partial class BitplaneKernels
@@ -67,7 +70,17 @@ public static unsafe partial class BitplaneKernels
             for (int r = rowStart; r < rowEnd; r++)
             {
                 if (TW.Bits >= 5 && r + 1 < w.Rows) PrefetchRow(w, r + 1, TW.Bits);
-                y[r] = RowInt8Avx2<TW, ProductSink>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, tail, (byte*)x8, xAbs) - offset;
+                y[r] = RowInt8Avx2<TW, ProductSink>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, tail, (byte*)x8, xAbs, 0).ToScalar() - offset;
+            }
+            return;
+        }
+        if (FewTokensInRegisters(KernelPath.Vector256, m, TW.Bits))
+        {
+            switch (m)
+            {
+                case 2: RowsFewTokensAvx2<TW, Tokens2>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
+                case 3: RowsFewTokensAvx2<TW, Tokens3>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
+                default: RowsFewTokensAvx2<TW, Tokens4>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
             }
             return;
         }
@@ -78,9 +91,27 @@ public static unsafe partial class BitplaneKernels
             for (int i = 0; i < rows; i++)
             {
                 byte* row = decoded + (long)i * xStride;
-                RowInt8Avx2<TW, StoreSink>(w, w.Planes + (long)(g + i) * w.Words, u0 + (long)(g + i) * k, tail, row, row);
+                RowInt8Avx2<TW, StoreSink>(w, w.Planes + (long)(g + i) * w.Words, u0 + (long)(g + i) * k, tail, row, row, 0);
             }
             TileInt8Avx2<TableBytes>(decoded, rows, xStride, x8, xAbs, xSum, m, y + g, w.Rows);
+        }
+    }
+
+    /// <summary>2-4 tokens: every row's table bytes multiplied with each token's x8 as they are looked up (<see cref="FewTokensSink{TM}"/>).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void RowsFewTokensAvx2<TW, TM>(in BitplaneOperand w, byte* u0, sbyte* x8, byte* xAbs, int* xSum, int xStride, float* y, int rowStart, int rowEnd, byte* tail)
+        where TW : struct, IWidth where TM : struct, ITokenCount
+    {
+        int k = 1 << TW.Bits;
+        var offset = TableBytes.Offset ? Vector128.Create(xSum[0], xSum[1], TM.Count > 2 ? xSum[2] : 0, TM.Count > 3 ? xSum[3] : 0) * 128 : default;
+        for (int r = rowStart; r < rowEnd; r++)
+        {
+            if (TW.Bits >= 5 && r + 1 < w.Rows) PrefetchRow(w, r + 1, TW.Bits);
+            var s = RowInt8Avx2<TW, FewTokensSink<TM>>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, tail, (byte*)x8, xAbs, xStride) - offset;
+            y[r] = s[0];
+            y[w.Rows + r] = s[1];
+            if (TM.Count > 2) y[2L * w.Rows + r] = s[2];
+            if (TM.Count > 3) y[3L * w.Rows + r] = s[3];
         }
     }
 
@@ -246,48 +277,72 @@ public static unsafe partial class BitplaneKernels
     }
 
     /// <summary>
-    /// Where a row's table bytes go, 32 at a time: into products with x8 (one token) or stored (several). <c>p</c> is x8
-    /// (or the destination) at the bytes' offset, <c>pa</c> |x8| there. Static, so that the block loops keep their four
-    /// accumulators as plain locals (a sink struct holding them was not enregistered: M = 1 ran 1.3-1.8× slower).
+    /// Where a row's table bytes go, 32 at a time: into products with x8 (one token, or 2-4 tokens <c>xStride</c> apart),
+    /// or stored (several). <c>p</c> is token 0's x8 (or the destination) at the bytes' offset, <c>pa</c> |x8| there;
+    /// <c>a</c> is token 0's accumulator, <c>b</c>, <c>c</c>, <c>d</c> tokens 1-3's. Static, so that the block loops keep
+    /// their accumulators as plain locals (a sink struct holding them was not enregistered: M = 1 ran 1.3-1.8× slower).
     /// </summary>
     private interface ITableBytesSink
     {
-        static abstract Vector256<int> Take(Vector256<int> acc, Vector256<byte> v, byte* p, byte* pa);
+        static abstract void Take(ref Vector256<int> a, ref Vector256<int> b, ref Vector256<int> c, ref Vector256<int> d, Vector256<byte> v, byte* p, byte* pa, long xStride);
+
+        /// <summary>Tokens multiplied (0 when stored). With more than one, token 0 keeps two accumulator chains, not four, as every other token does.</summary>
+        static abstract int Tokens { get; }
     }
 
-    /// <summary>One token (decode): acc += the table bytes times x8.</summary>
+    /// <summary>One token (decode): a += the table bytes times x8.</summary>
     private struct ProductSink : ITableBytesSink
     {
+        public static int Tokens => 1;
+
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public static Vector256<int> Take(Vector256<int> acc, Vector256<byte> v, byte* p, byte* pa) => WeightMultiplyAdd<TableBytes>(acc, v, (sbyte*)p, pa);
+        public static void Take(ref Vector256<int> a, ref Vector256<int> b, ref Vector256<int> c, ref Vector256<int> d, Vector256<byte> v, byte* p, byte* pa, long xStride) =>
+            a = WeightMultiplyAdd<TableBytes>(a, v, (sbyte*)p, pa);
     }
 
-    /// <summary>Several tokens: the table bytes stored in Slice256 order, for the register tiles (acc is not used).</summary>
+    /// <summary>
+    /// Two to four tokens (batched decode, short verify passes): the table bytes times each token's x8 while they are in
+    /// a register. Storing the row and reading it back for register tiles cost more than the decode it saves at this M.
+    /// </summary>
+    private struct FewTokensSink<TM> : ITableBytesSink where TM : struct, ITokenCount
+    {
+        public static int Tokens => TM.Count;
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static void Take(ref Vector256<int> a, ref Vector256<int> b, ref Vector256<int> c, ref Vector256<int> d, Vector256<byte> v, byte* p, byte* pa, long xStride)
+        {
+            a = WeightMultiplyAdd<TableBytes>(a, v, (sbyte*)p, pa);
+            b = WeightMultiplyAdd<TableBytes>(b, v, (sbyte*)(p + xStride), pa + xStride);
+            if (TM.Count > 2) c = WeightMultiplyAdd<TableBytes>(c, v, (sbyte*)(p + 2 * xStride), pa + 2 * xStride);
+            if (TM.Count > 3) d = WeightMultiplyAdd<TableBytes>(d, v, (sbyte*)(p + 3 * xStride), pa + 3 * xStride);
+        }
+    }
+
+    /// <summary>Several tokens: the table bytes stored in Slice256 order, for the register tiles (no accumulator is used).</summary>
     private struct StoreSink : ITableBytesSink
     {
+        public static int Tokens => 0;
+
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public static Vector256<int> Take(Vector256<int> acc, Vector256<byte> v, byte* p, byte* pa)
-        {
-            v.Store(p);
-            return acc;
-        }
+        public static void Take(ref Vector256<int> a, ref Vector256<int> b, ref Vector256<int> c, ref Vector256<int> d, Vector256<byte> v, byte* p, byte* pa, long xStride) => v.Store(p);
     }
 
     /// <summary>
     /// One row's table bytes into <typeparamref name="TS"/>, block by block, <paramref name="p"/> and <paramref name="pa"/>
-    /// advancing 256 bytes a block; returns the products' sum (0 when stored). Whole blocks are read in place; a partial
-    /// last one goes through <see cref="BlockPlanes"/>'s zero-padded copy and a second, one-block run of the loop (x8's
-    /// zeros past the last column meet whatever its padding decodes to).
+    /// advancing 256 bytes a block; returns each token's sum of products (element t; 0 when stored). Whole blocks are read
+    /// in place; a partial last one goes through <see cref="BlockPlanes"/>'s zero-padded copy and a second, one-block run
+    /// of the loop (x8's zeros past the last column meet whatever its padding decodes to).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static int RowInt8Avx2<TW, TS>(in BitplaneOperand w, uint* planes, byte* u, byte* tail, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink
+    private static Vector128<int> RowInt8Avx2<TW, TS>(in BitplaneOperand w, uint* planes, byte* u, byte* tail, byte* p, byte* pa, long xStride)
+        where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         int full = w.Cols >> 8;
-        int sum = Blocks<TW, TS>((byte*)planes, w.PlaneStride * 4, u, full, p, pa);
+        var sum = Blocks<TW, TS>((byte*)planes, w.PlaneStride * 4, u, full, p, pa, xStride);
         if ((w.Cols & 255) != 0)
         {
             byte* src = BlockPlanes(w, planes, full, TW.Bits, tail, out long stride);
-            sum += Blocks<TW, TS>(src, stride, u, 1, p + 256L * full, pa + 256L * full);
+            sum += Blocks<TW, TS>(src, stride, u, 1, p + 256L * full, pa + 256L * full, xStride);
         }
         return sum;
     }
@@ -299,47 +354,63 @@ public static unsafe partial class BitplaneKernels
     /// stored the four accumulators and the table to the stack and reloaded them on every block.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static int Blocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink =>
-        TW.Bits <= 4 ? NarrowBlocks<TW, TS>(src, stride, u, blocks, p, pa) : TW.Bits <= 6 ? MidBlocks<TW, TS>(src, stride, u, blocks, p, pa) : WideBlocks<TW, TS>(src, stride, u, blocks, p, pa);
+    private static Vector128<int> Blocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa, long xStride) where TW : struct, IWidth where TS : struct, ITableBytesSink =>
+        TW.Bits <= 4 ? NarrowBlocks<TW, TS>(src, stride, u, blocks, p, pa, xStride)
+        : TW.Bits <= 6 ? MidBlocks<TW, TS>(src, stride, u, blocks, p, pa, xStride)
+        : WideBlocks<TW, TS>(src, stride, u, blocks, p, pa, xStride);
+
+    /// <summary>Each token's sum: token 0's four chains, tokens 1-3's two.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector128<int> TokenSums<TS>(Vector256<int> acc0, Vector256<int> acc1, Vector256<int> acc2, Vector256<int> acc3,
+        Vector256<int> b0, Vector256<int> b1, Vector256<int> c0, Vector256<int> c1, Vector256<int> d0, Vector256<int> d1) where TS : struct, ITableBytesSink
+    {
+        int a = Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
+        return TS.Tokens <= 1 ? Vector128.CreateScalar(a)
+            : Vector128.Create(a, Vector256.Sum(b0 + b1), TS.Tokens > 2 ? Vector256.Sum(c0 + c1) : 0, TS.Tokens > 3 ? Vector256.Sum(d0 + d1) : 0);
+    }
 
     /// <summary>b ≤ 4: two slices per byte, one vpshufb of the row's 16-entry table each.</summary>
     [SkipLocalsInit]
     [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
-    private static int NarrowBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink
+    private static Vector128<int> NarrowBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa, long xStride) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
-        Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
+        Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default, b0 = default, b1 = default, c0 = default, c1 = default, d0 = default, d1 = default;
         var table = Avx2.BroadcastVector128ToVector256(u);
         for (int block = 0; block < blocks; block++, src += 32, p += 256, pa += 256)
-            NarrowBlock<TW, TS>(src, stride, table, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
-        return Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
+        {
+            if (TS.Tokens > 1) NarrowBlock<TW, TS>(src, stride, table, p, pa, ref acc0, ref acc1, ref acc0, ref acc1, ref b0, ref b1, ref c0, ref c1, ref d0, ref d1, xStride);
+            else NarrowBlock<TW, TS>(src, stride, table, p, pa, ref acc0, ref acc1, ref acc2, ref acc3, ref b0, ref b1, ref c0, ref c1, ref d0, ref d1, xStride);
+        }
+        return TokenSums<TS>(acc0, acc1, acc2, acc3, b0, b1, c0, c1, d0, d1);
     }
 
     /// <summary>One block of <see cref="NarrowBlocks{TW, TS}"/>: 256 table bytes.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void NarrowBlock<TW, TS>(byte* src, long stride, Vector256<byte> table, byte* p, byte* pa,
-        ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3) where TW : struct, IWidth where TS : struct, ITableBytesSink
+        ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3,
+        ref Vector256<int> b0, ref Vector256<int> b1, ref Vector256<int> c0, ref Vector256<int> c1, ref Vector256<int> d0, ref Vector256<int> d1, long xStride) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         var (n0, n1, n2, n3) = BlockNibbles<TW>(src, stride);
         var (l0, h0) = SplitNibbles<TW>(n0);
-        acc0 = TS.Take(acc0, Avx2.Shuffle(table, l0), p, pa);
-        acc1 = TS.Take(acc1, Avx2.Shuffle(table, h0), p + 128, pa + 128);
+        TS.Take(ref acc0, ref b0, ref c0, ref d0, Avx2.Shuffle(table, l0), p, pa, xStride);
+        TS.Take(ref acc1, ref b1, ref c1, ref d1, Avx2.Shuffle(table, h0), p + 128, pa + 128, xStride);
         var (l1, h1) = SplitNibbles<TW>(n1);
-        acc2 = TS.Take(acc2, Avx2.Shuffle(table, l1), p + 32, pa + 32);
-        acc3 = TS.Take(acc3, Avx2.Shuffle(table, h1), p + 160, pa + 160);
+        TS.Take(ref acc2, ref b0, ref c0, ref d0, Avx2.Shuffle(table, l1), p + 32, pa + 32, xStride);
+        TS.Take(ref acc3, ref b1, ref c1, ref d1, Avx2.Shuffle(table, h1), p + 160, pa + 160, xStride);
         var (l2, h2) = SplitNibbles<TW>(n2);
-        acc0 = TS.Take(acc0, Avx2.Shuffle(table, l2), p + 64, pa + 64);
-        acc1 = TS.Take(acc1, Avx2.Shuffle(table, h2), p + 192, pa + 192);
+        TS.Take(ref acc0, ref b0, ref c0, ref d0, Avx2.Shuffle(table, l2), p + 64, pa + 64, xStride);
+        TS.Take(ref acc1, ref b1, ref c1, ref d1, Avx2.Shuffle(table, h2), p + 192, pa + 192, xStride);
         var (l3, h3) = SplitNibbles<TW>(n3);
-        acc2 = TS.Take(acc2, Avx2.Shuffle(table, l3), p + 96, pa + 96);
-        acc3 = TS.Take(acc3, Avx2.Shuffle(table, h3), p + 224, pa + 224);
+        TS.Take(ref acc2, ref b0, ref c0, ref d0, Avx2.Shuffle(table, l3), p + 96, pa + 96, xStride);
+        TS.Take(ref acc3, ref b1, ref c1, ref d1, Avx2.Shuffle(table, h3), p + 224, pa + 224, xStride);
     }
 
     /// <summary>b = 5, 6: the two or four sub-tables in registers and every slice written out (constant shifts).</summary>
     [SkipLocalsInit]
     [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
-    private static int MidBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink
+    private static Vector128<int> MidBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa, long xStride) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
-        Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
+        Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default, b0 = default, b1 = default, c0 = default, c1 = default, d0 = default, d1 = default;
         var t0 = Avx2.BroadcastVector128ToVector256(u);
         var t1 = Avx2.BroadcastVector128ToVector256(u + 16);
         var t2 = TW.Bits == 6 ? Avx2.BroadcastVector128ToVector256(u + 32) : default;
@@ -348,44 +419,48 @@ public static unsafe partial class BitplaneKernels
         // AVX2's 16 registers the four sub-tables, nibbles and upper planes then spill less (A/B −4%; b = 5 +2%, so it keeps four).
         for (int block = 0; block < blocks; block++, src += 32, p += 256, pa += 256)
         {
-            if (TW.Bits == 6) MidBlock<TW, TS>(src, stride, t0, t1, t2, t3, p, pa, ref acc0, ref acc1, ref acc0, ref acc1);
-            else MidBlock<TW, TS>(src, stride, t0, t1, t2, t3, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
+            if (TW.Bits == 6 || TS.Tokens > 1) MidBlock<TW, TS>(src, stride, t0, t1, t2, t3, p, pa, ref acc0, ref acc1, ref acc0, ref acc1, ref b0, ref b1, ref c0, ref c1, ref d0, ref d1, xStride);
+            else MidBlock<TW, TS>(src, stride, t0, t1, t2, t3, p, pa, ref acc0, ref acc1, ref acc2, ref acc3, ref b0, ref b1, ref c0, ref c1, ref d0, ref d1, xStride);
         }
-        return Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
+        return TokenSums<TS>(acc0, acc1, acc2, acc3, b0, b1, c0, c1, d0, d1);
     }
 
     /// <summary>b = 7, 8: the low nibble looked up in every sub-table, the upper code bits picking among them.</summary>
     [SkipLocalsInit]
     [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
-    private static int WideBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa) where TW : struct, IWidth where TS : struct, ITableBytesSink
+    private static Vector128<int> WideBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa, long xStride) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
-        Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default;
+        Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default, b0 = default, b1 = default, c0 = default, c1 = default, d0 = default, d1 = default;
         for (int block = 0; block < blocks; block++, src += 32, p += 256, pa += 256)
-            WideBlock<TW, TS>(src, stride, u, p, pa, ref acc0, ref acc1, ref acc2, ref acc3);
-        return Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
+        {
+            if (TS.Tokens > 1) WideBlock<TW, TS>(src, stride, u, p, pa, ref acc0, ref acc1, ref acc0, ref acc1, ref b0, ref b1, ref c0, ref c1, ref d0, ref d1, xStride);
+            else WideBlock<TW, TS>(src, stride, u, p, pa, ref acc0, ref acc1, ref acc2, ref acc3, ref b0, ref b1, ref c0, ref c1, ref d0, ref d1, xStride);
+        }
+        return TokenSums<TS>(acc0, acc1, acc2, acc3, b0, b1, c0, c1, d0, d1);
     }
 
     /// <summary>One block at b = 5 or 6: the upper planes loaded once, each slice's bits moved to bit 7 by a constant shift.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void MidBlock<TW, TS>(byte* src, long stride, Vector256<byte> t0, Vector256<byte> t1, Vector256<byte> t2, Vector256<byte> t3, byte* p, byte* pa,
-        ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3)
+        ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3,
+        ref Vector256<int> b0, ref Vector256<int> b1, ref Vector256<int> c0, ref Vector256<int> c1, ref Vector256<int> d0, ref Vector256<int> d1, long xStride)
         where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         var (n0, n1, n2, n3) = BlockNibbles<TW>(src, stride);
         var p4 = Vector256.Load(src + (TW.Bits - 5) * stride).AsUInt16();
         var p5 = TW.Bits == 6 ? Vector256.Load(src).AsUInt16() : default;
         var (l0, h0) = SplitNibbles<Width4>(n0);
-        acc0 = TS.Take(acc0, Lookup56<TW>(l0, p4 << 7, p5 << 7, t0, t1, t2, t3), p, pa);
-        acc1 = TS.Take(acc1, Lookup56<TW>(h0, p4 << 3, p5 << 3, t0, t1, t2, t3), p + 128, pa + 128);
+        TS.Take(ref acc0, ref b0, ref c0, ref d0, Lookup56<TW>(l0, p4 << 7, p5 << 7, t0, t1, t2, t3), p, pa, xStride);
+        TS.Take(ref acc1, ref b1, ref c1, ref d1, Lookup56<TW>(h0, p4 << 3, p5 << 3, t0, t1, t2, t3), p + 128, pa + 128, xStride);
         var (l1, h1) = SplitNibbles<Width4>(n1);
-        acc2 = TS.Take(acc2, Lookup56<TW>(l1, p4 << 6, p5 << 6, t0, t1, t2, t3), p + 32, pa + 32);
-        acc3 = TS.Take(acc3, Lookup56<TW>(h1, p4 << 2, p5 << 2, t0, t1, t2, t3), p + 160, pa + 160);
+        TS.Take(ref acc2, ref b0, ref c0, ref d0, Lookup56<TW>(l1, p4 << 6, p5 << 6, t0, t1, t2, t3), p + 32, pa + 32, xStride);
+        TS.Take(ref acc3, ref b1, ref c1, ref d1, Lookup56<TW>(h1, p4 << 2, p5 << 2, t0, t1, t2, t3), p + 160, pa + 160, xStride);
         var (l2, h2) = SplitNibbles<Width4>(n2);
-        acc0 = TS.Take(acc0, Lookup56<TW>(l2, p4 << 5, p5 << 5, t0, t1, t2, t3), p + 64, pa + 64);
-        acc1 = TS.Take(acc1, Lookup56<TW>(h2, p4 << 1, p5 << 1, t0, t1, t2, t3), p + 192, pa + 192);
+        TS.Take(ref acc0, ref b0, ref c0, ref d0, Lookup56<TW>(l2, p4 << 5, p5 << 5, t0, t1, t2, t3), p + 64, pa + 64, xStride);
+        TS.Take(ref acc1, ref b1, ref c1, ref d1, Lookup56<TW>(h2, p4 << 1, p5 << 1, t0, t1, t2, t3), p + 192, pa + 192, xStride);
         var (l3, h3) = SplitNibbles<Width4>(n3);
-        acc2 = TS.Take(acc2, Lookup56<TW>(l3, p4 << 4, p5 << 4, t0, t1, t2, t3), p + 96, pa + 96);
-        acc3 = TS.Take(acc3, Lookup56<TW>(h3, p4, p5, t0, t1, t2, t3), p + 224, pa + 224);
+        TS.Take(ref acc2, ref b0, ref c0, ref d0, Lookup56<TW>(l3, p4 << 4, p5 << 4, t0, t1, t2, t3), p + 96, pa + 96, xStride);
+        TS.Take(ref acc3, ref b1, ref c1, ref d1, Lookup56<TW>(h3, p4, p5, t0, t1, t2, t3), p + 224, pa + 224, xStride);
     }
 
     /// <summary>b = 5, 6: sub-table t(bit5·2 + bit4)[index], bit4 and bit5 read from bit 7 of each byte (vpblendvb's).</summary>
@@ -404,17 +479,18 @@ public static unsafe partial class BitplaneKernels
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void WideBlock<TW, TS>(byte* src, long stride, byte* u, byte* p, byte* pa,
-        ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3) where TW : struct, IWidth where TS : struct, ITableBytesSink
+        ref Vector256<int> acc0, ref Vector256<int> acc1, ref Vector256<int> acc2, ref Vector256<int> acc3,
+        ref Vector256<int> b0, ref Vector256<int> b1, ref Vector256<int> c0, ref Vector256<int> c1, ref Vector256<int> d0, ref Vector256<int> d1, long xStride) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         var (n0, n1, n2, n3) = BlockNibbles<TW>(src, stride);
         for (int k = 0; k < 4; k += 2)
         {
             var (lo, hi) = SplitNibbles<Width4>(k == 0 ? n0 : n2);
-            acc0 = TS.Take(acc0, LookupTree<TW>(u, lo, src, stride, 7 - k), p + 32 * k, pa + 32 * k);
-            acc1 = TS.Take(acc1, LookupTree<TW>(u, hi, src, stride, 3 - k), p + 32 * k + 128, pa + 32 * k + 128);
+            TS.Take(ref acc0, ref b0, ref c0, ref d0, LookupTree<TW>(u, lo, src, stride, 7 - k), p + 32 * k, pa + 32 * k, xStride);
+            TS.Take(ref acc1, ref b1, ref c1, ref d1, LookupTree<TW>(u, hi, src, stride, 3 - k), p + 32 * k + 128, pa + 32 * k + 128, xStride);
             (lo, hi) = SplitNibbles<Width4>(k == 0 ? n1 : n3);
-            acc2 = TS.Take(acc2, LookupTree<TW>(u, lo, src, stride, 6 - k), p + 32 * k + 32, pa + 32 * k + 32);
-            acc3 = TS.Take(acc3, LookupTree<TW>(u, hi, src, stride, 2 - k), p + 32 * k + 160, pa + 32 * k + 160);
+            TS.Take(ref acc2, ref b0, ref c0, ref d0, LookupTree<TW>(u, lo, src, stride, 6 - k), p + 32 * k + 32, pa + 32 * k + 32, xStride);
+            TS.Take(ref acc3, ref b1, ref c1, ref d1, LookupTree<TW>(u, hi, src, stride, 2 - k), p + 32 * k + 160, pa + 32 * k + 160, xStride);
         }
     }
 

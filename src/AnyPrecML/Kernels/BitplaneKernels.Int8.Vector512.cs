@@ -5,8 +5,9 @@ using System.Runtime.Intrinsics.X86;
 namespace AnyPrecML.Kernels;
 
 // The int8 level on AVX-512 with VBMI and GFNI (Zen 4/5, Ice Lake and later Xeons); x8 in column order, each token
-// Int8TokenStride bytes apart (a multiple of 64). One token: the products straight from the lookups. Several: each
-// row decoded to bytes by the same steps, then the AVX2 register tiles over every token. A block is 256 columns:
+// Int8TokenStride bytes apart (a multiple of 64). One token, and 2-4 where FewTokensInRegisters says so: the products
+// straight from the lookups (DotVbmi512). More: each row decoded to bytes by the same steps, then the AVX2 register
+// tiles over every token. A block is 256 columns:
 // 32 bytes of each plane, byte i holding columns 8i..8i+7.
 //  1. Gather: vpermi2b over two planes per 512-bit register builds, for 8 plane bytes i at a time, one qword per i
 //     with plane p's byte at position 8 - b + p (planes 0..3 from one pair of registers, 4..7 from the other, merged
@@ -48,11 +49,16 @@ public static unsafe partial class BitplaneKernels
     {
         int k = 1 << TW.Bits;
         byte* tail = scratch; // a partial last block: its plane words (b × 32 bytes, zero-padded), and at 256 its bytes for one token
-        if (m == 1)
+        // One token, and 2-4 where that is faster (FewTokensInRegisters): the products straight from the lookups.
+        if (m == 1 || FewTokensInRegisters(KernelPath.Vector512, m, TW.Bits))
         {
-            int offset = TableBytes.Offset ? 128 * xSum[0] : 0;
-            for (int r = rowStart; r < rowEnd; r++)
-                y[r] = DotVbmi512<TW>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, x8, xAbs, xSign, tail) - offset;
+            switch (m)
+            {
+                case 1: RowsDotVbmi512<TW, Tokens1>(w, u0, x8, xAbs, xSign, xSum, xStride, y, rowStart, rowEnd, tail); break;
+                case 2: RowsDotVbmi512<TW, Tokens2>(w, u0, x8, xAbs, xSign, xSum, xStride, y, rowStart, rowEnd, tail); break;
+                case 3: RowsDotVbmi512<TW, Tokens3>(w, u0, x8, xAbs, xSign, xSum, xStride, y, rowStart, rowEnd, tail); break;
+                default: RowsDotVbmi512<TW, Tokens4>(w, u0, x8, xAbs, xSign, xSum, xStride, y, rowStart, rowEnd, tail); break;
+            }
             return;
         }
         // Several tokens (verify passes, prefill): a group of rows decoded to table bytes once, in column order with
@@ -203,44 +209,106 @@ public static unsafe partial class BitplaneKernels
         // Without a second plane the upper half is left as it comes: no gather index of an odd b reads it.
         hasSecond ? Avx512F.InsertVector256(Vector256.Load(a).ToVector512Unsafe(), Vector256.Load(a + stride), 1) : Vector256.Load(a).ToVector512Unsafe();
 
-    /// <summary>One row against one token; <paramref name="tail"/>: 512 bytes of scratch for a partial last block.</summary>
+    /// <summary>Rows against 1-4 tokens (<typeparamref name="TM"/>), <see cref="DotVbmi512{TW, TM}"/> each.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void RowsDotVbmi512<TW, TM>(in BitplaneOperand w, byte* u0, sbyte* x, byte* xa, sbyte* xs, int* xSum, int xStride, float* y, int rowStart, int rowEnd, byte* tail)
+        where TW : struct, IWidth where TM : struct, ITokenCount
+    {
+        int k = 1 << TW.Bits;
+        for (int r = rowStart; r < rowEnd; r++)
+            DotVbmi512<TW, TM>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, x, xa, xs, xStride, xSum, y + r, tail);
+    }
+
+    /// <summary>
+    /// One row against 1-4 tokens (<typeparamref name="TM"/>), <paramref name="xStride"/> apart: y[t·Rows] = token t's
+    /// Σ_j V[c_j]·x8[t, j] (the offset taken off; written here, as a returned Vector128 goes through memory on SysV, which
+    /// cost M = 1 3-5%). Each token has two accumulator chains (the two 256-bit halves); one token alone takes a pair per
+    /// group of 64 columns, so that eight vpdpbusd chains (latency 4-5 cycles) are in flight. <paramref name="tail"/>:
+    /// 512 bytes of scratch for a partial last block.
+    /// </summary>
     [SkipLocalsInit]
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static int DotVbmi512<TW>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, sbyte* xs, byte* tail) where TW : struct, IWidth
+    private static void DotVbmi512<TW, TM>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, sbyte* xs, int xStride, int* xSum, float* y, byte* tail)
+        where TW : struct, IWidth where TM : struct, ITokenCount
     {
-        int b = TW.Bits, full = w.Cols >> 8;
+        int b = TW.Bits, full = w.Cols >> 8, n = TM.Count;
         var (t0, t1, t2, t3) = TableRegisters<TW>(u);
         // The gather indices of the block's four groups of 64 columns, kept in registers (AVX-512 has 32).
         var eight = Vector512.Create((byte)8);
         var lo0 = GatherLow[b]; var lo1 = lo0 + eight; var lo2 = lo1 + eight; var lo3 = lo2 + eight;
         var hi0 = GatherHigh[b]; var hi1 = hi0 + eight; var hi2 = hi1 + eight; var hi3 = hi2 + eight;
         var merge = GatherMerge[b];
-        // Eight accumulators: vpdpbusd's latency (4-5 cycles) would otherwise bound the loop, not its throughput.
-        Vector256<int> a0 = default, a1 = default, a2 = default, a3 = default, a4 = default, a5 = default, a6 = default, a7 = default;
-        Vector512<int> c0 = default, c1 = default, c2 = default, c3 = default;
         long stride = w.PlaneStride * 4;
+        // Token t's chains: a (token 0), b, c, d; one token alone takes a pair per group (a, e, f, g).
+        Vector256<int> a0 = default, a1 = default, b0 = default, b1 = default, c0 = default, c1 = default, d0 = default, d1 = default;
+        Vector256<int> e0 = default, e1 = default, f0 = default, f1 = default, g0 = default, g1 = default;
+        Vector512<int> aw = default, bw = default, cw = default, dw = default, ew = default, fw = default, gw = default;
         byte* src = (byte*)planes;
-        for (int block = 0; block < full; block++, src += 32, x += 256, xa += 256, xs += 256)
+        long s1 = xStride, s2 = 2L * xStride, s3 = 3L * xStride;
+        // |x8| and sign x8 as offsets from x8 (unused with VNNI): pointers advanced in the loop stayed live for the
+        // partial block after it, two adds per block (M = 1 +3-5%).
+        long da = (byte*)xa - (byte*)x, ds = (byte*)xs - (byte*)x;
+        for (int block = 0; block < full; block++, src += 32, x += 256)
         {
+            xa = (byte*)x + da;
+            xs = x + ds;
             var (z01, z23, z45, z67) = PlanePairs<TW>(src, stride);
             var v0 = Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo0, hi0, merge), t0, t1, t2, t3);
             var v1 = Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo1, hi1, merge), t0, t1, t2, t3);
-            Products512(ref a0, ref a1, ref c0, v0, x, xa, xs);
-            Products512(ref a2, ref a3, ref c1, v1, x + 64, xa + 64, xs + 64);
+            Products512(ref a0, ref a1, ref aw, v0, x, xa, xs);
+            if (n > 1) Products512(ref b0, ref b1, ref bw, v0, x + s1, xa + s1, xs + s1);
+            if (n > 2) Products512(ref c0, ref c1, ref cw, v0, x + s2, xa + s2, xs + s2);
+            if (n > 3) Products512(ref d0, ref d1, ref dw, v0, x + s3, xa + s3, xs + s3);
+            if (n == 1) Products512(ref e0, ref e1, ref ew, v1, x + 64, xa + 64, xs + 64);
+            else Products512(ref a0, ref a1, ref aw, v1, x + 64, xa + 64, xs + 64);
+            if (n > 1) Products512(ref b0, ref b1, ref bw, v1, x + s1 + 64, xa + s1 + 64, xs + s1 + 64);
+            if (n > 2) Products512(ref c0, ref c1, ref cw, v1, x + s2 + 64, xa + s2 + 64, xs + s2 + 64);
+            if (n > 3) Products512(ref d0, ref d1, ref dw, v1, x + s3 + 64, xa + s3 + 64, xs + s3 + 64);
             var v2 = Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo2, hi2, merge), t0, t1, t2, t3);
             var v3 = Lookup512<TW>(Codes512<TW>(z01, z23, z45, z67, lo3, hi3, merge), t0, t1, t2, t3);
-            Products512(ref a4, ref a5, ref c2, v2, x + 128, xa + 128, xs + 128);
-            Products512(ref a6, ref a7, ref c3, v3, x + 192, xa + 192, xs + 192);
+            if (n == 1) Products512(ref f0, ref f1, ref fw, v2, x + 128, xa + 128, xs + 128);
+            else Products512(ref a0, ref a1, ref aw, v2, x + 128, xa + 128, xs + 128);
+            if (n > 1) Products512(ref b0, ref b1, ref bw, v2, x + s1 + 128, xa + s1 + 128, xs + s1 + 128);
+            if (n > 2) Products512(ref c0, ref c1, ref cw, v2, x + s2 + 128, xa + s2 + 128, xs + s2 + 128);
+            if (n > 3) Products512(ref d0, ref d1, ref dw, v2, x + s3 + 128, xa + s3 + 128, xs + s3 + 128);
+            if (n == 1) Products512(ref g0, ref g1, ref gw, v3, x + 192, xa + 192, xs + 192);
+            else Products512(ref a0, ref a1, ref aw, v3, x + 192, xa + 192, xs + 192);
+            if (n > 1) Products512(ref b0, ref b1, ref bw, v3, x + s1 + 192, xa + s1 + 192, xs + s1 + 192);
+            if (n > 2) Products512(ref c0, ref c1, ref cw, v3, x + s2 + 192, xa + s2 + 192, xs + s2 + 192);
+            if (n > 3) Products512(ref d0, ref d1, ref dw, v3, x + s3 + 192, xa + s3 + 192, xs + s3 + 192);
         }
-        int sum = TableBytes.Offset ? Vector256.Sum(((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))) : Vector512.Sum((c0 + c1) + (c2 + c3));
-        if ((w.Cols & 255) == 0) return sum;
-        // The partial last block: decoded to bytes (zero past the last column, so whatever x8 holds there adds nothing),
-        // then multiplied 64 at a time.
+        bool o = TableBytes.Offset;
+        int sa = o ? Vector256.Sum(((a0 + a1) + (e0 + e1)) + ((f0 + f1) + (g0 + g1))) : Vector512.Sum((aw + ew) + (fw + gw));
+        int sb = n < 2 ? 0 : o ? Vector256.Sum(b0 + b1) : Vector512.Sum(bw);
+        int sc = n < 3 ? 0 : o ? Vector256.Sum(c0 + c1) : Vector512.Sum(cw);
+        int sd = n < 4 ? 0 : o ? Vector256.Sum(d0 + d1) : Vector512.Sum(dw);
+        if ((w.Cols & 255) != 0)
+        {
+            var p = PartialBlockVbmi512<TW, TM>(w, planes, u, x, (byte*)x + da, x + ds, xStride, tail);
+            sa += p[0]; sb += p[1]; sc += p[2]; sd += p[3];
+        }
+        y[0] = sa - (o ? 128 * xSum[0] : 0);
+        if (n > 1) y[w.Rows] = sb - (o ? 128 * xSum[1] : 0);
+        if (n > 2) y[2L * w.Rows] = sc - (o ? 128 * xSum[2] : 0);
+        if (n > 3) y[3L * w.Rows] = sd - (o ? 128 * xSum[3] : 0);
+    }
+
+    /// <summary>The partial last block of <see cref="DotVbmi512{TW, TM}"/>: decoded to bytes (zero past the last column), then multiplied 64 at a time.</summary>
+    [MethodImpl(MethodImplOptions.NoInlining)]
+    private static Vector128<int> PartialBlockVbmi512<TW, TM>(in BitplaneOperand w, uint* planes, byte* u, sbyte* x, byte* xa, sbyte* xs, int xStride, byte* tail)
+        where TW : struct, IWidth where TM : struct, ITokenCount
+    {
         byte* bytes = tail + 256;
         DecodePartialBlockVbmi512<TW>(w, planes, u, bytes, tail);
-        Vector256<int> p0 = default, p1 = default;
-        Vector512<int> q = default;
-        for (int j = 0; j < (w.Cols & 255); j += 64) Products512(ref p0, ref p1, ref q, Vector512.Load(bytes + j), x + j, xa + j, xs + j);
-        return sum + (TableBytes.Offset ? Vector256.Sum(p0 + p1) : Vector512.Sum(q));
+        Span<int> sums = stackalloc int[4];
+        for (int t = 0; t < TM.Count; t++, x += xStride, xa += xStride, xs += xStride)
+        {
+            Vector256<int> p0 = default, p1 = default;
+            Vector512<int> q = default;
+            for (int j = 0; j < (w.Cols & 255); j += 64) Products512(ref p0, ref p1, ref q, Vector512.Load(bytes + j), x + j, xa + j, xs + j);
+            sums[t] = TableBytes.Offset ? Vector256.Sum(p0 + p1) : Vector512.Sum(q);
+        }
+        return Vector128.Create(sums[0], sums[1], sums[2], sums[3]);
     }
+
 }

@@ -279,6 +279,26 @@ public static unsafe partial class BitplaneKernels
             }
     }
 
+    /// <summary>
+    /// Whether m = 2..4 tokens meet each row's table bytes in registers, as they are looked up (decode of 2-4 batched
+    /// sequences, verify passes of 1-3 drafts), rather than through the decoded-rows tiles (a group of rows stored as
+    /// bytes and read back once per token tile). In registers the decode stays shared and the bytes never go to memory;
+    /// it loses where the extra accumulators push a wide lookup's sub-tables out of registers. Chosen per path from
+    /// 4096×4096 products, 2 threads (Zen 5; docs/BENCHMARKS.md "Two to four tokens in registers"):
+    /// <list type="bullet">
+    /// <item>512-bit, VNNI: m = 2 at every b (−15..−35%), m = 3, 4 up to b = 6 (−10..−25%; b = 8 spilled, +5..20%);</item>
+    /// <item>512-bit without VNNI (Zen 4): m = 2..4 at every b (−8..−49%);</item>
+    /// <item>AVX2 + VNNI: m = 2 at every b (−4..−48%), m = 3, 4 up to b = 5 (−13..−48%; b = 6 spilled, +23..98%);</item>
+    /// <item>AVX2 alone (Zen 2/3): m = 2 up to b = 5 (−6..−22%), m = 3 up to b = 4 (−10%); its four-op products spill sooner.</item>
+    /// </list>
+    /// </summary>
+    internal static bool FewTokensInRegisters(KernelPath path, int m, int bits) => m is >= 2 and <= 4 && path switch
+    {
+        KernelPath.Vector512 => !TableBytes.Offset || m == 2 || bits <= 6,
+        KernelPath.Vector256 => TableBytes.Offset ? m == 2 || bits <= 5 : m == 2 ? bits <= 5 : m == 3 && bits <= 4,
+        _ => false,
+    };
+
     /// <summary>Bytes of scratch one thread needs for the int8 kernels on a matrix of <paramref name="cols"/> columns.</summary>
     internal static int Int8ScratchBytes(int cols) => 256 + Int8RowGroup * ((cols + 255) & ~255);
 
