@@ -15,14 +15,21 @@ internal static class BenchKernelsCommand
         var quick = new Option<bool>("--quick") { Description = "Only 4096×4096 at M=1 (under a minute)." };
         var threads = new Option<int>("--threads") { Description = "Threads for every kernel.", DefaultValueFactory = _ => 2 };
         var layers = new Option<int>("--layers") { Description = "Layers of 4096×11008 in the beyond-cache working set (0: skip).", DefaultValueFactory = _ => 32 };
+        var tokens = new Option<int[]>("--tokens", "-m")
+        {
+            Description = "Tokens per product (M) to measure (default: 1 8 64; with --quick, 1). ANYPREC_FEW_TOKENS=registers or tiles in the environment forces how 2-4 tokens are multiplied, to compare the two.",
+            AllowMultipleArgumentsPerToken = true,
+        };
         var json = CommonOptions.Json();
         var command = new Command("kernels", "Median milliseconds per call of bitplane y = W_b·x at b = 3..8 next to dense fp32 and MatMulNBits 4-bit (accuracy 0 and 4).")
         {
-            quick, threads, layers, json,
+            quick, threads, layers, tokens, json,
         };
         command.SetAction(r =>
         {
             int t = r.GetValue(threads);
+            int[] ms = r.GetValue(tokens) ?? (r.GetValue(quick) ? [1] : [1, 8, 64]);
+            if (ms.Length == 0 || ms.Any(m => m < 1)) throw new ArgumentException("--tokens must list token counts of 1 or more.");
             using var pool = new KernelThreadPool(t);
             var backend = new CpuBitplaneBackend(pool: pool, accuracy: KernelAccuracy.Float32);
             var int8 = new CpuBitplaneBackend(pool: pool, accuracy: KernelAccuracy.Int8);
@@ -30,7 +37,6 @@ internal static class BenchKernelsCommand
             var err = r.Err();
             err.WriteLine($"bitplane fp32: {backend.Name}; int8: {int8.Name}; ONNX Runtime {t} intra-op threads");
             (int Rows, int Cols)[] shapes = r.GetValue(quick) ? [(4096, 4096)] : [(4096, 4096), (11008, 4096), (4096, 11008)];
-            int[] ms = r.GetValue(quick) ? [1] : [1, 8, 64];
             int n = r.GetValue(layers);
             bool beyondCache = n > 0 && !r.GetValue(quick);
             var progress = new ConsoleProgress<int>(err, "bench kernels", done => (done, shapes.Length * ms.Length * 16 + (beyondCache ? 14 : 0)), "measurements");

@@ -185,7 +185,7 @@ public sealed class KernelTests
             foreach (var path in BitplaneKernels.SupportedPaths)
             {
                 var backend = new CpuBitplaneBackend(path, pool, accuracy);
-                foreach (int tokens in new[] { 1, 5 })
+                foreach (int tokens in new[] { 1, 2, 3, 4, 5 })
                     foreach (int bits in new[] { 2, 3, 5, 8 })
                     {
                         var x = RandomX(tokens * 300, tokens + bits);
@@ -369,6 +369,24 @@ public sealed class KernelTests
     }
 
     /// <summary>
+    /// Two batched tokens take the in-register route on every vector int8 path (the point of it: two sequences decode
+    /// 1.4-1.6× faster than one), one token and five or more never ask, and the 128-bit path keeps its own loop. The
+    /// routes' equality is checked by the kernel suite under ANYPREC_FEW_TOKENS (KernelIsaLevelTests).
+    /// </summary>
+    [TestMethod]
+    public void TwoTokensMeetTheLookedUpBytesInRegistersOnEveryVectorInt8Path()
+    {
+        foreach (var path in new[] { KernelPath.Vector512, KernelPath.Vector256 })
+            for (int bits = 2; bits <= 5; bits++)
+            {
+                Assert.IsTrue(BitplaneKernels.FewTokensInRegisters(path, 2, bits), $"{path} b={bits}");
+                Assert.IsFalse(BitplaneKernels.FewTokensInRegisters(path, 1, bits));
+                Assert.IsFalse(BitplaneKernels.FewTokensInRegisters(path, 5, bits));
+            }
+        Assert.IsFalse(BitplaneKernels.FewTokensInRegisters(KernelPath.Vector128, 2, 3));
+    }
+
+    /// <summary>
     /// Every loop over rows, and every job the kernel pool runs, is compiled fully optimized at its first call. At tier 0
     /// the AVX2 int8 row loop left its prefetch helper out of line: a 512×2048 product at b = 6 took 143-153 µs against
     /// 60 µs optimized, for as long as the tiered JIT took to replace it (a generation's first tokens, a bench's first width).
@@ -401,6 +419,13 @@ public sealed class KernelIsaLevelTests
         ["DOTNET_EnableAVX512=0;DOTNET_EnableAVXVNNI=0"],   // AVX2 + FMA only (Zen 2/3)
         ["DOTNET_EnableAVX2=0"],                            // 128-bit vectors only (the ARM64-like path)
         ["DOTNET_EnableAVXVNNI=0"],                         // AVX-512 without AVX-VNNI (Zen 4): the signed 512-bit products
+        // Two to four tokens by the route the rule does not take at each level (FewTokensInRegisters): both must give
+        // the same integers everywhere, including where the rule never sends them today.
+        ["ANYPREC_FEW_TOKENS=tiles"],
+        ["DOTNET_EnableAVXVNNI=0;ANYPREC_FEW_TOKENS=tiles"],
+        ["ANYPREC_FEW_TOKENS=registers"],
+        ["DOTNET_EnableAVX512=0;ANYPREC_FEW_TOKENS=registers"],
+        ["DOTNET_EnableAVX512=0;DOTNET_EnableAVXVNNI=0;ANYPREC_FEW_TOKENS=registers"],
     ];
 
     [TestMethod]

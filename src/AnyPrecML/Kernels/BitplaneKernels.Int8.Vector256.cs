@@ -20,7 +20,7 @@ namespace AnyPrecML.Kernels;
 //    out eight times exceeds the JIT's inlining budget, and then runs 2-3× slower).
 //  - With AVX-VNNI the tables are read offset by 128 and vpdpbusd takes x8 as it is (TableBytes below).
 //  - M = 2-4 (batched decode, short verify passes), where FewTokensInRegisters says so: the same block loops multiply
-//    each looked-up vector with every token's x8 while it is in a register (FewTokensSink), two accumulator chains a
+//    each looked-up vector with every token's x8 while it is in a register (ProductSink), two accumulator chains a
 //    token.
 //  - Larger M (prefill, scoring, long verify passes): a group of rows is decoded to bytes once, by the same block loops
 //    (a sink stores the bytes instead of multiplying them), and register tiles over every token reuse it (2 rows × 4
@@ -64,23 +64,15 @@ public static unsafe partial class BitplaneKernels
     {
         int k = 1 << TW.Bits;
         byte* tail = scratch; // b planes × 32 bytes: the last, partial block's words, zero-padded
-        if (m == 1)
-        {
-            int offset = TableBytes.Offset ? 128 * xSum[0] : 0;
-            for (int r = rowStart; r < rowEnd; r++)
-            {
-                if (TW.Bits >= 5 && r + 1 < w.Rows) PrefetchRow(w, r + 1, TW.Bits);
-                y[r] = RowInt8Avx2<TW, ProductSink>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, tail, (byte*)x8, xAbs, 0).ToScalar() - offset;
-            }
-            return;
-        }
-        if (FewTokensInRegisters(KernelPath.Vector256, m, TW.Bits))
+        // One token, and 2-4 where that is faster (FewTokensInRegisters): the products straight from the lookups.
+        if (m == 1 || FewTokensInRegisters(KernelPath.Vector256, m, TW.Bits))
         {
             switch (m)
             {
-                case 2: RowsFewTokensAvx2<TW, Tokens2>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
-                case 3: RowsFewTokensAvx2<TW, Tokens3>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
-                default: RowsFewTokensAvx2<TW, Tokens4>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
+                case 1: RowsTokensAvx2<TW, Tokens1>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
+                case 2: RowsTokensAvx2<TW, Tokens2>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
+                case 3: RowsTokensAvx2<TW, Tokens3>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
+                default: RowsTokensAvx2<TW, Tokens4>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
             }
             return;
         }
@@ -91,27 +83,27 @@ public static unsafe partial class BitplaneKernels
             for (int i = 0; i < rows; i++)
             {
                 byte* row = decoded + (long)i * xStride;
-                RowInt8Avx2<TW, StoreSink>(w, w.Planes + (long)(g + i) * w.Words, u0 + (long)(g + i) * k, tail, row, row, 0);
+                RowInt8Avx2<TW, StoreSink>(w, w.Planes + (long)(g + i) * w.Words, u0 + (long)(g + i) * k, tail, row, row, 0, null);
             }
             TileInt8Avx2<TableBytes>(decoded, rows, xStride, x8, xAbs, xSum, m, y + g, w.Rows);
         }
     }
 
-    /// <summary>2-4 tokens: every row's table bytes multiplied with each token's x8 as they are looked up (<see cref="FewTokensSink{TM}"/>).</summary>
+    /// <summary>1-4 tokens: every row's table bytes multiplied with each token's x8 as they are looked up (<see cref="ProductSink{TM}"/>).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void RowsFewTokensAvx2<TW, TM>(in BitplaneOperand w, byte* u0, sbyte* x8, byte* xAbs, int* xSum, int xStride, float* y, int rowStart, int rowEnd, byte* tail)
+    private static void RowsTokensAvx2<TW, TM>(in BitplaneOperand w, byte* u0, sbyte* x8, byte* xAbs, int* xSum, int xStride, float* y, int rowStart, int rowEnd, byte* tail)
         where TW : struct, IWidth where TM : struct, ITokenCount
     {
         int k = 1 << TW.Bits;
-        var offset = TableBytes.Offset ? Vector128.Create(xSum[0], xSum[1], TM.Count > 2 ? xSum[2] : 0, TM.Count > 3 ? xSum[3] : 0) * 128 : default;
+        int* rest = stackalloc int[3];
         for (int r = rowStart; r < rowEnd; r++)
         {
             if (TW.Bits >= 5 && r + 1 < w.Rows) PrefetchRow(w, r + 1, TW.Bits);
-            var s = RowInt8Avx2<TW, FewTokensSink<TM>>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, tail, (byte*)x8, xAbs, xStride) - offset;
-            y[r] = s[0];
-            y[w.Rows + r] = s[1];
-            if (TM.Count > 2) y[2L * w.Rows + r] = s[2];
-            if (TM.Count > 3) y[3L * w.Rows + r] = s[3];
+            if (TM.Count > 1) rest[0] = rest[1] = rest[2] = 0;
+            y[r] = RowInt8Avx2<TW, ProductSink<TM>>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, tail, (byte*)x8, xAbs, xStride, rest) - Offset<TableBytes>(xSum, 0);
+            if (TM.Count > 1) y[w.Rows + r] = rest[0] - Offset<TableBytes>(xSum, 1);
+            if (TM.Count > 2) y[2L * w.Rows + r] = rest[1] - Offset<TableBytes>(xSum, 2);
+            if (TM.Count > 3) y[3L * w.Rows + r] = rest[2] - Offset<TableBytes>(xSum, 3);
         }
     }
 
@@ -277,34 +269,25 @@ public static unsafe partial class BitplaneKernels
     }
 
     /// <summary>
-    /// Where a row's table bytes go, 32 at a time: into products with x8 (one token, or 2-4 tokens <c>xStride</c> apart),
-    /// or stored (several). <c>p</c> is token 0's x8 (or the destination) at the bytes' offset, <c>pa</c> |x8| there;
-    /// <c>a</c> is token 0's accumulator, <c>b</c>, <c>c</c>, <c>d</c> tokens 1-3's. Static, so that the block loops keep
+    /// Where a row's table bytes go, 32 at a time: into products with x8 (1-4 tokens, <c>xStride</c> apart), or stored
+    /// (more tokens). <c>p</c> is token 0's x8 (or the destination) at the bytes' offset, <c>pa</c> |x8| there; <c>a</c>
+    /// is token 0's accumulator, <c>b</c>, <c>c</c>, <c>d</c> tokens 1-3's. Static, so that the block loops keep
     /// their accumulators as plain locals (a sink struct holding them was not enregistered: M = 1 ran 1.3-1.8× slower).
     /// </summary>
     private interface ITableBytesSink
     {
         static abstract void Take(ref Vector256<int> a, ref Vector256<int> b, ref Vector256<int> c, ref Vector256<int> d, Vector256<byte> v, byte* p, byte* pa, long xStride);
 
-        /// <summary>Tokens multiplied (0 when stored). With more than one, token 0 keeps two accumulator chains, not four, as every other token does.</summary>
+        /// <summary>Tokens multiplied (0 when stored). One token alone gets four accumulator chains; with more, each token gets two (and the block loops give token 0 only two).</summary>
         static abstract int Tokens { get; }
     }
 
-    /// <summary>One token (decode): a += the table bytes times x8.</summary>
-    private struct ProductSink : ITableBytesSink
-    {
-        public static int Tokens => 1;
-
-        [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public static void Take(ref Vector256<int> a, ref Vector256<int> b, ref Vector256<int> c, ref Vector256<int> d, Vector256<byte> v, byte* p, byte* pa, long xStride) =>
-            a = WeightMultiplyAdd<TableBytes>(a, v, (sbyte*)p, pa);
-    }
-
     /// <summary>
-    /// Two to four tokens (batched decode, short verify passes): the table bytes times each token's x8 while they are in
-    /// a register. Storing the row and reading it back for register tiles cost more than the decode it saves at this M.
+    /// One token (decode), or two to four (batched decode, short verify passes): the table bytes times each token's x8
+    /// while they are in a register. For 2-4 tokens, storing the rows and reading them back for register tiles cost more
+    /// than the decode it saves (<see cref="FewTokensInRegisters"/>).
     /// </summary>
-    private struct FewTokensSink<TM> : ITableBytesSink where TM : struct, ITokenCount
+    private struct ProductSink<TM> : ITableBytesSink where TM : struct, ITokenCount
     {
         public static int Tokens => TM.Count;
 
@@ -312,7 +295,7 @@ public static unsafe partial class BitplaneKernels
         public static void Take(ref Vector256<int> a, ref Vector256<int> b, ref Vector256<int> c, ref Vector256<int> d, Vector256<byte> v, byte* p, byte* pa, long xStride)
         {
             a = WeightMultiplyAdd<TableBytes>(a, v, (sbyte*)p, pa);
-            b = WeightMultiplyAdd<TableBytes>(b, v, (sbyte*)(p + xStride), pa + xStride);
+            if (TM.Count > 1) b = WeightMultiplyAdd<TableBytes>(b, v, (sbyte*)(p + xStride), pa + xStride);
             if (TM.Count > 2) c = WeightMultiplyAdd<TableBytes>(c, v, (sbyte*)(p + 2 * xStride), pa + 2 * xStride);
             if (TM.Count > 3) d = WeightMultiplyAdd<TableBytes>(d, v, (sbyte*)(p + 3 * xStride), pa + 3 * xStride);
         }
@@ -329,20 +312,20 @@ public static unsafe partial class BitplaneKernels
 
     /// <summary>
     /// One row's table bytes into <typeparamref name="TS"/>, block by block, <paramref name="p"/> and <paramref name="pa"/>
-    /// advancing 256 bytes a block; returns each token's sum of products (element t; 0 when stored). Whole blocks are read
-    /// in place; a partial last one goes through <see cref="BlockPlanes"/>'s zero-padded copy and a second, one-block run
-    /// of the loop (x8's zeros past the last column meet whatever its padding decodes to).
+    /// advancing 256 bytes a block; returns token 0's sum of products (0 when stored) and adds tokens 1-3's to
+    /// rest[0..2]. Whole blocks are read in place; a partial last one goes through <see cref="BlockPlanes"/>'s zero-padded
+    /// copy and a second, one-block run of the loop (x8's zeros past the last column meet whatever its padding decodes to).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector128<int> RowInt8Avx2<TW, TS>(in BitplaneOperand w, uint* planes, byte* u, byte* tail, byte* p, byte* pa, long xStride)
+    private static int RowInt8Avx2<TW, TS>(in BitplaneOperand w, uint* planes, byte* u, byte* tail, byte* p, byte* pa, long xStride, int* rest)
         where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         int full = w.Cols >> 8;
-        var sum = Blocks<TW, TS>((byte*)planes, w.PlaneStride * 4, u, full, p, pa, xStride);
+        int sum = Blocks<TW, TS>((byte*)planes, w.PlaneStride * 4, u, full, p, pa, xStride, rest);
         if ((w.Cols & 255) != 0)
         {
             byte* src = BlockPlanes(w, planes, full, TW.Bits, tail, out long stride);
-            sum += Blocks<TW, TS>(src, stride, u, 1, p + 256L * full, pa + 256L * full, xStride);
+            sum += Blocks<TW, TS>(src, stride, u, 1, p + 256L * full, pa + 256L * full, xStride, rest);
         }
         return sum;
     }
@@ -354,25 +337,30 @@ public static unsafe partial class BitplaneKernels
     /// stored the four accumulators and the table to the stack and reloaded them on every block.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector128<int> Blocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa, long xStride) where TW : struct, IWidth where TS : struct, ITableBytesSink =>
-        TW.Bits <= 4 ? NarrowBlocks<TW, TS>(src, stride, u, blocks, p, pa, xStride)
-        : TW.Bits <= 6 ? MidBlocks<TW, TS>(src, stride, u, blocks, p, pa, xStride)
-        : WideBlocks<TW, TS>(src, stride, u, blocks, p, pa, xStride);
+    private static int Blocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa, long xStride, int* rest) where TW : struct, IWidth where TS : struct, ITableBytesSink =>
+        TW.Bits <= 4 ? NarrowBlocks<TW, TS>(src, stride, u, blocks, p, pa, xStride, rest)
+        : TW.Bits <= 6 ? MidBlocks<TW, TS>(src, stride, u, blocks, p, pa, xStride, rest)
+        : WideBlocks<TW, TS>(src, stride, u, blocks, p, pa, xStride, rest);
 
-    /// <summary>Each token's sum: token 0's four chains, tokens 1-3's two.</summary>
+    /// <summary>
+    /// Token 0's sum (its chains acc0..acc3; acc2, acc3 stay zero with several tokens), tokens 1-3's added to
+    /// rest[0..2]. Token 0's comes back in a register: a returned Vector128 goes through memory on SysV, which cost one
+    /// token 2-4% at b = 5, 6.
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector128<int> TokenSums<TS>(Vector256<int> acc0, Vector256<int> acc1, Vector256<int> acc2, Vector256<int> acc3,
-        Vector256<int> b0, Vector256<int> b1, Vector256<int> c0, Vector256<int> c1, Vector256<int> d0, Vector256<int> d1) where TS : struct, ITableBytesSink
+    private static int TokenSums<TS>(Vector256<int> acc0, Vector256<int> acc1, Vector256<int> acc2, Vector256<int> acc3,
+        Vector256<int> b0, Vector256<int> b1, Vector256<int> c0, Vector256<int> c1, Vector256<int> d0, Vector256<int> d1, int* rest) where TS : struct, ITableBytesSink
     {
-        int a = Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
-        return TS.Tokens <= 1 ? Vector128.CreateScalar(a)
-            : Vector128.Create(a, Vector256.Sum(b0 + b1), TS.Tokens > 2 ? Vector256.Sum(c0 + c1) : 0, TS.Tokens > 3 ? Vector256.Sum(d0 + d1) : 0);
+        if (TS.Tokens > 1) rest[0] += Vector256.Sum(b0 + b1);
+        if (TS.Tokens > 2) rest[1] += Vector256.Sum(c0 + c1);
+        if (TS.Tokens > 3) rest[2] += Vector256.Sum(d0 + d1);
+        return Vector256.Sum((acc0 + acc1) + (acc2 + acc3));
     }
 
     /// <summary>b ≤ 4: two slices per byte, one vpshufb of the row's 16-entry table each.</summary>
     [SkipLocalsInit]
     [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
-    private static Vector128<int> NarrowBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa, long xStride) where TW : struct, IWidth where TS : struct, ITableBytesSink
+    private static int NarrowBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa, long xStride, int* rest) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default, b0 = default, b1 = default, c0 = default, c1 = default, d0 = default, d1 = default;
         var table = Avx2.BroadcastVector128ToVector256(u);
@@ -381,7 +369,7 @@ public static unsafe partial class BitplaneKernels
             if (TS.Tokens > 1) NarrowBlock<TW, TS>(src, stride, table, p, pa, ref acc0, ref acc1, ref acc0, ref acc1, ref b0, ref b1, ref c0, ref c1, ref d0, ref d1, xStride);
             else NarrowBlock<TW, TS>(src, stride, table, p, pa, ref acc0, ref acc1, ref acc2, ref acc3, ref b0, ref b1, ref c0, ref c1, ref d0, ref d1, xStride);
         }
-        return TokenSums<TS>(acc0, acc1, acc2, acc3, b0, b1, c0, c1, d0, d1);
+        return TokenSums<TS>(acc0, acc1, acc2, acc3, b0, b1, c0, c1, d0, d1, rest);
     }
 
     /// <summary>One block of <see cref="NarrowBlocks{TW, TS}"/>: 256 table bytes.</summary>
@@ -408,7 +396,7 @@ public static unsafe partial class BitplaneKernels
     /// <summary>b = 5, 6: the two or four sub-tables in registers and every slice written out (constant shifts).</summary>
     [SkipLocalsInit]
     [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
-    private static Vector128<int> MidBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa, long xStride) where TW : struct, IWidth where TS : struct, ITableBytesSink
+    private static int MidBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa, long xStride, int* rest) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default, b0 = default, b1 = default, c0 = default, c1 = default, d0 = default, d1 = default;
         var t0 = Avx2.BroadcastVector128ToVector256(u);
@@ -422,13 +410,13 @@ public static unsafe partial class BitplaneKernels
             if (TW.Bits == 6 || TS.Tokens > 1) MidBlock<TW, TS>(src, stride, t0, t1, t2, t3, p, pa, ref acc0, ref acc1, ref acc0, ref acc1, ref b0, ref b1, ref c0, ref c1, ref d0, ref d1, xStride);
             else MidBlock<TW, TS>(src, stride, t0, t1, t2, t3, p, pa, ref acc0, ref acc1, ref acc2, ref acc3, ref b0, ref b1, ref c0, ref c1, ref d0, ref d1, xStride);
         }
-        return TokenSums<TS>(acc0, acc1, acc2, acc3, b0, b1, c0, c1, d0, d1);
+        return TokenSums<TS>(acc0, acc1, acc2, acc3, b0, b1, c0, c1, d0, d1, rest);
     }
 
     /// <summary>b = 7, 8: the low nibble looked up in every sub-table, the upper code bits picking among them.</summary>
     [SkipLocalsInit]
     [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
-    private static Vector128<int> WideBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa, long xStride) where TW : struct, IWidth where TS : struct, ITableBytesSink
+    private static int WideBlocks<TW, TS>(byte* src, long stride, byte* u, int blocks, byte* p, byte* pa, long xStride, int* rest) where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
         Vector256<int> acc0 = default, acc1 = default, acc2 = default, acc3 = default, b0 = default, b1 = default, c0 = default, c1 = default, d0 = default, d1 = default;
         for (int block = 0; block < blocks; block++, src += 32, p += 256, pa += 256)
@@ -436,7 +424,7 @@ public static unsafe partial class BitplaneKernels
             if (TS.Tokens > 1) WideBlock<TW, TS>(src, stride, u, p, pa, ref acc0, ref acc1, ref acc0, ref acc1, ref b0, ref b1, ref c0, ref c1, ref d0, ref d1, xStride);
             else WideBlock<TW, TS>(src, stride, u, p, pa, ref acc0, ref acc1, ref acc2, ref acc3, ref b0, ref b1, ref c0, ref c1, ref d0, ref d1, xStride);
         }
-        return TokenSums<TS>(acc0, acc1, acc2, acc3, b0, b1, c0, c1, d0, d1);
+        return TokenSums<TS>(acc0, acc1, acc2, acc3, b0, b1, c0, c1, d0, d1, rest);
     }
 
     /// <summary>One block at b = 5 or 6: the upper planes loaded once, each slice's bits moved to bit 7 by a constant shift.</summary>

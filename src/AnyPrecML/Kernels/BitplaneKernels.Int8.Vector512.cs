@@ -48,7 +48,7 @@ public static unsafe partial class BitplaneKernels
         where TW : struct, IWidth
     {
         int k = 1 << TW.Bits;
-        byte* tail = scratch; // a partial last block: its plane words (b × 32 bytes, zero-padded), and at 256 its bytes for one token
+        byte* tail = scratch; // a partial last block: its plane words (b × 32 bytes, zero-padded), and at 256 its decoded bytes
         // One token, and 2-4 where that is faster (FewTokensInRegisters): the products straight from the lookups.
         if (m == 1 || FewTokensInRegisters(KernelPath.Vector512, m, TW.Bits))
         {
@@ -222,8 +222,9 @@ public static unsafe partial class BitplaneKernels
     /// <summary>
     /// One row against 1-4 tokens (<typeparamref name="TM"/>), <paramref name="xStride"/> apart: y[t·Rows] = token t's
     /// Σ_j V[c_j]·x8[t, j] (the offset taken off; written here, as a returned Vector128 goes through memory on SysV, which
-    /// cost M = 1 3-5%). Each token has two accumulator chains (the two 256-bit halves); one token alone takes a pair per
-    /// group of 64 columns, so that eight vpdpbusd chains (latency 4-5 cycles) are in flight. <paramref name="tail"/>:
+    /// cost M = 1 3-5%). With VNNI each token has two accumulator chains (the two 256-bit halves), without it one 512-bit
+    /// chain; one token alone takes a set per group of 64 columns, so that eight vpdpbusd chains (latency 4-5 cycles)
+    /// are in flight. <paramref name="tail"/>:
     /// 512 bytes of scratch for a partial last block.
     /// </summary>
     [SkipLocalsInit]

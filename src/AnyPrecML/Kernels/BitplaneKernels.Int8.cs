@@ -286,17 +286,28 @@ public static unsafe partial class BitplaneKernels
     /// it loses where the extra accumulators push a wide lookup's sub-tables out of registers. Chosen per path from
     /// 4096×4096 products, 2 threads (Zen 5; docs/BENCHMARKS.md "Two to four tokens in registers"):
     /// <list type="bullet">
-    /// <item>512-bit, VNNI: m = 2 at every b (−15..−35%), m = 3, 4 up to b = 6 (−10..−25%; b = 8 spilled, +5..20%);</item>
-    /// <item>512-bit without VNNI (Zen 4): m = 2..4 at every b (−8..−49%);</item>
-    /// <item>AVX2 + VNNI: m = 2 at every b (−4..−48%), m = 3, 4 up to b = 5 (−13..−48%; b = 6 spilled, +23..98%);</item>
-    /// <item>AVX2 alone (Zen 2/3): m = 2 up to b = 5 (−6..−22%), m = 3 up to b = 4 (−10%); its four-op products spill sooner.</item>
+    /// <item>512-bit, VNNI: m = 2 at every b (−23..−39%), m = 3 up to b = 7 and m = 4 up to b = 6 (−10..−27%; beyond, level or slower);</item>
+    /// <item>512-bit without VNNI (Zen 4): m = 2..4 at every b (−8..−48%);</item>
+    /// <item>AVX2 + VNNI: m = 2 at every b (−8..−43%), m = 3, 4 up to b = 5 (−11..−43%; from b = 6 the sub-tables spilled);</item>
+    /// <item>AVX2 alone (Zen 2/3): m = 2 up to b = 5 (−11..−29%), m = 3 up to b = 4 (−14..−16%); its four-op products spill sooner.</item>
     /// </list>
+    /// <c>ANYPREC_FEW_TOKENS=registers</c> (or <c>tiles</c>) in the environment forces one route on every path: to
+    /// measure both on another CPU (<c>anyprec bench kernels</c>), and so the tests check both wherever the rule does not
+    /// take them.
     /// </summary>
-    internal static bool FewTokensInRegisters(KernelPath path, int m, int bits) => m is >= 2 and <= 4 && path switch
+    internal static bool FewTokensInRegisters(KernelPath path, int m, int bits) => m is >= 2 and <= 4 && (FewTokensRoute ?? path switch
     {
-        KernelPath.Vector512 => !TableBytes.Offset || m == 2 || bits <= 6,
+        KernelPath.Vector512 => !TableBytes.Offset || m == 2 || bits <= (m == 3 ? 7 : 6),
         KernelPath.Vector256 => TableBytes.Offset ? m == 2 || bits <= 5 : m == 2 ? bits <= 5 : m == 3 && bits <= 4,
         _ => false,
+    });
+
+    /// <summary>The route <c>ANYPREC_FEW_TOKENS</c> forces (registers: true, tiles: false), or null for the measured rule.</summary>
+    private static readonly bool? FewTokensRoute = Environment.GetEnvironmentVariable("ANYPREC_FEW_TOKENS") switch
+    {
+        "registers" => true,
+        "tiles" => false,
+        _ => null,
     };
 
     /// <summary>Bytes of scratch one thread needs for the int8 kernels on a matrix of <paramref name="cols"/> columns.</summary>
