@@ -155,6 +155,36 @@ public sealed class BatchedDecodeTests
         Assert.IsLessThanOrEqualTo(4L, batcher.LargestBatch);
     }
 
+    /// <summary>
+    /// Two generations at one width, the second starting after the first has stepped alone: each leader used to expect as
+    /// many steps as its width's last pass held (one), so the two ran alternate passes for good, one step each, the one
+    /// arriving during the other's pass waiting it out. The batcher now also expects every sequence that stepped at the
+    /// width within its last two passes, and the two share their passes from the second's first step on.
+    /// </summary>
+    [TestMethod]
+    public void TwoGenerationsStartedApartShareTheirPasses()
+    {
+        using var engine = new OnnxEngine(_model);
+        var slow = new TestEngine(engine, TimeSpan.FromMilliseconds(20)) { EveryCallDelay = TimeSpan.FromMilliseconds(20) };
+        var batcher = new BatchingEngine(slow, maxBatch: 4, gatherWait: TimeSpan.FromMilliseconds(5));
+        var tokenizer = LlamaTokenizerLoader.Load(_model.Checkpoint);
+        string[] prompts = ["Once upon a time", "Lily and Tom"];
+        var options = new GenerationOptions { MaxTokens = 24, StopAtEos = false };
+        var expected = prompts.Select(p => new TextGenerator(new WidthView(engine, 3), tokenizer).GenerateTokens(p, options).Select(s => s.Id).ToList()).ToList();
+        var actual = new List<int>[prompts.Length];
+        // Each step returns 3 ms after its pass (a server streaming its token): longer than a waiting leader takes to wake.
+        var threads = prompts.Select((p, i) => new Thread(() =>
+            actual[i] = new TextGenerator(new WidthView(batcher, 3, TimeSpan.FromMilliseconds(3)), tokenizer).GenerateTokens(p, options).Select(s => s.Id).ToList())).ToList();
+        threads[0].Start();
+        Assert.IsTrue(SpinWait.SpinUntil(() => batcher.BatchedSteps >= 1, TimeSpan.FromMinutes(1)), "the first generation never stepped");
+        threads[1].Start();
+        foreach (var t in threads) Assert.IsTrue(t.Join(TimeSpan.FromMinutes(2)), "a generation never finished");
+        for (int i = 0; i < prompts.Length; i++) CollectionAssert.AreEqual(expected[i], actual[i], prompts[i]);
+        double perPass = (double)batcher.BatchedSteps / batcher.Batches;
+        Console.WriteLine($"{batcher.BatchedSteps} steps in {batcher.Batches} passes: {perPass:F2} a pass");
+        Assert.IsGreaterThan(1.5, perPass, $"{batcher.BatchedSteps} steps in {batcher.Batches} passes: the generations alternated passes");
+    }
+
     /// <summary>A step that cannot run is refused on its own thread; the batcher keeps serving (a lone step never waits).</summary>
     [TestMethod]
     public void AStepThatCannotRunFailsAloneAndTheBatcherGoesOn()
@@ -295,6 +325,8 @@ public sealed class BatchedDecodeTests
         public int FailOnCall { get; init; }
         /// <summary>The first call waits inside until <see cref="Release"/> is set.</summary>
         public bool GateFirstCall { get; init; }
+        /// <summary>Every one-sequence call takes this much longer (a slow model's passes).</summary>
+        public TimeSpan EveryCallDelay { get; init; }
         public LlamaConfig Config => inner.Config;
         public int SeedBits => inner.SeedBits;
         public int ParentBits => inner.ParentBits;
@@ -312,6 +344,7 @@ public sealed class BatchedDecodeTests
                 Release.Wait();
             }
             if (call == 1) Thread.Sleep(delay / 2); // the first pass alone is slow too, so steps queue behind it
+            if (EveryCallDelay > TimeSpan.Zero) Thread.Sleep(EveryCallDelay);
             inner.Forward(tokens, cache, logits, bits);
         }
         public void ForwardBatch(ReadOnlySpan<int> tokens, IReadOnlyList<KvCache> caches, Span<float> logits, int bits)
@@ -323,12 +356,19 @@ public sealed class BatchedDecodeTests
     }
 
 
-    /// <summary>An engine fixed at one width over another (as the chat client's views): TextGenerator then runs that width.</summary>
-    private sealed class WidthView(IAnyPrecisionEngine inner, int bits) : IInferenceEngine
+    /// <summary>
+    /// An engine fixed at one width over another (as the chat client's views): TextGenerator then runs that width. With
+    /// <paramref name="pause"/>, each call returns that much later, as a server's step does after it streams its token.
+    /// </summary>
+    private sealed class WidthView(IAnyPrecisionEngine inner, int bits, TimeSpan pause = default) : IInferenceEngine
     {
         public LlamaConfig Config => inner.Config;
         public KvCache CreateCache(int capacity = 0) => inner.CreateCache(capacity);
-        public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits) => inner.Forward(tokens, cache, logits, bits);
+        public void Forward(ReadOnlySpan<int> tokens, KvCache cache, Span<float> logits)
+        {
+            inner.Forward(tokens, cache, logits, bits);
+            if (pause > TimeSpan.Zero) Thread.Sleep(pause);
+        }
         public void Dispose() { }
     }
 }

@@ -15,10 +15,12 @@ namespace AnyPrecML.Generation;
 /// </summary>
 /// <remarks>
 /// No scheduler thread: the first caller to find no batch running leads. It waits for as many steps at its width as the
-/// previous batch at that width held (the generations that just got their logits are sampling their next token), but no
-/// longer than <see cref="GatherWait"/> or a quarter of that batch's pass (so a small model's short passes are not
-/// stretched by the wait), runs the batch on its own thread, hands the lead to the oldest step still waiting, and
-/// returns. A lone generation never waits (its previous batch held one step). The inner engine stays the caller's.
+/// previous batch at that width held, or as there are sequences that stepped at that width within its last two passes
+/// if more (the generations that just got their logits are sampling, or streaming, their next token), but no longer than
+/// <see cref="GatherWait"/> or a quarter of that batch's pass (so a small model's short passes are not stretched by the
+/// wait), runs the batch on its own thread, hands the lead to the oldest step still waiting, and returns. A lone
+/// generation waits only in the first two passes after another at its width has ended. The inner engine stays the
+/// caller's.
 /// </remarks>
 public sealed class BatchingEngine : IAnyPrecisionEngine
 {
@@ -27,6 +29,8 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
     private readonly List<Step> _waiting = [];
     private readonly int[] _lastBatch;
     private readonly long[] _lastPassTicks;
+    /// <summary>Per width, each sequence's cache and when its last step there ended: the sequences a leader expects.</summary>
+    private readonly Dictionary<KvCache, long>[] _recent;
     private bool _leading;
     private long _batches, _steps, _largest;
 
@@ -43,6 +47,7 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
         if (GatherWait < TimeSpan.Zero) throw new ArgumentOutOfRangeException(nameof(gatherWait), gatherWait, "the wait cannot be negative.");
         _lastBatch = new int[inner.ParentBits + 1];
         _lastPassTicks = new long[inner.ParentBits + 1];
+        _recent = [.. Enumerable.Range(0, inner.ParentBits + 1).Select(_ => new Dictionary<KvCache, long>(ReferenceEqualityComparer.Instance))];
     }
 
     /// <summary>Most sequences in one pass.</summary>
@@ -125,7 +130,7 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
         List<Step> batch;
         lock (_gate)
         {
-            int want = Math.Min(MaxBatch, _lastBatch[own.Bits]);
+            int want = Math.Min(MaxBatch, Math.Max(_lastBatch[own.Bits], Expected(own)));
             long wait = Math.Min((long)(GatherWait.TotalSeconds * Stopwatch.Frequency), _lastPassTicks[own.Bits] / 4);
             long until = Stopwatch.GetTimestamp() + wait;
             try
@@ -161,6 +166,8 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
                 _largest = Math.Max(_largest, batch.Count);
                 _lastBatch[own.Bits] = batch.Count;
                 _lastPassTicks[own.Bits] = ticks;
+                long end = start + ticks;
+                foreach (var s in batch) _recent[own.Bits][s.Cache] = end;
                 foreach (var s in batch) s.Done = true;
                 HandOver();
             }
@@ -173,6 +180,27 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
         if (_waiting.Count > 0) _waiting[0].Leads = true;
         else _leading = false;
         Monitor.PulseAll(_gate);
+    }
+
+    /// <summary>
+    /// The sequences <paramref name="own"/>'s batch can expect (under the lock): its own and every other whose last step at
+    /// its width ended within that width's last two passes. The previous batch's size alone is not enough: two generations
+    /// out of step each found a batch of one before them, and ran alternate passes for good, each waiting out the other's
+    /// (a server's step returns late, after streaming its token). Older entries are dropped at every width, so no
+    /// finished sequence's cache is held here for long.
+    /// </summary>
+    private int Expected(Step own)
+    {
+        long now = Stopwatch.GetTimestamp();
+        for (int bits = 0; bits < _recent.Length; bits++)
+        {
+            List<KvCache>? stale = null;
+            foreach (var (cache, end) in _recent[bits])
+                if (end < now - 2 * _lastPassTicks[bits]) (stale ??= []).Add(cache);
+            if (stale is not null) foreach (var cache in stale) _recent[bits].Remove(cache);
+        }
+        var recent = _recent[own.Bits];
+        return recent.Count + (recent.ContainsKey(own.Cache) ? 0 : 1);
     }
 
     private int Waiting(int bits)
