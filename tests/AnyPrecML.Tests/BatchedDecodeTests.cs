@@ -185,6 +185,48 @@ public sealed class BatchedDecodeTests
         Assert.IsGreaterThan(1.5, perPass, $"{batcher.BatchedSteps} steps in {batcher.Batches} passes: the generations alternated passes");
     }
 
+    /// <summary>
+    /// One thread stepping two sequences in turn at one width never waits: the other sequence of the last pass is its
+    /// own, and cannot come while it leads (counting it, every step waited out the gather wait).
+    /// </summary>
+    [TestMethod]
+    public void OneThreadSteppingTwoSequencesInTurnNeverWaits()
+    {
+        using var engine = new OnnxEngine(_model);
+        var batcher = new BatchingEngine(engine, maxBatch: 4, gatherWait: TimeSpan.FromMilliseconds(50));
+        var caches = new[] { batcher.CreateCache(32), batcher.CreateCache(32) };
+        var logits = new float[engine.Config.VocabSize];
+        for (int step = 0; step < 8; step++)
+            foreach (var cache in caches) batcher.Forward([1 + step], cache, logits, 3);
+        Assert.AreEqual(16L, batcher.BatchedSteps);
+        Assert.AreEqual(0L, batcher.Waits, "a leader waited for a sequence only its own thread could step");
+    }
+
+    /// <summary>
+    /// The batcher remembers the sequences of recent passes weakly: a finished sequence's cache is collected even when no
+    /// pass comes after it (an idle server), as one stepped on the engine directly is.
+    /// </summary>
+    [TestMethod]
+    public void AFinishedSequencesCacheIsNotKeptByAnIdleBatcher()
+    {
+        using var engine = new OnnxEngine(_model);
+        var batcher = new BatchingEngine(engine, maxBatch: 4);
+        var direct = StepTwice(engine);
+        var batched = StepTwice(batcher);
+        for (int i = 0; i < 3; i++) { GC.Collect(); GC.WaitForPendingFinalizers(); }
+        Assert.IsFalse(direct.IsAlive, "the engine itself keeps a stepped cache: this test cannot tell");
+        Assert.IsFalse(batched.IsAlive, "the idle batcher still holds the finished sequence's cache");
+
+        [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.NoInlining)]
+        static WeakReference StepTwice(IAnyPrecisionEngine engine)
+        {
+            var cache = engine.CreateCache(8);
+            engine.Forward([1], cache, new float[engine.Config.VocabSize], 3);
+            engine.Forward([5], cache, new float[engine.Config.VocabSize], 3);
+            return new WeakReference(cache);
+        }
+    }
+
     /// <summary>A step that cannot run is refused on its own thread; the batcher keeps serving (a lone step never waits).</summary>
     [TestMethod]
     public void AStepThatCannotRunFailsAloneAndTheBatcherGoesOn()

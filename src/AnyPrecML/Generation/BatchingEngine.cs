@@ -15,8 +15,8 @@ namespace AnyPrecML.Generation;
 /// </summary>
 /// <remarks>
 /// No scheduler thread: the first caller to find no batch running leads. It waits for as many steps at its width as the
-/// previous batch at that width held, or as there are sequences that stepped at that width within its last two passes
-/// if more (the generations that just got their logits are sampling, or streaming, their next token), but no longer than
+/// previous batch at that width held, or as there are sequences in that width's last two passes if more (the generations
+/// that just got their logits are sampling, or streaming, their next token), but no longer than
 /// <see cref="GatherWait"/> or a quarter of that batch's pass (so a small model's short passes are not stretched by the
 /// wait), runs the batch on its own thread, hands the lead to the oldest step still waiting, and returns. A lone
 /// generation waits only in the first two passes after another at its width has ended. The inner engine stays the
@@ -29,15 +29,16 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
     private readonly List<Step> _waiting = [];
     private readonly int[] _lastBatch;
     private readonly long[] _lastPassTicks;
-    /// <summary>Per width, each sequence's cache and when its last step there ended: the sequences a leader expects.</summary>
-    private readonly Dictionary<KvCache, long>[] _recent;
+    /// <summary>Per width, the sequences of its last two passes (held weakly: a finished one's cache is not kept alive here), and its passes so far.</summary>
+    private readonly List<Seen>[] _seen;
+    private readonly long[] _passes;
     private bool _leading;
-    private long _batches, _steps, _largest;
+    private long _batches, _steps, _largest, _waits;
 
     /// <summary>Batches the one-token steps made concurrently on <paramref name="inner"/>, up to <paramref name="maxBatch"/> a pass.</summary>
     /// <param name="inner">The engine that runs the passes (kept open by the caller).</param>
     /// <param name="maxBatch">Most sequences in one pass; 1 runs every call on its own.</param>
-    /// <param name="gatherWait">Longest a batch waits for the previous batch's sequences to come back (default 1 ms; never more than a quarter of that batch's pass).</param>
+    /// <param name="gatherWait">Longest a batch waits for the sequences of its width's last two passes to come back (default 1 ms; never more than a quarter of the last pass).</param>
     public BatchingEngine(IAnyPrecisionEngine inner, int maxBatch = 16, TimeSpan? gatherWait = null)
     {
         _inner = inner ?? throw new ArgumentNullException(nameof(inner));
@@ -47,12 +48,13 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
         if (GatherWait < TimeSpan.Zero) throw new ArgumentOutOfRangeException(nameof(gatherWait), gatherWait, "the wait cannot be negative.");
         _lastBatch = new int[inner.ParentBits + 1];
         _lastPassTicks = new long[inner.ParentBits + 1];
-        _recent = [.. Enumerable.Range(0, inner.ParentBits + 1).Select(_ => new Dictionary<KvCache, long>(ReferenceEqualityComparer.Instance))];
+        _seen = [.. Enumerable.Range(0, inner.ParentBits + 1).Select(_ => new List<Seen>())];
+        _passes = new long[inner.ParentBits + 1];
     }
 
     /// <summary>Most sequences in one pass.</summary>
     public int MaxBatch { get; }
-    /// <summary>Longest a batch waits for the sequences of the previous batch at its width (never more than a quarter of that batch's pass).</summary>
+    /// <summary>Longest a batch waits for the sequences of its width's last two passes (never more than a quarter of the last pass).</summary>
     public TimeSpan GatherWait { get; }
     /// <summary>Steps waiting for a pass now.</summary>
     internal int Queued { get { lock (_gate) return _waiting.Count; } }
@@ -63,6 +65,8 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
     public long BatchedSteps { get { lock (_gate) return _steps; } }
     /// <summary>Most steps one pass has held.</summary>
     public long LargestBatch { get { lock (_gate) return _largest; } }
+    /// <summary>Passes whose leader found fewer steps than it expected and waited for more.</summary>
+    internal long Waits { get { lock (_gate) return _waits; } }
 
     /// <inheritdoc/>
     public LlamaConfig Config => _inner.Config;
@@ -133,6 +137,7 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
             int want = Math.Min(MaxBatch, Math.Max(_lastBatch[own.Bits], Expected(own)));
             long wait = Math.Min((long)(GatherWait.TotalSeconds * Stopwatch.Frequency), _lastPassTicks[own.Bits] / 4);
             long until = Stopwatch.GetTimestamp() + wait;
+            if (wait > 0 && Waiting(own.Bits) < want) _waits++;
             try
             {
                 while (Waiting(own.Bits) < want)
@@ -166,8 +171,7 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
                 _largest = Math.Max(_largest, batch.Count);
                 _lastBatch[own.Bits] = batch.Count;
                 _lastPassTicks[own.Bits] = ticks;
-                long end = start + ticks;
-                foreach (var s in batch) _recent[own.Bits][s.Cache] = end;
+                Remember(batch, own.Bits);
                 foreach (var s in batch) s.Done = true;
                 HandOver();
             }
@@ -183,25 +187,31 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
     }
 
     /// <summary>
-    /// The sequences <paramref name="own"/>'s batch can expect (under the lock): its own and every other whose last step at
-    /// its width ended within that width's last two passes. The previous batch's size alone is not enough: two generations
-    /// out of step each found a batch of one before them, and ran alternate passes for good, each waiting out the other's
-    /// (a server's step returns late, after streaming its token). Older entries are dropped at every width, so no
-    /// finished sequence's cache is held here for long.
+    /// The sequences <paramref name="own"/>'s batch can expect (under the lock): its own, and every other of its width's
+    /// last two passes that is still alive and stepped from another thread (a thread has at most one step waiting: its
+    /// other sequences cannot come while it leads). The previous batch's size alone is not enough: two generations out of
+    /// step each found a batch of one before them, and ran alternate passes for good, each waiting out the other's (a
+    /// server's step returns late, after streaming its token).
     /// </summary>
     private int Expected(Step own)
     {
-        long now = Stopwatch.GetTimestamp();
-        for (int bits = 0; bits < _recent.Length; bits++)
-        {
-            List<KvCache>? stale = null;
-            foreach (var (cache, end) in _recent[bits])
-                if (end < now - 2 * _lastPassTicks[bits]) (stale ??= []).Add(cache);
-            if (stale is not null) foreach (var cache in stale) _recent[bits].Remove(cache);
-        }
-        var recent = _recent[own.Bits];
-        return recent.Count + (recent.ContainsKey(own.Cache) ? 0 : 1);
+        int n = 1;
+        foreach (var seen in _seen[own.Bits])
+            if (seen.Thread != own.Thread && seen.Cache.TryGetTarget(out var cache) && !ReferenceEquals(cache, own.Cache)) n++;
+        return n;
     }
+
+    /// <summary>Counts a pass at <paramref name="bits"/> and notes its sequences, forgetting those of older passes (under the lock).</summary>
+    private void Remember(List<Step> batch, int bits)
+    {
+        long pass = ++_passes[bits];
+        var seen = _seen[bits];
+        seen.RemoveAll(x => x.Pass < pass - 1 || !x.Cache.TryGetTarget(out var cache) || batch.Exists(s => ReferenceEquals(s.Cache, cache)));
+        foreach (var s in batch) seen.Add(new Seen(new WeakReference<KvCache>(s.Cache), s.Thread, pass));
+    }
+
+    /// <summary>A sequence of a recent pass: its cache (weakly), the thread that stepped it, and the pass.</summary>
+    private readonly record struct Seen(WeakReference<KvCache> Cache, int Thread, long Pass);
 
     private int Waiting(int bits)
     {
@@ -245,7 +255,7 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
 
     private sealed class Step(int token, KvCache cache, int bits, float[] logits)
     {
-        public readonly int Token = token, Bits = bits;
+        public readonly int Token = token, Bits = bits, Thread = Environment.CurrentManagedThreadId;
         public readonly KvCache Cache = cache;
         public readonly float[] Logits = logits;
         public bool Leads, Done;

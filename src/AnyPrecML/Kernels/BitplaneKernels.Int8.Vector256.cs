@@ -76,6 +76,7 @@ public static unsafe partial class BitplaneKernels
             }
             return;
         }
+        // More tokens: a group of rows decoded to bytes once, then the register tiles over every token.
         byte* decoded = scratch + 256; // Int8RowGroup rows × xStride bytes
         for (int g = rowStart; g < rowEnd; g += Int8RowGroup)
         {
