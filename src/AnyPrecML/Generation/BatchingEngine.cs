@@ -14,20 +14,18 @@ namespace AnyPrecML.Generation;
 /// attention runs per sequence, so batched greedy output is the solo output token for token (tests hold this).
 /// </summary>
 /// <remarks>
-/// No scheduler thread: the first caller to find no batch running leads. It waits for as many steps at its width as the
-/// previous batch at that width held, or as there are sequences in that width's last two passes if more (the generations
-/// that just got their logits are sampling, or streaming, their next token), but no longer than
-/// <see cref="GatherWait"/> or a quarter of that batch's pass (so a small model's short passes are not stretched by the
-/// wait), runs the batch on its own thread, hands the lead to the oldest step still waiting, and returns. A lone
-/// generation waits only in the first two passes after another at its width has ended. The inner engine stays the
-/// caller's.
+/// No scheduler thread: the first caller to find no batch running leads. It waits for a step from every sequence of its
+/// width's last two passes that another thread steps and that is still alive (the generations that just got their
+/// logits are sampling, or streaming, their next token), but no longer than <see cref="GatherWait"/> or a quarter of
+/// the width's last pass (so a small model's short passes are not stretched by the wait), runs the batch on its own
+/// thread, hands the lead to the oldest step still waiting, and returns. A lone generation waits only in the first two
+/// passes after another at its width has ended. The inner engine stays the caller's.
 /// </remarks>
 public sealed class BatchingEngine : IAnyPrecisionEngine
 {
     private readonly IAnyPrecisionEngine _inner;
     private readonly object _gate = new();
     private readonly List<Step> _waiting = [];
-    private readonly int[] _lastBatch;
     private readonly long[] _lastPassTicks;
     /// <summary>Per width, the sequences of its last two passes (held weakly: a finished one's cache is not kept alive here), and its passes so far.</summary>
     private readonly List<Seen>[] _seen;
@@ -46,7 +44,6 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
         MaxBatch = maxBatch;
         GatherWait = gatherWait ?? TimeSpan.FromMilliseconds(1);
         if (GatherWait < TimeSpan.Zero) throw new ArgumentOutOfRangeException(nameof(gatherWait), gatherWait, "the wait cannot be negative.");
-        _lastBatch = new int[inner.ParentBits + 1];
         _lastPassTicks = new long[inner.ParentBits + 1];
         _seen = [.. Enumerable.Range(0, inner.ParentBits + 1).Select(_ => new List<Seen>())];
         _passes = new long[inner.ParentBits + 1];
@@ -134,7 +131,7 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
         List<Step> batch;
         lock (_gate)
         {
-            int want = Math.Min(MaxBatch, Math.Max(_lastBatch[own.Bits], Expected(own)));
+            int want = Math.Min(MaxBatch, Expected(own));
             long wait = Math.Min((long)(GatherWait.TotalSeconds * Stopwatch.Frequency), _lastPassTicks[own.Bits] / 4);
             long until = Stopwatch.GetTimestamp() + wait;
             if (wait > 0 && Waiting(own.Bits) < want) _waits++;
@@ -169,7 +166,6 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
                 _batches++;
                 _steps += batch.Count;
                 _largest = Math.Max(_largest, batch.Count);
-                _lastBatch[own.Bits] = batch.Count;
                 _lastPassTicks[own.Bits] = ticks;
                 Remember(batch, own.Bits);
                 foreach (var s in batch) s.Done = true;
@@ -189,9 +185,9 @@ public sealed class BatchingEngine : IAnyPrecisionEngine
     /// <summary>
     /// The sequences <paramref name="own"/>'s batch can expect (under the lock): its own, and every other of its width's
     /// last two passes that is still alive and stepped from another thread (a thread has at most one step waiting: its
-    /// other sequences cannot come while it leads). The previous batch's size alone is not enough: two generations out of
-    /// step each found a batch of one before them, and ran alternate passes for good, each waiting out the other's (a
-    /// server's step returns late, after streaming its token).
+    /// other sequences cannot come while it leads). This replaced waiting for as many steps as the width's last pass
+    /// held: two generations out of step each found a pass of one before them, and ran alternate passes for good, each
+    /// waiting out the other's (a server's step returns late, after streaming its token).
     /// </summary>
     private int Expected(Step own)
     {

@@ -20,7 +20,7 @@ namespace AnyPrecML.Kernels;
 //    out eight times exceeds the JIT's inlining budget, and then runs 2-3× slower).
 //  - With AVX-VNNI the tables are read offset by 128 and vpdpbusd takes x8 as it is (TableBytes below).
 //  - M = 2-4 (batched decode, short verify passes), where FewTokensInRegisters says so: the same block loops multiply
-//    each looked-up vector with every token's x8 while it is in a register (ProductSink), two accumulator chains a
+//    each looked-up vector with every token's x8 while it is in a register (FewTokensSink), two accumulator chains a
 //    token.
 //  - Larger M (prefill, scoring, long verify passes): a group of rows is decoded to bytes once, by the same block loops
 //    (a sink stores the bytes instead of multiplying them), and register tiles over every token reuse it (2 rows × 4
@@ -69,10 +69,10 @@ public static unsafe partial class BitplaneKernels
         {
             switch (m)
             {
-                case 1: RowsTokensAvx2<TW, Tokens1>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
-                case 2: RowsTokensAvx2<TW, Tokens2>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
-                case 3: RowsTokensAvx2<TW, Tokens3>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
-                default: RowsTokensAvx2<TW, Tokens4>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
+                case 1: RowsTokensAvx2<TW, ProductSink>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
+                case 2: RowsTokensAvx2<TW, FewTokensSink<Tokens2>>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
+                case 3: RowsTokensAvx2<TW, FewTokensSink<Tokens3>>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
+                default: RowsTokensAvx2<TW, FewTokensSink<Tokens4>>(w, u0, x8, xAbs, xSum, xStride, y, rowStart, rowEnd, tail); break;
             }
             return;
         }
@@ -90,21 +90,21 @@ public static unsafe partial class BitplaneKernels
         }
     }
 
-    /// <summary>1-4 tokens: every row's table bytes multiplied with each token's x8 as they are looked up (<see cref="ProductSink{TM}"/>).</summary>
+    /// <summary>1-4 tokens (<typeparamref name="TS"/>: <see cref="ProductSink"/> or <see cref="FewTokensSink{TM}"/>): every row's table bytes multiplied with each token's x8 as they are looked up.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void RowsTokensAvx2<TW, TM>(in BitplaneOperand w, byte* u0, sbyte* x8, byte* xAbs, int* xSum, int xStride, float* y, int rowStart, int rowEnd, byte* tail)
-        where TW : struct, IWidth where TM : struct, ITokenCount
+    private static void RowsTokensAvx2<TW, TS>(in BitplaneOperand w, byte* u0, sbyte* x8, byte* xAbs, int* xSum, int xStride, float* y, int rowStart, int rowEnd, byte* tail)
+        where TW : struct, IWidth where TS : struct, ITableBytesSink
     {
-        int k = 1 << TW.Bits;
+        int k = 1 << TW.Bits, n = TS.Tokens;
         int* rest = stackalloc int[3];
         for (int r = rowStart; r < rowEnd; r++)
         {
             if (TW.Bits >= 5 && r + 1 < w.Rows) PrefetchRow(w, r + 1, TW.Bits);
-            if (TM.Count > 1) rest[0] = rest[1] = rest[2] = 0;
-            y[r] = RowInt8Avx2<TW, ProductSink<TM>>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, tail, (byte*)x8, xAbs, xStride, rest) - Offset<TableBytes>(xSum, 0);
-            if (TM.Count > 1) y[w.Rows + r] = rest[0] - Offset<TableBytes>(xSum, 1);
-            if (TM.Count > 2) y[2L * w.Rows + r] = rest[1] - Offset<TableBytes>(xSum, 2);
-            if (TM.Count > 3) y[3L * w.Rows + r] = rest[2] - Offset<TableBytes>(xSum, 3);
+            if (n > 1) rest[0] = rest[1] = rest[2] = 0;
+            y[r] = RowInt8Avx2<TW, TS>(w, w.Planes + (long)r * w.Words, u0 + (long)r * k, tail, (byte*)x8, xAbs, xStride, rest) - Offset<TableBytes>(xSum, 0);
+            if (n > 1) y[w.Rows + r] = rest[0] - Offset<TableBytes>(xSum, 1);
+            if (n > 2) y[2L * w.Rows + r] = rest[1] - Offset<TableBytes>(xSum, 2);
+            if (n > 3) y[3L * w.Rows + r] = rest[2] - Offset<TableBytes>(xSum, 3);
         }
     }
 
@@ -284,11 +284,25 @@ public static unsafe partial class BitplaneKernels
     }
 
     /// <summary>
-    /// One token (decode), or two to four (batched decode, short verify passes): the table bytes times each token's x8
-    /// while they are in a register. For 2-4 tokens, storing the rows and reading them back for register tiles cost more
-    /// than the decode it saves (<see cref="FewTokensInRegisters"/>).
+    /// One token (decode): a += the table bytes times x8. Kept apart from <see cref="FewTokensSink{TM}"/>, whose larger
+    /// body (dead for one token, but counted before it is folded) put the b = 7, 8 block loops over the JIT's inlining
+    /// budget: Take and the blend tree were left as calls, and one token at b = 8 ran 1.7-2.1× slower on AVX2.
     /// </summary>
-    private struct ProductSink<TM> : ITableBytesSink where TM : struct, ITokenCount
+    private struct ProductSink : ITableBytesSink
+    {
+        public static int Tokens => 1;
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static void Take(ref Vector256<int> a, ref Vector256<int> b, ref Vector256<int> c, ref Vector256<int> d, Vector256<byte> v, byte* p, byte* pa, long xStride) =>
+            a = WeightMultiplyAdd<TableBytes>(a, v, (sbyte*)p, pa);
+    }
+
+    /// <summary>
+    /// Two to four tokens (batched decode, short verify passes): the table bytes times each token's x8 while they are in a
+    /// register. Storing the rows and reading them back for register tiles cost more than the decode it saves at this M
+    /// (<see cref="FewTokensInRegisters"/>).
+    /// </summary>
+    private struct FewTokensSink<TM> : ITableBytesSink where TM : struct, ITokenCount
     {
         public static int Tokens => TM.Count;
 
@@ -296,7 +310,7 @@ public static unsafe partial class BitplaneKernels
         public static void Take(ref Vector256<int> a, ref Vector256<int> b, ref Vector256<int> c, ref Vector256<int> d, Vector256<byte> v, byte* p, byte* pa, long xStride)
         {
             a = WeightMultiplyAdd<TableBytes>(a, v, (sbyte*)p, pa);
-            if (TM.Count > 1) b = WeightMultiplyAdd<TableBytes>(b, v, (sbyte*)(p + xStride), pa + xStride);
+            b = WeightMultiplyAdd<TableBytes>(b, v, (sbyte*)(p + xStride), pa + xStride);
             if (TM.Count > 2) c = WeightMultiplyAdd<TableBytes>(c, v, (sbyte*)(p + 2 * xStride), pa + 2 * xStride);
             if (TM.Count > 3) d = WeightMultiplyAdd<TableBytes>(d, v, (sbyte*)(p + 3 * xStride), pa + 3 * xStride);
         }

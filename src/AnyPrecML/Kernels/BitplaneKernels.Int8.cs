@@ -286,7 +286,8 @@ public static unsafe partial class BitplaneKernels
     /// it loses where the extra accumulators push a wide lookup's sub-tables out of registers. Chosen per path from
     /// 4096×4096 products, 2 threads (Zen 5; docs/BENCHMARKS.md "Two to four tokens in registers"):
     /// <list type="bullet">
-    /// <item>512-bit, VNNI: m = 2 at every b (−23..−39%), m = 3 up to b = 7 and m = 4 up to b = 6 (−10..−27%; beyond, level or slower);</item>
+    /// <item>512-bit, VNNI: m = 2 at every b (−23..−39%), m = 3 up to b = 7 (−10..−27%), m = 4 up to b = 6 (−10..−15%, at b = 5, 6
+    /// level in a second, noisier run; beyond, level or slower);</item>
     /// <item>512-bit without VNNI (Zen 4): m = 2..4 at every b (−8..−48%);</item>
     /// <item>AVX2 + VNNI: m = 2 at every b (−8..−43%), m = 3, 4 up to b = 5 (−11..−43%; from b = 6 the sub-tables spilled);</item>
     /// <item>AVX2 alone (Zen 2/3): m = 2 up to b = 5 (−11..−29%), m = 3 up to b = 4 (−14..−16%); its four-op products spill sooner.</item>
@@ -308,6 +309,18 @@ public static unsafe partial class BitplaneKernels
         "registers" => true,
         "tiles" => false,
         _ => null,
+    };
+
+    /// <summary>
+    /// What <c>ANYPREC_FEW_TOKENS</c> does, for the int8 backend's name (so every bench's first line says it), or null
+    /// when it is not set. A value it does not know is named as ignored rather than silently dropped.
+    /// </summary>
+    internal static string? FewTokensNote => Environment.GetEnvironmentVariable("ANYPREC_FEW_TOKENS") switch
+    {
+        null => null,
+        "registers" => "2-4 tokens forced into registers",
+        "tiles" => "2-4 tokens forced through tiles",
+        var other => $"ANYPREC_FEW_TOKENS={other} ignored (registers or tiles)",
     };
 
     /// <summary>Bytes of scratch one thread needs for the int8 kernels on a matrix of <paramref name="cols"/> columns.</summary>

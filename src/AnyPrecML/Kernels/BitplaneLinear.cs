@@ -130,7 +130,8 @@ public sealed unsafe class CpuBitplaneBackend : BitplaneBackend
                 _ => "scalar",
             };
             string vnni = Accuracy == KernelAccuracy.Int8 && path != KernelPath.Vector128 && path != KernelPath.Scalar && BitplaneKernels.UsesVnni ? " + VNNI" : "";
-            return $"CPU {path} ({isa}{vnni}) {(Accuracy == KernelAccuracy.Int8 ? "int8" : "fp32")}, {_pool.Threads} threads";
+            string note = Accuracy == KernelAccuracy.Int8 && BitplaneKernels.FewTokensNote is { } n ? $", {n}" : "";
+            return $"CPU {path} ({isa}{vnni}) {(Accuracy == KernelAccuracy.Int8 ? "int8" : "fp32")}, {_pool.Threads} threads{note}";
         }
     }
 
