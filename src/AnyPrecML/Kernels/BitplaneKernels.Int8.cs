@@ -283,14 +283,14 @@ public static unsafe partial class BitplaneKernels
     /// Whether m = 2..4 tokens meet each row's table bytes in registers, as they are looked up (decode of 2-4 batched
     /// sequences, verify passes of 1-3 drafts), rather than through the decoded-rows tiles (a group of rows stored as
     /// bytes and read back once per token tile). In registers the decode stays shared and the bytes never go to memory;
-    /// it loses where the extra accumulators push a wide lookup's sub-tables out of registers. Chosen per path from
+    /// it loses at wide b, where a block's lookups already fill the registers. Chosen per path from
     /// 4096×4096 products, 2 threads (Zen 5; docs/BENCHMARKS.md "Two to four tokens in registers"):
     /// <list type="bullet">
     /// <item>512-bit, VNNI: m = 2 at every b (−23..−39%), m = 3 up to b = 7 (−10..−27%), m = 4 up to b = 6 (−10..−15%, at b = 5, 6
     /// level in a second, noisier run; beyond, level or slower);</item>
     /// <item>512-bit without VNNI (Zen 4): m = 2..4 at every b (−8..−48%);</item>
-    /// <item>AVX2 + VNNI: m = 2 at every b (−8..−43%), m = 3, 4 up to b = 5 (−11..−43%; from b = 6 the sub-tables spilled);</item>
-    /// <item>AVX2 alone (Zen 2/3): m = 2 up to b = 5 (−11..−29%), m = 3 up to b = 4 (−14..−16%); its four-op products spill sooner.</item>
+    /// <item>AVX2 + VNNI: m = 2 at every b (−8..−43%), m = 3, 4 up to b = 5 (−11..−43%; slower from b = 6);</item>
+    /// <item>AVX2 alone (Zen 2/3): m = 2 up to b = 5 (−11..−29%), m = 3 up to b = 4 (−14..−16%); its products are four ops and lose sooner.</item>
     /// </list>
     /// <c>ANYPREC_FEW_TOKENS=registers</c> (or <c>tiles</c>) in the environment forces one route on every path: to
     /// measure both on another CPU (<c>anyprec bench kernels</c>), and so the tests check both wherever the rule does not
