@@ -42,6 +42,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
+shared=${ANYPREC_SHARED:-$repo/../shared} # the models and data: ../shared beside the repository, or $ANYPREC_SHARED
 work=/tmp/anyprec-llamacpp
 threads=$(nproc)
 avx2=0 llama_isa="" prefill=0 tokens=32 depth=0 reps=5 layers="" outtype=f16 jobs=2
@@ -143,7 +144,7 @@ if [[ -z $model ]]; then
     model=$work/$name
     if [[ ! -f $model/config.json ]]; then
         say "synthesizing $name in $model"
-        tok=$repo/../shared/models/llama2-tokenizer/tokenizer.model
+        tok=$shared/models/llama2-tokenizer/tokenizer.model
         [[ -f $tok ]] || die "the Llama 2 tokenizer $tok is missing"
         anyprec synth --shape tinyllama-1.1b ${layers:+--layers $layers} --tokenizer "$tok" --output "$model" >&2
     fi
@@ -171,7 +172,7 @@ if [[ $skip_llamacpp == 0 ]]; then
         [[ -n $python ]] || die "no python3 with numpy and sentencepiece (apt-get install python3-numpy python3-sentencepiece, or set PYTHON)"
         say "converting $model to $base"
         tok=$model/tokenizer.model
-        [[ -f $tok ]] || tok=$repo/../shared/models/llama2-tokenizer/tokenizer.model
+        [[ -f $tok ]] || tok=$shared/models/llama2-tokenizer/tokenizer.model
         "$python" "$here/hf_to_gguf.py" --model "$model" --tokenizer "$tok" --gguf-py "$src/gguf-py" --outtype "$outtype" --output "$base" >&2
     fi
     for t in $types; do

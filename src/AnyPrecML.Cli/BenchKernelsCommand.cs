@@ -28,8 +28,9 @@ internal static class BenchKernelsCommand
         command.SetAction(r =>
         {
             int t = r.GetValue(threads);
-            int[] ms = r.GetValue(tokens) ?? (r.GetValue(quick) ? [1] : [1, 8, 64]);
-            if (ms.Length == 0 || ms.Any(m => m < 1)) throw new ArgumentException("--tokens must list token counts of 1 or more.");
+            // An option never given reads as an empty array, not null: the defaults apply then.
+            int[] ms = r.GetValue(tokens) is { Length: > 0 } given ? given : r.GetValue(quick) ? [1] : [1, 8, 64];
+            if (ms.Any(m => m < 1)) throw new ArgumentException("--tokens must list token counts of 1 or more.");
             using var pool = new KernelThreadPool(t);
             var backend = new CpuBitplaneBackend(pool: pool, accuracy: KernelAccuracy.Float32);
             var int8 = new CpuBitplaneBackend(pool: pool, accuracy: KernelAccuracy.Int8);

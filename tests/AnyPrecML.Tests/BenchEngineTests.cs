@@ -58,18 +58,23 @@ public sealed class BenchEngineTests
 
     /// <summary>
     /// <c>bench kernels --tokens</c>: every kernel measured at exactly the token counts asked for (here M = 2, a batch of
-    /// two sequences), and a count below 1 refused in one line.
+    /// two sequences), one token when <c>--quick</c> is given alone (an option left out once read as an empty list, and
+    /// the bench refused to run), and a count below 1 refused in one line.
     /// </summary>
     [TestMethod]
     public void BenchKernelsMeasuresTheTokenCountsAskedFor()
     {
-        var (code, output, err) = Cli.Run("bench", "kernels", "--quick", "--layers", "0", "--tokens", "2", "--json");
-        Assert.AreEqual(0, code, err);
-        using var doc = JsonDocument.Parse(output);
-        var results = doc.RootElement.GetProperty("results").EnumerateArray().ToList();
-        Assert.IsTrue(results.All(x => x.GetProperty("m").GetInt32() == 2 && x.GetProperty("ms").GetDouble() > 0), output);
-        CollectionAssert.AreEqual(new[] { 2, 3, 4, 5, 6, 7, 8 },
-            results.Where(x => x.GetProperty("kernel").GetString() == "bitplane-int8").Select(x => x.GetProperty("bits").GetInt32()).ToArray());
+        (string[] Tokens, int M)[] cases = [(["--tokens", "2"], 2), ([], 1)];
+        foreach (var (tokens, m) in cases)
+        {
+            var (code, output, err) = Cli.Run(["bench", "kernels", "--quick", "--layers", "0", .. tokens, "--json"]);
+            Assert.AreEqual(0, code, err);
+            using var doc = JsonDocument.Parse(output);
+            var results = doc.RootElement.GetProperty("results").EnumerateArray().ToList();
+            Assert.IsTrue(results.All(x => x.GetProperty("m").GetInt32() == m && x.GetProperty("ms").GetDouble() > 0), output);
+            CollectionAssert.AreEqual(new[] { 2, 3, 4, 5, 6, 7, 8 },
+                results.Where(x => x.GetProperty("kernel").GetString() == "bitplane-int8").Select(x => x.GetProperty("bits").GetInt32()).ToArray());
+        }
         var (bad, _, badErr) = Cli.Run("bench", "kernels", "--tokens", "0");
         Assert.AreEqual(2, bad);
         Assert.AreEqual("error: --tokens must list token counts of 1 or more.", badErr.Trim());
