@@ -172,8 +172,7 @@ public static unsafe partial class BitplaneKernels
         {
             <= 6 => Avx512Vbmi.PermuteVar64x8(t0, codes),
             7 => Avx512Vbmi.PermuteVar64x8x2(t0, codes, t1),
-            _ => Vector512.ConditionalSelect(Vector512.LessThan(codes.AsSByte(), Vector512<sbyte>.Zero).AsByte(),
-                Avx512Vbmi.PermuteVar64x8x2(t2, codes, t3), Avx512Vbmi.PermuteVar64x8x2(t0, codes, t1)),
+            _ => Avx512BW.BlendVariable(Avx512Vbmi.PermuteVar64x8x2(t0, codes, t1), Avx512Vbmi.PermuteVar64x8x2(t2, codes, t3), codes),
         };
 
     /// <summary>

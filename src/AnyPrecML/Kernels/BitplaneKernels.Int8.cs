@@ -284,11 +284,14 @@ public static unsafe partial class BitplaneKernels
     /// sequences, verify passes of 1-3 drafts), rather than through the decoded-rows tiles (a group of rows stored as
     /// bytes and read back once per token tile). In registers the decode stays shared and the bytes never go to memory;
     /// it loses at wide b, where a block's lookups already fill the registers. Chosen per path from
-    /// 4096×4096 products, 2 threads (Zen 5; docs/BENCHMARKS.md "Two to four tokens in registers"):
+    /// 4096×4096 products, 2 threads (Zen 5 and Zen 4; docs/BENCHMARKS.md "Two to four tokens in registers" and
+    /// "Eleventh session"):
     /// <list type="bullet">
-    /// <item>512-bit, VNNI: m = 2 at every b (−23..−39%), m = 3 up to b = 7 (−10..−27%), m = 4 up to b = 6 (−10..−15%, at b = 5, 6
+    /// <item>512-bit, VNNI (Zen 5): m = 2 at every b (−23..−39%), m = 3 up to b = 7 (−10..−27%), m = 4 up to b = 6 (−10..−15%, at b = 5, 6
     /// level in a second, noisier run; beyond, level or slower);</item>
-    /// <item>512-bit without VNNI (Zen 4): m = 2..4 at every b (−8..−48%);</item>
+    /// <item>512-bit without VNNI, the same rule, from a real Zen 4: m = 2 at every b (−5..−36%), m = 3 up to b = 7, m = 4
+    /// up to b = 6; the tiles were 1-7% faster at m = 3, b = 8 and 1-10% at m = 4, b = 7, 8 (on a Zen 5 with VNNI hidden,
+    /// the registers had looked faster at every b: what runs this path in practice is a Zen 4 or an Ice Lake);</item>
     /// <item>AVX2 + VNNI: m = 2 at every b (−8..−43%), m = 3, 4 up to b = 5 (−11..−43%; slower from b = 6);</item>
     /// <item>AVX2 alone (Zen 2/3): m = 2 up to b = 5 (−11..−29%), m = 3 up to b = 4 (−14..−16%); its products are four ops and lose sooner.</item>
     /// </list>
@@ -298,7 +301,7 @@ public static unsafe partial class BitplaneKernels
     /// </summary>
     internal static bool FewTokensInRegisters(KernelPath path, int m, int bits) => m is >= 2 and <= 4 && (FewTokensRoute ?? path switch
     {
-        KernelPath.Vector512 => !TableBytes.Offset || m == 2 || bits <= (m == 3 ? 7 : 6),
+        KernelPath.Vector512 => m == 2 || bits <= (m == 3 ? 7 : 6),
         KernelPath.Vector256 => TableBytes.Offset ? m == 2 || bits <= 5 : m == 2 ? bits <= 5 : m == 3 && bits <= 4,
         _ => false,
     });
