@@ -128,7 +128,7 @@ public sealed class AnyPrecisionModelTests
     public void ConfigRecordsShapesAndTheQkPermutationAndVersionOneStillOpens()
     {
         var section = JsonNode.Parse(File.ReadAllText(Path.Combine(Uniform, "config.json")))!["anyprecision"]!;
-        Assert.AreEqual(2, section["format_version"]!.GetValue<int>());
+        Assert.AreEqual(3, section["format_version"]!.GetValue<int>());
         Assert.AreEqual("exact", section["seed_method"]!.GetValue<string>());
         // stories260K: dim 64, hidden 172, 8 heads, 4 kv heads of 8: the padded planes hide cols = 172 of down_proj.
         CollectionAssert.AreEqual(new long[] { 64, 172 }, section["shapes"]!["mlp.down_proj"]!.AsArray().Select(n => n!.GetValue<long>()).ToArray());
@@ -163,8 +163,29 @@ public sealed class AnyPrecisionModelTests
         Tamper(Uniform, dir["bad-shape"], any, t => new TensorToWrite(t.Name, t.DType, [.. t.Shape], s => s.Write(t.Bytes)),
             cfg => cfg["anyprecision"]!["shapes"]!["mlp.down_proj"] = new JsonArray(64, 160));
         StringAssert.Contains(Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["bad-shape"])).Message, "anyprecision.shapes.mlp.down_proj");
-        Tamper(Uniform, dir["v3"], any, t => new TensorToWrite(t.Name, t.DType, [.. t.Shape], s => s.Write(t.Bytes)), cfg => cfg["anyprecision"]!["format_version"] = 3);
-        StringAssert.Contains(Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["v3"])).Message, "version 3");
+        Tamper(Uniform, dir["v4"], any, t => new TensorToWrite(t.Name, t.DType, [.. t.Shape], s => s.Write(t.Bytes)), cfg => cfg["anyprecision"]!["format_version"] = 4);
+        StringAssert.Contains(Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["v4"])).Message, "version 4");
+
+        // Planes padded with zero rows (what format 3 writes for planes of 64 KB and more; stories260K's are smaller):
+        // the stride is what the tensor's shape says, and every width reads as before. Fewer rows than the linear's is an error.
+        string planes = "model.layers.1.mlp.down_proj.bitplanes";
+        Tamper(Uniform, dir["padded"], planes, t => new TensorToWrite(t.Name, t.DType, [t.Shape[0], t.Shape[1] + 5, t.Shape[2]], s =>
+        {
+            long plane = t.ByteLength / t.Shape[0];
+            for (int p = 0; p < t.Shape[0]; p++)
+            {
+                s.Write(t.Bytes.Slice((int)(p * plane), (int)plane));
+                s.Write(new byte[5 * t.Shape[2] * 4]);
+            }
+        }));
+        using (var padded = AnyPrecisionModel.Open(dir["padded"]))
+        using (var original = AnyPrecisionModel.Open(Uniform))
+        {
+            Assert.AreEqual(original.Linear(1, "mlp.down_proj").Rows + 5, padded.Linear(1, "mlp.down_proj").PlaneRows);
+            for (int b = 3; b <= 8; b++)
+                CollectionAssert.AreEqual(original.Linear(1, "mlp.down_proj").Dequantize(b), padded.Linear(1, "mlp.down_proj").Dequantize(b), $"b={b}");
+            Assert.AreEqual(original.LinearBytes(4), padded.LinearBytes(4), "padding rows are not read");
+        }
     }
 
     /// <summary>Rewrites the quantized model with one tensor changed, through the reader and writer.</summary>

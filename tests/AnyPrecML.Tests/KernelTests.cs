@@ -74,6 +74,76 @@ public sealed class KernelTests
         }
     }
 
+    /// <summary>
+    /// Planes of 64 KB or more are padded with zero rows (<see cref="BitplaneMatrix.PaddedPlaneRows"/>), so a plane's rows
+    /// start <see cref="BitplaneMatrix.PlaneRows"/> rows after the last plane's. The planes read back exactly as given,
+    /// the codes decode as an independent walk over the given planes says, and every path at both accuracies multiplies
+    /// the padded matrix as the float64 reference does (the other shapes here are too small to be padded).
+    /// </summary>
+    [TestMethod]
+    public void PaddedPlanesReadBackAsGivenAndMultiplyOnEveryPath()
+    {
+        const int rows = 256, cols = 2048, words = cols / 32, seedBits = 3;
+        var rng = new Random(17);
+        var planes = Enumerable.Range(0, 8 * rows * words).Select(_ => (uint)rng.NextInt64(0, 1L << 32)).ToArray();
+        var tables = Enumerable.Range(seedBits, 8 - seedBits + 1)
+            .Select(b => Enumerable.Range(0, rows << b).Select(_ => (Half)TestData.Gaussian(rng)).ToArray()).ToArray();
+        var m = BitplaneMatrix.Create("padded", rows, cols, seedBits, 8, planes, tables);
+        Assert.AreEqual(264, m.PlaneRows, "256 rows of 256 bytes: 64 KB a plane, moved 2 KB on by 8 rows");
+        for (int p = 0; p < 8; p++) CollectionAssert.AreEqual(planes.AsSpan(p * rows * words, rows * words).ToArray(), m.Plane(p).ToArray(), $"plane {p}");
+        foreach (int bits in new[] { 3, 8 })
+        {
+            var w = m.Dequantize(bits);
+            for (int r = 0; r < rows; r += 37)
+                for (int j = 0; j < cols; j += 13)
+                {
+                    int code = 0;
+                    for (int p = 0; p < bits; p++) code = code << 1 | (int)(planes[(p * rows + r) * words + j / 32] >> (j % 32) & 1);
+                    Assert.AreEqual((float)tables[bits - seedBits][(r << bits) + code], w[r * cols + j], $"b={bits} ({r}, {j})");
+                }
+        }
+        using var pool = new KernelThreadPool(2);
+        foreach (var path in BitplaneKernels.SupportedPaths)
+            foreach (var accuracy in new[] { KernelAccuracy.Float32, KernelAccuracy.Int8 })
+            {
+                var backend = new CpuBitplaneBackend(path, pool, accuracy);
+                foreach (int tokens in new[] { 1, 3, 9 })
+                {
+                    var x = RandomX(tokens * cols, 5 * tokens);
+                    foreach (int bits in new[] { 3, 6, 8 })
+                    {
+                        var y = new float[tokens * rows];
+                        backend.Multiply(m, bits, x, tokens, y);
+                        if (accuracy == KernelAccuracy.Float32) AssertMatchesFloat64(m, bits, x, tokens, y, $"{backend.Name} b={bits} M={tokens}");
+                        else AssertWithinInt8Bound(m, bits, x, tokens, y);
+                    }
+                }
+            }
+    }
+
+    /// <summary>
+    /// <see cref="BitplaneMatrix.PaddedPlaneRows"/> against a brute-force search: the fewest rows at or above the given
+    /// ones that keep every two of eight consecutive planes at least 2 KB apart modulo 64 KB; planes under 64 KB as
+    /// they are. Includes the 1.1B and 7B shapes, whose unpadded planes are whole multiples of 64 KB apart.
+    /// </summary>
+    [TestMethod]
+    public void PaddedPlaneRowsAreTheFewestThatSpreadEightPlanes()
+    {
+        static long Gap(long planeBytes) => Enumerable.Range(1, 7).Min(d => Math.Min(d * planeBytes % 65536, 65536 - d * planeBytes % 65536));
+        (int Rows, int Cols)[] shapes = [(64, 64), (255, 2048), (256, 2048), (2048, 2048), (2560, 2048), (5632, 2048), (2048, 5632),
+            (4096, 4096), (11008, 4096), (4096, 11008), (32000, 2048), (1000, 100), (3000, 1000), (777, 3333)];
+        foreach (var (rows, cols) in shapes)
+        {
+            long rowBytes = 4L * ((cols + 31) / 32);
+            int padded = BitplaneMatrix.PaddedPlaneRows(rows, cols);
+            if (rows * rowBytes < 65536) { Assert.AreEqual(rows, padded, $"{rows}x{cols}"); continue; }
+            int expected = Enumerable.Range(rows, 257).First(r => Gap(r * rowBytes) >= 2048);
+            Assert.AreEqual(expected, padded, $"{rows}x{cols}");
+        }
+        Assert.AreEqual(5640, BitplaneMatrix.PaddedPlaneRows(5632, 2048));
+        Assert.AreEqual(2051, BitplaneMatrix.PaddedPlaneRows(2048, 5632));
+    }
+
     [TestMethod]
     public void TheWidestPathIsUsedByDefaultAndReported()
     {

@@ -70,8 +70,10 @@ public sealed class QuantizeCliTests
         var (code, output, err) = Run("bench", "memory", "--shape", "llama2-7b", "--json");
         Assert.AreEqual(0, code, err);
         using var doc = JsonDocument.Parse(output);
-        // q_proj of Llama-2-7B: 4096 rows × 128 words × 4 bytes × 8 planes + 4096 × (8+16+...+256) × 2 bytes.
-        long q = 8L * 4096 * 128 * 4 + 4096L * (8 + 16 + 32 + 64 + 128 + 256) * 2;
+        // q_proj of Llama-2-7B: 4096 rows × 128 words × 4 bytes × 8 planes + 4096 × (8+16+...+256) × 2 bytes, each plane
+        // padded by 4 rows: its 2 MB would put all eight planes at the same place modulo 64 KB; 4 × 512 B moves each
+        // 2 KB on from the one before (the fewest rows that keep every two of them 2 KB apart, 7 × 2 KB < 62 KB).
+        long q = 8L * (4096 + 4) * 128 * 4 + 4096L * (8 + 16 + 32 + 64 + 128 + 256) * 2;
         Assert.AreEqual(q, AnyPrecisionModel.LayerBytes(4096, 4096, 3, 8));
         long parent = doc.RootElement.GetProperty("anyprecision").GetInt64();
         long separate = doc.RootElement.GetProperty("separate_total").GetInt64();

@@ -25,14 +25,14 @@ internal readonly unsafe struct BitplaneOperand
     public readonly uint* Planes;   // plane 0, row 0
     public readonly Half* Table;    // b-bit table, row 0
     public readonly int Rows, Cols, Words, Bits;
-    public readonly long PlaneStride; // words from one plane to the next: rows × words
+    public readonly long PlaneStride; // words from one plane to the next: plane rows (padding included) × words
 
     public BitplaneOperand(BitplaneMatrix m, int bits)
     {
         m.CheckBits(bits);
         Planes = m.PlanesPointer; Table = m.TablePointer(bits);
         Rows = m.Rows; Cols = m.Cols; Words = m.WordsPerRow; Bits = bits;
-        PlaneStride = (long)m.Rows * m.WordsPerRow;
+        PlaneStride = m.PlaneStride;
     }
 }
 

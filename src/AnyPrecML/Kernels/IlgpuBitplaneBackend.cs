@@ -79,7 +79,7 @@ public sealed class IlgpuBitplaneBackend : BitplaneBackend, IDisposable
             _y = Ensure(_y, y.Length);
             _x.View.AsContiguous().SubView(0, x.Length).CopyFromCPU(x);
             int warp = _accelerator.WarpSize;
-            var shape = new KernelShape(weight.Rows, weight.Cols, weight.WordsPerRow, bits, (long)weight.Rows * weight.WordsPerRow);
+            var shape = new KernelShape(weight.Rows, weight.Cols, weight.WordsPerRow, bits, weight.PlaneStride);
             _kernel(new KernelConfig(new Index2D(weight.Rows, tokens), new Index2D(warp, 1)),
                 dw.Planes.View, dw.Tables[bits - weight.SeedBits].View, _x.View, _y.View, shape);
             _accelerator.Synchronize();

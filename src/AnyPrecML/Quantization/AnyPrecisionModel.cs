@@ -172,7 +172,7 @@ public sealed class AnyPrecisionModel : IDisposable
 
     /// <summary>
     /// Bytes a <paramref name="bits"/>-bit model reads of the quantized linears, from the tensors as stored: planes
-    /// 0..b-1 (the first b of each [n, rows, W] plane tensor) and the b-bit centroid table of every linear.
+    /// 0..b-1 (the first b of each [n, R, W] plane tensor, less its padding rows) and the b-bit centroid table of every linear.
     /// </summary>
     public (long Planes, long Table) LinearBytes(int bits)
     {
@@ -180,7 +180,9 @@ public sealed class AnyPrecisionModel : IDisposable
         long planes = 0, table = 0;
         foreach (var name in QuantizedNames())
         {
-            planes += Checkpoint[name + ".bitplanes"].ByteLength / ParentBits * bits;
+            // A plane's own rows, not its padding rows (format 3), which no product reads.
+            var stored = Checkpoint[name + ".bitplanes"];
+            planes += stored.ByteLength / ParentBits / stored.Shape[1] * Linear(name).Rows * bits;
             table += Checkpoint[$"{name}.centroids.{bits}"].ByteLength;
         }
         return (planes, table);
@@ -196,10 +198,10 @@ public sealed class AnyPrecisionModel : IDisposable
     private IEnumerable<string> QuantizedNames() =>
         Enumerable.Range(0, Config.Layers).SelectMany(l => LlamaTensorNames.BlockLinears.Select(part => LinearName(l, part)));
 
-    /// <summary>Bytes of one linear layer's tensors in this format with planes for <paramref name="parentBits"/> and tables for seed..parent.</summary>
+    /// <summary>Bytes of one linear layer's tensors in this format with planes for <paramref name="parentBits"/> (padding rows included) and tables for seed..parent.</summary>
     public static long LayerBytes(long rows, long cols, int seedBits, int parentBits)
     {
-        long planes = parentBits * rows * ((cols + 31) / 32) * 4;
+        long planes = parentBits * BitplaneMatrix.PaddedPlaneRows(checked((int)rows), checked((int)cols)) * ((cols + 31) / 32) * 4;
         long tables = 0;
         for (int b = seedBits; b <= parentBits; b++) tables += rows * (1L << b) * 2;
         return planes + tables;

@@ -37,8 +37,11 @@ public readonly record struct QuantizeProgress(int Done, int Total, string Layer
 /// </summary>
 public static class AnyPrecisionQuantizer
 {
-    /// <summary>Format version written to config.json (2 records each linear's shape and the q/k permutation; 1 is still read).</summary>
-    public const int FormatVersion = 2;
+    /// <summary>
+    /// Format version written to config.json: 3 pads each plane with zero rows (<see cref="BitplaneMatrix.PaddedPlaneRows"/>);
+    /// 2 records each linear's shape and the q/k permutation; 1 and 2 are still read.
+    /// </summary>
+    public const int FormatVersion = 3;
 
     /// <summary>Quantizes every block linear of <paramref name="source"/> and writes the model to <paramref name="outputDirectory"/>.</summary>
     public static void Quantize(LlamaCheckpoint source, string outputDirectory, ISensitivitySource sensitivity, QuantizerOptions options,
@@ -86,9 +89,9 @@ public static class AnyPrecisionQuantizer
             {
                 int layer = l;
                 var shape = LlamaTensorNames.ShapeOf(c, part);
-                long rows = shape[0], words = (shape[1] + 31) / 32;
+                long rows = shape[0], words = (shape[1] + 31) / 32, planeRows = BitplaneMatrix.PaddedPlaneRows((int)rows, (int)shape[1]);
                 string name = AnyPrecisionModel.LinearName(l, part);
-                tensors.Add(new TensorToWrite(name + ".bitplanes", DType.U32, [options.ParentBits, rows, words],
+                tensors.Add(new TensorToWrite(name + ".bitplanes", DType.U32, [options.ParentBits, planeRows, words],
                     s => s.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(Get(layer, part).AllPlanes))));
                 for (int b = options.SeedBits; b <= options.ParentBits; b++)
                 {
@@ -116,7 +119,7 @@ public static class AnyPrecisionQuantizer
             ["shapes"] = new JsonObject(LlamaTensorNames.BlockLinears.Select(part =>
                 KeyValuePair.Create(part, (JsonNode?)new JsonArray([.. LlamaTensorNames.ShapeOf(c, part).Select(d => (JsonNode)d)])))),
             ["qk_permutation"] = c.RopeLayout == RopeLayout.Interleaved ? QkPermutation : "none",
-            ["bitplane_layout"] = "plane p = bit (n-1-p) of the parent code; U32 [n, rows, ceil(cols/32)], element j at word j/32, bit j%32",
+            ["bitplane_layout"] = "plane p = bit (n-1-p) of the parent code; U32 [n, R, ceil(cols/32)], element j at word j/32, bit j%32; a plane holds the linear rows, then zero rows up to R",
             ["centroid_layout"] = "F16 [rows, 2^b] per b in seed..n, named <layer>.centroids.<b>",
         };
 

@@ -8,15 +8,16 @@ namespace AnyPrecML.Quantization;
 /// Plane p holds bit (n-1-p) of every parent code, most significant first, packed per row into
 /// 32-bit words (element j in word j/32, bit j%32). The b-bit code of an element is the top b bits
 /// of its parent code, so a b-bit consumer reads planes 0..b-1 and the b-bit table [rows, 2^b] only.
+/// Each plane holds <see cref="PlaneRows"/> rows, the last ones zero padding (<see cref="PaddedPlaneRows"/>).
 /// The planes and tables are views: of arrays after quantization, of the mapped file after loading.
 /// </summary>
 public sealed class BitplaneMatrix
 {
     private readonly Storage _storage;
 
-    private BitplaneMatrix(string name, int rows, int cols, int seedBits, int parentBits, Storage storage)
+    private BitplaneMatrix(string name, int rows, int cols, int seedBits, int parentBits, int planeRows, Storage storage)
     {
-        Name = name; Rows = rows; Cols = cols; SeedBits = seedBits; ParentBits = parentBits; _storage = storage;
+        Name = name; Rows = rows; Cols = cols; SeedBits = seedBits; ParentBits = parentBits; PlaneRows = planeRows; _storage = storage;
         WordsPerRow = (cols + 31) / 32;
     }
 
@@ -32,12 +33,47 @@ public sealed class BitplaneMatrix
     public int ParentBits { get; }
     /// <summary>32-bit words per row in each plane: ceil(cols / 32).</summary>
     public int WordsPerRow { get; }
+    /// <summary>Rows each plane holds: <see cref="Rows"/>, then zero rows up to <see cref="PaddedPlaneRows"/> (models written before format 3: none).</summary>
+    public int PlaneRows { get; }
+    /// <summary>Words from one plane to the next.</summary>
+    internal long PlaneStride => (long)PlaneRows * WordsPerRow;
+
+    /// <summary>
+    /// Rows a plane is padded to, so that the b planes a product streams at once never start at nearly the same place
+    /// modulo 64 KB. Unpadded, the 1.1B shape's planes are whole multiples of 64 KB apart (2048×5632: 22×64 KB), every
+    /// plane's row r falls in the same sets of a 1024- or 2048-set L2, and the b streams and what the prefetchers
+    /// fetch ahead for them evict each other: a decode step's products read their weights 10-30% slower at b ≥ 4
+    /// (Zen 4, both paths; docs/BENCHMARKS.md "Eleventh session"). The fewest rows (at most 256 more) that put every two
+    /// of eight consecutive planes at least 2 KB (32 cache lines) apart modulo 64 KB; planes under 64 KB are left as
+    /// they are (a whole matrix then sits in L2).
+    /// </summary>
+    public static int PaddedPlaneRows(int rows, int cols)
+    {
+        long rowBytes = 4L * ((cols + 31) / 32);
+        if (rows * rowBytes < Period) return rows;
+        int best = rows;
+        long bestGap = -1;
+        for (int r = rows; r <= rows + 256; r++)
+        {
+            long gap = long.MaxValue;
+            for (int d = 1; d < 8; d++)
+            {
+                long offset = d * r * rowBytes % Period;
+                gap = Math.Min(gap, Math.Min(offset, Period - offset));
+            }
+            if (gap > bestGap) (best, bestGap) = (r, gap);
+            if (gap >= MinGap) break;
+        }
+        return best;
+    }
+
+    private const long Period = 64 << 10, MinGap = 2 << 10;
 
     /// <summary>Plane <paramref name="p"/> (bit n-1-p of each code): [rows, WordsPerRow].</summary>
     public ReadOnlySpan<uint> Plane(int p)
     {
         if ((uint)p >= (uint)ParentBits) throw new ArgumentOutOfRangeException(nameof(p), p, $"plane must be in 0..{ParentBits - 1}.");
-        return _storage.Planes.Slice(p * Rows * WordsPerRow, Rows * WordsPerRow);
+        return _storage.Planes.Slice((int)(p * PlaneStride), Rows * WordsPerRow);
     }
 
     /// <summary>The b-bit centroid table [rows, 2^b] in fp16.</summary>
@@ -84,9 +120,9 @@ public sealed class BitplaneMatrix
     public static BitplaneMatrix FromRows(string name, IReadOnlyList<RowQuantization> rows, int cols, int maxDegreeOfParallelism = -1)
     {
         if (rows.Count == 0) throw new ArgumentException("no rows.", nameof(rows));
-        int seed = rows[0].SeedBits, parent = rows[0].ParentBits, words = (cols + 31) / 32, n = rows.Count;
+        int seed = rows[0].SeedBits, parent = rows[0].ParentBits, words = (cols + 31) / 32, n = rows.Count, planeRows = PaddedPlaneRows(n, cols);
         // Pinned: the kernels read planes and tables through raw pointers, as they do from a mapped file.
-        var planes = GC.AllocateArray<uint>(checked((int)((long)parent * n * words)), pinned: true);
+        var planes = GC.AllocateArray<uint>(checked((int)((long)parent * planeRows * words)), pinned: true);
         var tables = new Half[parent - seed + 1][];
         for (int b = seed; b <= parent; b++) tables[b - seed] = GC.AllocateArray<Half>(n * (1 << b), pinned: true);
         for (int r = 0; r < n; r++)
@@ -99,7 +135,7 @@ public sealed class BitplaneMatrix
             for (int p = 0; p < parent; p++)
             {
                 int shift = parent - 1 - p;
-                var dst = planes.AsSpan((int)(((long)p * n + r) * words), words);
+                var dst = planes.AsSpan((int)(((long)p * planeRows + r) * words), words);
                 for (int w = 0; w < words; w++)
                 {
                     uint word = 0;
@@ -111,12 +147,13 @@ public sealed class BitplaneMatrix
             for (int b = seed; b <= parent; b++)
                 for (int c = 0; c < 1 << b; c++) tables[b - seed][r * (1 << b) + c] = (Half)q.Table(b)[c];
         });
-        return new BitplaneMatrix(name, n, cols, seed, parent, new ArrayStorage(planes, tables, seed));
+        return new BitplaneMatrix(name, n, cols, seed, parent, planeRows, new ArrayStorage(planes, tables, seed));
     }
 
     /// <summary>
     /// A matrix over existing planes [parent, rows, ceil(cols/32)] and fp16 tables (one per b in seed..parent,
-    /// [rows, 2^b]); the arrays are copied into pinned memory. For importing other formats and for benchmarks.
+    /// [rows, 2^b]); the arrays are copied into pinned memory (planes padded, <see cref="PaddedPlaneRows"/>). For
+    /// importing other formats and for benchmarks.
     /// </summary>
     public static BitplaneMatrix Create(string name, int rows, int cols, int seedBits, int parentBits, ReadOnlySpan<uint> planes, IReadOnlyList<Half[]> tables)
     {
@@ -126,8 +163,10 @@ public sealed class BitplaneMatrix
         int words = (cols + 31) / 32;
         if (planes.Length != (long)parentBits * rows * words) throw new ArgumentException($"{planes.Length} plane words; {parentBits} × {rows} × {words} expected.", nameof(planes));
         if (tables.Count != parentBits - seedBits + 1) throw new ArgumentException($"{tables.Count} tables; one per width {seedBits}..{parentBits} expected.", nameof(tables));
-        var pinnedPlanes = GC.AllocateArray<uint>(planes.Length, pinned: true);
-        planes.CopyTo(pinnedPlanes);
+        int planeRows = PaddedPlaneRows(rows, cols);
+        var pinnedPlanes = GC.AllocateArray<uint>(checked((int)((long)parentBits * planeRows * words)), pinned: true);
+        for (int p = 0; p < parentBits; p++)
+            planes.Slice((int)((long)p * rows * words), rows * words).CopyTo(pinnedPlanes.AsSpan((int)((long)p * planeRows * words)));
         var pinnedTables = new Half[tables.Count][];
         for (int b = seedBits; b <= parentBits; b++)
         {
@@ -136,7 +175,7 @@ public sealed class BitplaneMatrix
             pinnedTables[b - seedBits] = GC.AllocateArray<Half>(t.Length, pinned: true);
             t.CopyTo(pinnedTables[b - seedBits], 0);
         }
-        return new BitplaneMatrix(name, rows, cols, seedBits, parentBits, new ArrayStorage(pinnedPlanes, pinnedTables, seedBits));
+        return new BitplaneMatrix(name, rows, cols, seedBits, parentBits, planeRows, new ArrayStorage(pinnedPlanes, pinnedTables, seedBits));
     }
 
     /// <summary>Views of a loaded model's tensors (no copy); shapes and dtypes are checked.</summary>
@@ -144,14 +183,17 @@ public sealed class BitplaneMatrix
     {
         int words = (cols + 31) / 32;
         if (planes.DType != DType.U32) throw new ModelFormatException($"{planes.FilePath}: '{planes.Name}' is {planes.DType.Name()}, bitplanes are U32.");
-        planes.Expect(parentBits, rows, words);
+        // Format 3 pads each plane to PaddedPlaneRows; earlier files hold exactly rows. Whatever the file says is the stride.
+        long planeRows = planes.Shape.Count == 3 ? planes.Shape[1] : -1;
+        if (planeRows < rows || planeRows > int.MaxValue) planes.Expect(parentBits, rows, words);
+        planes.Expect(parentBits, planeRows, words);
         for (int b = seedBits; b <= parentBits; b++)
         {
             var t = tables[b - seedBits];
             if (t.DType != DType.F16) throw new ModelFormatException($"{t.FilePath}: '{t.Name}' is {t.DType.Name()}, centroid tables are F16.");
             t.Expect(rows, 1L << b);
         }
-        return new BitplaneMatrix(name, rows, cols, seedBits, parentBits, new MappedStorage(planes, tables, seedBits));
+        return new BitplaneMatrix(name, rows, cols, seedBits, parentBits, (int)planeRows, new MappedStorage(planes, tables, seedBits));
     }
 
     private abstract class Storage
@@ -172,7 +214,7 @@ public sealed class BitplaneMatrix
         public override ReadOnlySpan<Half> Table(int bits) => MemoryMarshal.Cast<byte, Half>(tables[bits - seed].Bytes);
     }
 
-    /// <summary>The planes as stored (for writing).</summary>
+    /// <summary>The planes as stored, padding included: [parent, <see cref="PlaneRows"/>, <see cref="WordsPerRow"/>] (for writing).</summary>
     internal ReadOnlySpan<uint> AllPlanes => _storage.Planes;
 
     /// <summary>Address of plane 0, row 0 (pinned arrays or a mapped file: stable while the matrix lives).</summary>
