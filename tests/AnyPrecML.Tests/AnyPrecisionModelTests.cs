@@ -44,6 +44,39 @@ public sealed class AnyPrecisionModelTests
         for (int b = 3; b <= 8; b++) CollectionAssert.AreEqual(fresh.Dequantize(b), loaded.Dequantize(b), $"b={b}");
     }
 
+    /// <summary>
+    /// Format 3 as the quantizer writes it: a model whose planes reach 64 KiB (hidden 2048 over dim 256) gets padded
+    /// planes, each tensor declaring the rows it holds; the padding rows are zero; reopened, every linear reads the
+    /// weights a fresh quantization of it gives.
+    /// </summary>
+    [TestMethod]
+    public void PlanesOf64KiBAreWrittenPaddedAndReadBackAsQuantized()
+    {
+        using var dir = TestData.NewTempDir();
+        var c = TestData.TinyConfig() with { Dim = 256, HiddenDim = 2048, Layers = 1, HeadDim = 64 };
+        SyntheticModel.Write(c, dir["hf"], DType.F32);
+        using var source = LlamaCheckpoint.Open(dir["hf"]);
+        AnyPrecisionQuantizer.Quantize(source, dir["ap"], new UniformSensitivity(), new QuantizerOptions());
+        using var ap = AnyPrecisionModel.Open(dir["ap"]);
+        int padded = 0;
+        foreach (var part in LlamaTensorNames.BlockLinears)
+        {
+            var m = ap.Linear(0, part);
+            // gate, up: 2048 rows of 32 bytes; down: 256 rows of 256 bytes: 64 KiB planes, moved 2 KiB apart.
+            int expected = part is "mlp.gate_proj" or "mlp.up_proj" ? 2048 + 64 : part == "mlp.down_proj" ? 256 + 8 : m.Rows;
+            Assert.AreEqual(expected, m.PlaneRows, part);
+            if (m.PlaneRows > m.Rows) padded++;
+            var stored = ap.Checkpoint[AnyPrecisionModel.LinearName(0, part) + ".bitplanes"];
+            CollectionAssert.AreEqual(new long[] { 8, m.PlaneRows, m.WordsPerRow }, stored.Shape.ToArray(), part);
+            var words = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, uint>(stored.Bytes);
+            for (int p = 0; p < 8; p++)
+                Assert.IsTrue(words.Slice((int)((long)p * m.PlaneRows * m.WordsPerRow + (long)m.Rows * m.WordsPerRow), (m.PlaneRows - m.Rows) * m.WordsPerRow).IndexOfAnyExcept(0u) < 0, $"{part} plane {p}: padding rows are zero");
+            var fresh = AnyPrecisionQuantizer.QuantizeLayer(source, 0, part, new UniformSensitivity(), new QuantizerOptions());
+            foreach (int b in new[] { 3, 8 }) CollectionAssert.AreEqual(fresh.Dequantize(b), m.Dequantize(b), $"{part} b={b}");
+        }
+        Assert.AreEqual(3, padded, "gate, up and down are padded");
+    }
+
     [TestMethod]
     public void QuantizationIsByteIdenticalForTheSameInputsAndSeedWhateverTheThreads()
     {
@@ -186,6 +219,9 @@ public sealed class AnyPrecisionModelTests
                 CollectionAssert.AreEqual(original.Linear(1, "mlp.down_proj").Dequantize(b), padded.Linear(1, "mlp.down_proj").Dequantize(b), $"b={b}");
             Assert.AreEqual(original.LinearBytes(4), padded.LinearBytes(4), "padding rows are not read");
         }
+        Tamper(Uniform, dir["over-padded"], planes, t => new TensorToWrite(t.Name, t.DType, [t.Shape[0], t.Shape[1] + 257, t.Shape[2]],
+            s => s.Write(new byte[t.Shape[0] * (t.Shape[1] + 257) * t.Shape[2] * 4])));
+        StringAssert.Contains(Assert.ThrowsExactly<ModelFormatException>(() => AnyPrecisionModel.Open(dir["over-padded"])).Message, $"{planes}' has shape [8, 321, 6]");
     }
 
     /// <summary>Rewrites the quantized model with one tensor changed, through the reader and writer.</summary>

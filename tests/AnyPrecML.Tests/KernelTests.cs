@@ -119,6 +119,15 @@ public sealed class KernelTests
                     }
                 }
             }
+        // The ILGPU kernel (on its CPU accelerator) takes the same stride.
+        using var ilgpu = IlgpuBitplaneBackend.CreateCpu();
+        var x1 = RandomX(cols, 3);
+        foreach (int bits in new[] { 3, 8 })
+        {
+            var y = new float[rows];
+            ilgpu.Multiply(m, bits, x1, 1, y);
+            AssertMatchesFloat64(m, bits, x1, 1, y, $"ILGPU CPU b={bits}");
+        }
     }
 
     /// <summary>

@@ -201,7 +201,9 @@ public sealed class AnyPrecisionModel : IDisposable
     /// <summary>Bytes of one linear layer's tensors in this format with planes for <paramref name="parentBits"/> (padding rows included) and tables for seed..parent.</summary>
     public static long LayerBytes(long rows, long cols, int seedBits, int parentBits)
     {
-        long planes = parentBits * BitplaneMatrix.PaddedPlaneRows(checked((int)rows), checked((int)cols)) * ((cols + 31) / 32) * 4;
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(rows, int.MaxValue);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(cols, int.MaxValue);
+        long planes = (long)parentBits * BitplaneMatrix.PaddedPlaneRows((int)rows, (int)cols) * ((cols + 31) / 32) * 4;
         long tables = 0;
         for (int b = seedBits; b <= parentBits; b++) tables += rows * (1L << b) * 2;
         return planes + tables;

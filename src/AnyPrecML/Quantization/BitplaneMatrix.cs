@@ -43,9 +43,10 @@ public sealed class BitplaneMatrix
     /// modulo 64 KB. Unpadded, the 1.1B shape's planes are whole multiples of 64 KB apart (2048×5632: 22×64 KB), every
     /// plane's row r falls in the same sets of a 1024- or 2048-set L2, and the b streams and what the prefetchers
     /// fetch ahead for them evict each other: a decode step's products read their weights 10-30% slower at b ≥ 4
-    /// (Zen 4, both paths; docs/BENCHMARKS.md "Eleventh session"). The fewest rows (at most 256 more) that put every two
-    /// of eight consecutive planes at least 2 KB (32 cache lines) apart modulo 64 KB; planes under 64 KB are left as
-    /// they are (a whole matrix then sits in L2).
+    /// (Zen 4, both paths; docs/BENCHMARKS.md "Eleventh session"). The fewest rows that put every two of eight
+    /// consecutive planes at least 2 KB (32 cache lines) apart modulo 64 KB, or failing that (rows of 4 bytes) the widest
+    /// such gap, within <see cref="MaxPaddingRows"/> more; planes under 64 KB are left as they are (a whole matrix then
+    /// sits in L2).
     /// </summary>
     public static int PaddedPlaneRows(int rows, int cols)
     {
@@ -53,12 +54,12 @@ public sealed class BitplaneMatrix
         if (rows * rowBytes < Period) return rows;
         int best = rows;
         long bestGap = -1;
-        for (int r = rows; r <= rows + 256; r++)
+        for (int r = rows; r <= rows + MaxPaddingRows; r++)
         {
             long gap = long.MaxValue;
             for (int d = 1; d < 8; d++)
             {
-                long offset = d * r * rowBytes % Period;
+                long offset = (long)d * r * rowBytes % Period;
                 gap = Math.Min(gap, Math.Min(offset, Period - offset));
             }
             if (gap > bestGap) (best, bestGap) = (r, gap);
@@ -68,6 +69,9 @@ public sealed class BitplaneMatrix
     }
 
     private const long Period = 64 << 10, MinGap = 2 << 10;
+
+    /// <summary>The most padding rows a plane has (what a reader accepts beyond a linear's rows).</summary>
+    public const int MaxPaddingRows = 256;
 
     /// <summary>Plane <paramref name="p"/> (bit n-1-p of each code): [rows, WordsPerRow].</summary>
     public ReadOnlySpan<uint> Plane(int p)
@@ -185,8 +189,8 @@ public sealed class BitplaneMatrix
         if (planes.DType != DType.U32) throw new ModelFormatException($"{planes.FilePath}: '{planes.Name}' is {planes.DType.Name()}, bitplanes are U32.");
         // Format 3 pads each plane to PaddedPlaneRows; earlier files hold exactly rows. Whatever the file says is the stride.
         long planeRows = planes.Shape.Count == 3 ? planes.Shape[1] : -1;
-        if (planeRows < rows || planeRows > int.MaxValue) planes.Expect(parentBits, rows, words);
-        planes.Expect(parentBits, planeRows, words);
+        if (planeRows < rows || planeRows > (long)rows + MaxPaddingRows || !planes.Shape.SequenceEqual([parentBits, planeRows, words]))
+            throw new ModelFormatException($"{planes.FilePath}: tensor '{planes.Name}' has shape [{string.Join(", ", planes.Shape)}], expected [{parentBits}, R, {words}] with {rows} ≤ R ≤ {(long)rows + MaxPaddingRows}.");
         for (int b = seedBits; b <= parentBits; b++)
         {
             var t = tables[b - seedBits];
