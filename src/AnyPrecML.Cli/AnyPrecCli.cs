@@ -18,6 +18,7 @@ public static class AnyPrecCli
         GenerateCommand.Create(),
         PerplexityCommand.Create(),
         QuantizeCommand.Create(),
+        RepackCommand.Create(),
         ProfileCommand.Create(),
         EvalCommand.Create(),
         ExportCommand.Create(),

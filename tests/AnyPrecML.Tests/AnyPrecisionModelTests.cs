@@ -47,10 +47,12 @@ public sealed class AnyPrecisionModelTests
     /// <summary>
     /// Format 3 as the quantizer writes it: a model whose planes reach 64 KiB (hidden 2048 over dim 256) gets padded
     /// planes, each tensor declaring the rows it holds; the padding rows are zero; reopened, every linear reads the
-    /// weights a fresh quantization of it gives.
+    /// weights a fresh quantization of it gives. Then the same model as format 2 wrote it (no padding rows), which
+    /// <c>anyprec repack</c> turns into the very bytes the quantizer wrote, config.json included; repacking a model
+    /// into its own directory is refused in one line.
     /// </summary>
     [TestMethod]
-    public void PlanesOf64KiBAreWrittenPaddedAndReadBackAsQuantized()
+    public void PlanesOf64KiBAreWrittenPaddedAndRepackGivesAnOlderFileTheSameBytes()
     {
         using var dir = TestData.NewTempDir();
         var c = TestData.TinyConfig() with { Dim = 256, HiddenDim = 2048, Layers = 1, HeadDim = 64 };
@@ -75,6 +77,47 @@ public sealed class AnyPrecisionModelTests
             foreach (int b in new[] { 3, 8 }) CollectionAssert.AreEqual(fresh.Dequantize(b), m.Dequantize(b), $"{part} b={b}");
         }
         Assert.AreEqual(3, padded, "gate, up and down are padded");
+
+        // Format 2: every planes tensor without its padding rows, the version and layout as format 2 wrote them.
+        Directory.CreateDirectory(dir["v2"]);
+        var (file, tensors, meta) = SafetensorsReader.Open(Path.Combine(dir["ap"], "model.safetensors"));
+        using (file)
+        {
+            var unpadded = tensors.Select(t =>
+            {
+                if (!t.Name.EndsWith(".bitplanes", StringComparison.Ordinal)) return new TensorToWrite(t.Name, t.DType, [.. t.Shape], s => s.Write(t.Bytes));
+                int rows = ap.Linear(t.Name[..^".bitplanes".Length]).Rows;
+                return new TensorToWrite(t.Name, t.DType, [t.Shape[0], rows, t.Shape[2]], s =>
+                {
+                    long plane = t.ByteLength / t.Shape[0], kept = rows * t.Shape[2] * 4;
+                    for (int p = 0; p < t.Shape[0]; p++) s.Write(t.Bytes.Slice((int)(p * plane), (int)kept));
+                });
+            }).ToList();
+            SafetensorsWriter.Write(Path.Combine(dir["v2"], "model.safetensors"), unpadded, meta);
+        }
+        var config = JsonNode.Parse(File.ReadAllText(Path.Combine(dir["ap"], "config.json")))!.AsObject();
+        config["anyprecision"]!["format_version"] = 2;
+        config["anyprecision"]!["bitplane_layout"] = "plane p = bit (n-1-p) of the parent code; U32 [n, rows, ceil(cols/32)], element j at word j/32, bit j%32";
+        File.WriteAllText(Path.Combine(dir["v2"], "config.json"), config.ToJsonString(new() { WriteIndented = true }));
+        foreach (var other in Directory.EnumerateFiles(dir["ap"]).Where(f => Path.GetFileName(f) is not ("model.safetensors" or "config.json")))
+            File.Copy(other, Path.Combine(dir["v2"], Path.GetFileName(other)));
+        using (var v2 = AnyPrecisionModel.Open(dir["v2"]))
+        {
+            Assert.AreEqual(2, v2.FormatVersion);
+            Assert.AreEqual(v2.Linear(0, "mlp.down_proj").Rows, v2.Linear(0, "mlp.down_proj").PlaneRows);
+            CollectionAssert.AreEqual(ap.Linear(0, "mlp.down_proj").Dequantize(5), v2.Linear(0, "mlp.down_proj").Dequantize(5));
+        }
+        var (code, output, err) = Cli.Run("repack", "-m", dir["v2"], "-o", dir["repacked"]);
+        Assert.AreEqual(0, code, err);
+        StringAssert.Contains(output, "format 2 -> 3");
+        CollectionAssert.AreEqual(File.ReadAllBytes(Path.Combine(dir["ap"], "model.safetensors")), File.ReadAllBytes(Path.Combine(dir["repacked"], "model.safetensors")));
+        Assert.AreEqual(File.ReadAllText(Path.Combine(dir["ap"], "config.json")), File.ReadAllText(Path.Combine(dir["repacked"], "config.json")));
+        CollectionAssert.AreEquivalent(Directory.EnumerateFiles(dir["ap"]).Select(Path.GetFileName).ToArray(), Directory.EnumerateFiles(dir["repacked"]).Select(Path.GetFileName).ToArray());
+        (code, _, err) = Cli.Run("repack", "-m", dir["v2"], "-o", dir["v2"]);
+        Assert.AreEqual(2, code);
+        var lines = err.Split('\n', StringSplitOptions.RemoveEmptyEntries);
+        Assert.HasCount(1, lines, err);
+        StringAssert.StartsWith(lines[0], "error: the output directory must differ");
     }
 
     [TestMethod]

@@ -14,15 +14,17 @@ public sealed class AnyPrecisionModel : IDisposable
 {
     private readonly BitplaneMatrix[,] _linears;
 
-    private AnyPrecisionModel(LlamaCheckpoint checkpoint, int seedBits, int parentBits, string sensitivity, JsonObject? calibration, BitplaneMatrix[,] linears)
+    private AnyPrecisionModel(LlamaCheckpoint checkpoint, int formatVersion, int seedBits, int parentBits, string sensitivity, JsonObject? calibration, BitplaneMatrix[,] linears)
     {
-        Checkpoint = checkpoint; SeedBits = seedBits; ParentBits = parentBits; SensitivityKind = sensitivity; Calibration = calibration; _linears = linears;
+        Checkpoint = checkpoint; FormatVersion = formatVersion; SeedBits = seedBits; ParentBits = parentBits; SensitivityKind = sensitivity; Calibration = calibration; _linears = linears;
     }
 
     /// <summary>The unquantized tensors (embedding, norms, head), the configuration and the tokenizer path.</summary>
     public LlamaCheckpoint Checkpoint { get; }
     /// <summary>The model's configuration.</summary>
     public LlamaConfig Config => Checkpoint.Config;
+    /// <summary>The format version the directory was written in (docs/FORMAT.md; <c>anyprec repack</c> brings an older one up to date).</summary>
+    public int FormatVersion { get; }
     /// <summary>Narrowest width served.</summary>
     public int SeedBits { get; }
     /// <summary>Parent width n.</summary>
@@ -140,7 +142,7 @@ public sealed class AnyPrecisionModel : IDisposable
                     var tables = Enumerable.Range(seed, parent - seed + 1).Select(b => cp[$"{name}.centroids.{b}"]).ToArray();
                     linears[l, i] = BitplaneMatrix.FromTensors(name, (int)shape[0], (int)shape[1], seed, parent, cp[name + ".bitplanes"], tables);
                 }
-            return new AnyPrecisionModel(cp, seed, parent, sensitivity, section["calibration"] as JsonObject, linears);
+            return new AnyPrecisionModel(cp, version, seed, parent, sensitivity, section["calibration"] as JsonObject, linears);
         }
         catch
         {

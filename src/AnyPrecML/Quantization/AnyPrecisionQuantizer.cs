@@ -119,7 +119,7 @@ public static class AnyPrecisionQuantizer
             ["shapes"] = new JsonObject(LlamaTensorNames.BlockLinears.Select(part =>
                 KeyValuePair.Create(part, (JsonNode?)new JsonArray([.. LlamaTensorNames.ShapeOf(c, part).Select(d => (JsonNode)d)])))),
             ["qk_permutation"] = c.RopeLayout == RopeLayout.Interleaved ? QkPermutation : "none",
-            ["bitplane_layout"] = "plane p = bit (n-1-p) of the parent code; U32 [n, R, ceil(cols/32)], element j at word j/32, bit j%32; a plane holds the linear rows, then zero rows up to R",
+            ["bitplane_layout"] = BitplaneLayout,
             ["centroid_layout"] = "F16 [rows, 2^b] per b in seed..n, named <layer>.centroids.<b>",
         };
 
@@ -141,6 +141,60 @@ public static class AnyPrecisionQuantizer
             stop.Cancel();
             if (next is { } pending) try { pending.Work.Wait(CancellationToken.None); } catch (AggregateException) { }
         }
+    }
+
+    /// <summary>config.json's description of the planes (docs/FORMAT.md).</summary>
+    private const string BitplaneLayout = "plane p = bit (n-1-p) of the parent code; U32 [n, R, ceil(cols/32)], element j at word j/32, bit j%32; a plane holds the linear rows, then zero rows up to R";
+
+    /// <summary>
+    /// Writes the any-precision model in <paramref name="modelDirectory"/> to <paramref name="outputDirectory"/> in this
+    /// format (<see cref="FormatVersion"/>): the same weights, tensors and tensor order, each plane padded with the zero
+    /// rows <see cref="BitplaneMatrix.PaddedPlaneRows"/> gives (a model written before format 3 has none, and streams its
+    /// planes slower on CPUs whose L2 its plane spacing defeats), config.json's version and layout brought up to date,
+    /// and every other file beside them copied. Nothing is quantized again: a model from any earlier format gets the
+    /// file a fresh quantization with the same settings would have written. Written whole or not at all
+    /// (<see cref="AtomicFile.WriteDirectory"/>).
+    /// </summary>
+    public static void Repack(string modelDirectory, string outputDirectory, bool overwrite = false)
+    {
+        string source = Path.GetFullPath(modelDirectory), target = Path.GetFullPath(outputDirectory);
+        if (string.Equals(source.TrimEnd(Path.DirectorySeparatorChar), target.TrimEnd(Path.DirectorySeparatorChar), StringComparison.Ordinal))
+            throw new ArgumentException("the output directory must differ from the model's: the model is read while the output is written.", nameof(outputDirectory));
+        using var model = AnyPrecisionModel.Open(source);
+        var (file, stored, metadata) = SafetensorsReader.Open(Path.Combine(source, "model.safetensors"));
+        using (file)
+        {
+            const string suffix = ".bitplanes";
+            var tensors = stored.Select(t => t.Name.EndsWith(suffix, StringComparison.Ordinal) ? PaddedPlanes(model.Linear(t.Name[..^suffix.Length]), t.Name)
+                : new TensorToWrite(t.Name, t.DType, [.. t.Shape], s => s.Write(t.Bytes))).ToList();
+            var config = ModelJson.Parse(Path.Combine(source, "config.json")) as JsonObject
+                ?? throw new ModelFormatException($"{Path.Combine(source, "config.json")}: not a JSON object.");
+            var section = (JsonObject)config["anyprecision"]!;
+            section["format_version"] = FormatVersion;
+            section["bitplane_layout"] = BitplaneLayout;
+            AtomicFile.WriteDirectory(target, overwrite, dir =>
+            {
+                SafetensorsWriter.Write(Path.Combine(dir, "model.safetensors"), tensors, metadata);
+                AtomicFile.WriteText(Path.Combine(dir, "config.json"), config.ToJsonString(new() { WriteIndented = true }));
+                foreach (var other in Directory.EnumerateFiles(source))
+                    if (Path.GetFileName(other) is not ("model.safetensors" or "config.json")) File.Copy(other, Path.Combine(dir, Path.GetFileName(other)));
+            });
+        }
+    }
+
+    /// <summary>A linear's planes as this format stores them: each plane's rows, then its zero padding rows.</summary>
+    private static TensorToWrite PaddedPlanes(BitplaneMatrix m, string name)
+    {
+        int planeRows = BitplaneMatrix.PaddedPlaneRows(m.Rows, m.Cols);
+        return new TensorToWrite(name, DType.U32, [m.ParentBits, planeRows, m.WordsPerRow], s =>
+        {
+            var padding = new byte[(long)(planeRows - m.Rows) * m.WordsPerRow * 4];
+            for (int p = 0; p < m.ParentBits; p++)
+            {
+                s.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(m.Plane(p)));
+                s.Write(padding);
+            }
+        });
     }
 
     /// <summary>What config.json records when q/k rows were permuted from llama2.c order (docs/FORMAT.md gives the formula).</summary>
