@@ -70,12 +70,13 @@ internal static class InfoCommand
         var widths = ap.SupportedBits.Select(b => { var (planes, table) = ap.LinearBytes(b); return (Bits: b, Planes: planes, Table: table, Model: planes + table + unquantized); }).ToArray();
         long separate = widths.Sum(w => w.Model);
         string? seedMethod = section["seed_method"]?.GetValue<string>();
-        int version = section["format_version"]!.GetValue<int>();
+        int version = ap.FormatVersion;
         if (json)
         {
             var info = Shape(ap.Checkpoint);
             info["format"] = "AnyPrecision";
             info["format_version"] = version;
+            info["current_format_version"] = AnyPrecisionQuantizer.FormatVersion;
             info["seed_bits"] = ap.SeedBits;
             info["parent_bits"] = ap.ParentBits;
             info["widths"] = new JsonArray([.. ap.SupportedBits.Select(b => (JsonNode)b)]);
@@ -99,6 +100,8 @@ internal static class InfoCommand
         o.WriteLine($"  sensitivity {ap.SensitivityKind}; calibration: "
             + (ap.Calibration is null ? "none (uniform weights need none)" : string.Join(", ", ap.Calibration.Select(kv => $"{kv.Key} {kv.Value?.ToJsonString(AnyPrecML.MLNet.Scoring.JsonLines.Json).Trim('"')}"))));
         o.WriteLine($"  not recorded by the format: {string.Join("; ", NotRecorded)}");
+        if (version < AnyPrecisionQuantizer.FormatVersion)
+            o.WriteLine($"  format {version}: `anyprec repack --model {path} --output DIR` rewrites it in format {AnyPrecisionQuantizer.FormatVersion} (the same weights, planes padded apart: faster products on CPUs whose L2 their spacing defeats)");
         o.WriteLine();
         o.WriteLine("| bits | planes 0..b-1 | b-bit table | b-bit model (+ unquantized) |");
         o.WriteLine("|---:|---:|---:|---:|");

@@ -107,12 +107,18 @@ public sealed class AnyPrecisionModelTests
             Assert.AreEqual(v2.Linear(0, "mlp.down_proj").Rows, v2.Linear(0, "mlp.down_proj").PlaneRows);
             CollectionAssert.AreEqual(ap.Linear(0, "mlp.down_proj").Dequantize(5), v2.Linear(0, "mlp.down_proj").Dequantize(5));
         }
-        var (code, output, err) = Cli.Run("repack", "-m", dir["v2"], "-o", dir["repacked"]);
+        var (code, output, err) = Cli.Run("info", "--model", dir["v2"]);
+        Assert.AreEqual(0, code, err);
+        StringAssert.Contains(output, $"format 2: `anyprec repack --model {dir["v2"]} --output DIR` rewrites it in format 3");
+        (code, output, err) = Cli.Run("repack", "-m", dir["v2"], "-o", dir["repacked"]);
         Assert.AreEqual(0, code, err);
         StringAssert.Contains(output, "format 2 -> 3");
         CollectionAssert.AreEqual(File.ReadAllBytes(Path.Combine(dir["ap"], "model.safetensors")), File.ReadAllBytes(Path.Combine(dir["repacked"], "model.safetensors")));
         Assert.AreEqual(File.ReadAllText(Path.Combine(dir["ap"], "config.json")), File.ReadAllText(Path.Combine(dir["repacked"], "config.json")));
         CollectionAssert.AreEquivalent(Directory.EnumerateFiles(dir["ap"]).Select(Path.GetFileName).ToArray(), Directory.EnumerateFiles(dir["repacked"]).Select(Path.GetFileName).ToArray());
+        (code, output, err) = Cli.Run("info", "--model", dir["repacked"]);
+        Assert.AreEqual(0, code, err);
+        Assert.DoesNotContain("anyprec repack", output);
         (code, _, err) = Cli.Run("repack", "-m", dir["v2"], "-o", dir["v2"]);
         Assert.AreEqual(2, code);
         var lines = err.Split('\n', StringSplitOptions.RemoveEmptyEntries);
