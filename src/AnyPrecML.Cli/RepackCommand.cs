@@ -19,14 +19,8 @@ internal static class RepackCommand
         command.SetAction(r =>
         {
             string from = r.GetValue(model)!, to = Path.GetFullPath(r.GetValue(output)!);
-            int version;
-            long before;
-            using (var ap = AnyPrecisionModel.Open(from))
-            {
-                version = ap.FormatVersion;
-                before = new FileInfo(Path.Combine(from, "model.safetensors")).Length;
-            }
-            AnyPrecisionQuantizer.Repack(from, to, r.GetValue(overwrite));
+            int version = AnyPrecisionQuantizer.Repack(from, to, r.GetValue(overwrite));
+            long before = new FileInfo(Path.Combine(from, "model.safetensors")).Length;
             long after = new FileInfo(Path.Combine(to, "model.safetensors")).Length;
             if (r.GetValue(json)) r.WriteJson(new { output = to, from_version = version, version = AnyPrecisionQuantizer.FormatVersion, bytes_before = before, bytes = after });
             else r.Out().WriteLine($"wrote {to}: format {version} -> {AnyPrecisionQuantizer.FormatVersion}, {after:N0} bytes ({after - before:+#,0;-#,0;0} for the padding rows)");

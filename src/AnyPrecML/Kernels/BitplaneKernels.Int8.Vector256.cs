@@ -203,7 +203,7 @@ public static unsafe partial class BitplaneKernels
     }
 
     /// <summary>
-    /// Table bytes for b ≥ 5 codes: a vpshufb of the low nibble per 16-entry sub-table, then vpblendvb on code bits
+    /// Table bytes for b = 7, 8 codes (b = 5, 6 have Lookup56): a vpshufb of the low nibble per 16-entry sub-table, then vpblendvb on code bits
     /// 4, 5, 6, 7, read straight from planes b-5, b-6, b-7, b-8: shifting a plane left by <paramref name="shift"/> puts
     /// the slice's bit at bit 7 of its byte, the one vpblendvb reads.
     /// </summary>
@@ -212,9 +212,7 @@ public static unsafe partial class BitplaneKernels
     {
         int b = TW.Bits;
         var bit4 = (Vector256.Load(src + (b - 5) * stride).AsUInt16() << shift).AsByte();
-        if (b == 5) return Avx2.BlendVariable(SubTable(u, 0, index), SubTable(u, 1, index), bit4);
         var bit5 = (Vector256.Load(src + (b - 6) * stride).AsUInt16() << shift).AsByte();
-        if (b == 6) return Avx2.BlendVariable(Pick32(u, 0, index, bit4), Pick32(u, 1, index, bit4), bit5);
         var bit6 = (Vector256.Load(src + (b - 7) * stride).AsUInt16() << shift).AsByte();
         if (b == 7) return Avx2.BlendVariable(Pick64(u, 0, index, bit4, bit5), Pick64(u, 1, index, bit4, bit5), bit6);
         var bit7 = (Vector256.Load(src).AsUInt16() << shift).AsByte();

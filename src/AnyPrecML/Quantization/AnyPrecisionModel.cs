@@ -173,8 +173,8 @@ public sealed class AnyPrecisionModel : IDisposable
     }
 
     /// <summary>
-    /// Bytes a <paramref name="bits"/>-bit model reads of the quantized linears, from the tensors as stored: planes
-    /// 0..b-1 (the first b of each [n, R, W] plane tensor, less its padding rows) and the b-bit centroid table of every linear.
+    /// Bytes a <paramref name="bits"/>-bit model reads of the quantized linears: planes 0..b-1 of each (their rows, not
+    /// the padding rows of format 3) and the b-bit centroid table of every linear, as stored.
     /// </summary>
     public (long Planes, long Table) LinearBytes(int bits)
     {
@@ -183,8 +183,8 @@ public sealed class AnyPrecisionModel : IDisposable
         foreach (var name in QuantizedNames())
         {
             // A plane's own rows, not its padding rows (format 3), which no product reads.
-            var stored = Checkpoint[name + ".bitplanes"];
-            planes += stored.ByteLength / ParentBits / stored.Shape[1] * Linear(name).Rows * bits;
+            var m = Linear(name);
+            planes += (long)bits * m.Rows * m.WordsPerRow * 4;
             table += Checkpoint[$"{name}.centroids.{bits}"].ByteLength;
         }
         return (planes, table);

@@ -89,10 +89,9 @@ public static class AnyPrecisionQuantizer
             {
                 int layer = l;
                 var shape = LlamaTensorNames.ShapeOf(c, part);
-                long rows = shape[0], words = (shape[1] + 31) / 32, planeRows = BitplaneMatrix.PaddedPlaneRows((int)rows, (int)shape[1]);
+                long rows = shape[0];
                 string name = AnyPrecisionModel.LinearName(l, part);
-                tensors.Add(new TensorToWrite(name + ".bitplanes", DType.U32, [options.ParentBits, planeRows, words],
-                    s => s.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(Get(layer, part).AllPlanes))));
+                tensors.Add(PlanesTensor(name + ".bitplanes", options.ParentBits, (int)rows, (int)shape[1], () => Get(layer, part)));
                 for (int b = options.SeedBits; b <= options.ParentBits; b++)
                 {
                     int bits = b;
@@ -155,7 +154,8 @@ public static class AnyPrecisionQuantizer
     /// file a fresh quantization with the same settings would have written. Written whole or not at all
     /// (<see cref="AtomicFile.WriteDirectory"/>).
     /// </summary>
-    public static void Repack(string modelDirectory, string outputDirectory, bool overwrite = false)
+    /// <returns>The format version the model was written in.</returns>
+    public static int Repack(string modelDirectory, string outputDirectory, bool overwrite = false)
     {
         string source = Path.GetFullPath(modelDirectory), target = Path.GetFullPath(outputDirectory);
         if (string.Equals(source.TrimEnd(Path.DirectorySeparatorChar), target.TrimEnd(Path.DirectorySeparatorChar), StringComparison.Ordinal))
@@ -165,8 +165,12 @@ public static class AnyPrecisionQuantizer
         using (file)
         {
             const string suffix = ".bitplanes";
-            var tensors = stored.Select(t => t.Name.EndsWith(suffix, StringComparison.Ordinal) ? PaddedPlanes(model.Linear(t.Name[..^suffix.Length]), t.Name)
-                : new TensorToWrite(t.Name, t.DType, [.. t.Shape], s => s.Write(t.Bytes))).ToList();
+            var tensors = stored.Select(t =>
+            {
+                if (!t.Name.EndsWith(suffix, StringComparison.Ordinal)) return new TensorToWrite(t.Name, t.DType, [.. t.Shape], s => s.Write(t.Bytes));
+                var m = model.Linear(t.Name[..^suffix.Length]);
+                return PlanesTensor(t.Name, m.ParentBits, m.Rows, m.Cols, () => m);
+            }).ToList();
             var config = ModelJson.Parse(Path.Combine(source, "config.json")) as JsonObject
                 ?? throw new ModelFormatException($"{Path.Combine(source, "config.json")}: not a JSON object.");
             var section = (JsonObject)config["anyprecision"]!;
@@ -180,16 +184,23 @@ public static class AnyPrecisionQuantizer
                     if (Path.GetFileName(other) is not ("model.safetensors" or "config.json")) File.Copy(other, Path.Combine(dir, Path.GetFileName(other)));
             });
         }
+        return model.FormatVersion;
     }
 
-    /// <summary>A linear's planes as this format stores them: each plane's rows, then its zero padding rows.</summary>
-    private static TensorToWrite PaddedPlanes(BitplaneMatrix m, string name)
+    /// <summary>
+    /// A linear's planes tensor as this format stores it, [n, R, W]: each plane's rows, then its zero padding rows up to
+    /// R = <see cref="BitplaneMatrix.PaddedPlaneRows"/>, whatever padding the matrix itself holds (the quantizer's and
+    /// <see cref="Repack"/>'s one writer, so the shape declared and the bytes written cannot part). The matrix is asked
+    /// for only when the tensor is written.
+    /// </summary>
+    private static TensorToWrite PlanesTensor(string name, int parentBits, int rows, int cols, Func<BitplaneMatrix> matrix)
     {
-        int planeRows = BitplaneMatrix.PaddedPlaneRows(m.Rows, m.Cols);
-        return new TensorToWrite(name, DType.U32, [m.ParentBits, planeRows, m.WordsPerRow], s =>
+        int planeRows = BitplaneMatrix.PaddedPlaneRows(rows, cols), words = (cols + 31) / 32;
+        return new TensorToWrite(name, DType.U32, [parentBits, planeRows, words], s =>
         {
-            var padding = new byte[(long)(planeRows - m.Rows) * m.WordsPerRow * 4];
-            for (int p = 0; p < m.ParentBits; p++)
+            var m = matrix();
+            var padding = new byte[(long)(planeRows - rows) * words * 4];
+            for (int p = 0; p < parentBits; p++)
             {
                 s.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(m.Plane(p)));
                 s.Write(padding);

@@ -218,7 +218,7 @@ public sealed class BitplaneMatrix
         public override ReadOnlySpan<Half> Table(int bits) => MemoryMarshal.Cast<byte, Half>(tables[bits - seed].Bytes);
     }
 
-    /// <summary>The planes as stored, padding included: [parent, <see cref="PlaneRows"/>, <see cref="WordsPerRow"/>] (for writing).</summary>
+    /// <summary>The planes as stored, padding included: [parent, <see cref="PlaneRows"/>, <see cref="WordsPerRow"/>] (copied whole to a GPU).</summary>
     internal ReadOnlySpan<uint> AllPlanes => _storage.Planes;
 
     /// <summary>Address of plane 0, row 0 (pinned arrays or a mapped file: stable while the matrix lives).</summary>
