@@ -199,6 +199,9 @@ public static class AnyPrecisionQuantizer
         return new TensorToWrite(name, DType.U32, [parentBits, planeRows, words], s =>
         {
             var m = matrix();
+            // The shape is declared before the matrix exists: a matrix of another shape would write bytes that disagree with it.
+            if (m.Rows != rows || m.Cols != cols || m.ParentBits != parentBits)
+                throw new InvalidOperationException($"{name}: the matrix is {m.ParentBits} planes × {m.Rows}×{m.Cols}, the tensor was declared {parentBits} × {rows}×{cols}.");
             var padding = new byte[(long)(planeRows - rows) * words * 4];
             for (int p = 0; p < parentBits; p++)
             {
